@@ -1,0 +1,32 @@
+"""Domain errors. Library code raises these; only cli.py turns them into messages and exit codes."""
+from __future__ import annotations
+
+
+class MultidiffError(Exception):
+    """Base class of every error multidiff reports to the user without a traceback."""
+
+    exit_code = 1
+
+
+class SceneError(MultidiffError):
+    """The user's scene is wrong. Carries one line per problem, already formatted."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class UsageError(MultidiffError):
+    """A command-line value the user gave is wrong (bad --device, --dtype, ...)."""
+
+    exit_code = 2
+
+
+class ModelNotFound(MultidiffError):
+    """The model could not be found locally and could not be downloaded."""
+
+
+class ModelError(MultidiffError):
+    """The model was found but cannot be used (pickle-only weights, wrong shape, ...)."""

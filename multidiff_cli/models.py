@@ -1,0 +1,309 @@
+"""Load Stable Diffusion components: a hub id, a local diffusers folder, or the built-in `tiny-random`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError, ModelNotFound, UsageError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+TINY_RANDOM = "tiny-random"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.
+# Hub repos also hold pickles and multi-GB .ckpt files that must not be downloaded.
+_COMPONENT_WEIGHTS = {
+    "text_encoder": "model.safetensors",
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+}
+_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    *[f"{name}/config.json" for name in _COMPONENT_WEIGHTS],
+    *[f"{name}/{weights}" for name, weights in _COMPONENT_WEIGHTS.items()],
+]
+
+
+@dataclass
+class Components:
+    """Everything a render needs from a model, already on its device."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict[str, Any]
+    model_id: str
+    revision: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for every SD model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size_px(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` if given, else CUDA, else Apple MPS, else CPU."""
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise UsageError(f"--device: {name!r} is not a torch device ({exc})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device: CUDA was asked for but torch sees no CUDA device")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UsageError("--device: MPS was asked for but is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
+    """`name` if given, else float16 on CUDA and float32 elsewhere."""
+    if name:
+        if name not in DTYPES:
+            raise UsageError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`."""
+    _quiet_libraries()
+    if model == TINY_RANDOM:
+        components = build_tiny_random()
+    else:
+        folder, revision = resolve_model_folder(model)
+        components = load_folder(folder, model_id=model, revision=revision)
+    return to_device(components, device, dtype)
+
+
+def resolve_model_folder(model: str) -> tuple[Path, str | None]:
+    """A local folder as is; a hub id through the HF cache (honours HF_HOME and HF_HUB_OFFLINE)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, None
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelNotFound(
+            f"model {model!r}: no such folder, and not a hub id of the form owner/name. "
+            "Point --model at a local diffusers folder (one with unet/, vae/, text_encoder/, "
+            "tokenizer/ and scheduler/), or use --model tiny-random for a smoke test."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = Path(snapshot_download(model, allow_patterns=_ALLOW_PATTERNS))
+    except HFValidationError as exc:
+        raise ModelNotFound(f"model {model!r} is not a valid hub id: {exc}") from None
+    except Exception as exc:  # offline, not cached, unknown repo, gated, network down
+        raise ModelNotFound(
+            f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}). Download it where the hub is reachable "
+            f"(huggingface-cli download {model}) and copy the cache (HF_HOME), or point --model at "
+            "a local diffusers folder."
+        ) from None
+    return folder, folder.name if folder.parent.name == "snapshots" else None
+
+
+def load_folder(folder: Path, model_id: str, revision: str | None = None) -> Components:
+    """Load the components of a diffusers-format folder: safetensors weights only, no remote code."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _check_folder(folder, model_id)
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    try:
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+            scheduler_config=scheduler_config,
+            model_id=model_id,
+            revision=revision,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
+
+
+def _check_folder(folder: Path, model_id: str) -> None:
+    needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
+    missing = [name for name in needed if not (folder / name).exists()]
+    if missing:
+        raise ModelNotFound(
+            f"model {model_id!r}: {folder} is not a diffusers Stable Diffusion folder "
+            f"(missing {', '.join(missing)})"
+        )
+    for name in _COMPONENT_WEIGHTS:
+        if not any((folder / name).glob("*.safetensors")):
+            pickles = [p.name for p in (folder / name).glob("*.bin")]
+            found = f" (only pickle weights: {', '.join(pickles)})" if pickles else ""
+            raise ModelError(
+                f"model {model_id!r}: {folder / name} has no .safetensors weights{found}. multidiff "
+                "loads safetensors only, since pickle files can run code; convert the folder "
+                "(diffusers' pipe.save_pretrained(..., safe_serialization=True))."
+            )
+
+
+def to_device(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
+    """Move to `device`: text encoder and UNet in `dtype`; the VAE stays float32 (fp16 decodes overflow)."""
+    for module, module_dtype in (
+        (components.text_encoder, dtype),
+        (components.unet, dtype),
+        (components.vae, torch.float32),
+    ):
+        module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+    components.device, components.dtype = device, dtype
+    return components
+
+
+def build_tiny_random(seed: int = 0) -> Components:
+    """SD2-shaped components with small random weights, built in code: no download, same every time.
+
+    Same structure as SD2-base (OpenCLIP-style text encoder, linear-projection cross attention,
+    8x VAE, 64-latent native size, SD2's DDIM config), so every code path runs; the pictures are
+    noise-like.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # cross attention at half resolution only, so a 512px smoke render takes seconds
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=512,
+        )
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=sd2_scheduler_config(),
+        model_id=TINY_RANDOM,
+    )
+
+
+def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """The scheduler config SD2-base ships (SD2-768 differs only in v_prediction)."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+    }
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over a byte-level vocab with no merges: every character is one token."""
+    from transformers import CLIPTokenizer
+
+    byte_chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in byte_chars:
+            vocab[char + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token="!", model_max_length=77)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable stand-ins byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def save_components(components: Components, folder: Path) -> None:
+    """Write components as a diffusers folder (safetensors), loadable with `--model FOLDER`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=2))
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers/transformers chatter (config-key notices, progress bars) unless debugging."""
+    if os.environ.get("MULTIDIFF_DEBUG"):
+        return
+    with contextlib.suppress(Exception):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()

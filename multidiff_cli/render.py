@@ -1,0 +1,183 @@
+"""One render: a validated scene and loaded model components -> MultiDiffusion latents -> a picture."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from . import masks
+from .errors import MultidiffError
+from .models import Components
+from .sampler import Denoiser, StepCallback, multidiffusion
+from .scene import Scene
+from .schedulers import make_scheduler
+
+BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
+
+
+class RenderError(MultidiffError):
+    """The render itself failed (NaN latents, ...)."""
+
+
+@dataclass
+class Prompts:
+    """The distinct texts to encode, and for each prompt (0 = global) its cond/negative text and guidance."""
+
+    texts: list[str]
+    cond: list[int]
+    negative: list[int]
+    guidance: list[float]
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RenderResult:
+    image: Image.Image
+    latents: torch.Tensor
+    seed: int
+    seconds: float
+    warnings: list[str]
+
+
+def scene_prompts(scene: Scene) -> Prompts:
+    """Global prompt plus one per region, each text listed once (encoded once)."""
+    texts: list[str] = []
+
+    def index(text: str) -> int:
+        if text not in texts:
+            texts.append(text)
+        return texts.index(text)
+
+    prompts = Prompts(texts, [], [], [])
+    entries = [("prompt", scene.prompt, None, None)] + [
+        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale) for i, r in enumerate(scene.regions)
+    ]
+    for label, text, negative, guidance in entries:
+        prompts.labels.append(label)
+        prompts.cond.append(index(scene.full_prompt(text)))
+        prompts.negative.append(index(scene.negative_prompt if negative is None else negative))
+        prompts.guidance.append(scene.guidance_scale if guidance is None else guidance)
+    return prompts
+
+
+def scene_weights(scene: Scene) -> torch.Tensor:
+    """(N+1, 1, h, w) fusion weights of the global prompt and every region."""
+    region_masks = [
+        masks.box_to_latent(r.box, scene.latent_hw) if r.box is not None else masks.read_mask(scene.mask_path(r), scene.latent_hw)
+        for r in scene.regions
+    ]
+    return masks.region_weights(region_masks, scene.latent_hw)
+
+
+def encode_texts(components: Components, texts: list[str]) -> torch.Tensor:
+    """(E, 77, D) text-encoder hidden states, as diffusers' SD pipelines compute them."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = tokens.attention_mask.to(components.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    with torch.inference_mode():
+        return encoder(tokens.input_ids.to(components.device), attention_mask=mask)[0]
+
+
+def truncation_warnings(components: Components, prompts: Prompts) -> list[str]:
+    """Name every prompt longer than the text encoder's window, and where it is cut."""
+    tokenizer, notes = components.tokenizer, []
+    limit = tokenizer.model_max_length
+    for label, text_index in zip(prompts.labels, prompts.cond):
+        ids = tokenizer(prompts.texts[text_index], truncation=False).input_ids
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1 : limit - 1])
+            notes.append(f"{label} is {len(ids) - 2} tokens, over the text encoder's {limit - 2}: cut after "
+                         f"'...{kept[-40:]}'")
+    return notes
+
+
+def guided_denoiser(unet, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
+    """Classifier-free guidance for every prompt in one batched UNet call.
+
+    A pass is (input latent, text); each distinct pass runs once, so prompts that see the same
+    latent and share a negative prompt share its unconditional pass. Guidance <= 1 runs no
+    unconditional pass at all (diffusers' convention).
+    """
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shared = x.shape[0] == 1
+        passes: dict[tuple[int, int], int] = {}
+
+        def slot(prompt: int, text: int) -> int:
+            return passes.setdefault((0 if shared else prompt, text), len(passes))
+
+        cond = [slot(i, c) for i, c in enumerate(prompts.cond)]
+        uncond = [slot(i, n) if g > 1 else None for i, (n, g) in enumerate(zip(prompts.negative, prompts.guidance))]
+        inputs = x[[latent for latent, _ in passes]].to(unet.dtype)
+        texts = embeddings[[text for _, text in passes]]
+        with torch.inference_mode():
+            out = unet(inputs, t, encoder_hidden_states=texts).sample.float()
+        guided = [
+            out[c] if u is None else out[u] + g * (out[c] - out[u]) for c, u, g in zip(cond, uncond, prompts.guidance)
+        ]
+        return torch.stack(guided)
+
+    return denoise
+
+
+def background_latents(components: Components, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
+    """(steps, regions, C, 1, 1) latents of flat random colours, one per bootstrap step and region.
+
+    As in the authors' code, each step and region gets its own colour; a flat image encodes to a
+    flat latent, so each is encoded small and broadcast over the canvas.
+    """
+    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
+    images = colours.expand(-1, -1, BACKGROUND_PX, BACKGROUND_PX).to(components.device, components.vae.dtype)
+    with torch.inference_mode():
+        latents = components.vae.encode(images).latent_dist.mean * components.vae.config.scaling_factor
+    return latents.mean(dim=(2, 3), keepdim=True).float().reshape(steps, regions, -1, 1, 1)
+
+
+def decode(components: Components, latents: torch.Tensor) -> Image.Image:
+    """Latents -> RGB picture, with the VAE's own scaling factor."""
+    vae = components.vae
+    with torch.inference_mode():
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    pixels = ((pixels[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+@torch.inference_mode()
+def render(scene: Scene, components: Components, seed: int, callback: StepCallback | None = None) -> RenderResult:
+    """Render `scene` with `seed`: MultiDiffusion sampling, then VAE decoding."""
+    started = time.perf_counter()
+    device = components.device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    h, w = scene.latent_hw
+    # Drawn on the CPU so every device starts from the same numbers.
+    noise = torch.randn((1, components.unet.config.in_channels, h, w), generator=generator).to(device)
+
+    prompts = scene_prompts(scene)
+    embeddings = encode_texts(components, prompts.texts)
+    weights = scene_weights(scene).to(device)
+    backgrounds = None
+    if scene.bootstrap_steps and scene.regions:
+        backgrounds = background_latents(components, generator, scene.bootstrap_steps, len(scene.regions))
+
+    scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
+    scheduler.set_timesteps(scene.steps, device=device)
+    latents = multidiffusion(
+        noise,
+        scheduler,
+        guided_denoiser(components.unet, embeddings, prompts),
+        weights,
+        bootstrap_steps=scene.bootstrap_steps,
+        backgrounds=backgrounds,
+        generator=generator,
+        callback=callback,
+    )
+    if not torch.isfinite(latents).all():
+        raise RenderError(
+            "the latents hold NaN or inf values (usually float16 overflow): try --dtype float32 or bfloat16"
+        )
+    image = decode(components, latents)
+    return RenderResult(image, latents, seed, time.perf_counter() - started, truncation_warnings(components, prompts))

@@ -1,0 +1,305 @@
+"""The scene file: pydantic models, and load_scene(path) with errors that point at the YAML line."""
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import SceneError
+from .schedulers import SCHEDULER_NAMES
+
+LATENT_PX = 8  # every SD VAE downsamples by 8
+BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % LATENT_PX:
+        lower = value // LATENT_PX * LATENT_PX
+        raise ValueError(f"must be a multiple of 8 (the VAE's 8x8 latent cells): try {lower or 8}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_multiple_of_8)]
+Guidance = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, and YAML types are taken as written (no "512" -> 512, no true -> 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Region(Strict):
+    """One prompt that owns part of the canvas: a box in pixels or a mask image."""
+
+    prompt: Text
+    box: list[int] | None = Field(None, min_length=4, max_length=4, description="x0, y0, x1, y1 in pixels")
+    mask: Text | None = Field(None, description="image path, relative to the scene file; white = region")
+    negative_prompt: str | None = None
+    guidance_scale: Guidance | None = None
+
+    @model_validator(mode="after")
+    def _box_or_mask(self) -> Region:
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("a region needs exactly one of `box: [x0, y0, x1, y1]` or `mask: file.png`")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if x0 >= x1 or y0 >= y1:
+                raise ValueError(f"box {self.box}: needs x0 < x1 and y0 < y1 ([x0, y0, x1, y1], origin top-left)")
+        return self
+
+
+class Scene(Strict):
+    """A whole picture: the global prompt, the regions, and how to sample."""
+
+    prompt: Text
+    negative_prompt: str = ""
+    style: str = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
+    width: SizePx = 512
+    height: SizePx = 512
+    steps: int = Field(50, ge=1, le=1000)
+    bootstrap_steps: int | None = Field(None, ge=0, le=1000, description="absent: steps / 5, rounded (10 of 50)")
+    guidance_scale: Guidance = 7.5
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    scheduler: SchedulerName = "ddim"
+    model: Text | None = None
+    regions: list[Region] = Field(default_factory=list)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _bootstrap_within_steps(self) -> Scene:
+        if self.bootstrap_steps is None:
+            self.bootstrap_steps = round(self.steps * BOOTSTRAP_FRACTION)
+        elif self.bootstrap_steps > self.steps:
+            raise ValueError(f"bootstrap_steps ({self.bootstrap_steps}) must be <= steps ({self.steps})")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder mask paths are relative to: the scene file's."""
+        return self._base_dir
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // LATENT_PX, self.width // LATENT_PX
+
+    def mask_path(self, region: Region) -> Path:
+        return self.base_dir / Path(region.mask).expanduser()
+
+    def full_prompt(self, text: str) -> str:
+        """A prompt with the scene's `style` appended."""
+        return f"{text}, {self.style}" if self.style.strip() else text
+
+
+def load_scene(path: Path, overrides: dict[str, Any] | None = None) -> Scene:
+    """Read, parse and validate a scene file; SceneError lists every problem as `file:line: field: message`.
+
+    `overrides` (command-line values) replace the file's keys before validation, so defaults
+    that depend on them (bootstrap_steps on steps) follow.
+    """
+    path = Path(path)
+    data, root = _parse_yaml(path)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        scene = Scene.model_validate({**data, **overrides})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            from_cli = bool(err["loc"]) and err["loc"][0] in overrides
+            problems.append((err["loc"], _message(err) + (" (given on the command line)" if from_cli else "")))
+        raise SceneError(_report(path, root, problems)) from None
+    scene._base_dir = path.resolve().parent
+    problems = check_canvas(scene)
+    if problems:
+        raise SceneError(_report(path, root, problems))
+    return scene
+
+
+def scene_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Scene:
+    """Validate a scene given as a dict (e.g. read back from a PNG's metadata)."""
+    scene = Scene.model_validate(data)
+    scene._base_dir = base_dir or Path.cwd()
+    return scene
+
+
+def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
+    """Checks that need the canvas or the files: boxes on the canvas, mask images readable and non-empty."""
+    from . import masks
+
+    problems: list[tuple[tuple, str]] = []
+    for i, region in enumerate(scene.regions):
+        if region.box is not None:
+            x0, y0, x1, y1 = region.box
+            if x1 <= 0 or y1 <= 0 or x0 >= scene.width or y0 >= scene.height:
+                problems.append(
+                    (("regions", i, "box"), f"box {region.box} lies outside the {scene.width}x{scene.height} canvas")
+                )
+            elif not masks.box_to_latent(region.box, scene.latent_hw).any():
+                problems.append(
+                    (("regions", i, "box"), f"box {region.box} is too small: it covers no 8x8-pixel latent cell")
+                )
+        else:
+            problem = _check_mask_file(scene.mask_path(region), scene.latent_hw)
+            if problem:
+                problems.append((("regions", i, "mask"), problem))
+    return problems
+
+
+def scene_warnings(scene: Scene) -> list[str]:
+    """Things that are allowed but probably not meant."""
+    notes = []
+    for i, region in enumerate(scene.regions):
+        if region.box is not None:
+            x0, y0, x1, y1 = region.box
+            if x0 < 0 or y0 < 0 or x1 > scene.width or y1 > scene.height:
+                notes.append(f"regions[{i}].box {region.box} extends past the {scene.width}x{scene.height} canvas: clipped")
+    return notes
+
+
+def _check_mask_file(path: Path, latent_hw: tuple[int, int]) -> str | None:
+    from PIL import Image
+
+    from . import masks
+
+    if not path.exists():
+        return f"no such file: {path}"
+    if path.is_dir():
+        return f"{path} is a directory, not an image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                pixel_mask = masks.image_to_mask(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"{path}: refused, too many pixels for a mask ({exc})"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return f"{path} is not an image Pillow can read ({exc})"
+    if not pixel_mask.any():
+        return f"{path}: the mask is empty (no pixel is at least half-white; white = region)"
+    if not masks.mask_to_latent(pixel_mask, latent_hw).any():
+        return f"{path}: the mask is too small: it covers no 8x8-pixel latent cell of the canvas"
+    return None
+
+
+# --- YAML with positions ---------------------------------------------------------------------------------
+
+
+def _parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """safe_load the file, and compose its node tree (for line numbers and duplicate keys)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SceneError([f"{path}: no such scene file"]) from None
+    except IsADirectoryError:
+        raise SceneError([f"{path}: is a directory, not a scene file"]) from None
+    except OSError as exc:
+        raise SceneError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SceneError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(filter(None, [exc.context, exc.problem]))
+        raise SceneError([f"{where}: YAML error: {what}"]) from None
+    except yaml.YAMLError as exc:
+        raise SceneError([f"{path}: YAML error: {exc}"]) from None
+    if data is None:
+        raise SceneError([f"{path}: the scene is empty; it needs at least `prompt: ...`"])
+    if not isinstance(data, dict):
+        raise SceneError([f"{path}:1: a scene is a mapping of keys (prompt:, regions:, ...), got a {type(data).__name__}"])
+    duplicates = list(_duplicate_keys(root, ()))
+    if duplicates:
+        raise SceneError([_format(path, root, loc, "key appears more than once; keep one") for loc in duplicates])
+    return data, root
+
+
+def _duplicate_keys(node: yaml.Node, loc: tuple):
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if key.value in seen:
+                yield (*loc, key.value)
+            seen.add(key.value)
+            yield from _duplicate_keys(value, (*loc, key.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*loc, i))
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """The 1-based line of the deepest node on `loc` (a mapping entry's key line)."""
+    node, line = root, (root.start_mark.line + 1 if root else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            entries = [(k, v) for k, v in node.value if k.value == part]
+            if not entries:
+                break
+            key, node = entries[-1]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(scene)"
+
+
+def _report(path: Path, root: yaml.Node | None, problems: list[tuple[tuple, str]]) -> list[str]:
+    """One line per problem, in file order."""
+    lines = sorted(problems, key=lambda p: _line_of(root, p[0]) or 0)
+    return [_format(path, root, loc, message) for loc, message in lines]
+
+
+def _format(path: Path, root: yaml.Node | None, loc: tuple, message: str) -> str:
+    line = _line_of(root, loc)
+    return f"{path}:{line}: {_field_path(loc)}: {message}" if line else f"{path}: {_field_path(loc)}: {message}"
+
+
+def _message(err: dict) -> str:
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    if kind == "extra_forbidden":
+        model = Region if "regions" in loc else Scene
+        known = list(model.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
+        return f"unknown key{hint}"
+    if kind in ("too_short", "too_long") and loc[-1] == "box":
+        return f"expected 4 numbers [x0, y0, x1, y1], got {len(value)}"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error" and loc[-1] == "scheduler":
+        return f"unknown scheduler {value!r}; choose one of {', '.join(SCHEDULER_NAMES)}"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and len(str(value)) < 60):
+        return f"{message} (got {value!r})"
+    return message
