@@ -83,6 +83,7 @@ def render(
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Overrides the scene's steps."),
+    bootstrap_steps: Optional[int] = typer.Option(None, "--bootstrap-steps", help="Overrides the scene's bootstrap_steps."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu [default: the best present]."),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float32, float16 or bfloat16 [default: float16 on CUDA, else float32]."
@@ -96,7 +97,7 @@ def render(
         from .render import render as render_scene
         from .scene import load_scene, scene_warnings
 
-        scene = load_scene(scene_path, {"seed": seed, "steps": steps, "model": model})
+        scene = load_scene(scene_path, {"seed": seed, "steps": steps, "bootstrap_steps": bootstrap_steps, "model": model})
         for note in scene_warnings(scene):
             err.print(f"warning: {note}", markup=False)
         scene.seed = secrets.randbelow(SEED_RANGE) if scene.seed is None else scene.seed

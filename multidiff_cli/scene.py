@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SceneError
 from .schedulers import SCHEDULER_NAMES
@@ -71,7 +81,9 @@ class Scene(Strict):
     width: SizePx = 512
     height: SizePx = 512
     steps: int = Field(50, ge=1, le=1000)
-    bootstrap_steps: int | None = Field(None, ge=0, le=1000, description="absent: steps / 5, rounded (10 of 50)")
+    bootstrap_steps: int | None = Field(
+        None, ge=0, le=1000, validate_default=True, description="absent: steps / 5, rounded (10 of 50)"
+    )
     guidance_scale: Guidance = 7.5
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     scheduler: SchedulerName = "ddim"
@@ -80,13 +92,17 @@ class Scene(Strict):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
-    @model_validator(mode="after")
-    def _bootstrap_within_steps(self) -> Scene:
-        if self.bootstrap_steps is None:
-            self.bootstrap_steps = round(self.steps * BOOTSTRAP_FRACTION)
-        elif self.bootstrap_steps > self.steps:
-            raise ValueError(f"bootstrap_steps ({self.bootstrap_steps}) must be <= steps ({self.steps})")
-        return self
+    @field_validator("bootstrap_steps")
+    @classmethod
+    def _bootstrap_within_steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        steps = info.data.get("steps")
+        if steps is None:  # steps itself is invalid and already reported
+            return value
+        if value is None:
+            return round(steps * BOOTSTRAP_FRACTION)
+        if value > steps:
+            raise ValueError(f"must be <= steps ({steps})")
+        return value
 
     @property
     def base_dir(self) -> Path:
@@ -117,11 +133,8 @@ def load_scene(path: Path, overrides: dict[str, Any] | None = None) -> Scene:
     try:
         scene = Scene.model_validate({**data, **overrides})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            from_cli = bool(err["loc"]) and err["loc"][0] in overrides
-            problems.append((err["loc"], _message(err) + (" (given on the command line)" if from_cli else "")))
-        raise SceneError(_report(path, root, problems)) from None
+        problems = [(err["loc"], _message(err)) for err in exc.errors()]
+        raise SceneError(_report(path, root, problems, from_cli=set(overrides))) from None
     scene._base_dir = path.resolve().parent
     problems = check_canvas(scene)
     if problems:
@@ -272,10 +285,15 @@ def _field_path(loc: tuple) -> str:
     return out or "(scene)"
 
 
-def _report(path: Path, root: yaml.Node | None, problems: list[tuple[tuple, str]]) -> list[str]:
-    """One line per problem, in file order."""
-    lines = sorted(problems, key=lambda p: _line_of(root, p[0]) or 0)
-    return [_format(path, root, loc, message) for loc, message in lines]
+def _report(path: Path, root: yaml.Node | None, problems: list[tuple[tuple, str]], from_cli: set[str] = frozenset()) -> list[str]:
+    """One line per problem, in file order; a value given on the command line has no line in the file."""
+    lines = []
+    for loc, message in problems:
+        if loc and loc[0] in from_cli:
+            lines.append((0, f"{path}: {_field_path(loc)}: {message} (given on the command line)"))
+        else:
+            lines.append((_line_of(root, loc) or 0, _format(path, root, loc, message)))
+    return [text for _, text in sorted(lines, key=lambda item: item[0])]
 
 
 def _format(path: Path, root: yaml.Node | None, loc: tuple, message: str) -> str:

@@ -1,0 +1,142 @@
+"""Model loading through the real from_pretrained path, on tiny random SD2/SD1-shaped folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from multidiff_cli.errors import ModelError, ModelNotFound, UsageError
+from multidiff_cli.models import (
+    Components,
+    build_tiny_random,
+    load_components,
+    pick_device,
+    pick_dtype,
+    save_components,
+    sd2_scheduler_config,
+)
+from multidiff_cli.render import render
+from multidiff_cli.scene import load_scene
+from multidiff_cli.schedulers import SCHEDULER_NAMES, make_scheduler
+
+CPU = torch.device("cpu")
+SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n  - prompt: a sofa\n    box: [0, 0, 32, 64]\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
+    save_components(build_tiny_random(), folder)
+    return folder
+
+
+def test_a_saved_folder_loads_back_identical(tiny_folder, tiny, write_scene):
+    loaded = load_components(str(tiny_folder), CPU, torch.float32)
+    assert loaded.model_id == str(tiny_folder)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert loaded.tokenizer("a red sofa").input_ids == tiny.tokenizer("a red sofa").input_ids
+    assert loaded.scheduler_config["prediction_type"] == "epsilon"
+    scene = load_scene(write_scene(SMALL))
+    assert torch.equal(render(scene, loaded, seed=1).latents, render(scene, tiny, seed=1).latents)
+
+
+def test_tiny_random_is_sd2_shaped_and_the_same_every_time(tiny):
+    again = build_tiny_random()
+    assert torch.equal(again.unet.conv_in.weight, tiny.unet.conv_in.weight)
+    assert tiny.vae_scale_factor == 8
+    assert tiny.native_size_px == 512
+    assert tiny.unet.config.use_linear_projection  # SD2's transformer blocks
+    assert tiny.tokenizer.model_max_length == 77
+
+
+def test_v_prediction_config_is_honoured(tmp_path, write_scene):
+    components = build_tiny_random()
+    components.scheduler_config = sd2_scheduler_config("v_prediction")
+    save_components(components, tmp_path / "v")
+    loaded = load_components(str(tmp_path / "v"), CPU, torch.float32)
+    assert loaded.prediction_type == "v_prediction"
+    for name in SCHEDULER_NAMES:
+        if name == "lms":
+            continue  # needs scipy, an optional extra
+        assert make_scheduler(name, loaded.scheduler_config).config.prediction_type == "v_prediction", name
+    scene = load_scene(write_scene(SMALL))
+    v_latents = render(scene, loaded, seed=1).latents
+    eps_latents = render(scene, to_cpu(build_tiny_random()), seed=1).latents
+    assert not torch.equal(v_latents, eps_latents)
+
+
+def to_cpu(components: Components) -> Components:
+    from multidiff_cli.models import to_device
+
+    return to_device(components, CPU, torch.float32)
+
+
+def test_an_sd1_shaped_folder_loads_and_renders(tmp_path, write_scene):
+    """SD 1.x: CLIP ViT-L-style text encoder (quick_gelu), no linear projection, a PNDM scheduler config."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    components = build_tiny_random()
+    config = CLIPTextConfig(**{**components.text_encoder.config.to_dict(), "hidden_act": "quick_gelu"})
+    components.text_encoder = CLIPTextModel(config)
+    components.unet = UNet2DConditionModel(**{**components.unet.config, "use_linear_projection": False})
+    components.scheduler_config = {**sd2_scheduler_config(), "_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    save_components(components, tmp_path / "sd1")
+    loaded = load_components(str(tmp_path / "sd1"), CPU, torch.float32)
+    assert not loaded.unet.config.use_linear_projection
+    result = render(load_scene(write_scene(SMALL)), loaded, seed=0)
+    assert torch.isfinite(result.latents).all()
+
+
+def test_pickle_only_weights_are_refused(tmp_path):
+    components = build_tiny_random()
+    save_components(components, tmp_path / "m")
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    components.unet.save_pretrained(tmp_path / "m" / "unet", safe_serialization=False)
+    with pytest.raises(ModelError, match=r"no \.safetensors weights \(only pickle weights: diffusion_pytorch_model\.bin\)"):
+        load_components(str(tmp_path / "m"), CPU, torch.float32)
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="not a diffusers Stable Diffusion folder"):
+        load_components(str(tmp_path / "empty"), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("model", ["./no/such/folder", "/no/such/folder", "not-a-hub-id"])
+def test_a_missing_folder_is_reported_with_advice(model):
+    with pytest.raises(ModelNotFound, match="--model"):
+        load_components(model, CPU, torch.float32)
+
+
+def test_an_uncached_hub_id_offline_is_reported_with_advice():
+    # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the cache lookup fails
+    with pytest.raises(ModelNotFound, match=r"not in the local Hugging Face cache.*--model"):
+        load_components("nobody-here/no-such-model", CPU, torch.float32)
+
+
+def test_device_and_dtype_choice():
+    assert pick_device("cpu") == CPU
+    assert pick_dtype(CPU) == torch.float32
+    assert pick_dtype(torch.device("cuda")) == torch.float16
+    assert pick_dtype(CPU, "bfloat16") == torch.bfloat16
+    with pytest.raises(UsageError, match="--dtype"):
+        pick_dtype(CPU, "float64")
+    with pytest.raises(UsageError, match="--device"):
+        pick_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA"):
+            pick_device("cuda")
+
+
+def test_scheduler_config_keeps_the_model_s_schedule_but_never_clips():
+    config = {**sd2_scheduler_config(), "clip_sample": True, "thresholding": True, "timestep_spacing": "trailing"}
+    scheduler = make_scheduler("ddim", config)
+    assert not scheduler.config.clip_sample and not scheduler.config.thresholding
+    assert scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert json.dumps(dict(scheduler.config))  # serialisable

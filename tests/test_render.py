@@ -1,0 +1,133 @@
+"""The render path on the tiny random model: guidance batching, prompt table, determinism."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multidiff_cli.render import background_latents, encode_texts, guided_denoiser, render, scene_prompts
+from multidiff_cli.scene import load_scene
+
+SCENE = """
+prompt: a living room
+negative_prompt: blurry
+style: oil painting
+width: 128
+height: 96
+steps: {steps}
+bootstrap_steps: {bootstrap}
+regions:
+  - prompt: a red sofa
+    box: [0, 32, 64, 96]
+  - prompt: a plant
+    box: [80, 0, 128, 48]
+    negative_prompt: leaves
+    guidance_scale: 1.0
+  - prompt: a red sofa
+    box: [64, 64, 128, 96]
+    guidance_scale: 3.0
+"""
+
+
+@pytest.fixture
+def scene(write_scene):
+    return load_scene(write_scene(SCENE.format(steps=4, bootstrap=2)))
+
+
+def test_prompt_table_lists_each_text_once(scene):
+    prompts = scene_prompts(scene)
+    assert prompts.texts == [
+        "a living room, oil painting", "blurry", "a red sofa, oil painting", "a plant, oil painting", "leaves",
+    ]
+    assert prompts.cond == [0, 2, 3, 2]
+    assert prompts.negative == [1, 1, 4, 1]
+    assert prompts.guidance == [7.5, 7.5, 1.0, 3.0]
+
+
+def plain_guidance(unet, embeddings, prompts, x, t):
+    """Unbatched classifier-free guidance, one prompt at a time: the oracle for the batched denoiser."""
+    out = []
+    for p, (c, n, g) in enumerate(zip(prompts.cond, prompts.negative, prompts.guidance)):
+        xp = x[p : p + 1] if x.shape[0] > 1 else x
+        cond = unet(xp, t, encoder_hidden_states=embeddings[c : c + 1]).sample
+        if g > 1:
+            uncond = unet(xp, t, encoder_hidden_states=embeddings[n : n + 1]).sample
+            cond = uncond + g * (cond - uncond)
+        out.append(cond[0])
+    return torch.stack(out)
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.samples = unet, 0
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.samples += x.shape[0]
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+@pytest.mark.parametrize("inputs", [1, 4], ids=["shared-latent", "bootstrap-latents"])
+def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs):
+    prompts = scene_prompts(scene)
+    embeddings = encode_texts(tiny, prompts.texts)
+    x = torch.randn((inputs, 4, 12, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    counting = CountingUNet(tiny.unet)
+    with torch.inference_mode():
+        batched = guided_denoiser(counting, embeddings, prompts)(x, t)
+        expected = plain_guidance(tiny.unet, embeddings, prompts, x, t)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-4)
+    # shared latent: 3 distinct cond texts + 1 shared "blurry" uncond (the plant runs none: guidance 1)
+    # bootstrap: every prompt its own input -> 4 cond + 3 uncond
+    assert counting.samples == (4 if inputs == 1 else 7)
+
+
+def test_texts_are_encoded_as_the_sd_pipeline_does(tiny):
+    emb = encode_texts(tiny, ["a red sofa", ""])
+    assert emb.shape == (2, 77, tiny.text_encoder.config.hidden_size)
+    ids = tiny.tokenizer(["a red sofa"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        torch.testing.assert_close(emb[:1], tiny.text_encoder(ids)[0])
+
+
+def test_background_latents_are_flat_one_per_step_and_region(tiny):
+    gen = torch.Generator().manual_seed(0)
+    backgrounds = background_latents(tiny, gen, steps=3, regions=2)
+    assert backgrounds.shape == (3, 2, 4, 1, 1)
+    assert len({tuple(b.flatten().tolist()) for b in backgrounds.reshape(6, 4)}) == 6  # different colours
+
+
+def test_same_seed_same_picture_other_seed_other_picture(tiny, scene):
+    first = render(scene, tiny, seed=11)
+    again = render(scene, tiny, seed=11)
+    other = render(scene, tiny, seed=12)
+    assert first.image.size == (128, 96)
+    assert torch.equal(first.latents, again.latents)
+    assert first.image.tobytes() == again.image.tobytes()
+    assert not torch.equal(first.latents, other.latents)
+
+
+@pytest.mark.parametrize("bootstrap", [0, 4])
+def test_bootstrap_zero_and_all_steps_render(tiny, write_scene, bootstrap):
+    scene = load_scene(write_scene(SCENE.format(steps=4, bootstrap=bootstrap)))
+    result = render(scene, tiny, seed=0)
+    assert torch.isfinite(result.latents).all()
+    assert result.latents.shape == (1, 4, 12, 16)
+
+
+def test_bootstrapping_changes_the_picture(tiny, write_scene):
+    plain = render(load_scene(write_scene(SCENE.format(steps=4, bootstrap=0))), tiny, seed=3)
+    booted = render(load_scene(write_scene(SCENE.format(steps=4, bootstrap=2))), tiny, seed=3)
+    assert not torch.equal(plain.latents, booted.latents)
+
+
+def test_a_prompt_over_77_tokens_is_named_in_a_warning(tiny, write_scene):
+    long = "word " * 40  # the tiny tokenizer makes one token per character
+    scene = load_scene(write_scene(f"prompt: {long}\nwidth: 64\nheight: 64\nsteps: 1\n"))
+    result = render(scene, tiny, seed=0)
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("prompt is ")
+    assert "cut after" in result.warnings[0]

@@ -1,0 +1,192 @@
+"""The fused sampler against a plain, obviously-correct per-prompt reference loop (the paper's Eq. 5)."""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multidiff_cli.masks import box_to_latent, region_weights
+from multidiff_cli.models import sd2_scheduler_config
+from multidiff_cli.sampler import bootstrap_inputs, fuse_predictions, multidiffusion
+from multidiff_cli.schedulers import make_scheduler
+
+H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed
+BOXES = [(0, 0, 64, 96), (48, 16, 160, 64), (96, 56, 152, 96)]  # pixels; the first two overlap
+
+
+def weights_for(boxes=BOXES):
+    return region_weights([box_to_latent(b, (H, W)) for b in boxes], (H, W))
+
+
+def prompt_eps(p: int, x: torch.Tensor) -> torch.Tensor:
+    """A stand-in network: nonlinear, and mixing neighbours, so bootstrapping changes its output."""
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1)
+    return torch.tanh((0.6 + 0.1 * p) * x + 0.5 * blurred + 0.2 * p)
+
+
+def batched_denoiser(prompts: int):
+    def denoise(x, t):
+        x = x.expand(prompts, *x.shape[1:])
+        return torch.stack([prompt_eps(p, x[p]) for p in range(prompts)])
+
+    return denoise
+
+
+def reference_loop(noise, scheduler, weights, bootstrap_steps, backgrounds, per_prompt_schedulers, generator=None):
+    """The paper as written: each prompt takes its own scheduler step, then the steps are averaged by W."""
+    prompts = weights.shape[0]
+    schedulers = [copy.deepcopy(scheduler) for _ in range(prompts)] if per_prompt_schedulers else [scheduler] * prompts
+    state = generator.get_state() if generator is not None else None
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        stepped = []
+        for p in range(prompts):
+            inp = x
+            if p > 0 and i < bootstrap_steps:
+                bg = scheduler.add_noise(backgrounds[i, p - 1].expand_as(x), noise, t.reshape(1))
+                inp = weights[p] * x + (1 - weights[p]) * bg
+            eps = prompt_eps(p, schedulers[p].scale_model_input(inp, t))
+            kwargs = {}
+            if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
+                # every prompt's step draws the same noise, as the one fused step does
+                generator.set_state(state)
+                kwargs["generator"] = generator
+            stepped.append(schedulers[p].step(eps, t, inp, **kwargs).prev_sample)
+        state = generator.get_state() if generator is not None else None
+        stacked = torch.cat(stepped)
+        x = (weights * stacked).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
+    return x
+
+
+def scheduler_for(name: str, steps: int, prediction_type: str = "epsilon"):
+    scheduler = make_scheduler(name, sd2_scheduler_config(prediction_type))
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("bootstrap_steps", [0, 3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fused_step_equals_per_prompt_steps_ddim(bootstrap_steps, prediction_type):
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(0))
+    backgrounds = torch.randn((3, len(BOXES), 4, 1, 1), generator=torch.Generator().manual_seed(1))
+    fused = multidiffusion(
+        noise, scheduler_for("ddim", 8, prediction_type), batched_denoiser(4), weights,
+        bootstrap_steps=bootstrap_steps, backgrounds=backgrounds,
+    )
+    reference = reference_loop(
+        noise, scheduler_for("ddim", 8, prediction_type), weights, bootstrap_steps, backgrounds, per_prompt_schedulers=False
+    )
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "unipc", "euler", "pndm", "heun", "euler-a"])
+def test_one_scheduler_state_equals_per_prompt_copies(name):
+    """Multistep/stateful solvers: no per-prompt scheduler copies are needed (what diffusers' panorama pipeline does)."""
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(2))
+    backgrounds = torch.randn((2, len(BOXES), 4, 1, 1), generator=torch.Generator().manual_seed(3))
+    fused = multidiffusion(
+        noise, scheduler_for(name, 6), batched_denoiser(4), weights, bootstrap_steps=2, backgrounds=backgrounds,
+        generator=torch.Generator().manual_seed(4),
+    )
+    order = scheduler_for(name, 6).order  # Heun visits each step twice; bootstrapping counts steps
+    reference = reference_loop(
+        noise, scheduler_for(name, 6), weights, 2 * order, backgrounds.repeat_interleave(order, 0),
+        per_prompt_schedulers=True, generator=torch.Generator().manual_seed(4),
+    )
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_predictions_is_the_weighted_mean_and_zero_where_no_weight():
+    predictions = torch.stack([torch.full((1, 2, 3), v) for v in (1.0, 3.0, 10.0)])
+    weights = torch.zeros(3, 1, 2, 3)
+    weights[0, :, 0, 0] = 1
+    weights[1, :, 0, 0] = 1  # overlap: average of 1 and 3
+    weights[2, :, 1, :] = 1
+    fused = fuse_predictions(predictions, weights)
+    assert fused.shape == (1, 1, 2, 3)
+    assert fused[0, 0, 0, 0] == 2.0
+    assert torch.equal(fused[0, 0, 1], torch.full((3,), 10.0))
+    assert torch.equal(fused[0, 0, 0, 1:], torch.zeros(2))  # no weight: 0, not NaN
+
+
+def test_bootstrap_inputs_replace_only_outside_each_mask_and_leave_the_global_prompt():
+    x = torch.full((1, 4, H, W), 5.0)
+    masks = weights_for()[1:]
+    backgrounds = torch.arange(len(BOXES), dtype=torch.float32).reshape(-1, 1, 1, 1).expand(-1, 4, H, W)
+    inputs = bootstrap_inputs(x, masks, backgrounds)
+    assert inputs.shape == (len(BOXES) + 1, 4, H, W)
+    assert torch.equal(inputs[0], x[0])
+    for i in range(len(BOXES)):
+        inside = masks[i, 0].bool()
+        assert torch.all(inputs[i + 1][:, inside] == 5.0)
+        assert torch.all(inputs[i + 1][:, ~inside] == float(i))
+
+
+def pull_towards(values, scheduler):
+    """A denoiser whose ε-prediction says prompt p's clean latent is values[p] (DDIM leaves ~0.03·ε of noise)."""
+    alphas = scheduler.alphas_cumprod
+
+    def denoise(x, t):
+        a = alphas[int(t)]
+        x = x.expand(len(values), *x.shape[1:])
+        targets = torch.tensor(values, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * targets) / (1 - a).sqrt()
+
+    return denoise
+
+
+@pytest.mark.parametrize("bootstrap_steps", [0, 4])
+def test_each_region_ends_with_its_own_value_on_a_non_square_canvas(bootstrap_steps):
+    boxes = [(0, 0, 48, 32), (96, 48, 160, 96)]  # top-left and bottom-right, disjoint
+    values = [0.0, 1.5, -2.0]  # background, region 1, region 2
+    weights = weights_for(boxes)
+    scheduler = scheduler_for("ddim", 20)
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(5))
+    latents = multidiffusion(
+        noise, scheduler, pull_towards(values, scheduler), weights, bootstrap_steps=bootstrap_steps,
+        backgrounds=torch.zeros(bootstrap_steps, 2, 4, 1, 1),
+    )
+    for p, value in enumerate(values):
+        owned = weights[p, 0].bool()
+        assert owned.any()
+        assert torch.allclose(latents[0][:, owned], torch.tensor(value), atol=0.15), (p, value)
+    # region 1 is the top-left 6x4 cells: rows 0..3, columns 0..5 (x and y not swapped)
+    assert torch.allclose(latents[0, :, :4, :6], torch.tensor(1.5), atol=0.15)
+    assert torch.allclose(latents[0, :, 6:, 12:], torch.tensor(-2.0), atol=0.15)
+
+
+def test_bootstrap_zero_needs_no_backgrounds_and_more_bootstrap_needs_them():
+    scheduler = scheduler_for("ddim", 4)
+    noise = torch.zeros(1, 4, H, W)
+    multidiffusion(noise, scheduler, batched_denoiser(4), weights_for(), bootstrap_steps=0)
+    with pytest.raises(ValueError, match="background"):
+        multidiffusion(noise, scheduler_for("ddim", 4), batched_denoiser(4), weights_for(), bootstrap_steps=2)
+
+
+def test_callback_sees_every_step():
+    seen = []
+    multidiffusion(
+        torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), batched_denoiser(4), weights_for(),
+        callback=lambda i, n, x: seen.append((i, n, tuple(x.shape))),
+    )
+    assert seen == [(i, 5, (1, 4, H, W)) for i in range(5)]
+
+
+def test_denoiser_gets_one_shared_input_outside_bootstrap_and_one_per_prompt_inside():
+    shapes = []
+    denoise = batched_denoiser(4)
+
+    def recording(x, t):
+        shapes.append(x.shape[0])
+        return denoise(x, t)
+
+    multidiffusion(
+        torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), recording, weights_for(), bootstrap_steps=2,
+        backgrounds=torch.zeros(2, 3, 4, 1, 1),
+    )
+    assert shapes == [4, 4, 1, 1, 1]
