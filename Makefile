@@ -1,0 +1,30 @@
+# multidiff — every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch wheel to install. 2.13.0 resolves to the CPU build on this project's CI machines;
+# on a CUDA machine pip takes the CUDA build of the same release. Override: make install TORCH=torch==2.14.1
+TORCH  ?= torch==2.13.0
+SCENE  ?= scenes/living_room.yaml
+MODEL  ?=
+ARGS   ?=
+
+.PHONY: install render test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+render: install
+	$(BIN)/multidiff render $(SCENE) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .hypothesis
