@@ -31,11 +31,10 @@ def image_to_grey(image: Image.Image) -> np.ndarray:
         return np.clip(np.asarray(image, dtype=np.float64) / 65535.0, 0.0, 1.0)
     if image.mode == "F":
         return np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
-    if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64) / 255.0
-        grey = np.asarray(image.convert("RGBA").convert("RGB").convert("L"), dtype=np.float64) / 255.0
-        return grey * rgba[..., 3]
+    if image.has_transparency_data:  # alpha band, transparency index, or an RGBA palette
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
+        return np.asarray(rgba.convert("L"), dtype=np.float64) / 255.0 * alpha
     return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
 
 

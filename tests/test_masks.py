@@ -268,12 +268,9 @@ def test_p_image_transparency_index_is_black_even_if_its_colour_is_white():
     assert image_to_mask(image).tolist() == [[0.0, 0.0, 1.0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="image_to_grey only honours alpha for RGBA/LA/PA/... modes or info['transparency']; a P image "
-    "whose palette itself is RGBA (what RGBA.quantize() returns) has neither, so transparent white reads as white",
-)
 def test_p_image_with_rgba_palette_transparent_white_is_black():
+    # RGBA.quantize() gives a P image whose palette carries alpha and info has no "transparency": a check
+    # on mode names or info alone misses it (the original image_to_grey did: transparent white read as white).
     rgba = Image.new("RGBA", (4, 2), (255, 255, 255, 0))
     rgba.putpixel((0, 0), (255, 255, 255, 255))
     image = rgba.quantize()
