@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,14 +62,17 @@ class Region(Strict):
     negative_prompt: str | None = None
     guidance_scale: Guidance | None = None
 
+    @field_validator("box")
+    @classmethod
+    def _ordered_corners(cls, box: list[int] | None) -> list[int] | None:
+        if box is not None and (box[0] >= box[2] or box[1] >= box[3]):
+            raise ValueError("needs x0 < x1 and y0 < y1 ([x0, y0, x1, y1], origin top-left)")
+        return box
+
     @model_validator(mode="after")
     def _box_or_mask(self) -> Region:
         if (self.box is None) == (self.mask is None):
             raise ValueError("a region needs exactly one of `box: [x0, y0, x1, y1]` or `mask: file.png`")
-        if self.box is not None:
-            x0, y0, x1, y1 = self.box
-            if x0 >= x1 or y0 >= y1:
-                raise ValueError(f"box {self.box}: needs x0 < x1 and y0 < y1 ([x0, y0, x1, y1], origin top-left)")
         return self
 
 
@@ -122,7 +126,7 @@ class Scene(Strict):
 
 
 def load_scene(path: Path, overrides: dict[str, Any] | None = None) -> Scene:
-    """Read, parse and validate a scene file; SceneError lists every problem as `file:line: field: message`.
+    """Read, parse and validate a scene file; SceneError lists the problems as `file:line: field: message`.
 
     `overrides` (command-line values) replace the file's keys before validation, so defaults
     that depend on them (bootstrap_steps on steps) follow.
@@ -247,17 +251,21 @@ def _parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     return data, root
 
 
-def _duplicate_keys(node: yaml.Node, loc: tuple):
+def _duplicate_keys(node: yaml.Node, loc: tuple, seen_nodes: set[int] | None = None):
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: already checked (and following it again could explode)
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key, value in node.value:
             if key.value in seen:
                 yield (*loc, key.value)
             seen.add(key.value)
-            yield from _duplicate_keys(value, (*loc, key.value))
+            yield from _duplicate_keys(value, (*loc, key.value), seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, (*loc, i))
+            yield from _duplicate_keys(item, (*loc, i), seen_nodes)
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -318,6 +326,10 @@ def _message(err: dict) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
         return f"must be a finite number, got {value}"
-    if isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and len(str(value)) < 60):
-        return f"{message} (got {value!r})"
+    if isinstance(value, (bool, int, float, str, list)):
+        return f"{message} (got {_short.repr(value)})"
     return message
+
+
+_short = reprlib.Repr()  # bounded, so an aliased YAML bomb cannot blow up a message
+_short.maxlist, _short.maxstring, _short.maxlevel = 6, 60, 2
