@@ -120,8 +120,8 @@ def resolve_model_folder(model: str) -> tuple[Path, str | None]:
         raise ModelNotFound(
             f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
             f"({type(exc).__name__}). Download it where the hub is reachable "
-            f"(huggingface-cli download {model}) and copy the cache (HF_HOME), or point --model at "
-            "a local diffusers folder."
+            f"(hf download {model}) and copy the cache (HF_HOME), or point --model at a local "
+            "diffusers folder; --model tiny-random renders offline (random weights, for smoke tests)."
         ) from None
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
