@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -95,27 +96,53 @@ def truncation_warnings(components: Components, prompts: Prompts) -> list[str]:
     return notes
 
 
-def guided_denoiser(unet, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
-    """Classifier-free guidance for every prompt in one batched UNet call.
+class BatchedUNet:
+    """Runs UNet samples in calls of at most `max_batch`; on CUDA out-of-memory, halves it once and retries."""
 
-    A pass is (input latent, text); each distinct pass runs once, so prompts that see the same
-    latent and share a negative prompt share its unconditional pass. Guidance <= 1 runs no
-    unconditional pass at all (diffusers' convention).
+    def __init__(self, unet, max_batch: int | None = None, warn: Callable[[str], None] | None = None):
+        self.unet, self.max_batch, self.warn = unet, max_batch, warn or (lambda _message: None)
+        self.halved = False
+        self.calls = 0
+
+    def __call__(self, inputs: torch.Tensor, t: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        while True:
+            size = self.max_batch or inputs.shape[0]
+            try:
+                return torch.cat([
+                    self._forward(inputs[i : i + size], t, texts[i : i + size]) for i in range(0, inputs.shape[0], size)
+                ])
+            except torch.cuda.OutOfMemoryError:
+                if self.halved or size == 1:
+                    raise
+                self.halved, self.max_batch = True, max(1, size // 2)
+                torch.cuda.empty_cache()
+                self.warn(f"out of GPU memory at {size} UNet samples per call: retrying with --max-batch {self.max_batch}")
+
+    def _forward(self, inputs, t, texts):
+        self.calls += 1
+        return self.unet(inputs.to(self.unet.dtype), t, encoder_hidden_states=texts).sample.float()
+
+
+def guided_denoiser(unet, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
+    """Classifier-free guidance for every prompt, all UNet samples of a step batched together.
+
+    A sample is (input latent, text); each distinct one runs once, so prompts that see the same
+    latent and share a negative prompt share its unconditional pass (N regions: N+2 samples a
+    step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
+    `unet` is a BatchedUNet or anything called as unet(inputs, t, texts) -> float outputs.
     """
+    run = unet if isinstance(unet, BatchedUNet) else BatchedUNet(unet)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shared = x.shape[0] == 1
-        passes: dict[tuple[int, int], int] = {}
+        samples: dict[tuple[int, int], int] = {}
 
-        def slot(prompt: int, text: int) -> int:
-            return passes.setdefault((0 if shared else prompt, text), len(passes))
+        def sample(prompt: int, text: int) -> int:
+            return samples.setdefault((0 if shared else prompt, text), len(samples))
 
-        cond = [slot(i, c) for i, c in enumerate(prompts.cond)]
-        uncond = [slot(i, n) if g > 1 else None for i, (n, g) in enumerate(zip(prompts.negative, prompts.guidance))]
-        inputs = x[[latent for latent, _ in passes]].to(unet.dtype)
-        texts = embeddings[[text for _, text in passes]]
-        with torch.inference_mode():
-            out = unet(inputs, t, encoder_hidden_states=texts).sample.float()
+        cond = [sample(i, c) for i, c in enumerate(prompts.cond)]
+        uncond = [sample(i, n) if g > 1 else None for i, (n, g) in enumerate(zip(prompts.negative, prompts.guidance))]
+        out = run(x[[latent for latent, _ in samples]], t, embeddings[[text for _, text in samples]])
         guided = [
             out[c] if u is None else out[u] + g * (out[c] - out[u]) for c, u, g in zip(cond, uncond, prompts.guidance)
         ]
@@ -147,8 +174,14 @@ def decode(components: Components, latents: torch.Tensor) -> Image.Image:
 
 
 @torch.inference_mode()
-def render(scene: Scene, components: Components, seed: int, callback: StepCallback | None = None) -> RenderResult:
-    """Render `scene` with `seed`: MultiDiffusion sampling, then VAE decoding."""
+def render(
+    scene: Scene,
+    components: Components,
+    seed: int,
+    callback: StepCallback | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> RenderResult:
+    """Render `scene` with `seed`: MultiDiffusion sampling, then VAE decoding. `warn` hears recoveries."""
     started = time.perf_counter()
     device = components.device
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -165,16 +198,23 @@ def render(scene: Scene, components: Components, seed: int, callback: StepCallba
 
     scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
     scheduler.set_timesteps(scene.steps, device=device)
-    latents = multidiffusion(
-        noise,
-        scheduler,
-        guided_denoiser(components.unet, embeddings, prompts),
-        weights,
-        bootstrap_steps=scene.bootstrap_steps,
-        backgrounds=backgrounds,
-        generator=generator,
-        callback=callback,
-    )
+    unet = BatchedUNet(components.unet, scene.max_batch, warn)
+    try:
+        latents = multidiffusion(
+            noise,
+            scheduler,
+            guided_denoiser(unet, embeddings, prompts),
+            weights,
+            bootstrap_steps=scene.bootstrap_steps,
+            backgrounds=backgrounds,
+            generator=generator,
+            callback=callback,
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise RenderError(
+            f"out of GPU memory with {unet.max_batch or 'all'} UNet samples per call on a "
+            f"{scene.width}x{scene.height} canvas: try --max-batch 1, a smaller canvas, or --dtype float16"
+        ) from None
     if not torch.isfinite(latents).all():
         raise RenderError(
             "the latents hold NaN or inf values (usually float16 overflow): try --dtype float32 or bfloat16"

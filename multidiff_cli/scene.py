@@ -92,6 +92,7 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multidiff_cli.render import background_latents, encode_texts, guided_denoiser, render, scene_prompts
+from multidiff_cli.render import BatchedUNet, background_latents, encode_texts, guided_denoiser, render, scene_prompts
 from multidiff_cli.scene import load_scene
 
 SCENE = """
@@ -131,3 +131,68 @@ def test_a_prompt_over_77_tokens_is_named_in_a_warning(tiny, write_scene):
     result = render(scene, tiny, seed=0)
     assert len(result.warnings) == 1 and result.warnings[0].startswith("prompt is ")
     assert "cut after" in result.warnings[0]
+
+
+class FlakyUNet(torch.nn.Module):
+    """Runs out of 'GPU memory' above `limit` samples per call; records call sizes."""
+
+    def __init__(self, unet, limit):
+        super().__init__()
+        self.unet, self.limit, self.sizes = unet, limit, []
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, encoder_hidden_states):
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.sizes.append(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+def test_max_batch_splits_calls_without_changing_the_result(tiny, scene):
+    prompts = scene_prompts(scene)
+    embeddings = encode_texts(tiny, prompts.texts)
+    x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(300)
+    with torch.inference_mode():
+        whole = guided_denoiser(tiny.unet, embeddings, prompts)(x, t)
+        flaky = FlakyUNet(tiny.unet, limit=100)
+        split = guided_denoiser(BatchedUNet(flaky, max_batch=3), embeddings, prompts)(x, t)
+    assert flaky.sizes == [3, 3, 1]  # 7 samples in calls of at most 3
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene):
+    prompts = scene_prompts(scene)
+    embeddings = encode_texts(tiny, prompts.texts)
+    x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
+    warnings = []
+    flaky = FlakyUNet(tiny.unet, limit=4)
+    unet = BatchedUNet(flaky, warn=warnings.append)
+    with torch.inference_mode():
+        out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300))
+        expected = guided_denoiser(tiny.unet, embeddings, prompts)(x, torch.tensor(300))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert unet.max_batch == 3 and flaky.sizes == [3, 3, 1]
+    assert warnings == ["out of GPU memory at 7 UNet samples per call: retrying with --max-batch 3"]
+    flaky.limit = 2  # a second shortage in the same render is not retried
+    with pytest.raises(torch.cuda.OutOfMemoryError), torch.inference_mode():
+        guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300))
+
+
+def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypatch):
+    from multidiff_cli import render as render_module
+
+    monkeypatch.setattr(tiny, "unet", FlakyUNet(tiny.unet, limit=0))
+    with pytest.raises(render_module.RenderError, match="--max-batch 1"):
+        render(scene, tiny, seed=0)
+
+
+def test_attention_uses_pytorch_sdpa(tiny):
+    assert {type(p).__name__ for p in tiny.unet.attn_processors.values()} == {"AttnProcessor2_0"}

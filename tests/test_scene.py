@@ -29,6 +29,7 @@ DEFAULTS = {
     "seed": None,
     "scheduler": "ddim",
     "model": None,
+    "max_batch": None,
     "regions": [],
 }
 
