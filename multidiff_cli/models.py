@@ -87,7 +87,7 @@ def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Components:
+def load_components(model: str, device: torch.device, dtype: torch.dtype, compile: bool = False) -> Components:
     """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`."""
     _quiet_libraries()
     if model == TINY_RANDOM:
@@ -95,7 +95,21 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Com
     else:
         folder, revision = resolve_model_folder(model)
         components = load_folder(folder, model_id=model, revision=revision)
-    return to_device(components, device, dtype)
+    return speed_up(to_device(components, device, dtype), compile=compile)
+
+
+def speed_up(components: Components, compile: bool = False) -> Components:
+    """On CUDA, channels-last convolutions (faster with tensor cores); optionally torch.compile the UNet.
+
+    Attention already runs through PyTorch's scaled-dot-product attention (diffusers' default
+    processor on torch 2). Compilation costs a minute or so on the first call and pays off over
+    long batches.
+    """
+    if components.device.type == "cuda":
+        components.unet.to(memory_format=torch.channels_last)
+    if compile:
+        components.unet = torch.compile(components.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    return components
 
 
 def resolve_model_folder(model: str) -> tuple[Path, str | None]:
@@ -168,11 +182,14 @@ def _check_folder(folder: Path, model_id: str) -> None:
 
 def to_device(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
     """Move to `device`: text encoder and UNet in `dtype`; the VAE stays float32 (fp16 decodes overflow)."""
+    _quiet_libraries()
     for module, module_dtype in (
         (components.text_encoder, dtype),
         (components.unet, dtype),
         (components.vae, torch.float32),
     ):
+        if module is None:  # the bench runs without a text encoder
+            continue
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
     components.device, components.dtype = device, dtype
     return components

@@ -63,13 +63,28 @@ def scene_prompts(scene: Scene) -> Prompts:
     return prompts
 
 
-def scene_weights(scene: Scene) -> torch.Tensor:
-    """(N+1, 1, h, w) fusion weights of the global prompt and every region."""
-    region_masks = [
+def scene_masks(scene: Scene) -> list[torch.Tensor]:
+    """Every region's binary (h, w) mask at latent resolution."""
+    return [
         masks.box_to_latent(r.box, scene.latent_hw) if r.box is not None else masks.read_mask(scene.mask_path(r), scene.latent_hw)
         for r in scene.regions
     ]
-    return masks.region_weights(region_masks, scene.latent_hw)
+
+
+def scene_weights(scene: Scene, scheduler=None) -> torch.Tensor:
+    """Fusion weights of the global prompt and every region: (N+1, 1, h, w), or with the few-step
+    stabilisation on, quantized masks, one set per step (steps, N+1, 1, h, w)."""
+    region_masks = scene_masks(scene)
+    if not (scene.few_step_on and region_masks and scheduler is not None):
+        return masks.region_weights(region_masks, scene.latent_hw)
+    return masks.quantized_weights(region_masks, noise_levels(scheduler))
+
+
+def noise_levels(scheduler) -> torch.Tensor:
+    """sqrt(1 - alphas_cumprod[t]) at each step's timestep: 1 is pure noise, 0 clean."""
+    alphas = scheduler.alphas_cumprod.cpu()
+    timesteps = scheduler.timesteps[:: getattr(scheduler, "order", 1)].cpu()
+    return (1 - alphas[timesteps.round().long().clamp(0, len(alphas) - 1)]).sqrt()
 
 
 def encode_texts(components: Components, texts: list[str]) -> torch.Tensor:
@@ -94,6 +109,10 @@ def truncation_warnings(components: Components, prompts: Prompts) -> list[str]:
             notes.append(f"{label} is {len(ids) - 2} tokens, over the text encoder's {limit - 2}: cut after "
                          f"'...{kept[-40:]}'")
     return notes
+
+
+UNetRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""run(inputs (B, C, h, w), t, texts (B, L, D)) -> float model outputs (B, C, h, w)."""
 
 
 class BatchedUNet:
@@ -123,15 +142,14 @@ class BatchedUNet:
         return self.unet(inputs.to(self.unet.dtype), t, encoder_hidden_states=texts).sample.float()
 
 
-def guided_denoiser(unet, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
+def guided_denoiser(run: UNetRun, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
     """Classifier-free guidance for every prompt, all UNet samples of a step batched together.
 
     A sample is (input latent, text); each distinct one runs once, so prompts that see the same
     latent and share a negative prompt share its unconditional pass (N regions: N+2 samples a
     step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
-    `unet` is a BatchedUNet or anything called as unet(inputs, t, texts) -> float outputs.
+    `run` is a BatchedUNet (or any run(inputs, t, texts) -> float outputs).
     """
-    run = unet if isinstance(unet, BatchedUNet) else BatchedUNet(unet)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shared = x.shape[0] == 1
@@ -191,13 +209,13 @@ def render(
 
     prompts = scene_prompts(scene)
     embeddings = encode_texts(components, prompts.texts)
-    weights = scene_weights(scene).to(device)
     backgrounds = None
     if scene.bootstrap_steps and scene.regions:
         backgrounds = background_latents(components, generator, scene.bootstrap_steps, len(scene.regions))
 
     scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
     scheduler.set_timesteps(scene.steps, device=device)
+    weights = scene_weights(scene, scheduler).to(device)
     unet = BatchedUNet(components.unet, scene.max_batch, warn)
     try:
         latents = multidiffusion(
@@ -207,6 +225,7 @@ def render(
             weights,
             bootstrap_steps=scene.bootstrap_steps,
             backgrounds=backgrounds,
+            center_regions=scene.few_step_on,
             generator=generator,
             callback=callback,
         )

@@ -25,6 +25,7 @@ from .errors import SceneError
 from .schedulers import SCHEDULER_NAMES
 
 LATENT_PX = 8  # every SD VAE downsamples by 8
+FEW_STEPS = 8  # at most this many steps is a few-step (distilled-model) render
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
 
 
@@ -92,6 +93,9 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    few_step: bool | Literal["auto"] = Field(
+        "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: steps <= 8"
+    )
     max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
     regions: list[Region] = Field(default_factory=list)
 
@@ -117,6 +121,11 @@ class Scene(Strict):
     @property
     def latent_hw(self) -> tuple[int, int]:
         return self.height // LATENT_PX, self.width // LATENT_PX
+
+    @property
+    def few_step_on(self) -> bool:
+        """Whether the few-step stabilisation runs: `few_step`, or for `auto`, steps <= FEW_STEPS."""
+        return self.steps <= FEW_STEPS if self.few_step == "auto" else self.few_step
 
     def mask_path(self, region: Region) -> Path:
         return self.base_dir / Path(region.mask).expanduser()

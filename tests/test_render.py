@@ -78,7 +78,7 @@ def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs):
     t = torch.tensor(500)
     counting = CountingUNet(tiny.unet)
     with torch.inference_mode():
-        batched = guided_denoiser(counting, embeddings, prompts)(x, t)
+        batched = guided_denoiser(BatchedUNet(counting), embeddings, prompts)(x, t)
         expected = plain_guidance(tiny.unet, embeddings, prompts, x, t)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-4)
     # shared latent: 3 distinct cond texts + 1 shared "blurry" uncond (the plant runs none: guidance 1)
@@ -161,7 +161,7 @@ def test_max_batch_splits_calls_without_changing_the_result(tiny, scene):
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     t = torch.tensor(300)
     with torch.inference_mode():
-        whole = guided_denoiser(tiny.unet, embeddings, prompts)(x, t)
+        whole = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, t)
         flaky = FlakyUNet(tiny.unet, limit=100)
         split = guided_denoiser(BatchedUNet(flaky, max_batch=3), embeddings, prompts)(x, t)
     assert flaky.sizes == [3, 3, 1]  # 7 samples in calls of at most 3
@@ -177,7 +177,7 @@ def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene):
     unet = BatchedUNet(flaky, warn=warnings.append)
     with torch.inference_mode():
         out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300))
-        expected = guided_denoiser(tiny.unet, embeddings, prompts)(x, torch.tensor(300))
+        expected = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     assert unet.max_batch == 3 and flaky.sizes == [3, 3, 1]
     assert warnings == ["out of GPU memory at 7 UNet samples per call: retrying with --max-batch 3"]

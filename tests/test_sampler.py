@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from multidiff_cli.masks import box_to_latent, region_weights
 from multidiff_cli.models import sd2_scheduler_config
-from multidiff_cli.sampler import bootstrap_inputs, fuse_predictions, multidiffusion
+from multidiff_cli.sampler import bootstrap_inputs, centering_shifts, fuse_predictions, multidiffusion, roll_each
 from multidiff_cli.schedulers import make_scheduler
 
 H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed
@@ -190,3 +190,70 @@ def test_denoiser_gets_one_shared_input_outside_bootstrap_and_one_per_prompt_ins
         backgrounds=torch.zeros(2, 3, 4, 1, 1),
     )
     assert shapes == [4, 4, 1, 1, 1]
+
+
+def test_centering_shifts_move_each_mask_s_box_centre_to_the_frame_centre():
+    masks = weights_for()[1:]  # cells: rows 0..11 cols 0..7; rows 2..7 cols 6..19; rows 7..11 cols 12..18
+    assert centering_shifts(masks) == [(6 - 6, 10 - 4), (6 - 5, 10 - 13), (6 - 9, 10 - 15)]
+    for mask, shift in zip(masks, centering_shifts(masks)):
+        centred = roll_each(mask[None], [shift])[0, 0]
+        rows = torch.nonzero(centred.sum(1)).flatten()
+        cols = torch.nonzero(centred.sum(0)).flatten()
+        assert (int(rows[0]) + int(rows[-1]) + 1) // 2 == H // 2
+        assert (int(cols[0]) + int(cols[-1]) + 1) // 2 == W // 2
+        assert torch.equal(roll_each(roll_each(mask[None], [shift]), [shift], sign=-1), mask[None])
+
+
+def test_centering_changes_nothing_for_a_translation_equivariant_denoiser():
+    """Rolling in and back is exact: a pointwise denoiser gives bit-identical latents."""
+    def pointwise(x, t):
+        return torch.tanh(x.expand(4, *x.shape[1:]) * torch.arange(1.0, 5.0).reshape(4, 1, 1, 1))
+
+    runs = [
+        multidiffusion(
+            torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(6)), scheduler_for("ddim", 4), pointwise,
+            weights_for(), bootstrap_steps=2, backgrounds=torch.zeros(2, 3, 4, 1, 1), center_regions=centre,
+        )
+        for centre in (False, True)
+    ]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+def test_centering_lets_each_region_see_the_frame_centre():
+    """A denoiser that marks where the frame centre is: with centering, the mark lands on each mask's centre."""
+    seen = []
+
+    def spy(x, t):
+        seen.append(x.clone())
+        return torch.zeros(4, *x.shape[1:])
+
+    masks = weights_for()[1:]
+    x0 = torch.zeros(1, 4, H, W)
+    x0[0, :, 3, 2] = 1.0  # a marker inside region 1 (cells: rows 0..11, columns 0..7)
+    multidiffusion(
+        x0, scheduler_for("ddim", 2), spy, weights_for(), bootstrap_steps=1, backgrounds=torch.zeros(1, 3, 4, 1, 1),
+        center_regions=True,
+    )
+    first = seen[0]  # bootstrap step: (4, C, h, w), regions rolled
+    dy, dx = centering_shifts(masks)[0]
+    assert first[1, 0, (3 + dy) % H, (2 + dx) % W] != 0  # the marker moved with region 1's roll
+    assert first[0, 0, 3, 2] != 0  # the global prompt is not rolled
+
+
+def test_per_step_weights_are_used_step_by_step():
+    """(steps, P, 1, h, w) weights: step i fuses with its own set."""
+    all_global = region_weights([torch.zeros(H, W)], (H, W))
+    all_region = region_weights([torch.ones(H, W)], (H, W))
+    per_step = torch.stack([all_global, all_region, all_region])
+    calls = []
+
+    def constant(x, t):
+        calls.append(len(calls))
+        return torch.stack([torch.full(x.shape[1:], 1.0), torch.full(x.shape[1:], -1.0)])
+
+    scheduler = scheduler_for("ddim", 3)
+    fused = []
+    original = scheduler.step
+    scheduler.step = lambda eps, t, x, **kw: fused.append(float(eps.mean())) or original(eps, t, x, **kw)
+    multidiffusion(torch.zeros(1, 4, H, W), scheduler, constant, per_step)
+    assert fused == [1.0, -1.0, -1.0]

@@ -29,6 +29,7 @@ DEFAULTS = {
     "seed": None,
     "scheduler": "ddim",
     "model": None,
+    "few_step": "auto",
     "max_batch": None,
     "regions": [],
 }

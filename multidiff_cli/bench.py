@@ -1,0 +1,257 @@
+"""`multidiff bench`: multidiff's sampler against the authors' per-prompt loop, on SD2-shaped random weights.
+
+Both paths sample the same scene (a global prompt and N boxes in a row) from the same noise with
+the same steps; each runs in a fresh process, so peak memory is its own. Random weights cost
+exactly what the real model costs, so the timings are those of SD2-base.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .masks import box_to_latent, region_weights
+from .models import Components, build_tiny_random, sd2_scheduler_config, speed_up, to_device
+from .render import BatchedUNet, Prompts, guided_denoiser
+from .sampler import bootstrap_inputs, multidiffusion
+from .schedulers import make_scheduler
+
+SD2_RANDOM = "sd2-random"
+
+
+@dataclass
+class BenchConfig:
+    model: str = SD2_RANDOM  # sd2-random (full size) or tiny-random
+    size_px: int = 256
+    regions: int = 3
+    steps: int = 4
+    bootstrap_steps: int = 0
+    scheduler: str = "ddim"
+    guidance_scale: float = 7.5
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    max_batch: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class PathResult:
+    unet_samples_per_step: float
+    seconds_per_step: float  # median of the steps after the first
+    sampling_seconds: float
+    non_unet_share: float  # of a step: fusion, guidance, masks and the scheduler step
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def build_sd2_random(seed: int = 0) -> Components:
+    """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    return Components(None, None, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
+
+
+def bench_scene(config: BenchConfig, cross_attention_dim: int):
+    """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row."""
+    latent = config.size_px // 8
+    width = config.size_px // max(config.regions, 1)
+    boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
+    weights = region_weights([box_to_latent(b, (latent, latent)) for b in boxes], (latent, latent))
+    prompts = Prompts(
+        texts=[f"text {i}" for i in range(config.regions + 2)],
+        cond=list(range(config.regions + 1)),
+        negative=[config.regions + 1] * (config.regions + 1),
+        guidance=[config.guidance_scale] * (config.regions + 1),
+    )
+    embeddings = torch.randn((len(prompts.texts), 77, cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    return weights, prompts, embeddings
+
+
+def authors_loop(noise, scheduler, unet, weights, prompts, embeddings, bootstrap_steps, backgrounds, generator):
+    """The authors' region_based.py, generalised: every prompt its own unconditional and conditional
+    sample and its own scheduler step (a scheduler copy each, for multistep solvers), then the
+    mask-weighted average of the stepped latents."""
+    count = weights.shape[0]
+    schedulers = [copy.deepcopy(scheduler) for _ in range(count)]
+    texts = embeddings[prompts.negative + prompts.cond]
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        inputs = x.expand(count, *x.shape[1:])
+        if i < bootstrap_steps:
+            noised = scheduler.add_noise(backgrounds[i].expand(count - 1, *x.shape[1:]), noise, t.reshape(1))
+            inputs = bootstrap_inputs(x, weights[1:], noised)
+        scaled = scheduler.scale_model_input(inputs, t)
+        out = unet(torch.cat([scaled, scaled]), t, texts)
+        uncond, cond = out.chunk(2)
+        guidance = torch.tensor(prompts.guidance, device=x.device).reshape(-1, 1, 1, 1)
+        eps = uncond + guidance * (cond - uncond)
+        state = generator.get_state()
+        stepped = []
+        for p in range(count):
+            generator.set_state(state)  # every prompt's stochastic step draws the same noise
+            kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            stepped.append(schedulers[p].step(eps[p : p + 1], t, inputs[p : p + 1], **kwargs).prev_sample)
+        x = (weights * torch.cat(stepped)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
+        yield x
+
+
+def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
+    """One path in this process: build the model, sample, time every step, measure peak memory."""
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    components = build_tiny_random() if config.model == "tiny-random" else build_sd2_random()
+    components = speed_up(to_device(components, device, dtype), compile=config.compile)
+    weights, prompts, embeddings = bench_scene(config, components.unet.config.cross_attention_dim)
+    weights, embeddings = weights.to(device), embeddings.to(device, dtype)
+    noise = torch.randn((1, 4, config.size_px // 8, config.size_px // 8), generator=torch.Generator().manual_seed(config.seed))
+    noise = noise.to(device)
+    backgrounds = torch.randn((config.bootstrap_steps, config.regions, 4, 1, 1), generator=torch.Generator().manual_seed(2))
+    backgrounds = backgrounds.to(device)
+    scheduler = make_scheduler(config.scheduler, components.scheduler_config)
+    scheduler.set_timesteps(config.steps, device=device)
+    generator = torch.Generator().manual_seed(3)
+
+    run = BatchedUNet(components.unet, config.max_batch)
+    with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
+        t0 = scheduler.timesteps[0]
+        if path == "multidiff":
+            guided_denoiser(run, embeddings, prompts)(noise, t0)
+        else:
+            run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, embeddings[prompts.negative + prompts.cond])
+    timer = _UNetTimer(run, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps = [_now(device)]
+    with torch.inference_mode():
+        if path == "multidiff":
+            latents = multidiffusion(
+                noise, scheduler, guided_denoiser(timer, embeddings, prompts), weights,
+                bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
+                callback=lambda *_: stamps.append(_now(device)),
+            )
+        else:
+            for latents in authors_loop(noise, scheduler, timer, weights, prompts, embeddings,
+                                        config.bootstrap_steps, backgrounds, generator):
+                stamps.append(_now(device))
+    torch.save(latents.float().cpu(), latents_file)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    later = steps[1:] or steps
+    unet_later = timer.seconds[1:] or timer.seconds
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
+    else:
+        peak, kind = _max_rss_bytes(), "max RSS of the process"
+    result = PathResult(
+        unet_samples_per_step=timer.samples / len(steps),
+        seconds_per_step=statistics.median(later),
+        sampling_seconds=stamps[-1] - stamps[0],
+        non_unet_share=max(0.0, 1 - statistics.median(unet_later) / statistics.median(later)),
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        step_seconds=steps,
+    )
+    return asdict(result)
+
+
+class _UNetTimer:
+    """Wraps the batched UNet: counts samples and times each step's UNet work (synchronised on CUDA)."""
+
+    def __init__(self, run: BatchedUNet, device: torch.device):
+        self.run, self.device, self.samples, self.seconds = run, device, 0, []
+
+    def __call__(self, inputs, t, texts):
+        start = _now(self.device)
+        out = self.run(inputs, t, texts)
+        self.seconds.append(_now(self.device) - start)  # both paths make one call per step
+        self.samples += inputs.shape[0]
+        return out
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _max_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _child(config: BenchConfig, path: str, latents_file: str, queue) -> None:
+    try:
+        queue.put(("ok", _run_path(config, path, latents_file)))
+    except BaseException as exc:  # reported by the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
+    """Run both paths (each in a fresh process unless `in_process`) and compare them."""
+    results, latents = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in ("reference", "multidiff"):
+            latents_file = str(Path(tmp) / f"{path}.pt")
+            if in_process:
+                results[path] = _run_path(config, path, latents_file)
+            else:
+                context = multiprocessing.get_context("spawn")
+                queue = context.Queue()
+                child = context.Process(target=_child, args=(config, path, latents_file, queue))
+                child.start()
+                status, payload = queue.get()
+                child.join()
+                if status != "ok":
+                    raise RuntimeError(f"bench path {path!r} failed: {payload}")
+                results[path] = payload
+            latents[path] = torch.load(latents_file)
+    ours, theirs = results["multidiff"], results["reference"]
+    difference = (latents["multidiff"] - latents["reference"]).norm() / latents["reference"].norm()
+    return {
+        "config": asdict(config),
+        "device_name": _device_name(config.device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "paths": results,
+        "sampling_time_ratio": ours["sampling_seconds"] / theirs["sampling_seconds"],
+        "step_time_ratio": ours["seconds_per_step"] / theirs["seconds_per_step"],
+        "unet_samples_ratio": ours["unet_samples_per_step"] / theirs["unet_samples_per_step"],
+        "relative_difference": float(difference),
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()

@@ -1,0 +1,45 @@
+"""The benchmark runs on the tiny model and reports every figure (timings are never asserted)."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from multidiff_cli.bench import BenchConfig, run_bench
+from multidiff_cli.cli import app
+
+PATH_FIELDS = {
+    "unet_samples_per_step", "seconds_per_step", "sampling_seconds", "non_unet_share", "peak_memory_bytes",
+    "peak_memory_kind", "step_seconds",
+}
+
+
+def test_bench_command_writes_json_with_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--steps", "3",
+                                      "--regions", "3", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "multidiff / reference" in result.stdout
+    report = json.loads(out.read_text())
+    assert {"config", "device_name", "paths", "sampling_time_ratio", "step_time_ratio", "unet_samples_ratio",
+            "relative_difference", "versions"} <= report.keys()
+    for path in ("multidiff", "reference"):
+        assert PATH_FIELDS <= report["paths"][path].keys()
+        assert len(report["paths"][path]["step_seconds"]) == 3
+    # 3 regions sharing one negative prompt: N+2 = 5 samples a step against 2(N+1) = 8
+    assert report["paths"]["multidiff"]["unet_samples_per_step"] == 5
+    assert report["paths"]["reference"]["unet_samples_per_step"] == 8
+    assert report["relative_difference"] <= 1e-4  # float32: the same picture
+
+
+def test_bench_paths_agree_with_bootstrapping_and_a_multistep_scheduler():
+    report = run_bench(BenchConfig(model="tiny-random", size_px=64, steps=3, bootstrap_steps=1, scheduler="dpm++"),
+                       in_process=True)
+    assert report["relative_difference"] <= 1e-4
+    # bootstrap step: every prompt its own input, so 4 cond + 4 uncond; then 5 a step
+    assert report["paths"]["multidiff"]["unet_samples_per_step"] == (8 + 5 + 5) / 3
+
+
+def test_bench_rejects_a_model_it_cannot_build():
+    result = CliRunner().invoke(app, ["bench", "--model", "stabilityai/stable-diffusion-2-base"])
+    assert result.exit_code == 2 and "sd2-random or tiny-random" in result.stderr
