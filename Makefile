@@ -9,7 +9,7 @@ SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
 
-.PHONY: install render test clean
+.PHONY: install render test bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ render: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+bench: install
+	$(BIN)/multidiff bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -112,7 +112,7 @@ def authors_loop(noise, scheduler, unet, weights, prompts, embeddings, bootstrap
         inputs = x.expand(count, *x.shape[1:])
         if i < bootstrap_steps:
             noised = scheduler.add_noise(backgrounds[i].expand(count - 1, *x.shape[1:]), noise, t.reshape(1))
-            inputs = bootstrap_inputs(x, weights[1:], noised)
+            inputs = torch.cat([x, bootstrap_inputs(x, weights[1:], noised)])
         scaled = scheduler.scale_model_input(inputs, t)
         out = unet(torch.cat([scaled, scaled]), t, texts)
         uncond, cond = out.chunk(2)
@@ -147,7 +147,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
         t0 = scheduler.timesteps[0]
         if path == "multidiff":
-            guided_denoiser(run, embeddings, prompts)(noise, t0)
+            guided_denoiser(run, embeddings, prompts)(noise, t0, [(0, p) for p in range(weights.shape[0])])
         else:
             run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, embeddings[prompts.negative + prompts.cond])
     timer = _UNetTimer(run, device)

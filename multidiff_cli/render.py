@@ -11,7 +11,7 @@ from PIL import Image
 from . import masks
 from .errors import MultidiffError
 from .models import Components
-from .sampler import Denoiser, StepCallback, multidiffusion
+from .sampler import Denoiser, Job, StepCallback, multidiffusion
 from .scene import Scene
 from .schedulers import make_scheduler
 
@@ -143,27 +143,26 @@ class BatchedUNet:
 
 
 def guided_denoiser(run: UNetRun, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
-    """Classifier-free guidance for every prompt, all UNet samples of a step batched together.
+    """Classifier-free guidance for every job of a step, all UNet samples batched together.
 
-    A sample is (input latent, text); each distinct one runs once, so prompts that see the same
-    latent and share a negative prompt share its unconditional pass (N regions: N+2 samples a
+    A sample is (input latent, text); each distinct one runs once, so jobs on the same input
+    whose prompts share a negative prompt share its unconditional pass (N regions: N+2 samples a
     step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
     `run` is a BatchedUNet (or any run(inputs, t, texts) -> float outputs).
     """
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shared = x.shape[0] == 1
+    def denoise(inputs: torch.Tensor, t: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
         samples: dict[tuple[int, int], int] = {}
 
-        def sample(prompt: int, text: int) -> int:
-            return samples.setdefault((0 if shared else prompt, text), len(samples))
+        def sample(latent: int, text: int) -> int:
+            return samples.setdefault((latent, text), len(samples))
 
-        cond = [sample(i, c) for i, c in enumerate(prompts.cond)]
-        uncond = [sample(i, n) if g > 1 else None for i, (n, g) in enumerate(zip(prompts.negative, prompts.guidance))]
-        out = run(x[[latent for latent, _ in samples]], t, embeddings[[text for _, text in samples]])
-        guided = [
-            out[c] if u is None else out[u] + g * (out[c] - out[u]) for c, u, g in zip(cond, uncond, prompts.guidance)
-        ]
+        cond = [sample(latent, prompts.cond[p]) for latent, p in jobs]
+        uncond = [sample(latent, prompts.negative[p]) if prompts.guidance[p] > 1 else None for latent, p in jobs]
+        out = run(inputs[[latent for latent, _ in samples]], t, embeddings[[text for _, text in samples]])
+        guided = []
+        for c, u, (_, p) in zip(cond, uncond, jobs):
+            guided.append(out[c] if u is None else out[u] + prompts.guidance[p] * (out[c] - out[u]))
         return torch.stack(guided)
 
     return denoise

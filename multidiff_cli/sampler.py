@@ -1,8 +1,8 @@
 """MultiDiffusion (Bar-Tal et al., 2023) as a pure function of tensors, a scheduler and a denoiser.
 
 The sampler knows nothing of UNets, text or files. Per step it asks the denoiser for every
-prompt's guided prediction, fuses them per pixel with the region weights (Eq. 5), and takes one
-scheduler step on the whole canvas. For schedulers whose step is affine in the model output
+(view, prompt) guided prediction, fuses them per pixel with the region weights (Eq. 5; over
+views, Eq. 7), and takes one scheduler step on the whole canvas. For schedulers whose step is affine in the model output
 (DDIM, Euler, DPM-Solver, ...) this equals the paper's "step each prompt, then average", and it
 keeps one scheduler state, so multistep solvers work unchanged.
 """
@@ -13,11 +13,18 @@ from typing import Callable, Protocol
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""denoise(x, t) -> guided model outputs, shape (P, C, h, w), one per prompt.
+from .views import View, full_view
 
-`x` is (1, C, h, w) when every prompt sees the same latent, or (P, C, h, w), one input per
-prompt, during bootstrapping. Inputs are already scaled by `scheduler.scale_model_input`.
+Job = tuple[int, int]
+"""(input index, prompt index): one guided prediction the sampler asks for."""
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, list[Job]], torch.Tensor]
+"""denoise(inputs, t, jobs) -> guided model outputs (len(jobs), C, h, w), one per job.
+
+`inputs` (M, C, h, w) are the distinct latents of the step (one per view, plus one per view and
+region while bootstrapping), already scaled by `scheduler.scale_model_input`; job j asks for
+prompt jobs[j][1]'s prediction on inputs[jobs[j][0]]. Jobs that share an input may share work
+(the unconditional pass).
 """
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -38,25 +45,58 @@ class Scheduler(Protocol):
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor: ...
 
 
-def fuse_predictions(predictions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """MultiDiffusion, Eq. 5: the per-pixel weighted mean of every prompt's prediction.
+def fuse_views(predictions: torch.Tensor, jobs: list[Job], job_views: list[View], weights: torch.Tensor) -> torch.Tensor:
+    """MultiDiffusion, Eq. 5 and 7: per canvas pixel, the weighted mean of every (view, prompt) prediction
+    that covers it, each weighted by its prompt's weight there.
 
-    predictions (P, C, h, w), weights (P, 1, h, w) -> (1, C, h, w). Where all weights are 0 the
+    predictions (J, C, hv, wv); weights (P, 1, H, W) -> (1, C, H, W). Where all weights are 0 the
     result is 0.
     """
-    total = weights.sum(0, keepdim=True)
-    fused = (weights * predictions).sum(0, keepdim=True)
+    height, width = weights.shape[-2:]
+    fused = predictions.new_zeros((1, predictions.shape[1], height, width))
+    total = weights.new_zeros((1, 1, height, width))
+    for prediction, (_, prompt), view in zip(predictions, jobs, job_views):
+        weight = view.crop(weights[prompt])
+        view.add_to(fused[0], weight * prediction)
+        view.add_to(total[0], weight)
     return torch.where(total > 0, fused / total.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(fused))
 
 
 def bootstrap_inputs(x: torch.Tensor, region_masks: torch.Tensor, backgrounds: torch.Tensor) -> torch.Tensor:
     """Bootstrapping (paper, §4.3.1): region i sees x inside its mask and a noised flat colour outside.
 
-    x (1, C, h, w), region_masks (N, 1, h, w), backgrounds (N, C, h, w) -> (N+1, C, h, w); the
-    global prompt (index 0) is not bootstrapped and sees x.
+    x (1, C, h, w), region_masks (N, 1, h, w), backgrounds (N, C, h, w) -> (N, C, h, w).
     """
-    regions = region_masks * x + (1 - region_masks) * backgrounds
-    return torch.cat([x, regions])
+    return region_masks * x + (1 - region_masks) * backgrounds
+
+
+def step_jobs(x, weights, views, bootstrap=None, center=False):
+    """The inputs and jobs of one step: for every view, each prompt with weight inside it.
+
+    bootstrap: (N, C, H, W) bootstrapped region latents, or None outside bootstrapping, when
+    every prompt of a view shares the view's crop of x. Returns inputs (M, C, hv, wv), jobs,
+    each job's view, and each job's centering roll (or None).
+    """
+    inputs, jobs, job_views, rolls = [], [], [], []
+    for view in views:
+        active = [p for p in range(weights.shape[0]) if view.crop(weights[p]).any()]
+        inputs.append(view.crop(x)[0])
+        shared = len(inputs) - 1
+        for prompt in active:
+            roll = None
+            if bootstrap is None or prompt == 0:
+                index = shared
+            else:
+                crop = view.crop(bootstrap[prompt - 1])
+                if center:
+                    roll = centering_shifts(view.crop(weights[prompt])[None])[0]
+                    crop = torch.roll(crop, roll, dims=(-2, -1))
+                inputs.append(crop)
+                index = len(inputs) - 1
+            jobs.append((index, prompt))
+            job_views.append(view)
+            rolls.append(roll)
+    return torch.stack(inputs), jobs, job_views, rolls
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
@@ -76,9 +116,11 @@ def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
     return shifts
 
 
-def roll_each(x: torch.Tensor, shifts: list[tuple[int, int]], sign: int = 1) -> torch.Tensor:
-    """Roll x[i] (circularly) by sign * shifts[i] cells."""
-    return torch.stack([torch.roll(xi, (sign * dy, sign * dx), dims=(-2, -1)) for xi, (dy, dx) in zip(x, shifts)])
+def unroll(predictions: torch.Tensor, rolls: list[tuple[int, int] | None]) -> torch.Tensor:
+    """Shift centred predictions back where their regions are."""
+    if not any(rolls):
+        return predictions
+    return torch.stack([p if r is None else torch.roll(p, (-r[0], -r[1]), dims=(-2, -1)) for p, r in zip(predictions, rolls)])
 
 
 def multidiffusion(
@@ -87,6 +129,7 @@ def multidiffusion(
     denoise: Denoiser,
     weights: torch.Tensor,
     *,
+    views: list[View] | None = None,
     bootstrap_steps: int = 0,
     backgrounds: torch.Tensor | None = None,
     center_regions: bool = False,
@@ -100,11 +143,12 @@ def multidiffusion(
         is continuous with the canvas' noise at its mask's edge.
     weights: (P, 1, h, w), index 0 the global prompt, 1..N the regions (masks.region_weights);
         or (steps, P, 1, h, w), one set per step (masks.quantized_weights).
+    views: windows covering the canvas (views.make_views); default: the whole canvas as one.
     bootstrap_steps: the first steps in which regions are denoised against flat backgrounds.
     backgrounds: clean flat-colour latents, (bootstrap_steps, N, C, h|1, w|1): one per step and
         region, noised here to each step's level with the scheduler's own `add_noise`.
     center_regions: during bootstrapping, denoise each region shifted so its mask is centred in
-        the frame, then shift its prediction back (StreamMultiDiffusion's mask-centering).
+        the view, then shift its prediction back (StreamMultiDiffusion's mask-centering).
     generator: for stochastic schedulers (euler-a, ddpm); a CPU generator keeps devices equal.
     """
     per_step = weights.dim() == 5
@@ -112,6 +156,7 @@ def multidiffusion(
     bootstrapping = bootstrap_steps > 0 and regions > 0
     if bootstrapping and (backgrounds is None or backgrounds.shape[0] < bootstrap_steps):
         raise ValueError("bootstrap_steps > 0 needs one background latent per bootstrap step and region")
+    views = views or [full_view(tuple(noise.shape[-2:]))]
 
     x = noise * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
@@ -121,21 +166,16 @@ def multidiffusion(
     for i, t in enumerate(timesteps):
         step = i // order
         step_weights = weights[min(step, weights.shape[0] - 1)] if per_step else weights
-        shifts = None
+        bootstrap = None
         if bootstrapping and step < bootstrap_steps:
             noised = scheduler.add_noise(
                 backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), t.reshape(1)
             )
-            inputs = bootstrap_inputs(x, step_weights[1:], noised)
-            if center_regions:
-                shifts = [(0, 0)] + centering_shifts(step_weights[1:])
-                inputs = roll_each(inputs, shifts)
-        else:
-            inputs = x
-        predictions = denoise(scheduler.scale_model_input(inputs, t), t)
-        if shifts is not None:
-            predictions = roll_each(predictions, shifts, sign=-1)
-        x = scheduler.step(fuse_predictions(predictions, step_weights), t, x, **step_kwargs).prev_sample
+            bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
+        inputs, jobs, job_views, rolls = step_jobs(x, step_weights, views, bootstrap, center_regions)
+        predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, jobs), rolls)
+        fused = fuse_views(predictions, jobs, job_views, step_weights)
+        x = scheduler.step(fused, t, x, **step_kwargs).prev_sample
         if callback is not None:
             callback(i, len(timesteps), x)
     return x

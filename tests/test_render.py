@@ -43,6 +43,11 @@ def test_prompt_table_lists_each_text_once(scene):
     assert prompts.guidance == [7.5, 7.5, 1.0, 3.0]
 
 
+def jobs_for(x):
+    """One input shared by every prompt, or one input per prompt (bootstrapping)."""
+    return [(0 if x.shape[0] == 1 else p, p) for p in range(4)]
+
+
 def plain_guidance(unet, embeddings, prompts, x, t):
     """Unbatched classifier-free guidance, one prompt at a time: the oracle for the batched denoiser."""
     out = []
@@ -78,7 +83,7 @@ def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs):
     t = torch.tensor(500)
     counting = CountingUNet(tiny.unet)
     with torch.inference_mode():
-        batched = guided_denoiser(BatchedUNet(counting), embeddings, prompts)(x, t)
+        batched = guided_denoiser(BatchedUNet(counting), embeddings, prompts)(x, t, jobs_for(x))
         expected = plain_guidance(tiny.unet, embeddings, prompts, x, t)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-4)
     # shared latent: 3 distinct cond texts + 1 shared "blurry" uncond (the plant runs none: guidance 1)
@@ -161,9 +166,9 @@ def test_max_batch_splits_calls_without_changing_the_result(tiny, scene):
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     t = torch.tensor(300)
     with torch.inference_mode():
-        whole = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, t)
+        whole = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, t, jobs_for(x))
         flaky = FlakyUNet(tiny.unet, limit=100)
-        split = guided_denoiser(BatchedUNet(flaky, max_batch=3), embeddings, prompts)(x, t)
+        split = guided_denoiser(BatchedUNet(flaky, max_batch=3), embeddings, prompts)(x, t, jobs_for(x))
     assert flaky.sizes == [3, 3, 1]  # 7 samples in calls of at most 3
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
 
@@ -176,14 +181,14 @@ def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene):
     flaky = FlakyUNet(tiny.unet, limit=4)
     unet = BatchedUNet(flaky, warn=warnings.append)
     with torch.inference_mode():
-        out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300))
-        expected = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300))
+        out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
+        expected = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     assert unet.max_batch == 3 and flaky.sizes == [3, 3, 1]
     assert warnings == ["out of GPU memory at 7 UNet samples per call: retrying with --max-batch 3"]
     flaky.limit = 2  # a second shortage in the same render is not retried
     with pytest.raises(torch.cuda.OutOfMemoryError), torch.inference_mode():
-        guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300))
+        guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
 
 
 def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypatch):

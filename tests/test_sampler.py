@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from multidiff_cli.masks import box_to_latent, region_weights
 from multidiff_cli.models import sd2_scheduler_config
-from multidiff_cli.sampler import bootstrap_inputs, centering_shifts, fuse_predictions, multidiffusion, roll_each
+from multidiff_cli.sampler import bootstrap_inputs, centering_shifts, fuse_views, multidiffusion
+from multidiff_cli.views import full_view
 from multidiff_cli.schedulers import make_scheduler
 
 H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed
@@ -27,10 +28,9 @@ def prompt_eps(p: int, x: torch.Tensor) -> torch.Tensor:
     return torch.tanh((0.6 + 0.1 * p) * x + 0.5 * blurred + 0.2 * p)
 
 
-def batched_denoiser(prompts: int):
-    def denoise(x, t):
-        x = x.expand(prompts, *x.shape[1:])
-        return torch.stack([prompt_eps(p, x[p]) for p in range(prompts)])
+def batched_denoiser(prompts: int = 4):
+    def denoise(inputs, t, jobs):
+        return torch.stack([prompt_eps(p, inputs[i]) for i, p in jobs])
 
     return denoise
 
@@ -101,13 +101,14 @@ def test_one_scheduler_state_equals_per_prompt_copies(name):
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_fuse_predictions_is_the_weighted_mean_and_zero_where_no_weight():
+def test_fuse_is_the_weighted_mean_and_zero_where_no_weight():
     predictions = torch.stack([torch.full((1, 2, 3), v) for v in (1.0, 3.0, 10.0)])
     weights = torch.zeros(3, 1, 2, 3)
     weights[0, :, 0, 0] = 1
     weights[1, :, 0, 0] = 1  # overlap: average of 1 and 3
     weights[2, :, 1, :] = 1
-    fused = fuse_predictions(predictions, weights)
+    jobs = [(0, 0), (0, 1), (0, 2)]
+    fused = fuse_views(predictions, jobs, [full_view((2, 3))] * 3, weights)
     assert fused.shape == (1, 1, 2, 3)
     assert fused[0, 0, 0, 0] == 2.0
     assert torch.equal(fused[0, 0, 1], torch.full((3,), 10.0))
@@ -119,23 +120,20 @@ def test_bootstrap_inputs_replace_only_outside_each_mask_and_leave_the_global_pr
     masks = weights_for()[1:]
     backgrounds = torch.arange(len(BOXES), dtype=torch.float32).reshape(-1, 1, 1, 1).expand(-1, 4, H, W)
     inputs = bootstrap_inputs(x, masks, backgrounds)
-    assert inputs.shape == (len(BOXES) + 1, 4, H, W)
-    assert torch.equal(inputs[0], x[0])
+    assert inputs.shape == (len(BOXES), 4, H, W)
     for i in range(len(BOXES)):
         inside = masks[i, 0].bool()
-        assert torch.all(inputs[i + 1][:, inside] == 5.0)
-        assert torch.all(inputs[i + 1][:, ~inside] == float(i))
+        assert torch.all(inputs[i][:, inside] == 5.0)
+        assert torch.all(inputs[i][:, ~inside] == float(i))
 
 
 def pull_towards(values, scheduler):
     """A denoiser whose ε-prediction says prompt p's clean latent is values[p] (DDIM leaves ~0.03·ε of noise)."""
     alphas = scheduler.alphas_cumprod
 
-    def denoise(x, t):
+    def denoise(inputs, t, jobs):
         a = alphas[int(t)]
-        x = x.expand(len(values), *x.shape[1:])
-        targets = torch.tensor(values, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        return (x - a.sqrt() * targets) / (1 - a).sqrt()
+        return torch.stack([(inputs[i] - a.sqrt() * values[p]) / (1 - a).sqrt() for i, p in jobs])
 
     return denoise
 
@@ -181,9 +179,9 @@ def test_denoiser_gets_one_shared_input_outside_bootstrap_and_one_per_prompt_ins
     shapes = []
     denoise = batched_denoiser(4)
 
-    def recording(x, t):
-        shapes.append(x.shape[0])
-        return denoise(x, t)
+    def recording(inputs, t, jobs):
+        shapes.append(inputs.shape[0])
+        return denoise(inputs, t, jobs)
 
     multidiffusion(
         torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), recording, weights_for(), bootstrap_steps=2,
@@ -196,18 +194,17 @@ def test_centering_shifts_move_each_mask_s_box_centre_to_the_frame_centre():
     masks = weights_for()[1:]  # cells: rows 0..11 cols 0..7; rows 2..7 cols 6..19; rows 7..11 cols 12..18
     assert centering_shifts(masks) == [(6 - 6, 10 - 4), (6 - 5, 10 - 13), (6 - 9, 10 - 15)]
     for mask, shift in zip(masks, centering_shifts(masks)):
-        centred = roll_each(mask[None], [shift])[0, 0]
+        centred = torch.roll(mask[0], shift, dims=(-2, -1))
         rows = torch.nonzero(centred.sum(1)).flatten()
         cols = torch.nonzero(centred.sum(0)).flatten()
         assert (int(rows[0]) + int(rows[-1]) + 1) // 2 == H // 2
         assert (int(cols[0]) + int(cols[-1]) + 1) // 2 == W // 2
-        assert torch.equal(roll_each(roll_each(mask[None], [shift]), [shift], sign=-1), mask[None])
 
 
 def test_centering_changes_nothing_for_a_translation_equivariant_denoiser():
     """Rolling in and back is exact: a pointwise denoiser gives bit-identical latents."""
-    def pointwise(x, t):
-        return torch.tanh(x.expand(4, *x.shape[1:]) * torch.arange(1.0, 5.0).reshape(4, 1, 1, 1))
+    def pointwise(inputs, t, jobs):
+        return torch.stack([torch.tanh(inputs[i] * (p + 1.0)) for i, p in jobs])
 
     runs = [
         multidiffusion(
@@ -223,9 +220,9 @@ def test_centering_lets_each_region_see_the_frame_centre():
     """A denoiser that marks where the frame centre is: with centering, the mark lands on each mask's centre."""
     seen = []
 
-    def spy(x, t):
-        seen.append(x.clone())
-        return torch.zeros(4, *x.shape[1:])
+    def spy(inputs, t, jobs):
+        seen.append(inputs.clone())
+        return torch.zeros(len(jobs), *inputs.shape[1:])
 
     masks = weights_for()[1:]
     x0 = torch.zeros(1, 4, H, W)
@@ -247,9 +244,9 @@ def test_per_step_weights_are_used_step_by_step():
     per_step = torch.stack([all_global, all_region, all_region])
     calls = []
 
-    def constant(x, t):
+    def constant(inputs, t, jobs):
         calls.append(len(calls))
-        return torch.stack([torch.full(x.shape[1:], 1.0), torch.full(x.shape[1:], -1.0)])
+        return torch.stack([torch.full(inputs.shape[1:], 1.0 if p == 0 else -1.0) for _, p in jobs])
 
     scheduler = scheduler_for("ddim", 3)
     fused = []
