@@ -14,8 +14,11 @@ from .models import Components
 from .sampler import Denoiser, Job, StepCallback, multidiffusion
 from .scene import Scene
 from .schedulers import make_scheduler
+from .views import View, make_views
 
 BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
+WRAP_PAD_CELLS = 8  # latent cells of circular padding around a 360-degree panorama when decoding
+TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
 
 class RenderError(MultidiffError):
@@ -181,13 +184,40 @@ def background_latents(components: Components, generator: torch.Generator, steps
     return latents.mean(dim=(2, 3), keepdim=True).float().reshape(steps, regions, -1, 1, 1)
 
 
-def decode(components: Components, latents: torch.Tensor) -> Image.Image:
-    """Latents -> RGB picture, with the VAE's own scaling factor."""
+def decode(components: Components, latents: torch.Tensor, wrap: bool = False, tiled: bool = False) -> Image.Image:
+    """Latents -> RGB picture, with the VAE's own scaling factor.
+
+    wrap: pad the latents circularly left and right before decoding, and crop the padding off,
+        so the decoder sees across the seam of a 360-degree panorama.
+    tiled: decode in overlapping tiles (diffusers' tiled VAE decoding): bounded memory for wide canvases.
+    """
     vae = components.vae
-    with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    pad = min(WRAP_PAD_CELLS, latents.shape[-1]) if wrap else 0
+    if pad:
+        latents = torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1)
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    try:
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        vae.disable_tiling()
+    if pad:
+        margin = pad * components.vae_scale_factor
+        pixels = pixels[..., margin:-margin]
     pixels = ((pixels[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+def canvas_views(scene: Scene, components: Components) -> list[View]:
+    """Model-sized windows over the canvas at the scene's stride (one view if the canvas fits)."""
+    window = components.unet.config.sample_size
+    window = window if isinstance(window, int) else min(window)
+    stride = max(1, scene.view_stride // components.vae_scale_factor)
+    return make_views(scene.latent_hw, window, stride, wrap=scene.wrap == "horizontal")
+
+
+def tiled_decode_on(scene: Scene) -> bool:
+    return scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
 
 
 @torch.inference_mode()
@@ -222,6 +252,7 @@ def render(
             scheduler,
             guided_denoiser(unet, embeddings, prompts),
             weights,
+            views=canvas_views(scene, components),
             bootstrap_steps=scene.bootstrap_steps,
             backgrounds=backgrounds,
             center_regions=scene.few_step_on,
@@ -237,5 +268,5 @@ def render(
         raise RenderError(
             "the latents hold NaN or inf values (usually float16 overflow): try --dtype float32 or bfloat16"
         )
-    image = decode(components, latents)
+    image = decode(components, latents, wrap=scene.wrap == "horizontal", tiled=tiled_decode_on(scene))
     return RenderResult(image, latents, seed, time.perf_counter() - started, truncation_warnings(components, prompts))

@@ -44,6 +44,7 @@ def _multiple_of_8(value: int) -> int:
 
 Text = Annotated[str, AfterValidator(_not_blank)]
 SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_multiple_of_8)]
+StridePx = Annotated[int, Field(ge=8, le=8192), AfterValidator(_multiple_of_8)]
 Guidance = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
@@ -93,6 +94,9 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
+    wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
+    tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")
     few_step: bool | Literal["auto"] = Field(
         "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: steps <= 8"
     )
