@@ -23,17 +23,20 @@ import torch
 
 from .masks import box_to_latent, region_weights
 from .models import Components, build_tiny_random, sd2_scheduler_config, speed_up, to_device
-from .render import BatchedUNet, Prompts, guided_denoiser
-from .sampler import bootstrap_inputs, multidiffusion
+from .render import DEFAULT_MAX_BATCH, BatchedUNet, Prompts, guided_denoiser
+from .sampler import bootstrap_inputs, multidiffusion, step_jobs
 from .schedulers import make_scheduler
+from .views import make_views
 
 SD2_RANDOM = "sd2-random"
+VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
 
 
 @dataclass
 class BenchConfig:
     model: str = SD2_RANDOM  # sd2-random (full size) or tiny-random
-    size_px: int = 256
+    size_px: int = 256  # canvas height, and width unless width_px is set
+    width_px: int | None = None
     regions: int = 3
     steps: int = 4
     bootstrap_steps: int = 0
@@ -45,6 +48,10 @@ class BenchConfig:
     max_batch: int | None = None
     seed: int = 0
 
+    @property
+    def canvas_width(self) -> int:
+        return self.width_px or self.size_px
+
 
 @dataclass
 class PathResult:
@@ -55,6 +62,7 @@ class PathResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     step_seconds: list[float] = field(default_factory=list)
+    views: int = 1
 
 
 def build_sd2_random(seed: int = 0) -> Components:
@@ -86,10 +94,10 @@ def build_sd2_random(seed: int = 0) -> Components:
 
 def bench_scene(config: BenchConfig, cross_attention_dim: int):
     """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row."""
-    latent = config.size_px // 8
-    width = config.size_px // max(config.regions, 1)
+    latent_hw = config.size_px // 8, config.canvas_width // 8
+    width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
-    weights = region_weights([box_to_latent(b, (latent, latent)) for b in boxes], (latent, latent))
+    weights = region_weights([box_to_latent(b, latent_hw) for b in boxes], latent_hw)
     prompts = Prompts(
         texts=[f"text {i}" for i in range(config.regions + 2)],
         cond=list(range(config.regions + 1)),
@@ -135,7 +143,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     components = speed_up(to_device(components, device, dtype), compile=config.compile)
     weights, prompts, embeddings = bench_scene(config, components.unet.config.cross_attention_dim)
     weights, embeddings = weights.to(device), embeddings.to(device, dtype)
-    noise = torch.randn((1, 4, config.size_px // 8, config.size_px // 8), generator=torch.Generator().manual_seed(config.seed))
+    latent_hw = (config.size_px // 8, config.canvas_width // 8)
+    noise = torch.randn((1, 4, *latent_hw), generator=torch.Generator().manual_seed(config.seed))
     noise = noise.to(device)
     backgrounds = torch.randn((config.bootstrap_steps, config.regions, 4, 1, 1), generator=torch.Generator().manual_seed(2))
     backgrounds = backgrounds.to(device)
@@ -143,11 +152,13 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     scheduler.set_timesteps(config.steps, device=device)
     generator = torch.Generator().manual_seed(3)
 
-    run = BatchedUNet(components.unet, config.max_batch)
+    views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
+    run = BatchedUNet(components.unet, config.max_batch or DEFAULT_MAX_BATCH)
     with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
         t0 = scheduler.timesteps[0]
         if path == "multidiff":
-            guided_denoiser(run, embeddings, prompts)(noise, t0, [(0, p) for p in range(weights.shape[0])])
+            inputs, jobs, _, _ = step_jobs(noise, weights, views)
+            guided_denoiser(run, embeddings, prompts)(inputs, t0, jobs)
         else:
             run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, embeddings[prompts.negative + prompts.cond])
     timer = _UNetTimer(run, device)
@@ -158,6 +169,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         if path == "multidiff":
             latents = multidiffusion(
                 noise, scheduler, guided_denoiser(timer, embeddings, prompts), weights,
+                views=views,
                 bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
                 callback=lambda *_: stamps.append(_now(device)),
             )
@@ -181,6 +193,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
         step_seconds=steps,
+        views=len(views) if path == "multidiff" else 1,
     )
     return asdict(result)
 
@@ -217,24 +230,27 @@ def _child(config: BenchConfig, path: str, latents_file: str, queue) -> None:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
+    """_run_path in a fresh process, so its peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(config, path, latents_file, queue))
+    child.start()
+    status, payload = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"bench path {path!r} failed: {payload}")
+    return payload
+
+
 def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     """Run both paths (each in a fresh process unless `in_process`) and compare them."""
     results, latents = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in ("reference", "multidiff"):
             latents_file = str(Path(tmp) / f"{path}.pt")
-            if in_process:
-                results[path] = _run_path(config, path, latents_file)
-            else:
-                context = multiprocessing.get_context("spawn")
-                queue = context.Queue()
-                child = context.Process(target=_child, args=(config, path, latents_file, queue))
-                child.start()
-                status, payload = queue.get()
-                child.join()
-                if status != "ok":
-                    raise RuntimeError(f"bench path {path!r} failed: {payload}")
-                results[path] = payload
+            run = _run_path if in_process else _in_child
+            results[path] = run(config, path, latents_file)
             latents[path] = torch.load(latents_file)
     ours, theirs = results["multidiff"], results["reference"]
     difference = (latents["multidiff"] - latents["reference"]).norm() / latents["reference"].norm()
@@ -255,3 +271,16 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
+
+
+def run_width_sweep(config: BenchConfig, widths: list[int]) -> list[dict[str, Any]]:
+    """multidiff's sampler alone at each canvas width (height `size_px`): how time grows with views.
+
+    The authors' region script has no views, so there is no reference path here."""
+    rows = []
+    for width in widths:
+        wide = BenchConfig(**{**asdict(config), "width_px": width})
+        with tempfile.TemporaryDirectory() as tmp:
+            result = _in_child(wide, "multidiff", str(Path(tmp) / "latents.pt"))
+        rows.append({"width_px": width, "height_px": wide.size_px, **result})
+    return rows

@@ -147,13 +147,17 @@ def bench(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: as render]."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="UNet samples per call."),
+    widths: Optional[str] = typer.Option(
+        None, "--widths", help="Comma-separated canvas widths: time multidiff alone as views grow (panoramas)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
     """Time multidiff's sampler against the authors' per-prompt loop on random SD2-shaped weights."""
     with _user_errors():
         import json
+        from dataclasses import asdict
 
-        from .bench import BenchConfig, run_bench
+        from .bench import BenchConfig, run_bench, run_width_sweep
         from .errors import UsageError
         from .models import pick_device, pick_dtype
         from .schedulers import SCHEDULER_NAMES
@@ -176,11 +180,36 @@ def bench(
             scheduler=scheduler, device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
             compile=compile_unet, max_batch=max_batch,
         )
-        with err.status(f"benchmarking on {torch_device}: two paths, each in its own process", spinner="dots"):
-            report = run_bench(config)
-        _print_bench(report)
+        if widths:
+            try:
+                sweep = [int(w) for w in widths.split(",")]
+            except ValueError:
+                raise UsageError("--widths: comma-separated pixel widths, e.g. 512,1024,2048") from None
+            if any(w % 8 or w < 64 for w in sweep):
+                raise UsageError("--widths: each a multiple of 8, at least 64")
+            with err.status(f"benchmarking widths {widths} on {torch_device}", spinner="dots"):
+                report = {"config": asdict(config), "widths": run_width_sweep(config, sweep)}
+            _print_sweep(report)
+        else:
+            with err.status(f"benchmarking on {torch_device}: two paths, each in its own process", spinner="dots"):
+                report = run_bench(config)
+            _print_bench(report)
         if json_path:
             json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _print_sweep(report: dict) -> None:
+    from rich.table import Table
+
+    config = report["config"]
+    table = Table(title=f"multidiff, {config['model']}, height {config['size_px']}, {config['regions']} regions, "
+                        f"{config['steps']} steps, {config['dtype']} on {config['device']}")
+    for column in ("width px", "views", "UNet samples/step", "s/step", "peak memory"):
+        table.add_column(column, justify="right")
+    for row in report["widths"]:
+        table.add_row(str(row["width_px"]), str(row["views"]), f"{row['unet_samples_per_step']:.1f}",
+                      f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_bytes'] / 2**30:.2f} GiB")
+    Console().print(table)
 
 
 def _print_bench(report: dict) -> None:

@@ -18,6 +18,7 @@ from .views import View, make_views
 
 BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
 WRAP_PAD_CELLS = 8  # latent cells of circular padding around a 360-degree panorama when decoding
+DEFAULT_MAX_BATCH = 16  # UNet samples per call unless the scene says: past this, GPUs gain little speed
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
 
@@ -245,7 +246,7 @@ def render(
     scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
     scheduler.set_timesteps(scene.steps, device=device)
     weights = scene_weights(scene, scheduler).to(device)
-    unet = BatchedUNet(components.unet, scene.max_batch, warn)
+    unet = BatchedUNet(components.unet, scene.max_batch or DEFAULT_MAX_BATCH, warn)
     try:
         latents = multidiffusion(
             noise,

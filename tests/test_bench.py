@@ -43,3 +43,14 @@ def test_bench_paths_agree_with_bootstrapping_and_a_multistep_scheduler():
 def test_bench_rejects_a_model_it_cannot_build():
     result = CliRunner().invoke(app, ["bench", "--model", "stabilityai/stable-diffusion-2-base"])
     assert result.exit_code == 2 and "sd2-random or tiny-random" in result.stderr
+
+
+def test_width_sweep_reports_views_and_samples_growing_with_width(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--steps", "2",
+                                      "--regions", "1", "--device", "cpu", "--widths", "256,640", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["widths"]
+    assert [(r["width_px"], r["views"]) for r in rows] == [(256, 1), (640, 3)]
+    assert rows[1]["unet_samples_per_step"] > rows[0]["unet_samples_per_step"]
+    assert all(PATH_FIELDS <= r.keys() for r in rows)
