@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from . import __version__
-from .errors import MultidiffError, SceneError
+from .errors import MultidiffError, SceneError, UsageError
 
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
@@ -23,8 +22,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -40,17 +38,26 @@ def main_callback(
     """Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion."""
 
 
+def _say(lines: list[str], prefix: str = "") -> None:
+    for line in lines:
+        err.print(f"{prefix}{line}", markup=False)
+
+
+def _error_lines(exc: MultidiffError) -> list[str]:
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    return lines if isinstance(exc, SceneError) else [f"error: {line}" for line in lines]
+
+
 @contextmanager
 def _user_errors():
     """Domain errors -> one line each on stderr and their exit code (2 bad input, 1 runtime); Ctrl-C -> 130."""
     try:
         yield
     except MultidiffError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            err.print(line if isinstance(exc, SceneError) else f"error: {line}", markup=False)
+        _say(_error_lines(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err.print("interrupted: nothing was written", markup=False)
+        err.print("interrupted: no partial file was left", markup=False)
         raise typer.Exit(130) from None
 
 
@@ -61,78 +68,170 @@ class _RateColumn(ProgressColumn):
 
 def _progress(quiet: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet,
-        transient=False,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+        console=err, disable=quiet,
     )
 
 
 @app.command()
 def render(
-    scene_path: Path = typer.Argument(..., metavar="SCENE", help="Scene YAML file."),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="PNG to write [default: outputs/<scene>-<seed>.png]."
-    ),
+    sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png...", help="Scene files, or PNGs to render again."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
+    output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
     model: Optional[str] = typer.Option(
-        None, "--model", help="Hub id, local diffusers folder, or tiny-random [default: the scene's, else SD2-base]."
+        None, "--model", help="Hub id, local diffusers folder, or tiny-random [default: the scene's, else "
+        "$MULTIDIFF_MODEL, else SD2-base]."
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="One render per seed: 0-3,7."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Overrides the scene's steps."),
-    bootstrap_steps: Optional[int] = typer.Option(None, "--bootstrap-steps", help="Overrides the scene's bootstrap_steps."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu [default: the best present]."),
+    bootstrap_steps: Optional[int] = typer.Option(None, "--bootstrap-steps", help="Overrides bootstrap_steps."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Overrides guidance_scale."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Overrides the scheduler."),
+    size: Optional[str] = typer.Option(None, "--size", help="Overrides the canvas: WIDTHxHEIGHT, e.g. 768x512."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cuda, cuda:1, mps or cpu [default: $MULTIDIFF_DEVICE, else the best present]."
+    ),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float32, float16 or bfloat16 [default: float16 on CUDA, else float32]."
     ),
-    max_batch: Optional[int] = typer.Option(
-        None, "--max-batch", help="At most this many UNet samples per call (less memory) [default: the scene's, else all]."
-    ),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="At most this many UNet samples per call."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (slow first step, faster after)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only errors and the output path."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the batch, labelled with seeds."),
+    preview_every: Optional[int] = typer.Option(
+        None, "--preview-every", min=1, help="Write the decoded picture every N steps to <output>.steps/."
+    ),
+    animation: bool = typer.Option(False, "--animation", help="With --preview-every: also write <output>.gif."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
 ) -> None:
-    """Render SCENE to a PNG whose metadata holds everything needed to render it again."""
+    """Render scenes (or PNGs made by multidiff, again) to PNGs whose metadata holds everything needed
+    to render them again. A failing render does not stop the rest of a batch."""
     with _user_errors():
-        from .models import DEFAULT_MODEL, load_components, pick_device, pick_dtype
-        from .output import build_metadata, write_png
-        from .render import render as render_scene
+        from .jobs import parse_seeds, parse_size, plan_jobs
+
+        if seed is not None and seeds:
+            raise UsageError("--seed and --seeds: give one of them")
+        if animation and not preview_every:
+            raise UsageError("--animation needs --preview-every N")
+        overrides = {
+            "seed": seed, "steps": steps, "bootstrap_steps": bootstrap_steps, "guidance_scale": guidance_scale,
+            "scheduler": scheduler, "model": model, "max_batch": max_batch,
+        }
+        if size:
+            overrides["width"], overrides["height"] = parse_size(size)
+        jobs, failures = plan_jobs(sources, overrides, parse_seeds(seeds) if seeds else None, output, output_dir)
+        for failure in failures:
+            _say(failure.lines)
+        total, done = len(jobs) + len(failures), []
+        if jobs:
+            from .batch import Batch
+
+            settings = {"device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype, "compile": compile_unet}
+            with _progress(quiet) as progress:
+                batch = Batch(jobs, settings, progress, preview_every, animation, warn=lambda note: _say([note], "warning: "))
+                done, render_failures = batch.run(on_written=lambda path: out.print(str(path), markup=False),
+                                                  on_failed=lambda failure: _say(failure.lines))
+            failures += render_failures
+            if grid and done:
+                out.print(str(batch.write_grid(done, output_dir)), markup=False)
+        if total > 1:
+            err.print(f"rendered {len(done)} of {total}", markup=False)
+            for failure in failures:
+                err.print(f"  failed: {failure.label}: {failure.lines[0]}", markup=False)
+        if failures:
+            raise typer.Exit(2 if all(f.exit_code == 2 for f in failures) else 1)
+
+
+@app.command()
+def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE...", help="Scene files.")) -> None:
+    """Check scenes without loading a model: schema, mask files, sizes. Exit 0 if all are valid, else 2."""
+    from .scene import load_scene, scene_warnings
+
+    bad = False
+    for path in scenes:
+        try:
+            scene = load_scene(path)
+        except SceneError as exc:
+            _say(exc.problems)
+            bad = True
+            continue
+        _say(scene_warnings(scene), prefix=f"{path}: warning: ")
+        count = len(scene.regions)
+        out.print(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})", markup=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def preview(
+    scene_path: Path = typer.Argument(..., metavar="SCENE", help="Scene file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="[default: outputs/<scene>-layout.png]"),
+) -> None:
+    """Draw the scene's layout (regions in colour, labelled), without loading any model."""
+    with _user_errors():
+        from .output import write_png
+        from .preview import draw_layout
         from .scene import load_scene, scene_warnings
 
-        scene = load_scene(scene_path, {"seed": seed, "steps": steps, "bootstrap_steps": bootstrap_steps, "model": model, "max_batch": max_batch})
-        for note in scene_warnings(scene):
-            err.print(f"warning: {note}", markup=False)
-        scene.seed = secrets.randbelow(SEED_RANGE) if scene.seed is None else scene.seed
-        scene.model = scene.model or os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL
-        target = output or Path("outputs") / f"{scene_path.stem}-{scene.seed}.png"
-        torch_device = pick_device(device or os.environ.get("MULTIDIFF_DEVICE"))
-        torch_dtype = pick_dtype(torch_device, dtype)
+        scene = load_scene(scene_path)
+        _say(scene_warnings(scene), prefix="warning: ")
+        target = output or Path("outputs") / f"{scene_path.stem}-layout.png"
+        out.print(str(write_png(draw_layout(scene), target)), markup=False)
 
-        with err.status(f"loading {scene.model} on {torch_device}", spinner="dots") if not quiet else _nothing():
-            components = load_components(scene.model, torch_device, torch_dtype, compile=compile_unet)
-        with _progress(quiet) as progress:
-            task = progress.add_task(f"{scene_path.stem} seed {scene.seed}", total=None)
-            result = render_scene(
-                scene,
-                components,
-                scene.seed,
-                callback=lambda i, n, _x: progress.update(task, completed=i + 1, total=n),
-                warn=lambda note: err.print(f"warning: {note}", markup=False),
-            )
-        for note in result.warnings:
-            err.print(f"warning: {note}", markup=False)
-        record = build_metadata(
-            scene.model_dump(mode="json", exclude_none=True),
-            model=components.model_id,
-            revision=components.revision,
-            device=str(torch_device),
-            dtype=str(torch_dtype).removeprefix("torch."),
-            seconds=result.seconds,
-        )
-        written = write_png(result.image, target, record)
-        typer.echo(str(written))
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("scene.yaml"), help="Where to write the starter scene."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented starter scene: every key, with its default."""
+    with _user_errors():
+        from .starter import STARTER_SCENE
+
+        if path.exists() and not force:
+            raise UsageError(f"{path} exists: pass --force to overwrite it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(STARTER_SCENE, encoding="utf-8")
+        out.print(str(path), markup=False)
+
+
+@app.command()
+def inspect(
+    image: Path = typer.Argument(..., metavar="IMAGE.png", help="A PNG written by multidiff."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw metadata record as JSON."),
+) -> None:
+    """Print what a PNG was rendered from: the resolved scene as YAML, then model, seed, versions."""
+    with _user_errors():
+        import json
+
+        from .output import read_metadata
+        from .report import metadata_text
+
+        try:
+            record = read_metadata(image)
+        except FileNotFoundError:
+            raise UsageError(f"{image}: no such file") from None
+        except KeyError:
+            raise UsageError(f"{image}: holds no multidiff metadata") from None
+        except OSError as exc:
+            raise UsageError(f"{image}: not a PNG Pillow can read ({exc})") from None
+        out.print(json.dumps(record, indent=2, ensure_ascii=False) if as_json else metadata_text(record), markup=False)
+
+
+@app.command()
+def models(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the Hugging Face cache, HF_HOME]"),
+) -> None:
+    """List the models in the local Hugging Face cache, and whether multidiff can load each."""
+    with _user_errors():
+        from .models import cached_models
+
+        found = cached_models(cache_dir)
+        for repo_id, revision, size_bytes, problem in found:
+            status = "ok" if problem is None else f"cannot load: {problem}"
+            out.print(f"{repo_id}\t{revision[:12]}\t{size_bytes / 2**30:.1f} GB\t{status}", markup=False)
+        if not found:
+            err.print("no diffusers models in the Hugging Face cache", markup=False)
 
 
 @app.command()
@@ -158,8 +257,8 @@ def bench(
         from dataclasses import asdict
 
         from .bench import BenchConfig, run_bench, run_width_sweep
-        from .errors import UsageError
         from .models import pick_device, pick_dtype
+        from .report import bench_summary, bench_table, sweep_table
         from .schedulers import SCHEDULER_NAMES
 
         if model not in ("sd2-random", "tiny-random"):
@@ -189,57 +288,14 @@ def bench(
                 raise UsageError("--widths: each a multiple of 8, at least 64")
             with err.status(f"benchmarking widths {widths} on {torch_device}", spinner="dots"):
                 report = {"config": asdict(config), "widths": run_width_sweep(config, sweep)}
-            _print_sweep(report)
+            out.print(sweep_table(report))
         else:
             with err.status(f"benchmarking on {torch_device}: two paths, each in its own process", spinner="dots"):
                 report = run_bench(config)
-            _print_bench(report)
+            out.print(bench_table(report))
+            out.print(bench_summary(report), markup=False)
         if json_path:
             json_path.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _print_sweep(report: dict) -> None:
-    from rich.table import Table
-
-    config = report["config"]
-    table = Table(title=f"multidiff, {config['model']}, height {config['size_px']}, {config['regions']} regions, "
-                        f"{config['steps']} steps, {config['dtype']} on {config['device']}")
-    for column in ("width px", "views", "UNet samples/step", "s/step", "peak memory"):
-        table.add_column(column, justify="right")
-    for row in report["widths"]:
-        table.add_row(str(row["width_px"]), str(row["views"]), f"{row['unet_samples_per_step']:.1f}",
-                      f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_bytes'] / 2**30:.2f} GiB")
-    Console().print(table)
-
-
-def _print_bench(report: dict) -> None:
-    from rich.table import Table
-
-    config = report["config"]
-    table = Table(title=(
-        f"{config['model']} {config['size_px']}x{config['size_px']}, {config['regions']} regions, "
-        f"{config['steps']} steps ({config['bootstrap_steps']} bootstrap), {config['scheduler']}, "
-        f"{config['dtype']} on {config['device']} ({report['device_name']}, {report['torch_threads']} threads)"
-    ))
-    for column in ("path", "UNet samples/step", "s/step", "sampling s", "non-UNet share", "peak memory"):
-        table.add_column(column, justify="right" if column != "path" else "left")
-    for name, label in (("reference", "authors' per-prompt loop"), ("multidiff", "multidiff")):
-        p = report["paths"][name]
-        table.add_row(
-            label, f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
-            f"{p['non_unet_share']:.1%}", f"{p['peak_memory_bytes'] / 2**30:.2f} GiB",
-        )
-    Console().print(table)
-    typer.echo(
-        f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
-        f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
-        f"final latents' relative difference {report['relative_difference']:.2e}"
-    )
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def main() -> None:

@@ -4,56 +4,32 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import layout
+from .layout import image_to_grey  # noqa: F401  (part of this module's interface)
+
 
 def box_to_latent(box_px: tuple[int, int, int, int], latent_hw: tuple[int, int], scale: int = 8) -> torch.Tensor:
-    """Binary (h, w) mask of the latent cells whose centre lies in the box [x0, y0, x1, y1) (pixels).
-
-    The same rule as resizing a pixel mask with nearest-exact sampling, so a box and the PNG of
-    that box give identical weights.
-    """
-    h, w = latent_hw
-    x0, y0, x1, y1 = box_px
-    centres_y = torch.arange(h) * scale + scale / 2
-    centres_x = torch.arange(w) * scale + scale / 2
-    inside_y = (centres_y >= y0) & (centres_y < y1)
-    inside_x = (centres_x >= x0) & (centres_x < x1)
-    return (inside_y[:, None] & inside_x[None, :]).float()
-
-
-def image_to_grey(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> float grey in [0, 1]. Transparent pixels count as black (not in the region)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit PNGs open as I;16 or I depending on Pillow; convert("L") would clip, not scale.
-        return np.clip(np.asarray(image, dtype=np.float64) / 65535.0, 0.0, 1.0)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    if image.has_transparency_data:  # alpha band, transparency index, or an RGBA palette
-        rgba = image.convert("RGBA")
-        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
-        return np.asarray(rgba.convert("L"), dtype=np.float64) / 255.0 * alpha
-    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    """Binary (h, w) mask of the latent cells whose centre lies in the box [x0, y0, x1, y1) (pixels)."""
+    return torch.from_numpy(layout.box_cells(box_px, latent_hw, scale)).float()
 
 
 def image_to_mask(image: Image.Image) -> torch.Tensor:
     """Binary (H, W) pixel mask: grey thresholded at half (white = region)."""
-    return torch.from_numpy(image_to_grey(image) >= 0.5).float()
+    return torch.from_numpy(layout.pixel_mask(image)).float()
 
 
 def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """Resize a binary (H, W) mask of any size to latent resolution, nearest (cell-centre) sampling."""
-    return F.interpolate(mask[None, None].float(), size=latent_hw, mode="nearest-exact")[0, 0]
+    return torch.from_numpy(layout.resize_nearest(mask.cpu().numpy() > 0.5, latent_hw)).float()
 
 
 def read_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
     """A mask image file -> binary (h, w) latent mask."""
-    with Image.open(path) as image:
-        image.load()
-        return mask_to_latent(image_to_mask(image), latent_hw)
+    return torch.from_numpy(layout.resize_nearest(layout.read_mask_image(path), latent_hw)).float()
 
 
 def region_weights(region_masks: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -161,6 +161,33 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None) -> Com
         raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
 
 
+def cached_models(cache_dir: Path | None = None) -> list[tuple[str, str, int, str | None]]:
+    """(repo id, revision, size in bytes, why it cannot load or None) of every model revision in
+    the Hugging Face cache that looks like a diffusers Stable Diffusion pipeline."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            folder = Path(revision.snapshot_path)
+            if not (folder / "unet").is_dir() and not (folder / "model_index.json").exists():
+                continue  # not a diffusers pipeline (a text model, a LoRA, ...)
+            try:
+                _check_folder(folder, repo.repo_id)
+                problem = None
+            except (ModelNotFound, ModelError) as exc:
+                problem = str(exc).split(": ", 1)[-1]
+            found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem))
+    return found
+
+
 def _check_folder(folder: Path, model_id: str) -> None:
     needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
     missing = [name for name in needed if not (folder / name).exists()]

@@ -9,7 +9,7 @@ import platform
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -28,10 +28,15 @@ def package_versions() -> dict[str, str]:
 
 
 def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, device: str, dtype: str,
-                   seconds: float) -> dict[str, Any]:
-    """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run."""
+                   seconds: float, scene_file: str | None = None, scene_dir: str | None = None) -> dict[str, Any]:
+    """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
+
+    scene_file and scene_dir say where the scene came from: mask paths in the scene are relative
+    to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again."""
     return {
         "scene": scene,
+        "scene_file": scene_file,
+        "scene_dir": scene_dir,
         "model": model,
         "revision": revision,
         "scheduler": scene["scheduler"],
@@ -63,17 +68,32 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_png(image: Image.Image, path: Path, record: dict[str, Any]) -> Path:
-    """Write `image` with `record` as PNG text chunks, atomically: a reader never sees a partial file."""
+def write_png(image: Image.Image, path: Path, record: dict[str, Any] | None = None) -> Path:
+    """Write `image` (with `record` as PNG text chunks) atomically: a reader never sees a partial file."""
+    info = PngInfo()
+    if record is not None:
+        info.add_itxt(METADATA_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
+        info.add_itxt(PARAMETERS_KEY, a1111_parameters(record))
+    return write_atomic(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+
+
+def write_gif(frames: list[Image.Image], path: Path, frame_ms: int = 120) -> Path:
+    """An animation of `frames`, written atomically; the last frame lingers."""
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 8]
+    return write_atomic(
+        path, lambda handle: frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:],
+                                            duration=durations, loop=0)
+    )
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_itxt(METADATA_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
-    info.add_itxt(PARAMETERS_KEY, a1111_parameters(record))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a picture is as readable as any new file

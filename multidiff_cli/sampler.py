@@ -27,8 +27,9 @@ prompt jobs[j][1]'s prediction on inputs[jobs[j][0]]. Jobs that share an input m
 (the unconditional pass).
 """
 
-StepCallback = Callable[[int, int, torch.Tensor], None]
-"""callback(step_index, total_steps, latents) after every scheduler step."""
+StepCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
+"""callback(step_index, total_steps, latents, denoised) after every scheduler step; `denoised` is
+the scheduler's estimate of the clean latents when it gives one (DDIM, Euler), else None."""
 
 
 class Scheduler(Protocol):
@@ -175,7 +176,8 @@ def multidiffusion(
         inputs, jobs, job_views, rolls = step_jobs(x, step_weights, views, bootstrap, center_regions)
         predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, jobs), rolls)
         fused = fuse_views(predictions, jobs, job_views, step_weights)
-        x = scheduler.step(fused, t, x, **step_kwargs).prev_sample
+        out = scheduler.step(fused, t, x, **step_kwargs)
+        x = out.prev_sample
         if callback is not None:
-            callback(i, len(timesteps), x)
+            callback(i, len(timesteps), x, getattr(out, "pred_original_sample", None))
     return x

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     AfterValidator,
@@ -22,9 +23,9 @@ from pydantic import (
 )
 
 from .errors import SceneError
+from .layout import LATENT_PX
 from .schedulers import SCHEDULER_NAMES
 
-LATENT_PX = 8  # every SD VAE downsamples by 8
 FEW_STEPS = 8  # at most this many steps is a few-step (distilled-model) render
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
 
@@ -160,16 +161,25 @@ def load_scene(path: Path, overrides: dict[str, Any] | None = None) -> Scene:
     return scene
 
 
-def scene_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Scene:
-    """Validate a scene given as a dict (e.g. read back from a PNG's metadata)."""
-    scene = Scene.model_validate(data)
-    scene._base_dir = base_dir or Path.cwd()
+def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = None,
+                    overrides: dict[str, Any] | None = None) -> Scene:
+    """Validate a scene given as a dict (a PNG's metadata); problems are reported against `source`."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        scene = Scene.model_validate({**data, **overrides})
+    except ValidationError as exc:
+        problems = [(err["loc"], _message(err)) for err in exc.errors()]
+        raise SceneError(_report(source, None, problems, from_cli=set(overrides))) from None
+    scene._base_dir = base_dir or Path(source).resolve().parent
+    problems = check_canvas(scene)
+    if problems:
+        raise SceneError(_report(source, None, problems))
     return scene
 
 
 def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
     """Checks that need the canvas or the files: boxes on the canvas, mask images readable and non-empty."""
-    from . import masks
+    from . import layout
 
     problems: list[tuple[tuple, str]] = []
     for i, region in enumerate(scene.regions):
@@ -179,7 +189,7 @@ def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
                 problems.append(
                     (("regions", i, "box"), f"box {region.box} lies outside the {scene.width}x{scene.height} canvas")
                 )
-            elif not masks.box_to_latent(region.box, scene.latent_hw).any():
+            elif not layout.box_cells(region.box, scene.latent_hw).any():
                 problems.append(
                     (("regions", i, "box"), f"box {region.box} is too small: it covers no 8x8-pixel latent cell")
                 )
@@ -191,20 +201,43 @@ def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
 
 
 def scene_warnings(scene: Scene) -> list[str]:
-    """Things that are allowed but probably not meant."""
+    """Things that are allowed but probably not meant: boxes past the edge, overlaps, tiny regions,
+    no background left for the global prompt."""
     notes = []
     for i, region in enumerate(scene.regions):
         if region.box is not None:
             x0, y0, x1, y1 = region.box
             if x0 < 0 or y0 < 0 or x1 > scene.width or y1 > scene.height:
                 notes.append(f"regions[{i}].box {region.box} extends past the {scene.width}x{scene.height} canvas: clipped")
+    cells = [region_cells(scene, i) for i in range(len(scene.regions))]
+    total = scene.latent_hw[0] * scene.latent_hw[1]
+    for i, area in enumerate(cells):
+        if area.sum() < 0.01 * total:
+            notes.append(f"regions[{i}] covers {area.sum() / total:.1%} of the canvas (under 1%): it may be ignored")
+        for j in range(i + 1, len(cells)):
+            shared = (area & cells[j]).sum()
+            if shared:
+                notes.append(f"regions[{i}] and regions[{j}] overlap on {shared / total:.1%} of the canvas: "
+                             "there they are averaged")
+    if cells and np.logical_or.reduce(cells).all():
+        notes.append("the regions cover the whole canvas: the global prompt has no background of its own left")
     return notes
+
+
+def region_cells(scene: Scene, index: int) -> np.ndarray:
+    """Boolean (h, w): the latent cells region `index` covers."""
+    from . import layout
+
+    region = scene.regions[index]
+    if region.box is not None:
+        return layout.box_cells(region.box, scene.latent_hw)
+    return layout.resize_nearest(layout.read_mask_image(scene.mask_path(region)), scene.latent_hw)
 
 
 def _check_mask_file(path: Path, latent_hw: tuple[int, int]) -> str | None:
     from PIL import Image
 
-    from . import masks
+    from . import layout
 
     if not path.exists():
         return f"no such file: {path}"
@@ -215,14 +248,14 @@ def _check_mask_file(path: Path, latent_hw: tuple[int, int]) -> str | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                pixel_mask = masks.image_to_mask(image)
+                pixel_mask = layout.pixel_mask(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"{path}: refused, too many pixels for a mask ({exc})"
     except (OSError, ValueError, SyntaxError) as exc:
         return f"{path} is not an image Pillow can read ({exc})"
     if not pixel_mask.any():
         return f"{path}: the mask is empty (no pixel is at least half-white; white = region)"
-    if not masks.mask_to_latent(pixel_mask, latent_hw).any():
+    if not layout.resize_nearest(pixel_mask, latent_hw).any():
         return f"{path}: the mask is too small: it covers no 8x8-pixel latent cell of the canvas"
     return None
 

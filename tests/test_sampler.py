@@ -170,9 +170,9 @@ def test_callback_sees_every_step():
     seen = []
     multidiffusion(
         torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), batched_denoiser(4), weights_for(),
-        callback=lambda i, n, x: seen.append((i, n, tuple(x.shape))),
+        callback=lambda i, n, x, denoised: seen.append((i, n, tuple(x.shape), tuple(denoised.shape))),
     )
-    assert seen == [(i, 5, (1, 4, H, W)) for i in range(5)]
+    assert seen == [(i, 5, (1, 4, H, W), (1, 4, H, W)) for i in range(5)]  # DDIM gives its clean estimate
 
 
 def test_denoiser_gets_one_shared_input_outside_bootstrap_and_one_per_prompt_inside():

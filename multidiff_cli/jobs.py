@@ -1,0 +1,99 @@
+"""Batches: which scene renders with which seed into which file. Parsing and planning, no rendering."""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MultidiffError, SceneError, UsageError
+from .output import read_metadata
+from .scene import Scene, load_scene, scene_from_dict
+
+SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
+MAX_SEEDS = 10_000
+
+
+@dataclass
+class RenderJob:
+    source: Path
+    scene: Scene
+    seed: int
+    target: Path
+    scene_file: str  # the scene file's name (for a PNG source: the one it was rendered from)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source.name} seed {self.seed}"
+
+
+@dataclass
+class Failure:
+    label: str
+    lines: list[str]
+    exit_code: int
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]: single seeds and inclusive ranges, in the order given, without repeats."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UsageError(f"--seeds: {part.strip()!r} is not a seed or a range like 0-3 (in {spec!r})")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UsageError(f"--seeds: range {part.strip()} runs backwards")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise UsageError(f"--seeds: more than {MAX_SEEDS} seeds")
+        seeds.extend(s for s in range(first, last + 1) if s not in seeds)
+    return seeds
+
+
+def parse_size(spec: str) -> tuple[int, int]:
+    """'768x512' -> (768, 512), width first."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", spec)
+    if not match:
+        raise UsageError(f"--size: expected WIDTHxHEIGHT in pixels, like 768x512, got {spec!r}")
+    return int(match[1]), int(match[2])
+
+
+def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
+    """A scene file, or a PNG rendered by multidiff (its metadata holds the scene); and the name of
+    the scene file (for a PNG, the one it was rendered from), which output files are named after."""
+    if path.suffix.lower() != ".png":
+        return load_scene(path, overrides), path.name
+    try:
+        record = read_metadata(path)
+    except FileNotFoundError:
+        raise SceneError([f"{path}: no such file"]) from None
+    except KeyError:
+        raise SceneError([f"{path}: holds no multidiff metadata, so it cannot be rendered again"]) from None
+    except OSError as exc:
+        raise SceneError([f"{path}: not a PNG Pillow can read ({exc})"]) from None
+    scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
+    base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
+    scene = scene_from_dict(record["scene"], source=path, base_dir=base_dir, overrides=overrides)
+    return scene, record.get("scene_file") or path.name
+
+
+def plan_jobs(
+    sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path
+) -> tuple[list[RenderJob], list[Failure]]:
+    """Every (scene, seed) to render, and the sources that failed to load (the rest go on)."""
+    jobs, failures = [], []
+    for source in sources:
+        try:
+            scene, scene_file = load_source(source, overrides)
+        except MultidiffError as exc:
+            failures.append(Failure(source.name, str(exc).splitlines(), exc.exit_code))
+            continue
+        for seed in seeds or [scene.seed if scene.seed is not None else secrets.randbelow(SEED_RANGE)]:
+            target = output or output_dir / f"{Path(scene_file).stem}-{seed}.png"
+            if target.resolve() == source.resolve():  # rendering a PNG again never overwrites it
+                target = target.with_name(f"{target.stem}-again.png")
+            jobs.append(RenderJob(source, scene.model_copy(update={"seed": seed}), seed, target, scene_file))
+    if output is not None and len(jobs) > 1:
+        raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
+    return jobs, failures

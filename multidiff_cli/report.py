@@ -1,0 +1,67 @@
+"""What the commands print: tables and summaries (rich), kept out of cli.py's command logic."""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+GIB = 2**30
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    config = report["config"]
+    table = Table(title=(
+        f"{config['model']} {config['size_px']}x{config['size_px']}, {config['regions']} regions, "
+        f"{config['steps']} steps ({config['bootstrap_steps']} bootstrap), {config['scheduler']}, "
+        f"{config['dtype']} on {config['device']} ({report['device_name']}, {report['torch_threads']} threads)"
+    ))
+    for column in ("path", "UNet samples/step", "s/step", "sampling s", "non-UNet share", "peak memory"):
+        table.add_column(column, justify="right" if column != "path" else "left")
+    for name, label in (("reference", "authors' per-prompt loop"), ("multidiff", "multidiff")):
+        p = report["paths"][name]
+        table.add_row(
+            label, f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
+            f"{p['non_unet_share']:.1%}", f"{p['peak_memory_bytes'] / GIB:.2f} GiB",
+        )
+    return table
+
+
+def bench_summary(report: dict[str, Any]) -> str:
+    return (
+        f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
+        f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
+        f"final latents' relative difference {report['relative_difference']:.2e}"
+    )
+
+
+def sweep_table(report: dict[str, Any]) -> Table:
+    config = report["config"]
+    table = Table(title=f"multidiff, {config['model']}, height {config['size_px']}, {config['regions']} regions, "
+                        f"{config['steps']} steps, {config['dtype']} on {config['device']}")
+    for column in ("width px", "views", "UNet samples/step", "s/step", "peak memory"):
+        table.add_column(column, justify="right")
+    for row in report["widths"]:
+        table.add_row(str(row["width_px"]), str(row["views"]), f"{row['unet_samples_per_step']:.1f}",
+                      f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_bytes'] / GIB:.2f} GiB")
+    return table
+
+
+def metadata_text(record: dict[str, Any]) -> str:
+    """A PNG's multidiff record for people: the scene as YAML (ready to save and edit), then the run."""
+    scene = yaml.safe_dump(record["scene"], sort_keys=False, allow_unicode=True, default_flow_style=None).rstrip()
+    run = {
+        "model": record.get("model"),
+        "revision": record.get("revision"),
+        "scheduler": record.get("scheduler"),
+        "seed": record["scene"].get("seed"),
+        "device": record.get("device"),
+        "dtype": record.get("dtype"),
+        "render_seconds": record.get("render_seconds"),
+        "created": record.get("created"),
+        "scene_file": record.get("scene_file"),
+        "scene_dir": record.get("scene_dir"),
+        "versions": record.get("versions"),
+    }
+    run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
+    return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())

@@ -1,0 +1,32 @@
+"""The starter scene `multidiff init` writes: every key, with its default, explained."""
+
+STARTER_SCENE = """\
+# A multidiff scene. Render it:  multidiff render scene.yaml
+# Look at the layout first (no model needed):  multidiff preview scene.yaml
+# Every key but `prompt` is optional; the values below are the defaults.
+
+prompt: a cozy living room, warm evening light      # the whole picture; fills what no region covers
+negative_prompt: ""            # steered away from, for every prompt without its own
+style: ""                      # appended to every prompt, e.g. "oil painting, warm light"
+width: 512                     # pixels, a multiple of 8; beyond the model's size -> a panorama
+height: 512
+steps: 50
+# bootstrap_steps: 10          # absent: steps / 5, rounded; 0 turns bootstrapping off
+guidance_scale: 7.5            # <= 1 turns guidance off (distilled models such as SD-Turbo)
+# seed: 42                     # absent: a random seed, recorded in the PNG
+scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
+# model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, or tiny-random
+view_stride: 64                # pixels between panorama views
+wrap: none                     # horizontal: a 360-degree panorama
+tiled_decode: auto             # auto: tiles above 1024x1024 pixels
+few_step: auto                 # quantized masks + mask-centering; auto: on at <= 8 steps
+# max_batch: 16                # UNet samples per call: lower it to save memory
+
+regions:                       # each prompt owns a box or a mask; none: plain text-to-image
+  - prompt: a red velvet sofa
+    box: [128, 272, 384, 448]  # x0, y0, x1, y1 in pixels, origin top-left
+  # - prompt: a framed painting
+  #   mask: masks/painting.png # relative to this file; white = region, any size
+  #   negative_prompt: text    # this region's own (default: the scene's)
+  #   guidance_scale: 9.0      # this region's own (default: the scene's)
+"""
