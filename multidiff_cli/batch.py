@@ -10,9 +10,11 @@ from PIL import Image
 from .errors import MultidiffError, SceneError
 from .jobs import Failure, RenderJob
 from .models import DEFAULT_MODEL, load_components, pick_device, pick_dtype
-from .output import build_metadata, write_gif, write_png
+from .output import build_metadata, check_writable, read_metadata, write_gif, write_png
 from .preview import contact_sheet
-from .render import decode, render, tiled_decode_on
+from .memory import check_memory
+from .render import DEFAULT_MAX_BATCH, decode, render, tiled_decode_on
+from .scene import Scene
 
 
 class Batch:
@@ -26,14 +28,25 @@ class Batch:
         self.device = pick_device(settings.get("device"))
         self.dtype = pick_dtype(self.device, settings.get("dtype"))
         self.compile = settings.get("compile", False)
+        self.allow_pickle = settings.get("allow_pickle", False)
+        self.skip_existing = settings.get("skip_existing", False)
+        self.memory_check = settings.get("memory_check", True)
         self._models: dict[str, Any] = {}
+        for folder in sorted({job.target.parent for job in jobs}):
+            check_writable(folder)  # before any model is loaded
 
-    def run(self, on_written: Callable[[Path], None], on_failed: Callable[[Failure], None]):
+    def run(self, on_written: Callable[[Path], None], on_failed: Callable[[Failure], None],
+            on_skipped: Callable[[Path], None] = lambda _path: None):
         """Render every job; returns (done: [(job, image)], failures)."""
         done, failures = [], []
         total = len(self.jobs)
         task = self.progress.add_task("", total=None)
         for number, job in enumerate(self.jobs, 1):
+            if self.skip_existing and already_rendered(job, _resolved(job.scene)):
+                on_skipped(job.target)
+                with Image.open(job.target) as existing:
+                    done.append((job, existing.convert("RGB")))
+                continue
             prefix = f"[{number}/{total}] " if total > 1 else ""
             self.progress.update(task, description=f"{prefix}{job.label}", completed=0, total=None)
             try:
@@ -54,7 +67,9 @@ class Batch:
         """Each model loads once per batch; a model that failed to load fails its other jobs at once."""
         if model not in self._models:
             try:
-                self._models[model] = load_components(model, self.device, self.dtype, compile=self.compile)
+                self._models[model] = load_components(
+                    model, self.device, self.dtype, compile=self.compile, allow_pickle=self.allow_pickle
+                )
             except MultidiffError as exc:
                 self._models[model] = exc
         found = self._models[model]
@@ -63,11 +78,12 @@ class Batch:
         return found
 
     def _render(self, job: RenderJob, task) -> Image.Image:
-        scene = job.scene
-        scene.model = scene.model or _env_model()
+        scene = _resolved(job.scene)
         if scene.model not in self._models:
             self.progress.update(task, description=f"loading {scene.model}")
         components = self.components(scene.model)
+        if self.memory_check:
+            check_memory(scene, components, scene.max_batch or DEFAULT_MAX_BATCH, tiled_decode_on(scene))
         frames: list[Image.Image] = []
 
         def on_step(i: int, n: int, latents, denoised) -> None:
@@ -84,7 +100,7 @@ class Batch:
         record = build_metadata(
             scene.model_dump(mode="json", exclude_none=True),
             model=components.model_id, revision=components.revision, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), seconds=result.seconds,
+            dtype=components.dtype_name, seconds=result.seconds,
             scene_file=job.scene_file,
             scene_dir=str(scene.base_dir),
         )
@@ -101,5 +117,17 @@ class Batch:
                          output_dir / name)
 
 
-def _env_model() -> str:
-    return os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL
+def _resolved(scene: Scene) -> Scene:
+    """The scene with its model filled in: the scene's, else $MULTIDIFF_MODEL, else SD2-base."""
+    if scene.model is None:
+        scene.model = os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL
+    return scene
+
+
+def already_rendered(job: RenderJob, scene: Scene) -> bool:
+    """Whether job.target exists and its metadata records this very render (scene, seed, model)."""
+    try:
+        record = read_metadata(job.target)
+    except (OSError, KeyError, ValueError):
+        return False
+    return record.get("scene") == scene.model_dump(mode="json", exclude_none=True)

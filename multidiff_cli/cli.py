@@ -102,6 +102,15 @@ def render(
         None, "--preview-every", min=1, help="Write the decoded picture every N steps to <output>.steps/."
     ),
     animation: bool = typer.Option(False, "--animation", help="With --preview-every: also write <output>.gif."),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Skip outputs whose metadata already records this render (resume a batch)."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Also load pickle .bin weights (they can run code): trusted models only."
+    ),
+    no_memory_check: bool = typer.Option(
+        False, "--no-memory-check", help="Render even when the memory estimate says it will not fit."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
 ) -> None:
     """Render scenes (or PNGs made by multidiff, again) to PNGs whose metadata holds everything needed
@@ -126,14 +135,20 @@ def render(
         if jobs:
             from .batch import Batch
 
-            settings = {"device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype, "compile": compile_unet}
+            settings = {
+                "device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype, "compile": compile_unet,
+                "allow_pickle": allow_pickle, "skip_existing": skip_existing, "memory_check": not no_memory_check,
+            }
             with _progress(quiet) as progress:
                 batch = Batch(jobs, settings, progress, preview_every, animation, warn=lambda note: _say([note], "warning: "))
-                done, render_failures = batch.run(on_written=lambda path: out.print(str(path), markup=False),
-                                                  on_failed=lambda failure: _say(failure.lines))
+                done, render_failures = batch.run(
+                    on_written=lambda path: out.print(str(path), markup=False),
+                    on_failed=lambda failure: _say(failure.lines),
+                    on_skipped=lambda path: _say([f"skipped {path}: already rendered"]),
+                )
             failures += render_failures
             if grid and done:
-                out.print(str(batch.write_grid(done, output_dir)), markup=False)
+                out.print(str(batch.write_grid(done, output.parent if output else output_dir)), markup=False)
         if total > 1:
             err.print(f"rendered {len(done)} of {total}", markup=False)
             for failure in failures:
@@ -188,6 +203,8 @@ def init(
     with _user_errors():
         from .starter import STARTER_SCENE
 
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory: name the scene file to write, e.g. {path / 'scene.yaml'}")
         if path.exists() and not force:
             raise UsageError(f"{path} exists: pass --force to overwrite it")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +246,7 @@ def models(
         found = cached_models(cache_dir)
         for repo_id, revision, size_bytes, problem in found:
             status = "ok" if problem is None else f"cannot load: {problem}"
-            out.print(f"{repo_id}\t{revision[:12]}\t{size_bytes / 2**30:.1f} GB\t{status}", markup=False)
+            typer.echo(f"{repo_id}\t{revision[:12]}\t{size_bytes / 2**30:.1f} GB\t{status}")  # tabs kept for cut/awk
         if not found:
             err.print("no diffusers models in the Hugging Face cache", markup=False)
 

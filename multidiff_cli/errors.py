@@ -30,3 +30,13 @@ class ModelNotFound(MultidiffError):
 
 class ModelError(MultidiffError):
     """The model was found but cannot be used (pickle-only weights, wrong shape, ...)."""
+
+
+class OutputError(MultidiffError):
+    """An output file cannot be written (no permission, disk full, ...)."""
+
+
+class TooLarge(MultidiffError):
+    """The render would need more memory than the device has."""
+
+    exit_code = 2

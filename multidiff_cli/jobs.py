@@ -9,10 +9,11 @@ from typing import Any
 
 from .errors import MultidiffError, SceneError, UsageError
 from .output import read_metadata
-from .scene import Scene, load_scene, scene_from_dict
+from .scene import BOOTSTRAP_FRACTION, Scene, load_scene, scene_from_dict
 
 SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
 MAX_SEEDS = 10_000
+MAX_SEED = 2**63 - 1  # as the scene's `seed` allows
 
 
 @dataclass
@@ -43,6 +44,8 @@ def parse_seeds(spec: str) -> list[int]:
         if not match:
             raise UsageError(f"--seeds: {part.strip()!r} is not a seed or a range like 0-3 (in {spec!r})")
         first, last = int(match[1]), int(match[2] or match[1])
+        if last > MAX_SEED:
+            raise UsageError(f"--seeds: {last} is over the largest seed, {MAX_SEED}")
         if last < first:
             raise UsageError(f"--seeds: range {part.strip()} runs backwards")
         if len(seeds) + last - first + 1 > MAX_SEEDS:
@@ -74,7 +77,10 @@ def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
         raise SceneError([f"{path}: not a PNG Pillow can read ({exc})"]) from None
     scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
     base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
-    scene = scene_from_dict(record["scene"], source=path, base_dir=base_dir, overrides=overrides)
+    data = dict(record["scene"])
+    if "steps" in data and round(data["steps"] * BOOTSTRAP_FRACTION) == data.get("bootstrap_steps"):
+        data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
+    scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides)
     return scene, record.get("scene_file") or path.name
 
 
@@ -96,4 +102,8 @@ def plan_jobs(
             jobs.append(RenderJob(source, scene.model_copy(update={"seed": seed}), seed, target, scene_file))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
+    clashes = sorted({str(j.target) for j in jobs if sum(k.target == j.target for k in jobs) > 1})
+    if clashes:
+        raise UsageError(f"two renders would write the same file ({', '.join(clashes)}): scenes with the same "
+                         "name need separate --output-dir runs")
     return jobs, failures

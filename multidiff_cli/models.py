@@ -50,6 +50,10 @@ class Components:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel (8 for every SD model)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -87,14 +91,19 @@ def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_components(model: str, device: torch.device, dtype: torch.dtype, compile: bool = False) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`."""
+def load_components(
+    model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False
+) -> Components:
+    """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`.
+
+    allow_pickle: also load pickle (.bin) weights, which can run code when loaded: only for
+    models you trust, and only when asked for explicitly."""
     _quiet_libraries()
     if model == TINY_RANDOM:
         components = build_tiny_random()
     else:
-        folder, revision = resolve_model_folder(model)
-        components = load_folder(folder, model_id=model, revision=revision)
+        folder, revision = resolve_model_folder(model, allow_pickle)
+        components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)
     return speed_up(to_device(components, device, dtype), compile=compile)
 
 
@@ -112,7 +121,7 @@ def speed_up(components: Components, compile: bool = False) -> Components:
     return components
 
 
-def resolve_model_folder(model: str) -> tuple[Path, str | None]:
+def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, str | None]:
     """A local folder as is; a hub id through the HF cache (honours HF_HOME and HF_HUB_OFFLINE)."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -127,7 +136,8 @@ def resolve_model_folder(model: str) -> tuple[Path, str | None]:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        folder = Path(snapshot_download(model, allow_patterns=_ALLOW_PATTERNS))
+        patterns = _ALLOW_PATTERNS + ([f"{name}/*.bin" for name in _COMPONENT_WEIGHTS] if allow_pickle else [])
+        folder = Path(snapshot_download(model, allow_patterns=patterns))
     except HFValidationError as exc:
         raise ModelNotFound(f"model {model!r} is not a valid hub id: {exc}") from None
     except Exception as exc:  # offline, not cached, unknown repo, gated, network down
@@ -140,19 +150,20 @@ def resolve_model_folder(model: str) -> tuple[Path, str | None]:
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
 
-def load_folder(folder: Path, model_id: str, revision: str | None = None) -> Components:
+def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_pickle: bool = False) -> Components:
     """Load the components of a diffusers-format folder: safetensors weights only, no remote code."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _check_folder(folder, model_id)
+    _check_folder(folder, model_id, allow_pickle)
+    safetensors = None if allow_pickle else True  # None: safetensors where present, else the pickle
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=safetensors),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safetensors),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safetensors),
             scheduler_config=scheduler_config,
             model_id=model_id,
             revision=revision,
@@ -188,7 +199,7 @@ def cached_models(cache_dir: Path | None = None) -> list[tuple[str, str, int, st
     return found
 
 
-def _check_folder(folder: Path, model_id: str) -> None:
+def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:
     needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
     missing = [name for name in needed if not (folder / name).exists()]
     if missing:
@@ -199,11 +210,14 @@ def _check_folder(folder: Path, model_id: str) -> None:
     for name in _COMPONENT_WEIGHTS:
         if not any((folder / name).glob("*.safetensors")):
             pickles = [p.name for p in (folder / name).glob("*.bin")]
+            if pickles and allow_pickle:
+                continue
             found = f" (only pickle weights: {', '.join(pickles)})" if pickles else ""
             raise ModelError(
                 f"model {model_id!r}: {folder / name} has no .safetensors weights{found}. multidiff "
                 "loads safetensors only, since pickle files can run code; convert the folder "
-                "(diffusers' pipe.save_pretrained(..., safe_serialization=True))."
+                "(diffusers' pipe.save_pretrained(..., safe_serialization=True)), or, for a model you "
+                "trust, pass --allow-pickle."
             )
 
 

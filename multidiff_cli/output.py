@@ -14,6 +14,8 @@ from typing import Any, BinaryIO, Callable
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import OutputError
+
 METADATA_KEY = "multidiff"  # JSON: everything needed to render the picture again
 PARAMETERS_KEY = "parameters"  # the A1111-style summary other tools (and image sites) read
 _PACKAGES = ("multidiff", "torch", "diffusers", "transformers")
@@ -89,8 +91,11 @@ def write_gif(frames: list[Image.Image], path: Path, frame_ms: int = 120) -> Pat
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -98,11 +103,25 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a picture is as readable as any new file
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return path
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, before any expensive work, if files cannot be created in `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def _umask() -> int:

@@ -221,6 +221,23 @@ def tiled_decode_on(scene: Scene) -> bool:
     return scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
 
 
+def finite_checked(callback: StepCallback | None, components: Components) -> StepCallback:
+    """Stop at the step where the latents first hold NaN or inf, rather than decode a black picture."""
+
+    def check(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
+        if not torch.isfinite(latents).all():
+            cause = ("float16 overflowed: try --dtype bfloat16 or float32" if components.dtype == torch.float16
+                     else "the model's weights may be broken")
+            raise RenderError(
+                f"the latents hold NaN or inf values from step {i + 1} of {n} ({components.dtype_name} on "
+                f"{components.device}): {cause}. Nothing was written."
+            )
+        if callback is not None:
+            callback(i, n, latents, denoised)
+
+    return check
+
+
 @torch.inference_mode()
 def render(
     scene: Scene,
@@ -258,16 +275,12 @@ def render(
             backgrounds=backgrounds,
             center_regions=scene.few_step_on,
             generator=generator,
-            callback=callback,
+            callback=finite_checked(callback, components),
         )
     except torch.cuda.OutOfMemoryError:
         raise RenderError(
-            f"out of GPU memory with {unet.max_batch or 'all'} UNet samples per call on a "
-            f"{scene.width}x{scene.height} canvas: try --max-batch 1, a smaller canvas, or --dtype float16"
+            f"out of GPU memory with {unet.max_batch} UNet samples per call on a {scene.width}x{scene.height} "
+            f"canvas ({components.dtype_name} on {device}): try --max-batch 1, a smaller canvas, or --dtype float16"
         ) from None
-    if not torch.isfinite(latents).all():
-        raise RenderError(
-            "the latents hold NaN or inf values (usually float16 overflow): try --dtype float32 or bfloat16"
-        )
     image = decode(components, latents, wrap=scene.wrap == "horizontal", tiled=tiled_decode_on(scene))
     return RenderResult(image, latents, seed, time.perf_counter() - started, truncation_warnings(components, prompts))

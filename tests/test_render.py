@@ -201,3 +201,31 @@ def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypat
 
 def test_attention_uses_pytorch_sdpa(tiny):
     assert {type(p).__name__ for p in tiny.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+class NaNAfter(torch.nn.Module):
+    """A UNet that starts returning NaN at its `calls`-th call (a float16 overflow, say)."""
+
+    def __init__(self, unet, calls):
+        super().__init__()
+        self.unet, self.calls = unet, calls
+
+    dtype = property(lambda self: self.unet.dtype)
+    config = property(lambda self: self.unet.config)
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.calls -= 1
+        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+        if self.calls <= 0:
+            out.sample[:] = float("nan")
+        return out
+
+
+def test_nan_latents_stop_the_render_at_the_step_they_appear(tiny, scene, monkeypatch):
+    from multidiff_cli.render import RenderError
+
+    monkeypatch.setattr(tiny, "unet", NaNAfter(tiny.unet, calls=2))
+    steps = []
+    with pytest.raises(RenderError, match=r"NaN or inf values from step 2 of 4 \(float32 on cpu\)"):
+        render(scene, tiny, seed=0, callback=lambda i, n, *_: steps.append(i))
+    assert steps == [0]  # the caller never saw the broken step
