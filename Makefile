@@ -9,7 +9,7 @@ SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
 
-.PHONY: install render test bench clean
+.PHONY: install render test bench smoke clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ render: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+smoke: install
+	$(BIN)/multidiff smoke $(ARGS)
 
 bench: install
 	$(BIN)/multidiff bench $(ARGS)

@@ -13,7 +13,7 @@ from .models import DEFAULT_MODEL, load_components, pick_device, pick_dtype
 from .output import build_metadata, check_writable, read_metadata, write_gif, write_png
 from .preview import contact_sheet
 from .memory import check_memory
-from .render import DEFAULT_MAX_BATCH, decode, render, tiled_decode_on
+from .render import DEFAULT_MAX_BATCH, canvas_views, decode, render, tiled_decode_on
 from .scene import Scene
 
 
@@ -37,20 +37,19 @@ class Batch:
 
     def run(self, on_written: Callable[[Path], None], on_failed: Callable[[Failure], None],
             on_skipped: Callable[[Path], None] = lambda _path: None):
-        """Render every job; returns (done: [(job, image)], failures)."""
+        """Render every job; returns (done: the jobs whose file exists now, failures)."""
         done, failures = [], []
         total = len(self.jobs)
         task = self.progress.add_task("", total=None)
         for number, job in enumerate(self.jobs, 1):
             if self.skip_existing and already_rendered(job, _resolved(job.scene)):
                 on_skipped(job.target)
-                with Image.open(job.target) as existing:
-                    done.append((job, existing.convert("RGB")))
+                done.append(job)
                 continue
             prefix = f"[{number}/{total}] " if total > 1 else ""
             self.progress.update(task, description=f"{prefix}{job.label}", completed=0, total=None)
             try:
-                image = self._render(job, task)
+                self._render(job, task)
             except MultidiffError as exc:
                 lines = str(exc).splitlines() or [type(exc).__name__]
                 if not isinstance(exc, SceneError):
@@ -60,7 +59,7 @@ class Batch:
                 on_failed(failure)
                 continue
             on_written(job.target)
-            done.append((job, image))
+            done.append(job)
         return done, failures
 
     def components(self, model: str):
@@ -77,13 +76,14 @@ class Batch:
             raise found
         return found
 
-    def _render(self, job: RenderJob, task) -> Image.Image:
+    def _render(self, job: RenderJob, task) -> None:
         scene = _resolved(job.scene)
         if scene.model not in self._models:
             self.progress.update(task, description=f"loading {scene.model}")
         components = self.components(scene.model)
         if self.memory_check:
-            check_memory(scene, components, scene.max_batch or DEFAULT_MAX_BATCH, tiled_decode_on(scene))
+            views = len(canvas_views(scene, components))
+            check_memory(scene, components, scene.max_batch or DEFAULT_MAX_BATCH, views, tiled_decode_on(scene))
         frames: list[Image.Image] = []
 
         def on_step(i: int, n: int, latents, denoised) -> None:
@@ -107,14 +107,17 @@ class Batch:
         write_png(result.image, job.target, record)
         if self.animation and frames:
             write_gif(frames + [result.image], job.target.with_suffix(".gif"))
-        return result.image
 
-    def write_grid(self, done: list[tuple[RenderJob, Image.Image]], output_dir: Path) -> Path:
-        """A contact sheet of the batch's pictures, each labelled with its scene and seed."""
-        stems = {job.target.stem.rsplit("-", 1)[0] for job, _ in done}
-        name = f"{stems.pop()}-grid.png" if len(stems) == 1 else "batch-grid.png"
-        return write_png(contact_sheet([(image, f"{job.source.stem} · seed {job.seed}") for job, image in done]),
-                         output_dir / name)
+
+def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
+    """A contact sheet of written pictures, each labelled (with its scene and seed)."""
+    pictures = []
+    for target, label in written:
+        with Image.open(target) as image:
+            pictures.append((image.convert("RGB"), label))
+    stems = {Path(target).stem.rsplit("-", 1)[0] for target, _ in written}
+    name = f"{stems.pop()}-grid.png" if len(stems) == 1 else "batch-grid.png"
+    return write_png(contact_sheet(pictures), folder / name)
 
 
 def _resolved(scene: Scene) -> Scene:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import secrets
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +118,8 @@ def render(
     """Render scenes (or PNGs made by multidiff, again) to PNGs whose metadata holds everything needed
     to render them again. A failing render does not stop the rest of a batch."""
     with _user_errors():
+        from . import distributed
+        from .batch import write_grid
         from .jobs import parse_seeds, parse_size, plan_jobs
 
         if seed is not None and seeds:
@@ -128,31 +132,53 @@ def render(
         }
         if size:
             overrides["width"], overrides["height"] = parse_size(size)
-        jobs, failures = plan_jobs(sources, overrides, parse_seeds(seeds) if seeds else None, output, output_dir)
-        for failure in failures:
-            _say(failure.lines)
-        total, done = len(jobs) + len(failures), []
-        if jobs:
-            from .batch import Batch
+        world = distributed.world_from_env()
+        distributed.start(world)
+        try:
+            # random seeds come from one draw on rank 0, so every rank plans the same batch
+            rng = random.Random(distributed.share_from_main(world, secrets.randbits(64)))
+            jobs, load_failures = plan_jobs(
+                sources, overrides, parse_seeds(seeds) if seeds else None, output, output_dir, rng
+            )
+            if world.is_main:
+                for failure in load_failures:
+                    _say(failure.lines)
+            mine = [jobs[i] for i in distributed.split_jobs(len(jobs), world.size, world.rank)]
+            done, render_failures, skipped = [], [], []
+            if mine:
+                from .batch import Batch
 
-            settings = {
-                "device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype, "compile": compile_unet,
-                "allow_pickle": allow_pickle, "skip_existing": skip_existing, "memory_check": not no_memory_check,
-            }
-            with _progress(quiet) as progress:
-                batch = Batch(jobs, settings, progress, preview_every, animation, warn=lambda note: _say([note], "warning: "))
-                done, render_failures = batch.run(
-                    on_written=lambda path: out.print(str(path), markup=False),
-                    on_failed=lambda failure: _say(failure.lines),
-                    on_skipped=lambda path: _say([f"skipped {path}: already rendered"]),
-                )
-            failures += render_failures
-            if grid and done:
-                out.print(str(batch.write_grid(done, output.parent if output else output_dir)), markup=False)
-        if total > 1:
-            err.print(f"rendered {len(done)} of {total}", markup=False)
-            for failure in failures:
-                err.print(f"  failed: {failure.label}: {failure.lines[0]}", markup=False)
+                settings = {
+                    "device": distributed.device_for(world, device or os.environ.get("MULTIDIFF_DEVICE")),
+                    "dtype": dtype, "compile": compile_unet, "allow_pickle": allow_pickle,
+                    "skip_existing": skip_existing, "memory_check": not no_memory_check,
+                }
+                with _progress(quiet or not world.is_main) as progress:
+                    batch = Batch(mine, settings, progress, preview_every, animation,
+                                  warn=lambda note: _say([note], "warning: "))
+                    done, render_failures = batch.run(
+                        on_written=lambda path: out.print(str(path), markup=False),
+                        on_failed=lambda failure: _say(failure.lines),
+                        on_skipped=lambda path: (skipped.append(path), _say([f"skipped {path}: already rendered"])),
+                    )
+            # every rank waits here for the others, then rank 0 reports the whole batch
+            shares = distributed.gather(
+                world, ([(job.target, job.contact_label) for job in done], render_failures, len(skipped))
+            )
+            written = [item for share_done, _, _ in shares for item in share_done]
+            failures = load_failures + [failure for _, share_failures, _ in shares for failure in share_failures]
+            skips = sum(count for _, _, count in shares)
+            if world.is_main:
+                if grid and written:
+                    out.print(str(write_grid(written, output.parent if output else output_dir)), markup=False)
+                total = len(jobs) + len(load_failures)
+                if total > 1:
+                    also = f" ({skips} already there, skipped)" if skips else ""
+                    err.print(f"rendered {len(written) - skips} of {total}{also}", markup=False)
+                    for failure in failures:
+                        err.print(f"  failed: {failure.label}: {failure.lines[0]}", markup=False)
+        finally:
+            distributed.stop(world)
         if failures:
             raise typer.Exit(2 if all(f.exit_code == 2 for f in failures) else 1)
 
@@ -249,6 +275,41 @@ def models(
             typer.echo(f"{repo_id}\t{revision[:12]}\t{size_bytes / 2**30:.1f} GB\t{status}")  # tabs kept for cut/awk
         if not found:
             err.print("no diffusers models in the Hugging Face cache", markup=False)
+
+
+@app.command()
+def smoke(
+    scenes_dir: Path = typer.Option(Path("scenes"), "--scenes", help="Folder of scenes to render."),
+    steps: int = typer.Option(2, "--steps", min=1, max=50, help="Steps per scene."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="[default: $MULTIDIFF_MODEL if a folder, else SD2-base if cached, else tiny-random]"
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="[default: the best present]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="[default: float16 on CUDA, else float32]"),
+    output_dir: Path = typer.Option(Path("outputs/smoke"), "--output-dir", help="Where the pictures go."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Render every scene in a few steps, check each picture (size, not black, metadata), print a table.
+    Exit 1 if any scene fails. For CI on GPU runners."""
+    with _user_errors():
+        from rich.table import Table
+
+        from .smoke import example_scenes, run_smoke, smoke_model
+
+        scenes = example_scenes(scenes_dir)
+        chosen = model or smoke_model()
+        settings = {"device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype}
+        with _progress(quiet) as progress:
+            results = run_smoke(scenes, output_dir, steps, chosen, settings, progress)
+        table = Table(title=f"smoke: {len(scenes)} scenes, {steps} steps, {chosen}")
+        for column in ("scene", "size", "seconds", "result"):
+            table.add_column(column, justify="right" if column == "seconds" else "left")
+        for result in results:
+            verdict = "ok" if result.problem is None else f"FAILED: {result.problem}"
+            table.add_row(result.scene, result.size, f"{result.seconds:.1f}", verdict)
+        out.print(table)
+        if any(result.problem for result in results):
+            raise typer.Exit(1)
 
 
 @app.command()

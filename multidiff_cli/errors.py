@@ -14,8 +14,13 @@ class SceneError(MultidiffError):
     exit_code = 2
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+        self.problems = [one_line(problem) for problem in problems]
         super().__init__("\n".join(self.problems))
+
+
+def one_line(text: str) -> str:
+    """A message on one line: newlines and other control characters (from keys, paths, YAML) escaped."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
 class UsageError(MultidiffError):

@@ -1,6 +1,7 @@
 """Batches: which scene renders with which seed into which file. Parsing and planning, no rendering."""
 from __future__ import annotations
 
+import random
 import re
 import secrets
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ class RenderJob:
     @property
     def label(self) -> str:
         return f"{self.source.name} seed {self.seed}"
+
+    @property
+    def contact_label(self) -> str:
+        return f"{Path(self.scene_file).stem} · seed {self.seed}"
 
 
 @dataclass
@@ -85,9 +90,15 @@ def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
 
 
 def plan_jobs(
-    sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path
+    sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path,
+    rng: random.Random | None = None,
 ) -> tuple[list[RenderJob], list[Failure]]:
-    """Every (scene, seed) to render, and the sources that failed to load (the rest go on)."""
+    """Every (scene, seed) to render, and the sources that failed to load (the rest go on).
+
+    Scenes without a seed get a random one from `rng` (fresh randomness if None)."""
+    draw = rng.randrange if rng is not None else secrets.randbelow
+    if output is not None and (output.is_dir() or output.suffix.lower() != ".png"):
+        raise UsageError(f"-o/--output: {output} must name a .png file (for a folder, use --output-dir)")
     jobs, failures = [], []
     for source in sources:
         try:
@@ -95,7 +106,7 @@ def plan_jobs(
         except MultidiffError as exc:
             failures.append(Failure(source.name, str(exc).splitlines(), exc.exit_code))
             continue
-        for seed in seeds or [scene.seed if scene.seed is not None else secrets.randbelow(SEED_RANGE)]:
+        for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             target = output or output_dir / f"{Path(scene_file).stem}-{seed}.png"
             if target.resolve() == source.resolve():  # rendering a PNG again never overwrites it
                 target = target.with_name(f"{target.stem}-again.png")

@@ -45,12 +45,15 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(scene: Scene, components: Components, samples_per_call: int, tiled: bool) -> None:
+def check_memory(scene: Scene, components: Components, max_batch: int, views: int, tiled: bool) -> None:
     """Refuse (TooLarge, exit 2) a render whose estimate exceeds the free memory."""
     free = available_bytes(components.device)
     if free is None:
         return
-    parts = estimate_bytes(scene, components, samples_per_call, tiled)
+    # the most samples a step can have: every prompt in every view, twice (guidance), each its own
+    # input (bootstrapping)
+    samples = min(max_batch, 2 * (len(scene.regions) + 1) * views)
+    parts = estimate_bytes(scene, components, samples, tiled)
     need = max(parts.values())  # the UNet's memory is released before decoding
     if need > 0.9 * free:
         largest = max(parts, key=parts.get)
@@ -59,7 +62,11 @@ def check_memory(scene: Scene, components: Components, samples_per_call: int, ti
             "unet": "lower max_batch (--max-batch 1)",
         }[largest]
         raise TooLarge(
-            f"a {scene.width}x{scene.height} render needs about {need / GIB:.1f} GiB for its {largest} "
-            f"(estimate), but {components.device} has {free / GIB:.1f} GiB free: {advice}, or make the canvas "
+            f"a {scene.width}x{scene.height} render needs about {_size(need)} for its {largest} "
+            f"(estimate), but {components.device} has {_size(free)} free: {advice}, or make the canvas "
             "smaller; --no-memory-check renders anyway"
         )
+
+
+def _size(size: float) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.0f} MiB"

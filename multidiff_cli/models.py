@@ -156,14 +156,19 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _check_folder(folder, model_id, allow_pickle)
-    safetensors = None if allow_pickle else True  # None: safetensors where present, else the pickle
+
+    def safetensors(name: str) -> bool:  # False only where --allow-pickle let a pickle-only folder through
+        return any((folder / name).glob("*.safetensors"))
+
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=safetensors),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safetensors),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safetensors),
+            text_encoder=CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", use_safetensors=safetensors("text_encoder")
+            ),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safetensors("unet")),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safetensors("vae")),
             scheduler_config=scheduler_config,
             model_id=model_id,
             revision=revision,

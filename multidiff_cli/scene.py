@@ -43,7 +43,17 @@ def _multiple_of_8(value: int) -> int:
     return value
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a character that is not valid Unicode ({text[exc.start]!r})") from None
+    return text
+
+
+AnyText = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[str, AfterValidator(_encodable), AfterValidator(_not_blank)]
+Coordinate = Annotated[int, Field(ge=-65536, le=65536)]
 SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_multiple_of_8)]
 StridePx = Annotated[int, Field(ge=8, le=8192), AfterValidator(_multiple_of_8)]
 Guidance = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
@@ -60,9 +70,9 @@ class Region(Strict):
     """One prompt that owns part of the canvas: a box in pixels or a mask image."""
 
     prompt: Text
-    box: list[int] | None = Field(None, min_length=4, max_length=4, description="x0, y0, x1, y1 in pixels")
+    box: list[Coordinate] | None = Field(None, min_length=4, max_length=4, description="x0, y0, x1, y1 in pixels")
     mask: Text | None = Field(None, description="image path, relative to the scene file; white = region")
-    negative_prompt: str | None = None
+    negative_prompt: AnyText | None = None
     guidance_scale: Guidance | None = None
 
     @field_validator("box")
@@ -83,8 +93,8 @@ class Scene(Strict):
     """A whole picture: the global prompt, the regions, and how to sample."""
 
     prompt: Text
-    negative_prompt: str = ""
-    style: str = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
+    negative_prompt: AnyText = ""
+    style: AnyText = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
     width: SizePx = 512
     height: SizePx = 512
     steps: int = Field(50, ge=1, le=1000)
@@ -133,7 +143,10 @@ class Scene(Strict):
         return self.steps <= FEW_STEPS if self.few_step == "auto" else self.few_step
 
     def mask_path(self, region: Region) -> Path:
-        return self.base_dir / Path(region.mask).expanduser()
+        try:
+            return self.base_dir / Path(region.mask).expanduser()
+        except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
+            return self.base_dir / region.mask
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
@@ -239,10 +252,13 @@ def _check_mask_file(path: Path, latent_hw: tuple[int, int]) -> str | None:
 
     from . import layout
 
-    if not path.exists():
-        return f"no such file: {path}"
-    if path.is_dir():
-        return f"{path} is a directory, not an image"
+    try:
+        if not path.exists():
+            return f"no such file: {path}"
+        if path.is_dir():
+            return f"{path} is a directory, not an image"
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror or exc}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -286,8 +302,18 @@ def _parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         what = " ".join(filter(None, [exc.context, exc.problem]))
         raise SceneError([f"{where}: YAML error: {what}"]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a control character, say)
+        line = text[: exc.position].count("\n") + 1
+        raise SceneError([f"{path}:{line}: YAML error: {exc.reason} (character {exc.character!r})"]) from None
     except yaml.YAMLError as exc:
         raise SceneError([f"{path}: YAML error: {exc}"]) from None
+    except RecursionError:
+        raise SceneError([f"{path}: YAML error: nested too deeply"]) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
+        # PyYAML raises these for a tagged value it cannot build (`!!int 96px`, `!!timestamp tomorrow`)
+        loc, node = _unreadable_value(root)
+        message = f"YAML error: {node.tag.rsplit(':', 1)[-1]} value {node.value!r} cannot be read"
+        raise SceneError([_format(path, root, loc, message)]) from None
     if data is None:
         raise SceneError([f"{path}: the scene is empty; it needs at least `prompt: ...`"])
     if not isinstance(data, dict):
@@ -296,6 +322,28 @@ def _parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     if duplicates:
         raise SceneError([_format(path, root, loc, "key appears more than once; keep one") for loc in duplicates])
     return data, root
+
+
+def _unreadable_value(root: yaml.Node) -> tuple[tuple, yaml.Node]:
+    """The first scalar whose explicit tag PyYAML cannot construct, and where it is."""
+    loader = yaml.SafeLoader("")
+    stack: list[tuple[tuple, yaml.Node]] = [((), root)]
+    seen: set[int] = set()
+    while stack:
+        loc, node = stack.pop(0)
+        if id(node) in seen:  # an alias: already looked at
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack[:0] = [((*loc, key.value), value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack[:0] = [((*loc, i), item) for i, item in enumerate(node.value)]
+        else:
+            try:
+                loader.construct_object(node)
+            except Exception:
+                return loc, node
+    return (), root
 
 
 def _duplicate_keys(node: yaml.Node, loc: tuple, seen_nodes: set[int] | None = None):

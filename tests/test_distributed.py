@@ -1,0 +1,129 @@
+"""Batches across processes (torchrun, gloo on the CPU) and the smoke command."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from multidiff_cli.cli import app
+from multidiff_cli.distributed import World, device_for, split_jobs, world_from_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENE = "prompt: a room\nwidth: 96\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sofa\n    box: [16, 16, 80, 64]\n"
+
+
+@pytest.mark.parametrize(("count", "world"), [(4, 2), (5, 2), (7, 3), (2, 4), (0, 3), (1, 1), (10, 10)])
+def test_split_gives_every_job_to_exactly_one_rank_in_near_equal_shares(count, world):
+    shares = [split_jobs(count, world, rank) for rank in range(world)]
+    assert sorted(i for share in shares for i in share) == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shares == [split_jobs(count, world, rank) for rank in range(world)]  # a pure function
+
+
+def test_more_ranks_than_jobs_leaves_some_ranks_idle():
+    assert [split_jobs(2, 4, rank) for rank in range(4)] == [[0], [1], [], []]
+
+
+def test_split_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError):
+        split_jobs(4, 2, 2)
+
+
+def test_world_comes_from_the_launcher_s_environment():
+    assert world_from_env({}) == World(0, 1, 0)
+    world = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (world.rank, world.size, world.local_rank, world.is_main, world.distributed) == (3, 4, 1, False, True)
+    assert device_for(World(), None) is None and device_for(world, "cpu") == "cpu"
+
+
+def run_cli(args, cwd, nproc=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MULTIDIFF_DEVICE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    cmd = [*launcher, "-m", "multidiff_cli.cli", "render", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(tmp_path):
+    (tmp_path / "room.yaml").write_text(SCENE)
+    args = ["room.yaml", "--seeds", "0-3", "--model", "tiny-random", "-q", "--device", "cpu", "--grid"]
+    two = run_cli([*args, "--output-dir", "two"], tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr
+    one = run_cli([*args, "--output-dir", "one"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    names = sorted(p.name for p in (tmp_path / "two").glob("room-?.png"))
+    assert names == [f"room-{seed}.png" for seed in range(4)]
+    printed = [line for line in two.stdout.splitlines() if line.endswith(".png") and "grid" not in line]
+    assert sorted(printed) == sorted(f"two/room-{seed}.png" for seed in range(4))  # each written exactly once
+    for seed in range(4):
+        with Image.open(tmp_path / "two" / f"room-{seed}.png") as a, Image.open(tmp_path / "one" / f"room-{seed}.png") as b:
+            assert a.tobytes() == b.tobytes()
+    assert two.stderr.count("rendered 4 of 4") == 1  # the summary comes once, from rank 0
+    assert (tmp_path / "two" / "room-grid.png").exists()
+
+
+def test_torchrun_random_seeds_are_the_same_on_every_rank(tmp_path):
+    (tmp_path / "room.yaml").write_text(SCENE)
+    (tmp_path / "hall.yaml").write_text(SCENE.replace("a room", "a hall"))
+    result = run_cli(["room.yaml", "hall.yaml", "--model", "tiny-random", "-q", "--device", "cpu",
+                      "--output-dir", "out"], tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out").glob("room-*.png"))) == 1
+    assert len(list((tmp_path / "out").glob("hall-*.png"))) == 1
+
+
+def smoke(*args):
+    return CliRunner().invoke(app, ["smoke", "--model", "tiny-random", "--steps", "1", "-q", *args])
+
+
+@pytest.fixture
+def small_scenes(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    (folder / "a.yaml").write_text(SCENE)
+    (folder / "b.yaml").write_text(SCENE.replace("width: 96", "width: 128"))
+    return folder
+
+
+def test_smoke_renders_and_checks_every_scene(small_scenes, tmp_path):
+    result = smoke("--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "a.yaml" in result.stdout and "b.yaml" in result.stdout and "128x64" in result.stdout
+    assert result.stdout.count(" ok ") == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a-0.png", "b-0.png"] or \
+        len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_smoke_fails_when_a_scene_is_broken(small_scenes, tmp_path):
+    (small_scenes / "c.yaml").write_text(SCENE.replace("box: [16, 16, 80, 64]", "box: [16, 16]"))
+    result = smoke("--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "FAILED" in result.stdout and "c.yaml" in result.stdout
+    assert result.stdout.count(" ok ") == 2  # the others still ran
+
+
+def test_smoke_on_the_example_scenes_via_make_target_exists():
+    """`make smoke` calls `multidiff smoke`; the example scenes all pass on tiny-random (CI runs this)."""
+    assert "multidiff smoke" in (ROOT / "Makefile").read_text()
+    if shutil.which("make"):
+        dry = subprocess.run(["make", "-n", "smoke"], cwd=ROOT, capture_output=True, text=True)
+        assert "multidiff smoke" in dry.stdout
+
+
+def test_a_black_picture_fails_the_check(tmp_path):
+    from multidiff_cli.output import write_png
+    from multidiff_cli.smoke import check_picture
+
+    black = write_png(Image.new("RGB", (96, 64)), tmp_path / "black.png", None)
+    assert "cannot read" in check_picture(black, 96, 64, 0)  # no metadata either
+    record = {"scene": {"seed": 0, "prompt": "x", "steps": 1, "scheduler": "ddim", "guidance_scale": 1,
+                        "width": 96, "height": 64, "bootstrap_steps": 0}, "model": "m"}
+    write_png(Image.new("RGB", (96, 64)), tmp_path / "b2.png", record)
+    assert check_picture(tmp_path / "b2.png", 96, 64, 0) == "the picture is black"
+    assert "expected 128x64" in check_picture(tmp_path / "b2.png", 128, 64, 0)
