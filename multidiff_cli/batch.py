@@ -9,10 +9,10 @@ from PIL import Image
 
 from .errors import MultidiffError, SceneError
 from .jobs import Failure, RenderJob
+from .memory import check_memory
 from .models import DEFAULT_MODEL, load_components, pick_device, pick_dtype
 from .output import build_metadata, check_writable, read_metadata, write_gif, write_png
 from .preview import contact_sheet
-from .memory import check_memory
 from .render import DEFAULT_MAX_BATCH, canvas_views, decode, render, tiled_decode_on
 from .scene import Scene
 
