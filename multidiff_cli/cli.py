@@ -179,8 +179,11 @@ def render(
                         err.print(f"  failed: {failure.label}: {failure.lines[0]}", markup=False)
         finally:
             distributed.stop(world)
-        if failures:
-            raise typer.Exit(2 if all(f.exit_code == 2 for f in failures) else 1)
+        code = (2 if all(f.exit_code == 2 for f in failures) else 1) if failures else 0
+        if world.distributed:
+            distributed.leave(code)
+        if code:
+            raise typer.Exit(code)
 
 
 @app.command()

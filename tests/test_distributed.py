@@ -108,12 +108,15 @@ def test_smoke_fails_when_a_scene_is_broken(small_scenes, tmp_path):
     assert result.stdout.count(" ok ") == 2  # the others still ran
 
 
-def test_smoke_on_the_example_scenes_via_make_target_exists():
-    """`make smoke` calls `multidiff smoke`; the example scenes all pass on tiny-random (CI runs this)."""
+def test_smoke_passes_on_every_example_scene_and_make_smoke_runs_it(tmp_path):
+    """`make smoke` calls `multidiff smoke`; every example scene (panoramas too) passes on tiny-random."""
     assert "multidiff smoke" in (ROOT / "Makefile").read_text()
     if shutil.which("make"):
         dry = subprocess.run(["make", "-n", "smoke"], cwd=ROOT, capture_output=True, text=True)
         assert "multidiff smoke" in dry.stdout
+    result = smoke("--scenes", str(ROOT / "scenes"), "--output-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(" ok ") == len(list((ROOT / "scenes").glob("*.yaml")))
 
 
 def test_a_black_picture_fails_the_check(tmp_path):
