@@ -651,7 +651,8 @@ def test_version():
 
 def test_shell_completion():
     assert "--install-completion" in run("--help").stdout
-    proc = subprocess.run([sys.executable, "-m", "multidiff_cli.cli", "--show-completion", "bash"],
+    # Typer detects the shell from the parent process: run under bash (`; true` keeps bash from exec-ing)
+    proc = subprocess.run(["bash", "-c", f"'{sys.executable}' -m multidiff_cli.cli --show-completion; true"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout and "multidiff" in proc.stdout
