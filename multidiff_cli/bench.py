@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from .masks import box_to_latent, region_weights
-from .models import Components, build_tiny_random, sd2_scheduler_config, speed_up, to_device
+from .models import Components, speed_up, to_device
 from .render import DEFAULT_MAX_BATCH, BatchedUNet, Prompts, guided_denoiser
 from .sampler import bootstrap_inputs, multidiffusion, step_jobs
 from .schedulers import make_scheduler
+from .tiny import build_tiny_random, sd2_scheduler_config
 from .views import make_views
 
 SD2_RANDOM = "sd2-random"

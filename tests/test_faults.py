@@ -30,13 +30,13 @@ from typer.testing import CliRunner
 
 import multidiff_cli.batch as batch_module
 import multidiff_cli.memory as memory_module
-import multidiff_cli.models as models_module
+import multidiff_cli.tiny as tiny_module
 from multidiff_cli.cli import app
 from multidiff_cli.errors import SceneError
 from multidiff_cli.memory import estimate_bytes
-from multidiff_cli.models import build_tiny_random, save_components
 from multidiff_cli.output import read_metadata, write_atomic
 from multidiff_cli.scene import Region, Scene, load_scene
+from multidiff_cli.tiny import build_tiny_random, save_components
 
 SMALL = """\
 prompt: a cozy living room
@@ -527,14 +527,14 @@ class NaNAfter(torch.nn.Module):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_nan_latents_stop_at_their_step_and_write_nothing(write_scene, tmp_path, monkeypatch, dtype):
-    real = models_module.build_tiny_random
+    real = tiny_module.build_tiny_random
 
     def nan_model(seed: int = 0):
         components = real(seed)
         components.unet = NaNAfter(components.unet, good_calls=1)  # one UNet call per step on this canvas
         return components
 
-    monkeypatch.setattr(models_module, "build_tiny_random", nan_model)
+    monkeypatch.setattr(tiny_module, "build_tiny_random", nan_model)
     scene = write_scene(SMALL)
     out_dir = tmp_path / "out"
     result = render(scene, "--output-dir", out_dir, "--steps", "3", "--dtype", dtype, "--preview-every", "2")

@@ -7,18 +7,11 @@ import pytest
 import torch
 
 from multidiff_cli.errors import ModelError, ModelNotFound, UsageError
-from multidiff_cli.models import (
-    Components,
-    build_tiny_random,
-    load_components,
-    pick_device,
-    pick_dtype,
-    save_components,
-    sd2_scheduler_config,
-)
+from multidiff_cli.models import Components, load_components, pick_device, pick_dtype
 from multidiff_cli.render import render
 from multidiff_cli.scene import load_scene
 from multidiff_cli.schedulers import SCHEDULER_NAMES, make_scheduler
+from multidiff_cli.tiny import build_tiny_random, save_components, sd2_scheduler_config
 
 CPU = torch.device("cpu")
 SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n  - prompt: a sofa\n    box: [0, 0, 32, 64]\n"

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from multidiff_cli.masks import box_to_latent, region_weights
-from multidiff_cli.models import sd2_scheduler_config
 from multidiff_cli.sampler import bootstrap_inputs, centering_shifts, fuse_views, multidiffusion
 from multidiff_cli.schedulers import make_scheduler
+from multidiff_cli.tiny import sd2_scheduler_config
 from multidiff_cli.views import full_view
 
 H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed

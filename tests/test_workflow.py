@@ -580,7 +580,7 @@ def _snapshot(cache: Path, repo: str, sha: str) -> Path:
 
 
 def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
-    from multidiff_cli.models import save_components
+    from multidiff_cli.tiny import save_components
 
     cache = tmp_path / "hub"
     good_sha, bad_sha = "a" * 40, "0123456789abcdef" * 2 + "01234567"
@@ -613,7 +613,7 @@ def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
 
 @pytest.fixture
 def tiny_cache(tiny, tmp_path):
-    from multidiff_cli.models import save_components
+    from multidiff_cli.tiny import save_components
 
     good = _snapshot(tmp_path / "hub", "me/tiny-sd", "c" * 40)
     save_components(tiny, good)

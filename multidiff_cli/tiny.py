@@ -1,0 +1,127 @@
+"""`tiny-random`: SD2-shaped components with small random weights, built in code (tests, smoke renders)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import TINY_RANDOM, Components
+
+
+def build_tiny_random(seed: int = 0) -> Components:
+    """SD2-shaped components with small random weights, built in code: no download, same every time.
+
+    Same structure as SD2-base (OpenCLIP-style text encoder, linear-projection cross attention,
+    8x VAE, 64-latent native size, SD2's DDIM config), so every code path runs; the pictures are
+    noise-like.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # cross attention at half resolution only, so a 512px smoke render takes seconds
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=512,
+        )
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=sd2_scheduler_config(),
+        model_id=TINY_RANDOM,
+    )
+
+
+def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """The scheduler config SD2-base ships (SD2-768 differs only in v_prediction)."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+    }
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over a byte-level vocab with no merges: every character is one token."""
+    from transformers import CLIPTokenizer
+
+    byte_chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in byte_chars:
+            vocab[char + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token="!", model_max_length=77)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable stand-ins byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def save_components(components: Components, folder: Path) -> None:
+    """Write components as a diffusers folder (safetensors), loadable with `--model FOLDER`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=2))
