@@ -66,6 +66,44 @@ class PathResult:
     views: int = 1
 
 
+def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
+                 device: str | None, dtype: str | None, compile: bool, max_batch: int | None) -> BenchConfig:
+    """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
+    from .errors import UsageError
+    from .models import pick_device, pick_dtype
+    from .schedulers import SCHEDULER_NAMES
+
+    if model not in (SD2_RANDOM, "tiny-random"):
+        raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
+    if scheduler not in SCHEDULER_NAMES:
+        raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
+    torch_device = pick_device(device)
+    on_cuda = torch_device.type == "cuda"
+    size = size or (512 if on_cuda else 256)
+    steps = steps or (50 if on_cuda else 4)
+    if size % 8 or size < 64:
+        raise UsageError("--size: a multiple of 8, at least 64")
+    if bootstrap_steps > steps:
+        raise UsageError("--bootstrap-steps: at most --steps")
+    return BenchConfig(
+        model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
+        device=str(torch_device), dtype=str(pick_dtype(torch_device, dtype)).removeprefix("torch."),
+        compile=compile, max_batch=max_batch,
+    )
+
+
+def parse_widths(text: str) -> list[int]:
+    from .errors import UsageError
+
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError("--widths: comma-separated pixel widths, e.g. 512,1024,2048") from None
+    if any(w % 8 or w < 64 for w in widths):
+        raise UsageError("--widths: each a multiple of 8, at least 64")
+    return widths
+
+
 def build_sd2_random(seed: int = 0) -> Components:
     """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -337,36 +337,16 @@ def bench(
         import json
         from dataclasses import asdict
 
-        from .bench import BenchConfig, run_bench, run_width_sweep
-        from .models import pick_device, pick_dtype
+        from .bench import bench_config, parse_widths, run_bench, run_width_sweep
         from .report import bench_summary, bench_table, sweep_table
-        from .schedulers import SCHEDULER_NAMES
 
-        if model not in ("sd2-random", "tiny-random"):
-            raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
-        if scheduler not in SCHEDULER_NAMES:
-            raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
-        torch_device = pick_device(device or os.environ.get("MULTIDIFF_DEVICE"))
-        torch_dtype = pick_dtype(torch_device, dtype)
-        on_cuda = torch_device.type == "cuda"
-        size = size or (512 if on_cuda else 256)
-        steps = steps or (50 if on_cuda else 4)
-        if size % 8 or size < 64:
-            raise UsageError("--size: a multiple of 8, at least 64")
-        if bootstrap_steps > steps:
-            raise UsageError("--bootstrap-steps: at most --steps")
-        config = BenchConfig(
-            model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps,
-            scheduler=scheduler, device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
-            compile=compile_unet, max_batch=max_batch,
+        config = bench_config(
+            model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
+            device=device or os.environ.get("MULTIDIFF_DEVICE"), dtype=dtype, compile=compile_unet, max_batch=max_batch,
         )
+        torch_device = config.device
         if widths:
-            try:
-                sweep = [int(w) for w in widths.split(",")]
-            except ValueError:
-                raise UsageError("--widths: comma-separated pixel widths, e.g. 512,1024,2048") from None
-            if any(w % 8 or w < 64 for w in sweep):
-                raise UsageError("--widths: each a multiple of 8, at least 64")
+            sweep = parse_widths(widths)
             with err.status(f"benchmarking widths {widths} on {torch_device}", spinner="dots"):
                 report = {"config": asdict(config), "widths": run_width_sweep(config, sweep)}
             out.print(sweep_table(report))
