@@ -161,32 +161,23 @@ def load_scene(path: Path, overrides: dict[str, Any] | None = None) -> Scene:
     """
     path = Path(path)
     data, root = parse_yaml(path)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    try:
-        scene = Scene.model_validate({**data, **overrides})
-    except ValidationError as exc:
-        problems = [(err["loc"], _message(err)) for err in exc.errors()]
-        raise SceneError(report(path, root, problems, from_cli=set(overrides))) from None
-    scene._base_dir = path.resolve().parent
-    problems = check_canvas(scene)
-    if problems:
-        raise SceneError(report(path, root, problems))
-    return scene
+    return scene_from_dict(data, path, overrides=overrides, root=root)
 
 
 def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = None,
-                    overrides: dict[str, Any] | None = None) -> Scene:
-    """Validate a scene given as a dict (a PNG's metadata); problems are reported against `source`."""
+                    overrides: dict[str, Any] | None = None, root: Any = None) -> Scene:
+    """Validate a scene given as a dict (a parsed file, or a PNG's metadata); problems are reported
+    against `source`, at the lines of the YAML node tree `root` when there is one."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         scene = Scene.model_validate({**data, **overrides})
     except ValidationError as exc:
         problems = [(err["loc"], _message(err)) for err in exc.errors()]
-        raise SceneError(report(source, None, problems, from_cli=set(overrides))) from None
+        raise SceneError(report(source, root, problems, from_cli=set(overrides))) from None
     scene._base_dir = base_dir or Path(source).resolve().parent
     problems = check_canvas(scene)
     if problems:
-        raise SceneError(report(source, None, problems))
+        raise SceneError(report(source, root, problems))
     return scene
 
 
