@@ -13,7 +13,7 @@ from .memory import check_memory
 from .models import DEFAULT_MODEL, load_components, pick_device, pick_dtype
 from .output import build_metadata, check_writable, read_metadata, write_gif, write_png
 from .preview import contact_sheet
-from .render import DEFAULT_MAX_BATCH, canvas_views, decode, render, tiled_decode_on
+from .render import DEFAULT_MAX_BATCH, canvas_views, decode_scene, render, tiled_decode_on
 from .scene import Scene
 
 
@@ -89,8 +89,7 @@ class Batch:
         def on_step(i: int, n: int, latents, denoised) -> None:
             self.progress.update(task, description=job.label, completed=i + 1, total=n)
             if self.preview_every and ((i + 1) % self.preview_every == 0 or i + 1 == n):
-                frame = decode(components, denoised if denoised is not None else latents,
-                               wrap=scene.wrap == "horizontal", tiled=tiled_decode_on(scene))
+                frame = decode_scene(components, denoised if denoised is not None else latents, scene)
                 write_png(frame, job.target.with_suffix(".steps") / f"step-{i + 1:03d}.png")
                 frames.append(frame)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import re
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def plan_jobs(
             jobs.append(RenderJob(source, scene.model_copy(update={"seed": seed}), seed, target, scene_file))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
-    clashes = sorted({str(j.target) for j in jobs if sum(k.target == j.target for k in jobs) > 1})
+    clashes = sorted(str(target) for target, count in Counter(job.target for job in jobs).items() if count > 1)
     if clashes:
         raise UsageError(f"two renders would write the same file ({', '.join(clashes)}): scenes with the same "
                          "name need separate --output-dir runs")

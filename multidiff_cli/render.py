@@ -125,7 +125,6 @@ class BatchedUNet:
     def __init__(self, unet, max_batch: int | None = None, warn: Callable[[str], None] | None = None):
         self.unet, self.max_batch, self.warn = unet, max_batch, warn or (lambda _message: None)
         self.halved = False
-        self.calls = 0
 
     def __call__(self, inputs: torch.Tensor, t: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         while True:
@@ -142,7 +141,6 @@ class BatchedUNet:
                 self.warn(f"out of GPU memory at {size} UNet samples per call: retrying with --max-batch {self.max_batch}")
 
     def _forward(self, inputs, t, texts):
-        self.calls += 1
         return self.unet(inputs.to(self.unet.dtype), t, encoder_hidden_states=texts).sample.float()
 
 
@@ -207,6 +205,11 @@ def decode(components: Components, latents: torch.Tensor, wrap: bool = False, ti
         pixels = pixels[..., margin:-margin]
     pixels = ((pixels[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+def decode_scene(components: Components, latents: torch.Tensor, scene: Scene) -> Image.Image:
+    """`decode` with the scene's wrap-around and tiling settings."""
+    return decode(components, latents, wrap=scene.wrap == "horizontal", tiled=tiled_decode_on(scene))
 
 
 def canvas_views(scene: Scene, components: Components) -> list[View]:
@@ -282,5 +285,5 @@ def render(
             f"out of GPU memory with {unet.max_batch} UNet samples per call on a {scene.width}x{scene.height} "
             f"canvas ({components.dtype_name} on {device}): try --max-batch 1, a smaller canvas, or --dtype float16"
         ) from None
-    image = decode(components, latents, wrap=scene.wrap == "horizontal", tiled=tiled_decode_on(scene))
+    image = decode_scene(components, latents, scene)
     return RenderResult(image, latents, seed, time.perf_counter() - started, truncation_warnings(components, prompts))

@@ -71,19 +71,24 @@ def bootstrap_inputs(x: torch.Tensor, region_masks: torch.Tensor, backgrounds: t
     return region_masks * x + (1 - region_masks) * backgrounds
 
 
-def step_jobs(x, weights, views, bootstrap=None, center=False):
+def active_prompts(weights: torch.Tensor, views: list[View]) -> list[list[int]]:
+    """For every view, the prompts with weight inside it (the others would be fused with weight 0)."""
+    return [[p for p in range(weights.shape[0]) if view.crop(weights[p]).any()] for view in views]
+
+
+def step_jobs(x, weights, views, bootstrap=None, center=False, active=None):
     """The inputs and jobs of one step: for every view, each prompt with weight inside it.
 
     bootstrap: (N, C, H, W) bootstrapped region latents, or None outside bootstrapping, when
-    every prompt of a view shares the view's crop of x. Returns inputs (M, C, hv, wv), jobs,
-    each job's view, and each job's centering roll (or None).
+    every prompt of a view shares the view's crop of x. active: active_prompts(weights, views),
+    if already known. Returns inputs (M, C, hv, wv), jobs, each job's view, and each job's
+    centering roll (or None).
     """
     inputs, jobs, job_views, rolls = [], [], [], []
-    for view in views:
-        active = [p for p in range(weights.shape[0]) if view.crop(weights[p]).any()]
+    for view, active_here in zip(views, active if active is not None else active_prompts(weights, views)):
         inputs.append(view.crop(x)[0])
         shared = len(inputs) - 1
-        for prompt in active:
+        for prompt in active_here:
             roll = None
             if bootstrap is None or prompt == 0:
                 index = shared
@@ -164,16 +169,22 @@ def multidiffusion(
     order = getattr(scheduler, "order", 1)  # Heun-type schedulers visit each step `order` times
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and takes_generator else {}
+    active: dict[int, list[list[int]]] = {}  # per set of weights: the same every step unless per_step
     for i, t in enumerate(timesteps):
         step = i // order
-        step_weights = weights[min(step, weights.shape[0] - 1)] if per_step else weights
+        weights_index = min(step, weights.shape[0] - 1) if per_step else 0
+        step_weights = weights[weights_index] if per_step else weights
+        if weights_index not in active:
+            active[weights_index] = active_prompts(step_weights, views)
         bootstrap = None
         if bootstrapping and step < bootstrap_steps:
             noised = scheduler.add_noise(
                 backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), t.reshape(1)
             )
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
-        inputs, jobs, job_views, rolls = step_jobs(x, step_weights, views, bootstrap, center_regions)
+        inputs, jobs, job_views, rolls = step_jobs(
+            x, step_weights, views, bootstrap, center_regions, active[weights_index]
+        )
         predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, jobs), rolls)
         fused = fuse_views(predictions, jobs, job_views, step_weights)
         out = scheduler.step(fused, t, x, **step_kwargs)
