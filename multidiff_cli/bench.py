@@ -21,15 +21,16 @@ from typing import Any
 
 import torch
 
-from .masks import box_to_latent, region_weights
-from .models import Components, speed_up, to_device
-from .render import DEFAULT_MAX_BATCH, BatchedUNet, Prompts, guided_denoiser
-from .sampler import bootstrap_inputs, multidiffusion, step_jobs
-from .schedulers import make_scheduler
-from .tiny import build_tiny_random, sd2_scheduler_config
-from .views import make_views
-
-SD2_RANDOM = "sd2-random"
+from .errors import BenchError, UsageError
+from .method.guidance import Prompts, guided_denoiser
+from .method.sampler import bootstrap_inputs, multidiffusion, step_requests
+from .method.schedulers import SCHEDULER_NAMES, make_scheduler
+from .method.views import make_views
+from .method.weights import region_weights
+from .models.components import pick_device, pick_dtype, quiet_libraries, speed_up, to_device
+from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet
+from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
 
 
@@ -69,11 +70,7 @@ class PathResult:
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
                  device: str | None, dtype: str | None, compile: bool, max_batch: int | None) -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
-    from .errors import UsageError
-    from .models import pick_device, pick_dtype
-    from .schedulers import SCHEDULER_NAMES
-
-    if model not in (SD2_RANDOM, "tiny-random"):
+    if model not in (SD2_RANDOM, TINY_RANDOM):
         raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
     if scheduler not in SCHEDULER_NAMES:
         raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
@@ -93,8 +90,6 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
 
 
 def parse_widths(text: str) -> list[int]:
-    from .errors import UsageError
-
     try:
         widths = [int(w) for w in text.split(",")]
     except ValueError:
@@ -104,39 +99,12 @@ def parse_widths(text: str) -> list[int]:
     return widths
 
 
-def build_sd2_random(seed: int = 0) -> Components:
-    """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-        )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
-    return Components(None, None, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
-
-
 def bench_scene(config: BenchConfig, cross_attention_dim: int):
     """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row."""
     latent_hw = config.size_px // 8, config.canvas_width // 8
     width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
-    weights = region_weights([box_to_latent(b, latent_hw) for b in boxes], latent_hw)
+    weights = region_weights([torch.from_numpy(box_cells(b, latent_hw)) for b in boxes], latent_hw)
     prompts = Prompts(
         texts=[f"text {i}" for i in range(config.regions + 2)],
         cond=list(range(config.regions + 1)),
@@ -178,7 +146,8 @@ def authors_loop(noise, scheduler, unet, weights, prompts, embeddings, bootstrap
 def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
     """One path in this process: build the model, sample, time every step, measure peak memory."""
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    components = build_tiny_random() if config.model == "tiny-random" else build_sd2_random()
+    quiet_libraries()
+    components = build_tiny_random() if config.model == TINY_RANDOM else build_sd2_random()
     components = speed_up(to_device(components, device, dtype), compile=config.compile)
     weights, prompts, embeddings = bench_scene(config, components.unet.config.cross_attention_dim)
     weights, embeddings = weights.to(device), embeddings.to(device, dtype)
@@ -192,12 +161,12 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
-    run = BatchedUNet(components.unet, config.max_batch or DEFAULT_MAX_BATCH)
+    run = ChunkedUNet(components.unet, config.max_batch or DEFAULT_SAMPLES_PER_CALL)
     with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
         t0 = scheduler.timesteps[0]
         if path == "multidiff":
-            inputs, jobs, _, _ = step_jobs(noise, weights, views)
-            guided_denoiser(run, embeddings, prompts)(inputs, t0, jobs)
+            inputs, requests, _, _ = step_requests(noise, weights, views)
+            guided_denoiser(run, embeddings, prompts)(inputs, t0, requests)
         else:
             run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, embeddings[prompts.negative + prompts.cond])
     timer = _UNetTimer(run, device)
@@ -240,7 +209,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 class _UNetTimer:
     """Wraps the batched UNet: counts samples and times each step's UNet work (synchronised on CUDA)."""
 
-    def __init__(self, run: BatchedUNet, device: torch.device):
+    def __init__(self, run: ChunkedUNet, device: torch.device):
         self.run, self.device, self.samples, self.seconds = run, device, 0, []
 
     def __call__(self, inputs, t, texts):
@@ -278,7 +247,7 @@ def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     status, payload = queue.get()
     child.join()
     if status != "ok":
-        raise RuntimeError(f"bench path {path!r} failed: {payload}")
+        raise BenchError(f"bench path {path!r} failed: {payload}")
     return payload
 
 
@@ -323,3 +292,20 @@ def run_width_sweep(config: BenchConfig, widths: list[int]) -> list[dict[str, An
             result = _in_child(wide, "multidiff", str(Path(tmp) / "latents.pt"))
         rows.append({"width_px": width, "height_px": wide.size_px, **result})
     return rows
+
+
+def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None) -> list:
+    """`multidiff bench`: the two paths compared, or with `widths` the width sweep; what to print."""
+    import json
+
+    from .output.report import bench_summary, bench_table, sweep_table
+
+    if widths:
+        report = {"config": asdict(config), "widths": run_width_sweep(config, parse_widths(widths))}
+        printed = [sweep_table(report)]
+    else:
+        report = run_bench(config)
+        printed = [bench_table(report), bench_summary(report)]
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return printed

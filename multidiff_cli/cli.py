@@ -1,21 +1,20 @@
-"""The `multidiff` command: parse, call, and turn errors into messages and exit codes. No math here."""
+"""The `multidiff` command: parse, call, print, and turn domain errors into lines and exit codes.
+
+Exit codes: 0 done, 1 a runtime failure, 2 a user mistake (scene, option, input file), 130 Ctrl-C.
+The environment ($MULTIDIFF_MODEL, $MULTIDIFF_DEVICE) is read here and nowhere else."""
 from __future__ import annotations
 
 import os
-import random
-import secrets
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from . import __version__
 from .errors import MultidiffError, SceneError, UsageError
+from .output.console import err, error_lines, out, print_path, say
 
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
@@ -23,8 +22,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -40,39 +37,21 @@ def main_callback(
     """Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion."""
 
 
-def _say(lines: list[str], prefix: str = "") -> None:
-    for line in lines:
-        err.print(f"{prefix}{line}", markup=False)
-
-
-def _error_lines(exc: MultidiffError) -> list[str]:
-    lines = str(exc).splitlines() or [type(exc).__name__]
-    return lines if isinstance(exc, SceneError) else [f"error: {line}" for line in lines]
-
-
 @contextmanager
 def _user_errors():
     """Domain errors -> one line each on stderr and their exit code (2 bad input, 1 runtime); Ctrl-C -> 130."""
     try:
         yield
     except MultidiffError as exc:
-        _say(_error_lines(exc))
+        say(error_lines(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted: no partial file was left", markup=False)
         raise typer.Exit(130) from None
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s", style="progress.data.speed")
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-        console=err, disable=quiet,
-    )
+def _env_device(device: Optional[str]) -> Optional[str]:
+    return device or os.environ.get("MULTIDIFF_DEVICE") or None
 
 
 @app.command()
@@ -80,10 +59,8 @@ def render(
     sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png...", help="Scene files, or PNGs to render again."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
     output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help="Hub id, local diffusers folder, or tiny-random [default: the scene's, else "
-        "$MULTIDIFF_MODEL, else SD2-base]."
-    ),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny-random "
+                                        "[default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="One render per seed: 0-3,7."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Overrides the scene's steps."),
@@ -91,99 +68,59 @@ def render(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Overrides guidance_scale."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Overrides the scheduler."),
     size: Optional[str] = typer.Option(None, "--size", help="Overrides the canvas: WIDTHxHEIGHT, e.g. 768x512."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cuda, cuda:1, mps or cpu [default: $MULTIDIFF_DEVICE, else the best present]."
-    ),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="float32, float16 or bfloat16 [default: float16 on CUDA, else float32]."
-    ),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu "
+                                         "[default: $MULTIDIFF_DEVICE, else the best present]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 "
+                                        "[default: float16 on CUDA, else float32]."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="At most this many UNet samples per call."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (slow first step, faster after)."),
     grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the batch, labelled with seeds."),
-    preview_every: Optional[int] = typer.Option(
-        None, "--preview-every", min=1, help="Write the decoded picture every N steps to <output>.steps/."
-    ),
+    preview_every: Optional[int] = typer.Option(None, "--preview-every", min=1,
+                                                help="Write the decoded picture every N steps to <output>.steps/."),
     animation: bool = typer.Option(False, "--animation", help="With --preview-every: also write <output>.gif."),
-    skip_existing: bool = typer.Option(
-        False, "--skip-existing", help="Skip outputs whose metadata already records this render (resume a batch)."
-    ),
-    allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", help="Also load pickle .bin weights (they can run code): trusted models only."
-    ),
-    no_memory_check: bool = typer.Option(
-        False, "--no-memory-check", help="Render even when the memory estimate says it will not fit."
-    ),
+    skip_existing: bool = typer.Option(False, "--skip-existing",
+                                       help="Skip outputs whose metadata already records this render (resume a batch)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Also load pickle .bin weights (they can run code): trusted models only."),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check",
+                                         help="Render even when the memory estimate says it will not fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
 ) -> None:
     """Render scenes (or PNGs made by multidiff, again) to PNGs whose metadata holds everything needed
     to render them again. A failing render does not stop the rest of a batch."""
     with _user_errors():
-        from . import distributed
-        from .batch import write_grid
-        from .jobs import parse_seeds, parse_size, plan_jobs
+        from .models.loading import DEFAULT_MODEL
+        from .output.console import ProgressDisplay
+        from .run.batch import BatchRequest, RunSettings, end_process, run_batch
+        from .run.plan import parse_size
 
         if seed is not None and seeds:
             raise UsageError("--seed and --seeds: give one of them")
         if animation and not preview_every:
             raise UsageError("--animation needs --preview-every N")
-        overrides = {
-            "seed": seed, "steps": steps, "bootstrap_steps": bootstrap_steps, "guidance_scale": guidance_scale,
-            "scheduler": scheduler, "model": model, "max_batch": max_batch,
-        }
+        overrides = {"seed": seed, "steps": steps, "bootstrap_steps": bootstrap_steps, "guidance_scale": guidance_scale,
+                     "scheduler": scheduler, "model": model, "max_batch": max_batch}
         if size:
             overrides["width"], overrides["height"] = parse_size(size)
-        world = distributed.world_from_env()
-        distributed.start(world)
-        try:
-            # random seeds come from one draw on rank 0, so every rank plans the same batch
-            rng = random.Random(distributed.share_from_main(world, secrets.randbits(64)))
-            jobs, load_failures = plan_jobs(
-                sources, overrides, parse_seeds(seeds) if seeds else None, output, output_dir, rng
-            )
-            if world.is_main:
-                for failure in load_failures:
-                    _say(failure.lines)
-            mine = [jobs[i] for i in distributed.split_jobs(len(jobs), world.size, world.rank)]
-            done, render_failures, skipped = [], [], []
-            if mine:
-                from .batch import Batch
-
-                settings = {
-                    "device": distributed.device_for(world, device or os.environ.get("MULTIDIFF_DEVICE")),
-                    "dtype": dtype, "compile": compile_unet, "allow_pickle": allow_pickle,
-                    "skip_existing": skip_existing, "memory_check": not no_memory_check,
-                }
-                with _progress(quiet or not world.is_main) as progress:
-                    batch = Batch(mine, settings, progress, preview_every, animation,
-                                  warn=lambda note: _say([note], "warning: "))
-                    done, render_failures = batch.run(
-                        on_written=lambda path: out.print(str(path), markup=False),
-                        on_failed=lambda failure: _say(failure.lines),
-                        on_skipped=lambda path: (skipped.append(path), _say([f"skipped {path}: already rendered"])),
-                    )
-            # every rank waits here for the others, then rank 0 reports the whole batch
-            shares = distributed.gather(
-                world, ([(job.target, job.contact_label) for job in done], render_failures, len(skipped))
-            )
-            written = [item for share_done, _, _ in shares for item in share_done]
-            failures = load_failures + [failure for _, share_failures, _ in shares for failure in share_failures]
-            skips = sum(count for _, _, count in shares)
-            if world.is_main:
-                if grid and written:
-                    out.print(str(write_grid(written, output.parent if output else output_dir)), markup=False)
-                total = len(jobs) + len(load_failures)
-                if total > 1:
-                    also = f" ({skips} already there, skipped)" if skips else ""
-                    err.print(f"rendered {len(written) - skips} of {total}{also}", markup=False)
-                    for failure in failures:
-                        err.print(f"  failed: {failure.label}: {failure.lines[0]}", markup=False)
-        finally:
-            distributed.stop(world)
-        code = (2 if all(f.exit_code == 2 for f in failures) else 1) if failures else 0
-        if world.distributed:
-            distributed.leave(code)
-        if code:
-            raise typer.Exit(code)
+        request = BatchRequest(sources, overrides, seeds, output, output_dir, grid)
+        settings = RunSettings(
+            device=_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
+            skip_existing=skip_existing, memory_check=not no_memory_check, preview_every=preview_every,
+            animation=animation, default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL,
+        )
+        batch = len(sources) > 1 or bool(seeds)
+        with ProgressDisplay(quiet, labelled_failures=batch) as display:
+            report = run_batch(request, settings, display)
+        if report.is_main:
+            if report.grid:
+                print_path(report.grid)
+            if report.total > 1:
+                also = f" ({report.skipped} already there, skipped)" if report.skipped else ""
+                say([f"rendered {len(report.written) - report.skipped} of {report.total}{also}"])
+                say([f"  failed: {f.label}: {error_lines(f.error)[0]}" for f in report.failures])
+    end_process(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command()
@@ -196,10 +133,10 @@ def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE...", help="
         try:
             scene = load_scene(path)
         except SceneError as exc:
-            _say(exc.problems)
+            say(exc.problems)
             bad = True
             continue
-        _say(scene_warnings(scene), prefix=f"{path}: warning: ")
+        say(scene_warnings(scene), prefix=f"{path}: warning: ")
         count = len(scene.regions)
         out.print(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})", markup=False)
     if bad:
@@ -213,14 +150,13 @@ def preview(
 ) -> None:
     """Draw the scene's layout (regions in colour, labelled), without loading any model."""
     with _user_errors():
-        from .output import write_png
-        from .preview import draw_layout
+        from .output.png import write_png
+        from .output.preview import draw_layout
         from .scene import load_scene, scene_warnings
 
         scene = load_scene(scene_path)
-        _say(scene_warnings(scene), prefix="warning: ")
-        target = output or Path("outputs") / f"{scene_path.stem}-layout.png"
-        out.print(str(write_png(draw_layout(scene), target)), markup=False)
+        say(scene_warnings(scene), prefix="warning: ")
+        print_path(write_png(draw_layout(scene), output or Path("outputs") / f"{scene_path.stem}-layout.png"))
 
 
 @app.command()
@@ -230,15 +166,9 @@ def init(
 ) -> None:
     """Write a commented starter scene: every key, with its default."""
     with _user_errors():
-        from .starter import STARTER_SCENE
+        from .scene.starter import write_starter
 
-        if path.is_dir():
-            raise UsageError(f"{path} is a directory: name the scene file to write, e.g. {path / 'scene.yaml'}")
-        if path.exists() and not force:
-            raise UsageError(f"{path} exists: pass --force to overwrite it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(STARTER_SCENE, encoding="utf-8")
-        out.print(str(path), markup=False)
+        print_path(write_starter(path, force))
 
 
 @app.command()
@@ -250,17 +180,10 @@ def inspect(
     with _user_errors():
         import json
 
-        from .output import read_metadata
-        from .report import metadata_text
+        from .output.png import read_metadata
+        from .output.report import metadata_text
 
-        try:
-            record = read_metadata(image)
-        except FileNotFoundError:
-            raise UsageError(f"{image}: no such file") from None
-        except KeyError:
-            raise UsageError(f"{image}: holds no multidiff metadata") from None
-        except OSError as exc:
-            raise UsageError(f"{image}: not a PNG Pillow can read ({exc})") from None
+        record = read_metadata(image)
         out.print(json.dumps(record, indent=2, ensure_ascii=False) if as_json else metadata_text(record), markup=False)
 
 
@@ -270,47 +193,42 @@ def models(
 ) -> None:
     """List the models in the local Hugging Face cache, and whether multidiff can load each."""
     with _user_errors():
-        from .models import cached_models
+        from .models.loading import cached_models
+        from .output.report import model_lines
 
         found = cached_models(cache_dir)
-        for repo_id, revision, size_bytes, problem in found:
-            status = "ok" if problem is None else f"cannot load: {problem}"
-            typer.echo(f"{repo_id}\t{revision[:12]}\t{size_bytes / 2**30:.1f} GB\t{status}")  # tabs kept for cut/awk
+        for line in model_lines(found):
+            typer.echo(line)
         if not found:
-            err.print("no diffusers models in the Hugging Face cache", markup=False)
+            say(["no diffusers models in the Hugging Face cache"])
 
 
 @app.command()
 def smoke(
     scenes_dir: Path = typer.Option(Path("scenes"), "--scenes", help="Folder of scenes to render."),
     steps: int = typer.Option(2, "--steps", min=1, max=50, help="Steps per scene."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help="[default: $MULTIDIFF_MODEL if a folder, else SD2-base if cached, else tiny-random]"
-    ),
-    device: Optional[str] = typer.Option(None, "--device", help="[default: the best present]"),
+    model: Optional[str] = typer.Option(None, "--model", help="[default: $MULTIDIFF_MODEL if a folder, else "
+                                        "SD2-base if cached, else tiny-random]"),
+    device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="[default: float16 on CUDA, else float32]"),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     output_dir: Path = typer.Option(Path("outputs/smoke"), "--output-dir", help="Where the pictures go."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Render every scene in a few steps, check each picture (size, not black, metadata), print a table.
     Exit 1 if any scene fails. For CI on GPU runners."""
     with _user_errors():
-        from rich.table import Table
-
+        from .output.console import ProgressDisplay
+        from .output.report import smoke_table
+        from .run.batch import RunSettings
         from .smoke import example_scenes, run_smoke, smoke_model
 
         scenes = example_scenes(scenes_dir)
-        chosen = model or smoke_model()
-        settings = {"device": device or os.environ.get("MULTIDIFF_DEVICE"), "dtype": dtype}
-        with _progress(quiet) as progress:
-            results = run_smoke(scenes, output_dir, steps, chosen, settings, progress)
-        table = Table(title=f"smoke: {len(scenes)} scenes, {steps} steps, {chosen}")
-        for column in ("scene", "size", "seconds", "result"):
-            table.add_column(column, justify="right" if column == "seconds" else "left")
-        for result in results:
-            verdict = "ok" if result.problem is None else f"FAILED: {result.problem}"
-            table.add_row(result.scene, result.size, f"{result.seconds:.1f}", verdict)
-        out.print(table)
+        chosen = model or smoke_model(os.environ.get("MULTIDIFF_MODEL"))
+        settings = RunSettings(device=_env_device(device), dtype=dtype, compile=compile_unet)
+        with ProgressDisplay(quiet) as display:
+            results = run_smoke(scenes, output_dir, steps, chosen, settings, display)
+        out.print(smoke_table(results, f"smoke: {len(scenes)} scenes, {steps} steps, {chosen}"))
         if any(result.problem for result in results):
             raise typer.Exit(1)
 
@@ -327,36 +245,22 @@ def bench(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: as render]."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="UNet samples per call."),
-    widths: Optional[str] = typer.Option(
-        None, "--widths", help="Comma-separated canvas widths: time multidiff alone as views grow (panoramas)."
-    ),
+    widths: Optional[str] = typer.Option(None, "--widths", help="Comma-separated canvas widths: time multidiff "
+                                         "alone as views grow (panoramas)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
     """Time multidiff's sampler against the authors' per-prompt loop on random SD2-shaped weights."""
     with _user_errors():
-        import json
-        from dataclasses import asdict
-
-        from .bench import bench_config, parse_widths, run_bench, run_width_sweep
-        from .report import bench_summary, bench_table, sweep_table
+        from .bench import bench_config, run_bench_command
 
         config = bench_config(
             model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            device=device or os.environ.get("MULTIDIFF_DEVICE"), dtype=dtype, compile=compile_unet, max_batch=max_batch,
+            device=_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
         )
-        torch_device = config.device
-        if widths:
-            sweep = parse_widths(widths)
-            with err.status(f"benchmarking widths {widths} on {torch_device}", spinner="dots"):
-                report = {"config": asdict(config), "widths": run_width_sweep(config, sweep)}
-            out.print(sweep_table(report))
-        else:
-            with err.status(f"benchmarking on {torch_device}: two paths, each in its own process", spinner="dots"):
-                report = run_bench(config)
-            out.print(bench_table(report))
-            out.print(bench_summary(report), markup=False)
-        if json_path:
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
+            printed = run_bench_command(config, widths, json_path)
+        for item in printed:
+            out.print(item, markup=False)
 
 
 def main() -> None:

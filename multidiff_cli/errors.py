@@ -45,3 +45,17 @@ class TooLarge(MultidiffError):
     """The render would need more memory than the device has."""
 
     exit_code = 2
+
+
+class RenderError(MultidiffError):
+    """The render itself failed (NaN latents, out of GPU memory, ...)."""
+
+
+class MetadataError(MultidiffError):
+    """A PNG given as input is missing, unreadable, or holds no (or a malformed) multidiff record."""
+
+    exit_code = 2
+
+
+class BenchError(MultidiffError):
+    """A benchmark path failed in its process."""

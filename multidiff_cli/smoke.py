@@ -1,7 +1,6 @@
 """`multidiff smoke`: render every example scene in a few steps and check each picture (CI on GPU runners)."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .batch import Batch
-from .errors import SceneError
-from .jobs import plan_jobs
-from .models import DEFAULT_MODEL, TINY_RANDOM
-from .output import read_metadata
+from .errors import MultidiffError, SceneError
+from .models.loading import DEFAULT_MODEL
+from .models.random_weights import TINY_RANDOM
+from .output.png import read_metadata
+from .run.batch import Event, OnEvent, Renderer, RunSettings
+from .run.plan import plan_jobs
 
 
 @dataclass
@@ -24,10 +24,9 @@ class SmokeResult:
     problem: str | None  # None: passed
 
 
-def smoke_model() -> str:
-    """$MULTIDIFF_MODEL if it names a folder, else the default model if it is in the local HF cache,
-    else tiny-random: a smoke run never downloads."""
-    named = os.environ.get("MULTIDIFF_MODEL")
+def smoke_model(named: str | None = None) -> str:
+    """`named` ($MULTIDIFF_MODEL) if it names a folder, else the default model if it is in the local HF
+    cache, else tiny-random: a smoke run never downloads."""
     if named and Path(named).expanduser().is_dir():
         return named
     from huggingface_hub import try_to_load_from_cache
@@ -42,7 +41,7 @@ def check_picture(path: Path, width: int, height: int, seed: int) -> str | None:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
         record = read_metadata(path)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, MultidiffError) as exc:
         return f"cannot read {path}: {exc}"
     if pixels.shape[:2] != (height, width):
         return f"{pixels.shape[1]}x{pixels.shape[0]} pixels, expected {width}x{height}"
@@ -55,12 +54,14 @@ def check_picture(path: Path, width: int, height: int, seed: int) -> str | None:
     return None
 
 
-def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, settings: dict, progress
-              ) -> list[SmokeResult]:
+def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, settings: RunSettings,
+              on_event: OnEvent | None = None) -> list[SmokeResult]:
     """Render each scene once in `steps` steps (one bootstrap step) and check each picture."""
     overrides = {"steps": steps, "bootstrap_steps": min(1, steps), "model": model}
     jobs, load_failures = plan_jobs(scenes, overrides, None, None, output_dir)
-    results = [SmokeResult(f.label, "-", 0.0, f.lines[0]) for f in load_failures]
+    results = [SmokeResult(f.label, "-", 0.0, str(f.error).splitlines()[0]) for f in load_failures]
+    by_target = {job.target: job for job in jobs}
+    by_label = {job.label: job for job in jobs}
     clock = [time.perf_counter()]
 
     def lap() -> float:
@@ -68,18 +69,20 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
         elapsed, clock[0] = now - clock[0], now
         return elapsed
 
-    def written(path: Path) -> None:
-        job = next(j for j in jobs if j.target == path)
-        problem = check_picture(path, job.scene.width, job.scene.height, job.seed)
-        results.append(SmokeResult(job.source.name, f"{job.scene.width}x{job.scene.height}", lap(), problem))
-
-    def failed(failure) -> None:
-        job = next(j for j in jobs if j.label == failure.label)
-        size = f"{job.scene.width}x{job.scene.height}"
-        results.append(SmokeResult(job.source.name, size, lap(), failure.lines[0].removeprefix("error: ")))
+    def listen(event: Event) -> None:
+        if event.kind == "written":
+            job = by_target[event.path]
+            problem = check_picture(event.path, job.scene.width, job.scene.height, job.seed)
+            results.append(SmokeResult(job.source.name, f"{job.scene.width}x{job.scene.height}", lap(), problem))
+        elif event.kind == "failed":
+            job = by_label[event.failure.label]
+            size = f"{job.scene.width}x{job.scene.height}"
+            results.append(SmokeResult(job.source.name, size, lap(), str(event.failure.error).splitlines()[0]))
+        if on_event is not None:
+            on_event(event)
 
     if jobs:
-        Batch(jobs, settings, progress).run(on_written=written, on_failed=failed)
+        Renderer(settings, listen).run(jobs)
     return results
 
 

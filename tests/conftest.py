@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in `tiny-random` components on the CPU (float32). Treat as read-only."""
-    from multidiff_cli.models import to_device
-    from multidiff_cli.tiny import build_tiny_random
+    from multidiff_cli.models.components import to_device
+    from multidiff_cli.models.random_weights import build_tiny_random
 
     return to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
 

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.output import read_metadata
+from multidiff_cli.output.png import read_metadata
 from multidiff_cli.scene import load_scene
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.distributed import World, device_for, split_jobs, world_from_env
+from multidiff_cli.run.distributed import World, device_for, split_jobs, world_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = "prompt: a room\nwidth: 96\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sofa\n    box: [16, 16, 80, 64]\n"
@@ -120,7 +120,7 @@ def test_smoke_passes_on_every_example_scene_and_make_smoke_runs_it(tmp_path):
 
 
 def test_a_black_picture_fails_the_check(tmp_path):
-    from multidiff_cli.output import write_png
+    from multidiff_cli.output.png import write_png
     from multidiff_cli.smoke import check_picture
 
     black = write_png(Image.new("RGB", (96, 64)), tmp_path / "black.png", None)

@@ -28,15 +28,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-import multidiff_cli.batch as batch_module
-import multidiff_cli.memory as memory_module
-import multidiff_cli.tiny as tiny_module
+import multidiff_cli.run.batch as batch_module
+import multidiff_cli.run.memory as memory_module
+import multidiff_cli.models.random_weights as tiny_module
 from multidiff_cli.cli import app
 from multidiff_cli.errors import SceneError
-from multidiff_cli.memory import estimate_bytes
-from multidiff_cli.output import read_metadata, write_atomic
+from multidiff_cli.run.memory import estimate_bytes
+from multidiff_cli.output.png import read_metadata, write_atomic
 from multidiff_cli.scene import Region, Scene, load_scene
-from multidiff_cli.tiny import build_tiny_random, save_components
+from multidiff_cli.models.random_weights import build_tiny_random, save_components
 
 SMALL = """\
 prompt: a cozy living room

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from multidiff_cli.masks import box_to_latent, gaussian_blur, quantized_weights, region_weights
-from multidiff_cli.models import to_device
+from multidiff_cli.models.components import to_device
 from multidiff_cli.render import noise_levels, render, scene_weights
 from multidiff_cli.scene import load_scene
-from multidiff_cli.schedulers import make_scheduler
-from multidiff_cli.tiny import build_tiny_random, sd2_scheduler_config
+from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.random_weights import build_tiny_random, sd2_scheduler_config
 
 H, W = 16, 24
 TURBO = """\

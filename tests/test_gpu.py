@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multidiff_cli.models import speed_up, to_device
-from multidiff_cli.render import render
+from multidiff_cli.models.components import speed_up, to_device
+from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
-from multidiff_cli.tiny import build_tiny_random
+from multidiff_cli.models.random_weights import build_tiny_random
 
 pytestmark = pytest.mark.gpu
 

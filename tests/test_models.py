@@ -8,10 +8,10 @@ import torch
 
 from multidiff_cli.errors import ModelError, ModelNotFound, UsageError
 from multidiff_cli.models import Components, load_components, pick_device, pick_dtype
-from multidiff_cli.render import render
+from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
-from multidiff_cli.schedulers import SCHEDULER_NAMES, make_scheduler
-from multidiff_cli.tiny import build_tiny_random, save_components, sd2_scheduler_config
+from multidiff_cli.method.schedulers import SCHEDULER_NAMES, make_scheduler
+from multidiff_cli.models.random_weights import build_tiny_random, save_components, sd2_scheduler_config
 
 CPU = torch.device("cpu")
 SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n  - prompt: a sofa\n    box: [0, 0, 32, 64]\n"
@@ -63,7 +63,7 @@ def test_v_prediction_config_is_honoured(tmp_path, write_scene):
 
 
 def to_cpu(components: Components) -> Components:
-    from multidiff_cli.models import to_device
+    from multidiff_cli.models.components import to_device
 
     return to_device(components, CPU, torch.float32)
 

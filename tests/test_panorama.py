@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.output import read_metadata
+from multidiff_cli.output.png import read_metadata
 from multidiff_cli.render import canvas_views, decode, tiled_decode_on
 from multidiff_cli.scene import load_scene
 
@@ -55,7 +55,7 @@ def test_wrap_padding_decodes_across_the_seam(tiny):
 
 
 def test_a_360_panorama_renders_with_wrapping_views(tiny, write_scene, monkeypatch):
-    from multidiff_cli import render as render_module
+    from multidiff_cli.run import render as render_module
 
     scene = load_scene(write_scene("prompt: city\nwidth: 1024\nheight: 512\nsteps: 1\nwrap: horizontal\n"))
     views = canvas_views(scene, tiny)

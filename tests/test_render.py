@@ -192,7 +192,7 @@ def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene):
 
 
 def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypatch):
-    from multidiff_cli import render as render_module
+    from multidiff_cli.run import render as render_module
 
     monkeypatch.setattr(tiny, "unet", FlakyUNet(tiny.unet, limit=0))
     with pytest.raises(render_module.RenderError, match="--max-batch 1"):
@@ -222,7 +222,7 @@ class NaNAfter(torch.nn.Module):
 
 
 def test_nan_latents_stop_the_render_at_the_step_they_appear(tiny, scene, monkeypatch):
-    from multidiff_cli.render import RenderError
+    from multidiff_cli.errors import RenderError
 
     monkeypatch.setattr(tiny, "unet", NaNAfter(tiny.unet, calls=2))
     steps = []

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from multidiff_cli.masks import box_to_latent, region_weights
-from multidiff_cli.sampler import bootstrap_inputs, centering_shifts, fuse_views, multidiffusion
-from multidiff_cli.schedulers import make_scheduler
-from multidiff_cli.tiny import sd2_scheduler_config
-from multidiff_cli.views import full_view
+from multidiff_cli.method.sampler import bootstrap_inputs, centering_shifts, fuse_views, multidiffusion
+from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.random_weights import sd2_scheduler_config
+from multidiff_cli.method.views import full_view
 
 H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed
 BOXES = [(0, 0, 64, 96), (48, 16, 160, 64), (96, 56, 152, 96)]  # pixels; the first two overlap

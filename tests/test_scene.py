@@ -465,7 +465,7 @@ def test_full_prompt_appends_the_style(style, expected):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """A bad scene must fail before any model is touched."""
-    import multidiff_cli.models
+    import multidiff_cli.models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("load_components was called for a bad scene")

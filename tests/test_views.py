@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from test_sampler import prompt_eps
 
 from multidiff_cli.masks import box_to_latent, region_weights
-from multidiff_cli.sampler import bootstrap_inputs, multidiffusion
-from multidiff_cli.schedulers import make_scheduler
-from multidiff_cli.tiny import sd2_scheduler_config
-from multidiff_cli.views import axis_starts, make_views
+from multidiff_cli.method.sampler import bootstrap_inputs, multidiffusion
+from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.random_weights import sd2_scheduler_config
+from multidiff_cli.method.views import axis_starts, make_views
 
 
 @settings(max_examples=300, deadline=None)

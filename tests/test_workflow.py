@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
 from multidiff_cli.errors import UsageError
-from multidiff_cli.jobs import parse_seeds, parse_size
-from multidiff_cli.output import read_metadata
-from multidiff_cli.preview import CANVAS_RGB, CAPTION_RGB, PALETTE, REGION_ALPHA
+from multidiff_cli.run.plan import parse_seeds, parse_size
+from multidiff_cli.output.png import read_metadata
+from multidiff_cli.output.preview import CANVAS_RGB, CAPTION_RGB, PALETTE, REGION_ALPHA
 from multidiff_cli.scene import load_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -580,7 +580,7 @@ def _snapshot(cache: Path, repo: str, sha: str) -> Path:
 
 
 def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
-    from multidiff_cli.tiny import save_components
+    from multidiff_cli.models.random_weights import save_components
 
     cache = tmp_path / "hub"
     good_sha, bad_sha = "a" * 40, "0123456789abcdef" * 2 + "01234567"
@@ -613,7 +613,7 @@ def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
 
 @pytest.fixture
 def tiny_cache(tiny, tmp_path):
-    from multidiff_cli.tiny import save_components
+    from multidiff_cli.models.random_weights import save_components
 
     good = _snapshot(tmp_path / "hub", "me/tiny-sd", "c" * 40)
     save_components(tiny, good)

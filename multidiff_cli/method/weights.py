@@ -1,35 +1,10 @@
-"""Boxes and mask images -> per-prompt weights at latent resolution (the W_i of the paper's Eq. 5)."""
+"""Region masks -> per-prompt fusion weights at latent resolution (the W_i of the paper's Eq. 5)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from . import layout
-from .layout import image_to_grey  # noqa: F401  (part of this module's interface)
-
-
-def box_to_latent(box_px: tuple[int, int, int, int], latent_hw: tuple[int, int], scale: int = 8) -> torch.Tensor:
-    """Binary (h, w) mask of the latent cells whose centre lies in the box [x0, y0, x1, y1) (pixels)."""
-    return torch.from_numpy(layout.box_cells(box_px, latent_hw, scale)).float()
-
-
-def image_to_mask(image: Image.Image) -> torch.Tensor:
-    """Binary (H, W) pixel mask: grey thresholded at half (white = region)."""
-    return torch.from_numpy(layout.pixel_mask(image)).float()
-
-
-def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Resize a binary (H, W) mask of any size to latent resolution, nearest (cell-centre) sampling."""
-    return torch.from_numpy(layout.resize_nearest(mask.cpu().numpy() > 0.5, latent_hw)).float()
-
-
-def read_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """A mask image file -> binary (h, w) latent mask."""
-    return torch.from_numpy(layout.resize_nearest(layout.read_mask_image(path), latent_hw)).float()
 
 
 def region_weights(region_masks: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -38,7 +13,7 @@ def region_weights(region_masks: list[torch.Tensor], latent_hw: tuple[int, int])
     Overlapping regions are not normalised here: the fusion divides by the sum of the weights,
     so where two regions overlap each counts once (they average).
     """
-    regions = torch.stack([m.float() for m in region_masks]) if region_masks else torch.zeros(0, *latent_hw)
+    regions = torch.stack([torch.as_tensor(m).float() for m in region_masks]) if region_masks else torch.zeros(0, *latent_hw)
     background = (1 - regions.sum(0)).clamp(min=0)
     return torch.cat([background[None], regions])[:, None]
 
@@ -65,7 +40,14 @@ def quantized_weights(region_masks: list[torch.Tensor], noise_levels: torch.Tens
     forms; as noise falls its edge grows out to the blurred outline, blending it with its
     surroundings. The background weight follows as 1 - sum, clamped at 0, at every step.
     """
-    soft = gaussian_blur(torch.stack([m.float() for m in region_masks])[:, None], std_cells)[:, 0]
+    soft = gaussian_blur(torch.stack([torch.as_tensor(m).float() for m in region_masks])[:, None], std_cells)[:, 0]
     soft = soft / soft.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
     latent_hw = tuple(soft.shape[-2:])
     return torch.stack([region_weights(list((soft > level).float()), latent_hw) for level in noise_levels.tolist()])
+
+
+def noise_levels(scheduler) -> torch.Tensor:
+    """sqrt(1 - alphas_cumprod[t]) at each step's timestep: 1 is pure noise, 0 clean."""
+    alphas = scheduler.alphas_cumprod.cpu()
+    timesteps = scheduler.timesteps[:: getattr(scheduler, "order", 1)].cpu()
+    return (1 - alphas[timesteps.round().long().clamp(0, len(alphas) - 1)]).sqrt()

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SceneError
+from ..errors import SceneError
 
 
 def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:

@@ -1,4 +1,4 @@
-"""Batches: which scene renders with which seed into which file. Parsing and planning, no rendering."""
+"""Plan a batch: which scene renders with which seed into which file (a RenderJob each). No rendering."""
 from __future__ import annotations
 
 import random
@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MultidiffError, SceneError, UsageError
-from .output import read_metadata
-from .scene import BOOTSTRAP_FRACTION, Scene, load_scene, scene_from_dict
+from ..errors import MultidiffError, UsageError
+from ..models.loading import DEFAULT_MODEL
+from ..output.png import read_metadata
+from ..scene import Scene, load_scene, scene_from_dict
+from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
 SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
 MAX_SEEDS = 10_000
-MAX_SEED = 2**63 - 1  # as the scene's `seed` allows
 
 
 @dataclass
@@ -37,9 +38,14 @@ class RenderJob:
 
 @dataclass
 class Failure:
+    """A source that did not load, or a job that did not render: the batch goes on without it."""
+
     label: str
-    lines: list[str]
-    exit_code: int
+    error: MultidiffError
+
+    @property
+    def exit_code(self) -> int:
+        return self.error.exit_code
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -73,14 +79,7 @@ def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
     the scene file (for a PNG, the one it was rendered from), which output files are named after."""
     if path.suffix.lower() != ".png":
         return load_scene(path, overrides), path.name
-    try:
-        record = read_metadata(path)
-    except FileNotFoundError:
-        raise SceneError([f"{path}: no such file"]) from None
-    except KeyError:
-        raise SceneError([f"{path}: holds no multidiff metadata, so it cannot be rendered again"]) from None
-    except OSError as exc:
-        raise SceneError([f"{path}: not a PNG Pillow can read ({exc})"]) from None
+    record = read_metadata(path)
     scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
     base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
     data = dict(record["scene"])
@@ -92,11 +91,12 @@ def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
 
 def plan_jobs(
     sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, default_model: str = DEFAULT_MODEL,
 ) -> tuple[list[RenderJob], list[Failure]]:
     """Every (scene, seed) to render, and the sources that failed to load (the rest go on).
 
-    Scenes without a seed get a random one from `rng` (fresh randomness if None)."""
+    Scenes without a seed get a random one from `rng` (fresh randomness if None); scenes without
+    a model get `default_model`."""
     draw = rng.randrange if rng is not None else secrets.randbelow
     if output is not None and (output.is_dir() or output.suffix.lower() != ".png"):
         raise UsageError(f"-o/--output: {output} must name a .png file (for a folder, use --output-dir)")
@@ -105,13 +105,14 @@ def plan_jobs(
         try:
             scene, scene_file = load_source(source, overrides)
         except MultidiffError as exc:
-            failures.append(Failure(source.name, str(exc).splitlines(), exc.exit_code))
+            failures.append(Failure(source.name, exc))
             continue
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             target = output or output_dir / f"{Path(scene_file).stem}-{seed}.png"
             if target.resolve() == source.resolve():  # rendering a PNG again never overwrites it
                 target = target.with_name(f"{target.stem}-again.png")
-            jobs.append(RenderJob(source, scene.model_copy(update={"seed": seed}), seed, target, scene_file))
+            resolved = scene.model_copy(update={"seed": seed, "model": scene.model or default_model})
+            jobs.append(RenderJob(source, resolved, seed, target, scene_file))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
     clashes = sorted(str(target) for target, count in Counter(job.target for job in jobs).items() if count > 1)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import TooLarge
-from .models import Components
-from .scene import Scene
+from ..errors import TooLarge
+from ..models.components import Components
+from ..output.report import size_text
+from ..scene import Scene
+from .render import RenderPlan
 
-GIB = 2**30
 # Live activation tensors per element of the UNet's first level, per sample (measured on the CPU:
 # SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
 # which keeps no quadratic matrix).
@@ -45,15 +46,15 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(scene: Scene, components: Components, max_batch: int, views: int, tiled: bool) -> None:
+def check_memory(scene: Scene, components: Components, plan: RenderPlan) -> None:
     """Refuse (TooLarge, exit 2) a render whose estimate exceeds the free memory."""
     free = available_bytes(components.device)
     if free is None:
         return
     # the most samples a step can have: every prompt in every view, twice (guidance), each its own
     # input (bootstrapping)
-    samples = min(max_batch, 2 * (len(scene.regions) + 1) * views)
-    parts = estimate_bytes(scene, components, samples, tiled)
+    samples = min(plan.samples_per_call, 2 * (len(scene.regions) + 1) * len(plan.views))
+    parts = estimate_bytes(scene, components, samples, plan.tiled_decode)
     need = max(parts.values())  # the UNet's memory is released before decoding
     if need > 0.9 * free:
         largest = max(parts, key=parts.get)
@@ -62,11 +63,7 @@ def check_memory(scene: Scene, components: Components, max_batch: int, views: in
             "unet": "lower max_batch (--max-batch 1)",
         }[largest]
         raise TooLarge(
-            f"a {scene.width}x{scene.height} render needs about {_size(need)} for its {largest} "
-            f"(estimate), but {components.device} has {_size(free)} free: {advice}, or make the canvas "
+            f"a {scene.width}x{scene.height} render needs about {size_text(need)} for its {largest} "
+            f"(estimate), but {components.device} has {size_text(free)} free: {advice}, or make the canvas "
             "smaller; --no-memory-check renders anyway"
         )
-
-
-def _size(size: float) -> str:
-    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.0f} MiB"

@@ -1,5 +1,5 @@
 """Region shapes on the latent grid with numpy and Pillow only: what validation and previews need
-without loading torch (masks.py turns these into weight tensors)."""
+without loading torch (method/weights.py turns them into fusion weights)."""
 from __future__ import annotations
 
 from pathlib import Path

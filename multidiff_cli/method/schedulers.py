@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # name -> (diffusers class, config overrides). The names follow what A1111/ComfyUI users type.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Callable
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import OutputError
+from ..errors import MetadataError, OutputError, one_line
 
 METADATA_KEY = "multidiff"  # JSON: everything needed to render the picture again
 PARAMETERS_KEY = "parameters"  # the A1111-style summary other tools (and image sites) read
@@ -131,9 +131,40 @@ def _umask() -> int:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The multidiff record of a PNG written by `write_png`; KeyError if it has none."""
-    with Image.open(path) as image:
-        text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+    """The multidiff record of a PNG written by `write_png`. MetadataError (one line) when the file is
+    missing or unreadable, or holds no record, or a corrupt or truncated one."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise MetadataError(f"{path}: is a directory, not a PNG") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow: not an image, truncated, bad chunk CRC
+        raise MetadataError(f"{path}: not a PNG Pillow can read ({one_line(str(exc))[:200]})") from None
     if text is None:
-        raise KeyError(f"{path} holds no multidiff metadata")
-    return json.loads(text)
+        raise MetadataError(f"{path}: holds no multidiff metadata (only PNGs written by multidiff do)")
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MetadataError(f"{path}: its multidiff record is corrupt or truncated ({one_line(str(exc))[:120]})") from None
+    problem = _record_problem(record)
+    if problem:
+        raise MetadataError(f"{path}: its multidiff record is malformed: {problem}")
+    return record
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why a decoded record cannot be the one write_png stores, or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if not isinstance(record.get("scene"), dict):
+        return "no `scene` object"
+    for key in ("scene_file", "scene_dir", "model", "revision"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"`{key}` is not text"
+    inputs = record.get("inputs", {})
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()):
+        return "`inputs` is not a map of file paths to hashes"
+    return None

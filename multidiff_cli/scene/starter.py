@@ -1,4 +1,10 @@
 """The starter scene `multidiff init` writes: every key, with its default, explained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+
 
 STARTER_SCENE = """\
 # A multidiff scene. Render it:  multidiff render scene.yaml
@@ -30,3 +36,14 @@ regions:                       # each prompt owns a box or a mask; none: plain t
   #   negative_prompt: text    # this region's own (default: the scene's)
   #   guidance_scale: 9.0      # this region's own (default: the scene's)
 """
+
+
+def write_starter(path: Path, force: bool = False) -> Path:
+    """Write STARTER_SCENE to `path`; an existing file only with `force`."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory: name the scene file to write, e.g. {path / 'scene.yaml'}")
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists: pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STARTER_SCENE, encoding="utf-8")
+    return path

@@ -15,15 +15,15 @@ import torch
 
 from .views import View, full_view
 
-Job = tuple[int, int]
-"""(input index, prompt index): one guided prediction the sampler asks for."""
+Request = tuple[int, int]
+"""(input index, prompt index): one guided prediction the sampler requests of the denoiser."""
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, list[Job]], torch.Tensor]
-"""denoise(inputs, t, jobs) -> guided model outputs (len(jobs), C, h, w), one per job.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, list[Request]], torch.Tensor]
+"""denoise(inputs, t, requests) -> guided model outputs (len(requests), C, h, w), one per request.
 
 `inputs` (M, C, h, w) are the distinct latents of the step (one per view, plus one per view and
-region while bootstrapping), already scaled by `scheduler.scale_model_input`; job j asks for
-prompt jobs[j][1]'s prediction on inputs[jobs[j][0]]. Jobs that share an input may share work
+region while bootstrapping), already scaled by `scheduler.scale_model_input`; request r asks for
+prompt requests[r][1]'s prediction on inputs[requests[r][0]]. Requests that share an input may share work
 (the unconditional pass).
 """
 
@@ -46,7 +46,7 @@ class Scheduler(Protocol):
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor: ...
 
 
-def fuse_views(predictions: torch.Tensor, jobs: list[Job], job_views: list[View], weights: torch.Tensor) -> torch.Tensor:
+def fuse_views(predictions: torch.Tensor, requests: list[Request], request_views: list[View], weights: torch.Tensor) -> torch.Tensor:
     """MultiDiffusion, Eq. 5 and 7: per canvas pixel, the weighted mean of every (view, prompt) prediction
     that covers it, each weighted by its prompt's weight there.
 
@@ -56,7 +56,7 @@ def fuse_views(predictions: torch.Tensor, jobs: list[Job], job_views: list[View]
     height, width = weights.shape[-2:]
     fused = predictions.new_zeros((1, predictions.shape[1], height, width))
     total = weights.new_zeros((1, 1, height, width))
-    for prediction, (_, prompt), view in zip(predictions, jobs, job_views):
+    for prediction, (_, prompt), view in zip(predictions, requests, request_views):
         weight = view.crop(weights[prompt])
         view.add_to(fused[0], weight * prediction)
         view.add_to(total[0], weight)
@@ -76,15 +76,15 @@ def active_prompts(weights: torch.Tensor, views: list[View]) -> list[list[int]]:
     return [[p for p in range(weights.shape[0]) if view.crop(weights[p]).any()] for view in views]
 
 
-def step_jobs(x, weights, views, bootstrap=None, center=False, active=None):
-    """The inputs and jobs of one step: for every view, each prompt with weight inside it.
+def step_requests(x, weights, views, bootstrap=None, center=False, active=None):
+    """The inputs and requests of one step: for every view, each prompt with weight inside it.
 
     bootstrap: (N, C, H, W) bootstrapped region latents, or None outside bootstrapping, when
     every prompt of a view shares the view's crop of x. active: active_prompts(weights, views),
-    if already known. Returns inputs (M, C, hv, wv), jobs, each job's view, and each job's
+    if already known. Returns inputs (M, C, hv, wv), requests, each request's view, and each request's
     centering roll (or None).
     """
-    inputs, jobs, job_views, rolls = [], [], [], []
+    inputs, requests, request_views, rolls = [], [], [], []
     for view, active_here in zip(views, active if active is not None else active_prompts(weights, views)):
         inputs.append(view.crop(x)[0])
         shared = len(inputs) - 1
@@ -99,10 +99,10 @@ def step_jobs(x, weights, views, bootstrap=None, center=False, active=None):
                     crop = torch.roll(crop, roll, dims=(-2, -1))
                 inputs.append(crop)
                 index = len(inputs) - 1
-            jobs.append((index, prompt))
-            job_views.append(view)
+            requests.append((index, prompt))
+            request_views.append(view)
             rolls.append(roll)
-    return torch.stack(inputs), jobs, job_views, rolls
+    return torch.stack(inputs), requests, request_views, rolls
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
@@ -182,11 +182,11 @@ def multidiffusion(
                 backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), t.reshape(1)
             )
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
-        inputs, jobs, job_views, rolls = step_jobs(
+        inputs, requests, request_views, rolls = step_requests(
             x, step_weights, views, bootstrap, center_regions, active[weights_index]
         )
-        predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, jobs), rolls)
-        fused = fuse_views(predictions, jobs, job_views, step_weights)
+        predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, requests), rolls)
+        fused = fuse_views(predictions, requests, request_views, step_weights)
         out = scheduler.step(fused, t, x, **step_kwargs)
         x = out.prev_sample
         if callback is not None:

@@ -1,4 +1,5 @@
-"""`tiny-random`: SD2-shaped components with small random weights, built in code (tests, smoke renders)."""
+"""Models with random weights, built in code (no download): `tiny-random` (tests, smoke renders) and
+`sd2-random` (full-size SD2-base shapes: the real model's compute, for `bench` and `gpu-check`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,10 @@ from typing import Any
 
 import torch
 
-from .models import TINY_RANDOM, Components
+from .components import Components
+
+TINY_RANDOM = "tiny-random"
+SD2_RANDOM = "sd2-random"
 
 
 def build_tiny_random(seed: int = 0) -> Components:
@@ -71,6 +75,33 @@ def build_tiny_random(seed: int = 0) -> Components:
         scheduler_config=sd2_scheduler_config(),
         model_id=TINY_RANDOM,
     )
+
+
+def build_sd2_random(seed: int = 0) -> Components:
+    """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    return Components(None, None, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
 
 
 def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:

@@ -9,6 +9,11 @@ from rich.table import Table
 GIB = 2**30
 
 
+def size_text(size_bytes: float) -> str:
+    """Bytes for people: GiB from a tenth of one, else MiB."""
+    return f"{size_bytes / GIB:.2f} GiB" if size_bytes >= GIB / 10 else f"{size_bytes / 2**20:.0f} MiB"
+
+
 def bench_table(report: dict[str, Any]) -> Table:
     config = report["config"]
     table = Table(title=(
@@ -22,7 +27,7 @@ def bench_table(report: dict[str, Any]) -> Table:
         p = report["paths"][name]
         table.add_row(
             label, f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
-            f"{p['non_unet_share']:.1%}", f"{p['peak_memory_bytes'] / GIB:.2f} GiB",
+            f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
         )
     return table
 
@@ -43,7 +48,7 @@ def sweep_table(report: dict[str, Any]) -> Table:
         table.add_column(column, justify="right")
     for row in report["widths"]:
         table.add_row(str(row["width_px"]), str(row["views"]), f"{row['unet_samples_per_step']:.1f}",
-                      f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_bytes'] / GIB:.2f} GiB")
+                      f"{row['seconds_per_step']:.3f}", size_text(row['peak_memory_bytes']))
     return table
 
 
@@ -65,3 +70,22 @@ def metadata_text(record: dict[str, Any]) -> str:
     }
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
     return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+
+
+def model_lines(found: list[tuple[str, str, int, str | None]]) -> list[str]:
+    """`models`' lines: repo id, revision, size, whether it loads; tab-separated for cut and awk."""
+    return [
+        f"{repo_id}\t{revision[:12]}\t{size_bytes / GIB:.1f} GB\t{'ok' if problem is None else f'cannot load: {problem}'}"
+        for repo_id, revision, size_bytes, problem in found
+    ]
+
+
+def smoke_table(results, title: str) -> Table:
+    """`smoke`'s table: one row per scene, with its size, seconds and verdict."""
+    table = Table(title=title)
+    for column in ("scene", "size", "seconds", "result"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for result in results:
+        verdict = "ok" if result.problem is None else f"FAILED: {result.problem}"
+        table.add_row(result.scene, result.size, f"{result.seconds:.1f}", verdict)
+    return table

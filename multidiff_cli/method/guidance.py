@@ -1,0 +1,52 @@
+"""Classifier-free guidance for every request of a step, with each distinct UNet sample run once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampler import Denoiser, Request
+
+UNetRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""run(inputs (B, C, h, w), t, texts (B, L, D)) -> float model outputs (B, C, h, w)."""
+
+
+@dataclass
+class Prompts:
+    """The distinct texts to encode, and for each prompt (0 = global) its cond/negative text and guidance."""
+
+    texts: list[str]
+    cond: list[int]
+    negative: list[int]
+    guidance: list[float]
+    labels: list[str] = field(default_factory=list)
+
+    def labelled_conds(self) -> list[tuple[str, str]]:
+        """(label, conditional text) of every prompt."""
+        return [(label, self.texts[i]) for label, i in zip(self.labels, self.cond)]
+
+
+def guided_denoiser(run: UNetRun, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
+    """Classifier-free guidance (Ho & Salimans) for every request of a step, all UNet samples batched together.
+
+    A sample is (input latent, text); each distinct one runs once, so requests on the same input
+    whose prompts share a negative prompt share its unconditional pass (N regions: N+2 samples a
+    step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
+    """
+
+    def denoise(inputs: torch.Tensor, t: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        samples: dict[tuple[int, int], int] = {}
+
+        def sample(latent: int, text: int) -> int:
+            return samples.setdefault((latent, text), len(samples))
+
+        cond = [sample(latent, prompts.cond[p]) for latent, p in requests]
+        uncond = [sample(latent, prompts.negative[p]) if prompts.guidance[p] > 1 else None for latent, p in requests]
+        out = run(inputs[[latent for latent, _ in samples]], t, embeddings[[text for _, text in samples]])
+        guided = []
+        for c, u, (_, p) in zip(cond, uncond, requests):
+            guided.append(out[c] if u is None else out[u] + prompts.guidance[p] * (out[c] - out[u]))
+        return torch.stack(guided)
+
+    return denoise

@@ -1,0 +1,1 @@
+"""Models: Components on a device, loading (hub id, diffusers folder), random-weight models, the SD denoiser."""

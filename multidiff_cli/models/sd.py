@@ -1,0 +1,101 @@
+"""The Stable Diffusion 1.x/2.x denoiser and codec: text encoding, the UNet in chunks, the VAE."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .components import Components
+
+DEFAULT_SAMPLES_PER_CALL = 16  # UNet samples per call unless the scene's max_batch says: past this, GPUs gain little
+BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
+WRAP_PAD_CELLS = 8  # latent cells of circular padding around a 360-degree panorama when decoding
+
+
+def encode_texts(components: Components, texts: list[str]) -> torch.Tensor:
+    """(E, 77, D) text-encoder hidden states, as diffusers' SD pipelines compute them."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = tokens.attention_mask.to(components.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    with torch.inference_mode():
+        return encoder(tokens.input_ids.to(components.device), attention_mask=mask)[0]
+
+
+def truncation_warnings(components: Components, labelled_texts: list[tuple[str, str]]) -> list[str]:
+    """Name every (label, text) longer than the text encoder's window, and where it is cut."""
+    tokenizer, notes = components.tokenizer, []
+    limit = tokenizer.model_max_length
+    for label, text in labelled_texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1 : limit - 1])
+            notes.append(f"{label} is {len(ids) - 2} tokens, over the text encoder's {limit - 2}: cut after "
+                         f"'...{kept[-40:]}'")
+    return notes
+
+
+class ChunkedUNet:
+    """Runs UNet samples in calls of at most `samples_per_call`; on CUDA out-of-memory, halves it once and retries."""
+
+    def __init__(self, unet, samples_per_call: int = DEFAULT_SAMPLES_PER_CALL, warn: Callable[[str], None] | None = None):
+        self.unet, self.samples_per_call, self.warn = unet, samples_per_call, warn or (lambda _message: None)
+        self.halved = False
+
+    def __call__(self, inputs: torch.Tensor, t: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        while True:
+            size = self.samples_per_call or inputs.shape[0]
+            try:
+                return torch.cat([
+                    self._forward(inputs[i : i + size], t, texts[i : i + size]) for i in range(0, inputs.shape[0], size)
+                ])
+            except torch.cuda.OutOfMemoryError:
+                if self.halved or size == 1:
+                    raise
+                self.halved, self.samples_per_call = True, max(1, size // 2)
+                torch.cuda.empty_cache()
+                self.warn(f"out of GPU memory at {size} UNet samples per call: retrying with --max-batch {self.samples_per_call}")
+
+    def _forward(self, inputs, t, texts):
+        return self.unet(inputs.to(self.unet.dtype), t, encoder_hidden_states=texts).sample.float()
+
+
+def background_latents(components: Components, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
+    """(steps, regions, C, 1, 1) latents of flat random colours, one per bootstrap step and region.
+
+    As in the authors' code, each step and region gets its own colour; a flat image encodes to a
+    flat latent, so each is encoded small and broadcast over the canvas.
+    """
+    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
+    images = colours.expand(-1, -1, BACKGROUND_PX, BACKGROUND_PX).to(components.device, components.vae.dtype)
+    with torch.inference_mode():
+        latents = components.vae.encode(images).latent_dist.mean * components.vae.config.scaling_factor
+    return latents.mean(dim=(2, 3), keepdim=True).float().reshape(steps, regions, -1, 1, 1)
+
+
+def decode(components: Components, latents: torch.Tensor, wrap: bool = False, tiled: bool = False) -> Image.Image:
+    """Latents -> RGB picture, with the VAE's own scaling factor.
+
+    wrap: pad the latents circularly left and right before decoding, and crop the padding off,
+        so the decoder sees across the seam of a 360-degree panorama.
+    tiled: decode in overlapping tiles (diffusers' tiled VAE decoding): bounded memory for wide canvases.
+    """
+    vae = components.vae
+    pad = min(WRAP_PAD_CELLS, latents.shape[-1]) if wrap else 0
+    if pad:
+        latents = torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1)
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    try:
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        vae.disable_tiling()
+    if pad:
+        margin = pad * components.vae_scale_factor
+        pixels = pixels[..., margin:-margin]
+    pixels = ((pixels[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+

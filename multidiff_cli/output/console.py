@@ -1,0 +1,76 @@
+"""The terminal: stdout for the paths of written files and tables, stderr for progress, notes and errors."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from ..errors import MultidiffError, SceneError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def say(lines: list[str], prefix: str = "") -> None:
+    """Lines on stderr, as they are (no rich markup)."""
+    for line in lines:
+        err.print(f"{prefix}{line}", markup=False)
+
+
+def print_path(path) -> None:
+    """A written file's path on stdout: what scripts read."""
+    out.print(str(path), markup=False)
+
+
+def error_lines(exc: MultidiffError, label: str | None = None) -> list[str]:
+    """One line per problem: a scene's problems as they are (they name file, line and field), other
+    errors behind `error:` (and the failed job's label, in a batch)."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    if isinstance(exc, SceneError):
+        return lines
+    return [f"error: {label}: {line}" if label else f"error: {line}" for line in lines]
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s", style="progress.data.speed")
+
+
+class ProgressDisplay:
+    """Draws a batch's events on stderr: one bar for the job at hand (loading, encoding, step i/N),
+    notes and failures printed above it. The bar is removed when the batch ends."""
+
+    def __init__(self, quiet: bool = False, labelled_failures: bool = False):
+        self.quiet, self.labelled_failures = quiet, labelled_failures
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+            console=err, disable=quiet, transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> ProgressDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        """Handle one run.batch.Event."""
+        if event.kind == "stage":
+            self._bar(f"{event.label}: {event.text}", completed=0, total=None)
+        elif event.kind == "step":
+            self._bar(event.label, completed=event.step, total=event.steps)
+        elif event.kind == "written":
+            print_path(event.path)
+        elif event.kind == "skipped":
+            say([f"skipped {event.path}: already rendered"])
+        elif event.kind == "failed":
+            say(error_lines(event.failure.error, event.failure.label if self.labelled_failures else None))
+        elif event.kind == "warning":
+            say([event.text], "warning: ")
+
+    def _bar(self, description: str, completed: int, total: int | None) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(description, total=total)
+        self.progress.update(self.task, description=description, completed=completed, total=total)

@@ -1,0 +1,1 @@
+"""Running renders: plan a batch, render each job (plan + execute), distributed shares, the memory check."""

@@ -1,0 +1,234 @@
+"""Run a batch of render jobs: one model load per model, events for progress, failures collected.
+
+`run_batch` is the whole `render` command below the CLI: plan, share the work between the
+processes of a distributed launch, render this process's share, gather what every process did.
+"""
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from ..errors import MultidiffError
+from ..models.components import pick_device, pick_dtype
+from ..models.loading import DEFAULT_MODEL, load_components
+from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
+from ..output.preview import contact_sheet
+from ..scene import Scene
+from . import distributed
+from .memory import check_memory
+from .plan import Failure, RenderJob, parse_seeds, plan_jobs
+from .render import decode_scene, plan_render, render
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How to run renders, from the command line and the environment (read once, at the edge)."""
+
+    device: str | None = None  # None: the best present
+    dtype: str | None = None  # None: float16 on CUDA, else float32
+    compile: bool = False
+    allow_pickle: bool = False
+    skip_existing: bool = False
+    memory_check: bool = True
+    preview_every: int | None = None
+    animation: bool = False
+    default_model: str = DEFAULT_MODEL  # for scenes that name none
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What to render: sources (scenes or PNGs), command-line overrides, seeds, where to write."""
+
+    sources: list[Path]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: str | None = None  # "0-3,7"
+    output: Path | None = None
+    output_dir: Path = Path("outputs")
+    grid: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a batch reports while it runs. kind: stage (text says what), step (step/steps),
+    written (path), skipped (path), failed (failure), warning (text)."""
+
+    kind: str
+    label: str = ""
+    text: str = ""
+    step: int = 0
+    steps: int = 0
+    path: Path | None = None
+    failure: Failure | None = None
+
+
+OnEvent = Callable[[Event], None]
+
+
+@dataclass
+class BatchReport:
+    """What a batch did, over every process: written files (path, label), failures, skips, the grid."""
+
+    total: int
+    written: list[tuple[Path, str]]
+    failures: list[Failure]
+    skipped: int
+    grid: Path | None
+    is_main: bool = True
+    distributed: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if not self.failures:
+            return 0
+        return 2 if all(f.exit_code == 2 for f in self.failures) else 1
+
+
+def run_batch(request: BatchRequest, settings: RunSettings, on_event: OnEvent | None = None) -> BatchReport:
+    """Plan and render a batch; under torchrun/accelerate every process renders its share.
+
+    Scene and file problems of single sources are failures in the report (the rest go on);
+    problems of the whole request (bad --seeds, clashing outputs) raise."""
+    emit = on_event or (lambda _event: None)
+    world = distributed.world_from_env()
+    distributed.start(world)
+    try:
+        # random seeds come from one draw on rank 0, so every rank plans the same batch
+        rng = random.Random(distributed.share_from_main(world, secrets.randbits(64)))
+        jobs, load_failures = plan_jobs(
+            request.sources, request.overrides, parse_seeds(request.seeds) if request.seeds else None,
+            request.output, request.output_dir, rng, default_model=settings.default_model,
+        )
+        if world.is_main:
+            for failure in load_failures:
+                emit(Event("failed", failure.label, failure=failure))
+        mine = [jobs[i] for i in distributed.split_jobs(len(jobs), world.size, world.rank)]
+        done, render_failures, skipped = (Renderer(settings, emit).run(mine) if mine else ([], [], 0))
+        # every rank waits here for the others, then rank 0 reports the whole batch
+        shares = distributed.gather(world, ([(job.target, job.contact_label) for job in done], render_failures, skipped))
+    finally:
+        distributed.stop(world)
+    written = [item for share_done, _, _ in shares for item in share_done]
+    failures = load_failures + [failure for _, share_failures, _ in shares for failure in share_failures]
+    grid = None
+    if world.is_main and request.grid and written:
+        grid = write_grid(written, request.output.parent if request.output else request.output_dir)
+    return BatchReport(
+        total=len(jobs) + len(load_failures), written=written, failures=failures,
+        skipped=sum(count for _, _, count in shares), grid=grid, is_main=world.is_main, distributed=world.distributed,
+    )
+
+
+def end_process(report: BatchReport) -> None:
+    """A launched process ends here, with the batch's exit code (see distributed.leave)."""
+    if report.distributed:
+        distributed.leave(report.exit_code)
+
+
+class Renderer:
+    """Renders jobs in order, each model loaded once; a job that fails is recorded and the rest go on."""
+
+    def __init__(self, settings: RunSettings, emit: OnEvent):
+        self.settings, self.emit = settings, emit
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(self.device, settings.dtype)
+        self._models: dict[str, Any] = {}
+
+    def run(self, jobs: list[RenderJob]) -> tuple[list[RenderJob], list[Failure], int]:
+        """Render every job; returns (the jobs whose file exists now, failures, how many were skipped)."""
+        for folder in sorted({job.target.parent for job in jobs}):
+            check_writable(folder)  # before any model is loaded
+        done, failures, skipped = [], [], 0
+        for number, job in enumerate(jobs, 1):
+            label = f"[{number}/{len(jobs)}] {job.label}" if len(jobs) > 1 else job.label
+            if self.settings.skip_existing and already_rendered(job):
+                self.emit(Event("skipped", label, path=job.target))
+                done.append(job)
+                skipped += 1
+                continue
+            try:
+                self._render(job, label)
+            except MultidiffError as exc:
+                failure = Failure(job.label, exc)
+                failures.append(failure)
+                self.emit(Event("failed", label, failure=failure))
+                continue
+            self.emit(Event("written", label, path=job.target))
+            done.append(job)
+        return done, failures, skipped
+
+    def components(self, model: str):
+        """Each model loads once per batch; a model that failed to load fails its other jobs at once."""
+        if model not in self._models:
+            try:
+                self._models[model] = load_components(
+                    model, self.device, self.dtype, compile=self.settings.compile,
+                    allow_pickle=self.settings.allow_pickle,
+                )
+            except MultidiffError as exc:
+                self._models[model] = exc
+        found = self._models[model]
+        if isinstance(found, MultidiffError):
+            raise found
+        return found
+
+    def _render(self, job: RenderJob, label: str) -> None:
+        scene = job.scene
+        if scene.model not in self._models:
+            self.emit(Event("stage", label, text=f"loading {scene.model}"))
+        components = self.components(scene.model)
+        plan = plan_render(scene, components)
+        if self.settings.memory_check:
+            check_memory(scene, components, plan)
+        frames: list[Image.Image] = []
+        every = self.settings.preview_every
+
+        def on_step(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
+            self.emit(Event("step", label, step=i + 1, steps=n))
+            if every and ((i + 1) % every == 0 or i + 1 == n):
+                frame = decode_scene(components, denoised if denoised is not None else latents, plan)
+                write_png(frame, job.target.with_suffix(".steps") / f"step-{i + 1:03d}.png")
+                frames.append(frame)
+
+        result = render(
+            scene, components, job.seed, plan=plan, callback=on_step,
+            warn=lambda note: self.emit(Event("warning", label, text=note)),
+            on_stage=lambda what: self.emit(Event("stage", label, text=what)),
+        )
+        for note in result.warnings:
+            self.emit(Event("warning", label, text=note))
+        record = build_metadata(
+            scene.model_dump(mode="json", exclude_none=True),
+            model=components.model_id, revision=components.revision, device=str(self.device),
+            dtype=components.dtype_name, seconds=result.seconds,
+            scene_file=job.scene_file,
+            scene_dir=str(scene.base_dir),
+        )
+        write_png(result.image, job.target, record)
+        if self.settings.animation and frames:
+            write_gif(frames + [result.image], job.target.with_suffix(".gif"))
+
+
+def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
+    """A contact sheet of written pictures, each labelled (with its scene and seed)."""
+    pictures = []
+    for target, label in written:
+        with Image.open(target) as image:
+            pictures.append((image.convert("RGB"), label))
+    stems = {Path(target).stem.rsplit("-", 1)[0] for target, _ in written}
+    name = f"{stems.pop()}-grid.png" if len(stems) == 1 else "batch-grid.png"
+    return write_png(contact_sheet(pictures), folder / name)
+
+
+def already_rendered(job: RenderJob) -> bool:
+    """Whether job.target exists and its metadata records this very render (scene, seed, model)."""
+    try:
+        record = read_metadata(job.target)
+    except MultidiffError:
+        return False
+    return record.get("scene") == job.scene.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,166 @@
+"""One render: a validated scene and loaded components -> a plan -> MultiDiffusion latents -> a picture."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ..errors import RenderError
+from ..method.guidance import Prompts, guided_denoiser
+from ..method.sampler import StepCallback, multidiffusion
+from ..method.schedulers import make_scheduler
+from ..method.views import View, make_views
+from ..method.weights import noise_levels, quantized_weights, region_weights
+from ..models.components import Components
+from ..models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_texts, truncation_warnings
+from ..scene import Scene, region_cells
+
+TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """What a render of this scene on these components will do, decided once: the memory check and
+    the sampler read the same numbers."""
+
+    views: list[View]
+    samples_per_call: int
+    tiled_decode: bool
+    wrap: bool
+
+
+@dataclass
+class RenderResult:
+    image: Image.Image
+    latents: torch.Tensor
+    seed: int
+    seconds: float
+    warnings: list[str]
+
+
+def plan_render(scene: Scene, components: Components) -> RenderPlan:
+    """Views of the model's native size over the canvas, UNet samples per call, and tiled decoding."""
+    window = components.unet.config.sample_size
+    window = window if isinstance(window, int) else min(window)
+    stride = max(1, scene.view_stride // components.vae_scale_factor)
+    wrap = scene.wrap == "horizontal"
+    tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
+    return RenderPlan(
+        views=make_views(scene.latent_hw, window, stride, wrap=wrap),
+        samples_per_call=scene.max_batch or DEFAULT_SAMPLES_PER_CALL,
+        tiled_decode=tiled,
+        wrap=wrap,
+    )
+
+
+def scene_prompts(scene: Scene) -> Prompts:
+    """Global prompt plus one per region, each text listed once (encoded once)."""
+    texts: list[str] = []
+
+    def index(text: str) -> int:
+        if text not in texts:
+            texts.append(text)
+        return texts.index(text)
+
+    prompts = Prompts(texts, [], [], [])
+    entries = [("prompt", scene.prompt, None, None)] + [
+        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale) for i, r in enumerate(scene.regions)
+    ]
+    for label, text, negative, guidance in entries:
+        prompts.labels.append(label)
+        prompts.cond.append(index(scene.full_prompt(text)))
+        prompts.negative.append(index(scene.negative_prompt if negative is None else negative))
+        prompts.guidance.append(scene.guidance_scale if guidance is None else guidance)
+    return prompts
+
+
+def scene_weights(scene: Scene, scheduler=None) -> torch.Tensor:
+    """Fusion weights of the global prompt and every region: (N+1, 1, h, w), or with the few-step
+    stabilisation on, quantized masks, one set per step (steps, N+1, 1, h, w)."""
+    region_masks = [torch.from_numpy(region_cells(scene, i)).float() for i in range(len(scene.regions))]
+    if not (scene.few_step_on and region_masks and scheduler is not None):
+        return region_weights(region_masks, scene.latent_hw)
+    return quantized_weights(region_masks, noise_levels(scheduler))
+
+
+def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
+    """`decode` with the plan's wrap-around and tiling."""
+    return decode(components, latents, wrap=plan.wrap, tiled=plan.tiled_decode)
+
+
+def finite_checked(callback: StepCallback | None, components: Components) -> StepCallback:
+    """Stop at the step where the latents first hold NaN or inf, rather than decode a black picture."""
+
+    def check(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
+        if not torch.isfinite(latents).all():
+            cause = ("float16 overflowed: try --dtype bfloat16 or float32" if components.dtype == torch.float16
+                     else "the model's weights may be broken")
+            raise RenderError(
+                f"the latents hold NaN or inf values from step {i + 1} of {n} ({components.dtype_name} on "
+                f"{components.device}): {cause}. Nothing was written."
+            )
+        if callback is not None:
+            callback(i, n, latents, denoised)
+
+    return check
+
+
+@torch.inference_mode()
+def render(
+    scene: Scene,
+    components: Components,
+    seed: int,
+    plan: RenderPlan | None = None,
+    callback: StepCallback | None = None,
+    warn: Callable[[str], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> RenderResult:
+    """Render `scene` with `seed`: MultiDiffusion sampling, then VAE decoding.
+
+    `warn` hears recoveries (a halved batch); `on_stage` hears what is happening ("encoding
+    prompts", "decoding") between the steps that `callback` reports."""
+    started = time.perf_counter()
+    plan = plan or plan_render(scene, components)
+    stage = on_stage or (lambda _what: None)
+    device = components.device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    h, w = scene.latent_hw
+    # Drawn on the CPU so every device starts from the same numbers.
+    noise = torch.randn((1, components.unet.config.in_channels, h, w), generator=generator).to(device)
+
+    stage("encoding prompts")
+    prompts = scene_prompts(scene)
+    embeddings = encode_texts(components, prompts.texts)
+    backgrounds = None
+    if scene.bootstrap_steps and scene.regions:
+        backgrounds = background_latents(components, generator, scene.bootstrap_steps, len(scene.regions))
+
+    scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
+    scheduler.set_timesteps(scene.steps, device=device)
+    weights = scene_weights(scene, scheduler).to(device)
+    unet = ChunkedUNet(components.unet, plan.samples_per_call, warn)
+    stage(f"step 1/{scene.steps}")
+    try:
+        latents = multidiffusion(
+            noise,
+            scheduler,
+            guided_denoiser(unet, embeddings, prompts),
+            weights,
+            views=plan.views,
+            bootstrap_steps=scene.bootstrap_steps,
+            backgrounds=backgrounds,
+            center_regions=scene.few_step_on,
+            generator=generator,
+            callback=finite_checked(callback, components),
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise RenderError(
+            f"out of GPU memory with {unet.samples_per_call} UNet samples per call on a {scene.width}x{scene.height} "
+            f"canvas ({components.dtype_name} on {device}): try --max-batch 1, a smaller canvas, or --dtype float16"
+        ) from None
+    stage("decoding")
+    image = decode_scene(components, latents, plan)
+    return RenderResult(image, latents, seed, time.perf_counter() - started, truncation_warnings(components, prompts.labelled_conds()))

@@ -1,0 +1,148 @@
+"""The scene schema: strict pydantic models of a scene and its regions, each default in one place."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ..method.schedulers import SCHEDULER_NAMES
+from .grid import LATENT_PX
+
+MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give
+FEW_STEPS = 8  # at most this many steps is a few-step (distilled-model) render
+BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % LATENT_PX:
+        lower = value // LATENT_PX * LATENT_PX
+        raise ValueError(f"must be a multiple of 8 (the VAE's 8x8 latent cells): try {lower or 8}")
+    return value
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a character that is not valid Unicode ({text[exc.start]!r})") from None
+    return text
+
+
+AnyText = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[str, AfterValidator(_encodable), AfterValidator(_not_blank)]
+Coordinate = Annotated[int, Field(ge=-65536, le=65536)]
+SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_multiple_of_8)]
+StridePx = Annotated[int, Field(ge=8, le=8192), AfterValidator(_multiple_of_8)]
+Guidance = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, and YAML types are taken as written (no "512" -> 512, no true -> 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Region(Strict):
+    """One prompt that owns part of the canvas: a box in pixels or a mask image."""
+
+    prompt: Text
+    box: list[Coordinate] | None = Field(None, min_length=4, max_length=4, description="x0, y0, x1, y1 in pixels")
+    mask: Text | None = Field(None, description="image path, relative to the scene file; white = region")
+    negative_prompt: AnyText | None = None
+    guidance_scale: Guidance | None = None
+
+    @field_validator("box")
+    @classmethod
+    def _ordered_corners(cls, box: list[int] | None) -> list[int] | None:
+        if box is not None and (box[0] >= box[2] or box[1] >= box[3]):
+            raise ValueError("needs x0 < x1 and y0 < y1 ([x0, y0, x1, y1], origin top-left)")
+        return box
+
+    @model_validator(mode="after")
+    def _box_or_mask(self) -> Region:
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("a region needs exactly one of `box: [x0, y0, x1, y1]` or `mask: file.png`")
+        return self
+
+
+class Scene(Strict):
+    """A whole picture: the global prompt, the regions, and how to sample."""
+
+    prompt: Text
+    negative_prompt: AnyText = ""
+    style: AnyText = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
+    width: SizePx = 512
+    height: SizePx = 512
+    steps: int = Field(50, ge=1, le=1000)
+    bootstrap_steps: int | None = Field(
+        None, ge=0, le=1000, validate_default=True, description="absent: steps / 5, rounded (10 of 50)"
+    )
+    guidance_scale: Guidance = 7.5
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    scheduler: SchedulerName = "ddim"
+    model: Text | None = None
+    view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
+    wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
+    tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")
+    few_step: bool | Literal["auto"] = Field(
+        "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: steps <= 8"
+    )
+    max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
+    regions: list[Region] = Field(default_factory=list)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("bootstrap_steps")
+    @classmethod
+    def _bootstrap_within_steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        steps = info.data.get("steps")
+        if steps is None:  # steps itself is invalid and already reported
+            return value
+        if value is None:
+            return round(steps * BOOTSTRAP_FRACTION)
+        if value > steps:
+            raise ValueError(f"must be <= steps ({steps})")
+        return value
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder mask paths are relative to: the scene file's."""
+        return self._base_dir
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // LATENT_PX, self.width // LATENT_PX
+
+    @property
+    def few_step_on(self) -> bool:
+        """Whether the few-step stabilisation runs: `few_step`, or for `auto`, steps <= FEW_STEPS."""
+        return self.steps <= FEW_STEPS if self.few_step == "auto" else self.few_step
+
+    def mask_path(self, region: Region) -> Path:
+        try:
+            return self.base_dir / Path(region.mask).expanduser()
+        except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
+            return self.base_dir / region.mask
+
+    def full_prompt(self, text: str) -> str:
+        """A prompt with the scene's `style` appended."""
+        return f"{text}, {self.style}" if self.style.strip() else text
+
+
