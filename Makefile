@@ -9,7 +9,7 @@ SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
 
-.PHONY: install render test bench smoke clean
+.PHONY: install render test bench smoke gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ smoke: install
 
 bench: install
 	$(BIN)/multidiff bench $(ARGS)
+
+# Everything that needs a GPU, one table. No venv, no install: a GPU runner's system Python with torch
+# and the wheels beside it (PYTHONPATH), e.g.  PYTHONPATH=/tmp/site:$$PWD make gpu-check PYTHON=python3
+gpu-check:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m multidiff_cli.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ModelError, ModelNotFound
 from .components import Components, quiet_libraries, speed_up, to_device
-from .random_weights import TINY_RANDOM, build_tiny_random
+from .random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.
@@ -37,6 +37,8 @@ def load_components(
     quiet_libraries()
     if model == TINY_RANDOM:
         components = build_tiny_random()
+    elif model == SD2_RANDOM:
+        components = build_sd2_random(text_encoder=True)
     else:
         folder, revision = resolve_model_folder(model, allow_pickle)
         components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)

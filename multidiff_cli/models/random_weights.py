@@ -77,12 +77,25 @@ def build_tiny_random(seed: int = 0) -> Components:
     )
 
 
-def build_sd2_random(seed: int = 0) -> Components:
-    """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download)."""
+def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
+    """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download).
+
+    text_encoder: also an OpenCLIP ViT-H-shaped text encoder (SD2's: 1024 wide, 23 layers) over
+    tiny-random's byte-level tokenizer, so `--model sd2-random` renders scenes; the bench needs none."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer() if text_encoder else None
+        encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, max_position_embeddings=77, projection_dim=1024, hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval() if text_encoder else None
         unet = UNet2DConditionModel(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
@@ -101,7 +114,7 @@ def build_sd2_random(seed: int = 0) -> Components:
             latent_channels=4,
             sample_size=512,
         )
-    return Components(None, None, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
+    return Components(tokenizer, encoder, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
 
 
 def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""`make gpu-check` runs where no GPU is: its table, rows and exit code on the CPU with tiny-random."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from multidiff_cli import gpu_check
+
+SCENES = Path(__file__).resolve().parents[1] / "scenes"
+
+
+def test_gpu_check_renders_every_scene_per_dtype_and_reports_one_table(tmp_path, capsys):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copy(SCENES / "living_room.yaml", scenes)
+    report = tmp_path / "rows.json"
+    code = gpu_check.main([
+        "--device", "cpu", "--model", "tiny-random", "--dtypes", "float32,bfloat16", "--steps", "1",
+        "--scenes", str(scenes), "--output-dir", str(tmp_path / "out"), "--no-tests", "--no-compile", "--no-bench",
+        "--json", str(report),
+    ])
+    printed = capsys.readouterr().out
+    rows = json.loads(report.read_text())["rows"]
+    assert code == 0, printed
+    assert [(row["check"], row["setting"]) for row in rows] == [
+        ("render living_room.yaml 512x512", "float32, 1 steps"),
+        ("render living_room.yaml 512x512", "bfloat16, 1 steps"),
+    ]
+    assert all(row["result"] == "ok" for row in rows)
+    assert "2 passed, 0 failed" in printed
+    assert (tmp_path / "out" / "bfloat16" / "living_room-42.png").exists()
+
+
+def test_gpu_check_says_plainly_that_it_did_not_run_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--no-tests"]) == 1
+    assert "did not run: torch sees no CUDA device" in capsys.readouterr().out
