@@ -11,10 +11,25 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
-from .errors import MultidiffError, SceneError, UsageError
+from .errors import MultidiffError, UsageError, one_line
 from .output.console import err, error_lines, out, print_path, say
+
+
+class _Command(TyperCommand):
+    """Help as people read it: `SCENE...` and `[PATH]`, not `{SCENE}...` with `<list[Path]>` beside it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+                param.display_type_rich = lambda ctx: None
+                param._rich_display_name = lambda name=name: name
+                param._usage_display_name = lambda name=name, req=param.required: name if req else f"[{name}]"
+
 
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
@@ -45,8 +60,13 @@ def _user_errors():
     except MultidiffError as exc:
         say(error_lines(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: no partial file was left", markup=False)
+    except KeyboardInterrupt as exc:
+        left = getattr(exc, "left", [])
+        if left:
+            say([f"interrupted: the picture was not written; {len(left)} step preview"
+                 f"{'' if len(left) == 1 else 's'} remain in {left[0].parent}/"])
+        else:
+            say(["interrupted: no partial file was left"])
         raise typer.Exit(130) from None
 
 
@@ -54,9 +74,9 @@ def _env_device(device: Optional[str]) -> Optional[str]:
     return device or os.environ.get("MULTIDIFF_DEVICE") or None
 
 
-@app.command()
+@app.command(cls=_Command)
 def render(
-    sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png...", help="Scene files, or PNGs to render again."),
+    sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs to render again."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
     output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny-random "
@@ -80,6 +100,8 @@ def render(
     animation: bool = typer.Option(False, "--animation", help="With --preview-every: also write <output>.gif."),
     skip_existing: bool = typer.Option(False, "--skip-existing",
                                        help="Skip outputs whose metadata already records this render (resume a batch)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace <scene>-<seed>.png where it exists "
+                                   "[default: a free name, <scene>-<seed>-2.png]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Also load pickle .bin weights (they can run code): trusted models only."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check",
@@ -105,7 +127,7 @@ def render(
         request = BatchRequest(sources, overrides, seeds, output, output_dir, grid)
         settings = RunSettings(
             device=_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
-            skip_existing=skip_existing, memory_check=not no_memory_check, preview_every=preview_every,
+            skip_existing=skip_existing, overwrite=overwrite, memory_check=not no_memory_check, preview_every=preview_every,
             animation=animation, default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL,
         )
         batch = len(sources) > 1 or bool(seeds)
@@ -123,43 +145,49 @@ def render(
         raise typer.Exit(report.exit_code)
 
 
-@app.command()
-def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE...", help="Scene files.")) -> None:
+@app.command(cls=_Command)
+def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs "
+                                                 "made by multidiff (their recorded scene).")) -> None:
     """Check scenes without loading a model: schema, mask files, sizes. Exit 0 if all are valid, else 2."""
-    from .scene import load_scene, scene_warnings
+    from .run.plan import load_source
+    from .scene import scene_warnings
 
     bad = False
     for path in scenes:
         try:
-            scene = load_scene(path)
-        except SceneError as exc:
-            say(exc.problems)
+            loaded = load_source(path)
+        except MultidiffError as exc:
+            say(error_lines(exc))
             bad = True
             continue
-        say(scene_warnings(scene), prefix=f"{path}: warning: ")
+        scene = loaded.scene
+        say(loaded.notes + scene_warnings(scene), prefix=f"{path}: warning: ")
         count = len(scene.regions)
         out.print(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})", markup=False)
     if bad:
         raise typer.Exit(2)
 
 
-@app.command()
+@app.command(cls=_Command)
 def preview(
-    scene_path: Path = typer.Argument(..., metavar="SCENE", help="Scene file."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="[default: outputs/<scene>-layout.png]"),
+    scene_path: Path = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene file, or a PNG made by multidiff."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="[default: outputs/<scene>-layout.png, "
+                                          "or -2, -3, ... where that exists]"),
 ) -> None:
-    """Draw the scene's layout (regions in colour, labelled), without loading any model."""
+    """Draw the scene's layout (regions in colour, labelled, a numbered legend), without loading any model."""
     with _user_errors():
         from .output.png import write_png
         from .output.preview import draw_layout
-        from .scene import load_scene, scene_warnings
+        from .run.plan import free_path, load_source
+        from .scene import scene_warnings
 
-        scene = load_scene(scene_path)
-        say(scene_warnings(scene), prefix="warning: ")
-        print_path(write_png(draw_layout(scene), output or Path("outputs") / f"{scene_path.stem}-layout.png"))
+        loaded = load_source(scene_path)
+        say(loaded.notes + scene_warnings(loaded.scene), prefix="warning: ")
+        target = output or free_path(Path("outputs") / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
+        print_path(write_png(draw_layout(loaded.scene), target))
 
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     path: Path = typer.Argument(Path("scene.yaml"), help="Where to write the starter scene."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
@@ -171,23 +199,27 @@ def init(
         print_path(write_starter(path, force))
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     image: Path = typer.Argument(..., metavar="IMAGE.png", help="A PNG written by multidiff."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw metadata record as JSON."),
+    save_scene: Optional[Path] = typer.Option(None, "--save-scene", help="Also write the scene as a YAML file "
+                                              "here, its mask paths rewritten to work from that folder."),
 ) -> None:
     """Print what a PNG was rendered from: the resolved scene as YAML, then model, seed, versions."""
     with _user_errors():
         import json
 
         from .output.png import read_metadata
-        from .output.report import metadata_text
+        from .output.report import metadata_text, save_scene_file
 
         record = read_metadata(image)
         out.print(json.dumps(record, indent=2, ensure_ascii=False) if as_json else metadata_text(record), markup=False)
+        if save_scene:
+            say([f"scene written to {save_scene_file(record, image, save_scene)}"])
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the Hugging Face cache, HF_HOME]"),
 ) -> None:
@@ -203,7 +235,7 @@ def models(
             say(["no diffusers models in the Hugging Face cache"])
 
 
-@app.command()
+@app.command(cls=_Command)
 def smoke(
     scenes_dir: Path = typer.Option(Path("scenes"), "--scenes", help="Folder of scenes to render."),
     steps: int = typer.Option(2, "--steps", min=1, max=50, help="Steps per scene."),
@@ -233,7 +265,7 @@ def smoke(
             raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
@@ -264,8 +296,24 @@ def bench(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="multidiff")
+    """Console-script entry point. A mistyped command line is one line too (not Click's usage box)."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="multidiff", standalone_mode=False)
+    except typer.Abort:
+        say(["interrupted"])
+        code = 130
+    except Exception as exc:  # Click's usage errors (typer vendors Click: matched by what they carry)
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            say([ctx.get_help() if ctx else exc.format_message()])
+        else:
+            hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+            say([f"error: {one_line(exc.format_message())}{hint}"])
+        code = 2
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

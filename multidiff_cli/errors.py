@@ -17,6 +17,9 @@ class SceneError(MultidiffError):
         self.problems = [one_line(problem) for problem in problems]
         super().__init__("\n".join(self.problems))
 
+    def __reduce__(self):  # pickled whole (a distributed batch gathers failures), not as one string
+        return type(self), (self.problems,)
+
 
 def one_line(text: str) -> str:
     """A message on one line: newlines and other control characters (from keys, paths, YAML) escaped."""
@@ -59,3 +62,14 @@ class MetadataError(MultidiffError):
 
 class BenchError(MultidiffError):
     """A benchmark path failed in its process."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a render. `left`: the files it leaves behind (step previews), so the message is true."""
+
+    def __init__(self, left: list):
+        super().__init__()
+        self.left = left
+
+    def __reduce__(self):
+        return type(self), (self.left,)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import platform
@@ -30,16 +31,21 @@ def package_versions() -> dict[str, str]:
 
 
 def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, device: str, dtype: str,
-                   seconds: float, scene_file: str | None = None, scene_dir: str | None = None) -> dict[str, Any]:
+                   seconds: float, scene_file: str | None = None, scene_dir: str | None = None,
+                   inputs: dict[str, str] | None = None, model_given: str | None = None) -> dict[str, Any]:
     """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
 
     scene_file and scene_dir say where the scene came from: mask paths in the scene are relative
-    to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again."""
+    to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again. inputs:
+    each input file as written in the scene -> its sha256, so a re-render can tell it changed.
+    model_given: the model as the user typed it (a local folder is recorded absolutely)."""
     return {
         "scene": scene,
         "scene_file": scene_file,
         "scene_dir": scene_dir,
+        "inputs": inputs or {},
         "model": model,
+        "model_given": model_given,
         "revision": revision,
         "scheduler": scene["scheduler"],
         "device": device,
@@ -91,11 +97,13 @@ def write_gif(frames: list[Image.Image], path: Path, frame_ms: int = 120) -> Pat
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {path}: {why_not_writable(path.parent, exc)}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -106,7 +114,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {path}: {why_not_writable(path.parent, exc)}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -121,7 +129,26 @@ def check_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write to {folder}: {why_not_writable(folder, exc)}") from None
+
+
+def why_not_writable(folder: Path, exc: OSError) -> str:
+    """What is wrong with which path, rather than the bare errno text ("File exists" for a file where a
+    folder should be, "No such file or directory" for a file system that creates no files)."""
+    ancestor = Path(folder)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if exc.errno == errno.EROFS:
+        return f"{ancestor} is on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to create files in {ancestor}"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device of {ancestor}"
+    if ancestor == Path(folder):
+        return f"{ancestor} does not take new files ({exc.strerror or exc}): a special or read-only file system?"
+    return f"cannot create {folder} in {ancestor} ({exc.strerror or exc})"
 
 
 def _umask() -> int:
@@ -161,7 +188,7 @@ def _record_problem(record: Any) -> str | None:
         return f"expected a JSON object, got {type(record).__name__}"
     if not isinstance(record.get("scene"), dict):
         return "no `scene` object"
-    for key in ("scene_file", "scene_dir", "model", "revision"):
+    for key in ("scene_file", "scene_dir", "model", "model_given", "revision"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"`{key}` is not text"
     inputs = record.get("inputs", {})

@@ -17,6 +17,10 @@ PALETTE = [
     (237, 201, 72), (176, 122, 161), (255, 157, 167), (156, 117, 95), (186, 176, 172),
 ]
 MAX_SIDE_PX = 2048  # larger canvases are drawn scaled down
+LEGEND_PX = 320  # the legend beside the canvas
+LEGEND_PAD_PX = 10
+LEGEND_FONT_PX = 14
+SWATCH_PX = 12
 
 
 def region_colour(index: int) -> tuple[int, int, int]:
@@ -43,8 +47,8 @@ def region_pixels(scene: Scene, index: int, size_wh: tuple[int, int]) -> np.ndar
 
 
 def draw_layout(scene: Scene) -> Image.Image:
-    """The canvas with every region filled in its own translucent colour and labelled with its prompt,
-    and the global prompt in a caption strip below."""
+    """The canvas with every region filled in its own translucent colour and numbered, and beside it
+    a legend: the canvas size, the global prompt, and each number's prompt in full (wrapped, never cut)."""
     scale = min(1.0, MAX_SIDE_PX / max(scene.width, scene.height))
     width, height = max(1, round(scene.width * scale)), max(1, round(scene.height * scale))
     canvas = np.empty((height, width, 3), dtype=np.float64)
@@ -52,23 +56,50 @@ def draw_layout(scene: Scene) -> Image.Image:
     shapes = [region_pixels(scene, i, (width, height)) for i in range(len(scene.regions))]
     for i, inside in enumerate(shapes):
         canvas[inside] = (1 - REGION_ALPHA) * canvas[inside] + REGION_ALPHA * np.array(region_colour(i))
-    caption_h = max(24, height // 16)
-    picture = Image.new("RGB", (width, height + caption_h), CAPTION_RGB)
+
+    text_font = font(LEGEND_FONT_PX)
+    line_h = LEGEND_FONT_PX + 6
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
+    entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, f"global: {scene.prompt}", text_font, text_w))]
+    for i, region in enumerate(scene.regions):
+        where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
+        entries.append((i, _wrap(measure, f"{i + 1}. {region.prompt} ({where})", text_font, text_w)))
+    legend_h = LEGEND_PAD_PX * 2 + sum(len(lines) * line_h + 6 for _, lines in entries)
+    picture = Image.new("RGB", (width + LEGEND_PX, max(height, legend_h)), CAPTION_RGB)
     picture.paste(Image.fromarray(canvas.round().astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(picture)
-    label_font = font(max(11, min(18, width // 40)))
+    number_font = font(max(11, min(18, width // 30)))
     for i, inside in enumerate(shapes):
         rows, cols = np.nonzero(inside)
         if rows.size == 0:
             continue
         box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
         draw.rectangle(box, outline=region_colour(i), width=2)
-        label = _fit(draw, f"{i + 1}. {scene.regions[i].prompt}", label_font, max(40, box[2] - box[0] - 8))
-        draw.text((box[0] + 5, box[1] + 4), label, fill=TEXT_RGB, font=label_font)
-    caption_font = font(max(11, min(18, caption_h - 8)))
-    caption = _fit(draw, f"{scene.prompt}  ·  {scene.width}x{scene.height}", caption_font, width - 12)
-    draw.text((6, height + 4), caption, fill=TEXT_RGB, font=caption_font)
+        draw.text((box[0] + 5, box[1] + 4), str(i + 1), fill=TEXT_RGB, font=number_font)
+    y = LEGEND_PAD_PX
+    for index, lines in entries:
+        x = width + LEGEND_PAD_PX
+        if index is not None:
+            draw.rectangle((x, y + 2, x + SWATCH_PX, y + 2 + SWATCH_PX), fill=region_colour(index))
+        for line in lines:
+            draw.text((x + SWATCH_PX + 8, y), line, fill=TEXT_RGB, font=text_font)
+            y += line_h
+        y += 6
     return picture
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, text_font, max_width: int) -> list[str]:
+    """`text` in lines of at most `max_width` pixels, broken at spaces (a long word on its own line)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=text_font) > max_width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines or [""]
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, text_font, max_width: int) -> str:

@@ -1,6 +1,8 @@
 """What the commands print: tables and summaries (rich), kept out of cli.py's command logic."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -89,3 +91,29 @@ def smoke_table(results, title: str) -> Table:
         verdict = "ok" if result.problem is None else f"FAILED: {result.problem}"
         table.add_row(result.scene, result.size, f"{result.seconds:.1f}", verdict)
     return table
+
+
+def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[str, Any]:
+    """The PNG's scene with its mask paths rewritten to work from `folder` (they are relative to the
+    folder of the scene the PNG was rendered from)."""
+    scene_dir = Path(record.get("scene_dir") or Path(image).resolve().parent)
+    scene = dict(record["scene"])
+    regions = []
+    for region in scene.get("regions", []):
+        if isinstance(region, dict) and isinstance(region.get("mask"), str):
+            where = (scene_dir / Path(region["mask"]).expanduser()).resolve()
+            region = {**region, "mask": os.path.relpath(where, Path(folder).resolve())}
+        regions.append(region)
+    if regions:
+        scene["regions"] = regions
+    return scene
+
+
+def save_scene_file(record: dict[str, Any], image: Path, target: Path) -> Path:
+    """Write the PNG's scene as a YAML file at `target`, ready to edit and render from there."""
+    from .png import write_atomic
+
+    scene = scene_for_folder(record, image, Path(target).parent)
+    text = f"# the scene of {Path(image).name}, written by multidiff inspect --save-scene\n"
+    text += yaml.safe_dump(scene, sort_keys=False, allow_unicode=True, default_flow_style=None)
+    return write_atomic(Path(target), lambda handle: handle.write(text.encode("utf-8")))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from ..errors import MultidiffError
+from ..errors import Interrupted, MultidiffError, RenderError
 from ..models.components import pick_device, pick_dtype
 from ..models.loading import DEFAULT_MODEL, load_components
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
@@ -22,7 +22,7 @@ from ..output.preview import contact_sheet
 from ..scene import Scene
 from . import distributed
 from .memory import check_memory
-from .plan import Failure, RenderJob, parse_seeds, plan_jobs
+from .plan import Failure, RenderJob, free_path, parse_seeds, plan_jobs
 from .render import decode_scene, plan_render, render
 
 
@@ -35,6 +35,7 @@ class RunSettings:
     compile: bool = False
     allow_pickle: bool = False
     skip_existing: bool = False
+    overwrite: bool = False  # replace <scene>-<seed>.png rather than pick a free name
     memory_check: bool = True
     preview_every: int | None = None
     animation: bool = False
@@ -58,7 +59,7 @@ class Event:
     """Something a batch reports while it runs. kind: stage (text says what), step (step/steps),
     written (path), skipped (path), failed (failure), warning (text)."""
 
-    kind: str
+    kind: str  # stage, step, written, skipped, failed, note, warning
     label: str = ""
     text: str = ""
     step: int = 0
@@ -100,15 +101,26 @@ def run_batch(request: BatchRequest, settings: RunSettings, on_event: OnEvent | 
     try:
         # random seeds come from one draw on rank 0, so every rank plans the same batch
         rng = random.Random(distributed.share_from_main(world, secrets.randbits(64)))
-        jobs, load_failures = plan_jobs(
+        jobs, load_failures, notes = plan_jobs(
             request.sources, request.overrides, parse_seeds(request.seeds) if request.seeds else None,
             request.output, request.output_dir, rng, default_model=settings.default_model,
+            overwrite=settings.overwrite,
         )
+        distributed.barrier(world)  # every rank has picked its file names before any is written
         if world.is_main:
+            for kind, text in notes:
+                emit(Event(kind, text=text))
             for failure in load_failures:
                 emit(Event("failed", failure.label, failure=failure))
         mine = [jobs[i] for i in distributed.split_jobs(len(jobs), world.size, world.rank)]
-        done, render_failures, skipped = (Renderer(settings, emit).run(mine) if mine else ([], [], 0))
+        try:
+            done, render_failures, skipped = Renderer(settings, emit).run(mine, contain=world.distributed)
+        except Exception as exc:  # this rank cannot render at all (its folder is unwritable, say)
+            if not world.distributed:
+                raise
+            # the other ranks wait in the gather below: report this rank's jobs as failed, never hang them
+            error = exc if isinstance(exc, MultidiffError) else RenderError(f"{type(exc).__name__}: {exc}")
+            done, render_failures, skipped = [], [Failure(job.label, error) for job in mine], 0
         # every rank waits here for the others, then rank 0 reports the whole batch
         shares = distributed.gather(world, ([(job.target, job.contact_label) for job in done], render_failures, skipped))
     finally:
@@ -139,22 +151,29 @@ class Renderer:
         self.dtype = pick_dtype(self.device, settings.dtype)
         self._models: dict[str, Any] = {}
 
-    def run(self, jobs: list[RenderJob]) -> tuple[list[RenderJob], list[Failure], int]:
-        """Render every job; returns (the jobs whose file exists now, failures, how many were skipped)."""
+    def run(self, jobs: list[RenderJob], contain: bool = False) -> tuple[list[RenderJob], list[Failure], int]:
+        """Render every job; returns (the jobs whose file exists now, failures, how many were skipped).
+
+        contain: also record unexpected exceptions as the job's failure (in a distributed launch,
+        where a rank that raised would leave the others waiting for it)."""
         for folder in sorted({job.target.parent for job in jobs}):
             check_writable(folder)  # before any model is loaded
         done, failures, skipped = [], [], 0
         for number, job in enumerate(jobs, 1):
             label = f"[{number}/{len(jobs)}] {job.label}" if len(jobs) > 1 else job.label
-            if self.settings.skip_existing and already_rendered(job):
+            if self.settings.skip_existing and (done_as := already_rendered(job)):
+                job.target = done_as
                 self.emit(Event("skipped", label, path=job.target))
                 done.append(job)
                 skipped += 1
                 continue
             try:
                 self._render(job, label)
-            except MultidiffError as exc:
-                failure = Failure(job.label, exc)
+            except Exception as exc:
+                if not isinstance(exc, MultidiffError) and not contain:
+                    raise
+                error = exc if isinstance(exc, MultidiffError) else RenderError(f"{type(exc).__name__}: {exc}")
+                failure = Failure(job.label, error)
                 failures.append(failure)
                 self.emit(Event("failed", label, failure=failure))
                 continue
@@ -180,34 +199,37 @@ class Renderer:
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
         if scene.model not in self._models:
-            self.emit(Event("stage", label, text=f"loading {scene.model}"))
+            self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         components = self.components(scene.model)
         plan = plan_render(scene, components)
         if self.settings.memory_check:
             check_memory(scene, components, plan)
         frames: list[Image.Image] = []
+        previews: list[Path] = []
         every = self.settings.preview_every
 
         def on_step(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
             self.emit(Event("step", label, step=i + 1, steps=n))
             if every and ((i + 1) % every == 0 or i + 1 == n):
                 frame = decode_scene(components, denoised if denoised is not None else latents, plan)
-                write_png(frame, job.target.with_suffix(".steps") / f"step-{i + 1:03d}.png")
+                previews.append(write_png(frame, job.target.with_suffix(".steps") / f"step-{i + 1:03d}.png"))
                 frames.append(frame)
 
-        result = render(
-            scene, components, job.seed, plan=plan, callback=on_step,
-            warn=lambda note: self.emit(Event("warning", label, text=note)),
-            on_stage=lambda what: self.emit(Event("stage", label, text=what)),
-        )
+        try:
+            result = render(
+                scene, components, job.seed, plan=plan, callback=on_step,
+                warn=lambda note: self.emit(Event("warning", label, text=note)),
+                on_stage=lambda what: self.emit(Event("stage", label, text=what)),
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(previews) from None
         for note in result.warnings:
             self.emit(Event("warning", label, text=note))
         record = build_metadata(
             scene.model_dump(mode="json", exclude_none=True),
             model=components.model_id, revision=components.revision, device=str(self.device),
             dtype=components.dtype_name, seconds=result.seconds,
-            scene_file=job.scene_file,
-            scene_dir=str(scene.base_dir),
+            scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
         )
         write_png(result.image, job.target, record)
         if self.settings.animation and frames:
@@ -222,13 +244,18 @@ def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
             pictures.append((image.convert("RGB"), label))
     stems = {Path(target).stem.rsplit("-", 1)[0] for target, _ in written}
     name = f"{stems.pop()}-grid.png" if len(stems) == 1 else "batch-grid.png"
-    return write_png(contact_sheet(pictures), folder / name)
+    return write_png(contact_sheet(pictures), free_path(folder / name, set())[0])
 
 
-def already_rendered(job: RenderJob) -> bool:
-    """Whether job.target exists and its metadata records this very render (scene, seed, model)."""
-    try:
-        record = read_metadata(job.target)
-    except MultidiffError:
-        return False
-    return record.get("scene") == job.scene.model_dump(mode="json", exclude_none=True)
+def already_rendered(job: RenderJob) -> Path | None:
+    """The existing file of this job's name whose metadata records this very render (scene, seed,
+    model, and the same input files by hash), or None."""
+    scene = job.scene.model_dump(mode="json", exclude_none=True)
+    for path in job.earlier:
+        try:
+            record = read_metadata(path)
+        except MultidiffError:
+            continue
+        if record.get("scene") == scene and record.get("inputs", {}) == job.inputs:
+            return path
+    return None

@@ -52,6 +52,12 @@ def start(world: World) -> None:
         torch.distributed.init_process_group(backend=backend)
 
 
+def barrier(world: World) -> None:
+    """Wait until every rank got here."""
+    if world.distributed:
+        torch.distributed.barrier()
+
+
 def stop(world: World) -> None:
     """Leave the process group together: a rank that tears down while another still talks makes
     gloo abort the other."""

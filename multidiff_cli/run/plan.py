@@ -1,18 +1,17 @@
 """Plan a batch: which scene renders with which seed into which file (a RenderJob each). No rendering."""
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import secrets
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MultidiffError, UsageError
-from ..models.loading import DEFAULT_MODEL
 from ..output.png import read_metadata
-from ..scene import Scene, load_scene, scene_from_dict
+from ..scene import Scene, load_scene, scene_from_dict, scene_warnings
 from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
 SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
@@ -26,6 +25,9 @@ class RenderJob:
     seed: int
     target: Path
     scene_file: str  # the scene file's name (for a PNG source: the one it was rendered from)
+    model_given: str = ""  # the model as the user typed it (scene.model holds a local folder absolutely)
+    inputs: dict[str, str] = field(default_factory=dict)  # input file as written in the scene -> sha256
+    earlier: list[Path] = field(default_factory=list)  # existing files of this render's name (--skip-existing)
 
     @property
     def label(self) -> str:
@@ -74,49 +76,123 @@ def parse_size(spec: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def load_source(path: Path, overrides: dict[str, Any]) -> tuple[Scene, str]:
-    """A scene file, or a PNG rendered by multidiff (its metadata holds the scene); and the name of
-    the scene file (for a PNG, the one it was rendered from), which output files are named after."""
+@dataclass
+class Source:
+    """A loaded source: the scene, the scene file's name (output files are named after it), and for
+    a PNG its record's input hashes and notes (an input file that changed since)."""
+
+    scene: Scene
+    scene_file: str
+    from_png: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
+    """A scene file, or a PNG rendered by multidiff (its metadata holds the scene)."""
+    overrides = overrides or {}
     if path.suffix.lower() != ".png":
-        return load_scene(path, overrides), path.name
+        return Source(load_scene(path, overrides), path.name)
     record = read_metadata(path)
     scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
     base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
     data = dict(record["scene"])
-    if "steps" in data and round(data["steps"] * BOOTSTRAP_FRACTION) == data.get("bootstrap_steps"):
+    steps, bootstrap = data.get("steps"), data.get("bootstrap_steps")
+    if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
     scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides)
-    return scene, record.get("scene_file") or path.name
+    notes = [
+        f"{name} changed since {path.name} was rendered (its sha256 differs): this render will differ"
+        if digest is not None else f"{name}: the file is gone since {path.name} was rendered"
+        for name, digest in changed_inputs(record.get("inputs", {}), input_hashes(scene))
+    ]
+    return Source(scene, record.get("scene_file") or path.name, True, notes)
+
+
+def input_files(scene: Scene) -> dict[str, Path]:
+    """Every file that shapes the picture (the regions' masks), as written in the scene -> its path."""
+    return {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+
+
+def input_hashes(scene: Scene) -> dict[str, str]:
+    """sha256 of every input file (absent when it cannot be read), recorded so a re-render can tell."""
+    hashes = {}
+    for name, path in input_files(scene).items():
+        try:
+            hashes[name] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            continue
+    return hashes
+
+
+def changed_inputs(recorded: dict[str, str], current: dict[str, str]) -> list[tuple[str, str | None]]:
+    """(name, current hash or None if the file is gone) of every recorded input that differs now."""
+    return [(name, current.get(name)) for name, digest in sorted(recorded.items()) if current.get(name) != digest]
+
+
+def free_path(base: Path, taken: set[Path]) -> tuple[Path, list[Path]]:
+    """The first of base.png, base-2.png, base-3.png, ... that no file and no other job holds, and the
+    existing ones before it: no render replaces a file the user did not name."""
+    earlier, number = [], 1
+    while True:
+        candidate = base if number == 1 else base.with_name(f"{base.stem}-{number}{base.suffix}")
+        if candidate.resolve() not in taken and not candidate.exists():
+            return candidate, earlier
+        if candidate.exists():
+            earlier.append(candidate)
+        number += 1
+
+
+def local_model(model: str) -> str:
+    """A local model folder as an absolute path (so a re-render works from any folder); else as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
 
 def plan_jobs(
     sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path,
-    rng: random.Random | None = None, default_model: str = DEFAULT_MODEL,
-) -> tuple[list[RenderJob], list[Failure]]:
-    """Every (scene, seed) to render, and the sources that failed to load (the rest go on).
+    rng: random.Random | None = None, default_model: str = "", overwrite: bool = False,
+) -> tuple[list[RenderJob], list[Failure], list[tuple[str, str]]]:
+    """Every (scene, seed) to render, the sources that failed to load (the rest go on), and what the
+    user should hear before rendering: ("note" | "warning", text).
 
     Scenes without a seed get a random one from `rng` (fresh randomness if None); scenes without
-    a model get `default_model`."""
+    a model get `default_model`. Files are named <scene>-<seed>.png (a PNG's re-render:
+    <scene>-<seed>-again.png); where that exists, -2, -3, ... is appended, unless `overwrite`."""
     draw = rng.randrange if rng is not None else secrets.randbelow
     if output is not None and (output.is_dir() or output.suffix.lower() != ".png"):
         raise UsageError(f"-o/--output: {output} must name a .png file (for a folder, use --output-dir)")
-    jobs, failures = [], []
+    jobs, failures, notes, taken = [], [], [], set()
     for source in sources:
         try:
-            scene, scene_file = load_source(source, overrides)
+            loaded = load_source(source, overrides)
         except MultidiffError as exc:
             failures.append(Failure(source.name, exc))
             continue
+        scene = loaded.scene
+        notes += [("note", f"{source.name}: {note}") for note in scene_notes(scene)]
+        notes += [("warning", f"{source.name}: {note}") for note in loaded.notes + scene_warnings(scene)]
+        model_given = scene.model or default_model
+        hashes = input_hashes(scene)
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
-            target = output or output_dir / f"{Path(scene_file).stem}-{seed}.png"
-            if target.resolve() == source.resolve():  # rendering a PNG again never overwrites it
-                target = target.with_name(f"{target.stem}-again.png")
-            resolved = scene.model_copy(update={"seed": seed, "model": scene.model or default_model})
-            jobs.append(RenderJob(source, resolved, seed, target, scene_file))
+            base = output_dir / f"{Path(loaded.scene_file).stem}-{seed}{'-again' if loaded.from_png else ''}.png"
+            if output is not None:
+                target, earlier = output, [output] if output.exists() else []
+            elif overwrite:
+                target, earlier = base, [base] if base.exists() else []
+            else:
+                target, earlier = free_path(base, taken)
+            if target.resolve() in taken:
+                raise UsageError(f"two renders would write the same file ({target}): give them separate --output-dir")
+            if target.resolve() == source.resolve():
+                raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
+            taken.add(target.resolve())
+            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)})
+            jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, hashes, earlier))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
-    clashes = sorted(str(target) for target, count in Counter(job.target for job in jobs).items() if count > 1)
-    if clashes:
-        raise UsageError(f"two renders would write the same file ({', '.join(clashes)}): scenes with the same "
-                         "name need separate --output-dir runs")
-    return jobs, failures
+    return jobs, failures, notes
+
+
+def scene_notes(scene: Scene) -> list[str]:
+    """What loading did to the scene that the user should hear of (scaled bootstrap, scaled boxes)."""
+    return list(getattr(scene, "notes", []))

@@ -45,5 +45,5 @@ def write_starter(path: Path, force: bool = False) -> Path:
     if path.exists() and not force:
         raise UsageError(f"{path} exists: pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(STARTER_SCENE, encoding="utf-8")
+    path.write_text(STARTER_SCENE.replace("scene.yaml", str(path), 2), encoding="utf-8")
     return path
