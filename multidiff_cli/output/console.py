@@ -69,6 +69,8 @@ class ProgressDisplay:
             say(error_lines(event.failure.error, event.failure.label if self.labelled_failures else None))
         elif event.kind == "warning":
             say([event.text], "warning: ")
+        elif event.kind == "note":
+            say([event.text], "note: ")
 
     def _bar(self, description: str, completed: int, total: int | None) -> None:
         if self.task is None:

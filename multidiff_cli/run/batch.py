@@ -202,6 +202,9 @@ class Renderer:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         components = self.components(scene.model)
         plan = plan_render(scene, components)
+        if plan.few_step and scene.few_step == "auto":
+            self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
+                            "few-step distilled model (quantized masks, mask-centering bootstrapping)"))
         if self.settings.memory_check:
             check_memory(scene, components, plan)
         frames: list[Image.Image] = []

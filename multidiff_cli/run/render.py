@@ -30,6 +30,7 @@ class RenderPlan:
     samples_per_call: int
     tiled_decode: bool
     wrap: bool
+    few_step: bool  # StreamMultiDiffusion's quantized masks and mask-centering bootstrapping
 
 
 @dataclass
@@ -53,6 +54,7 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
         samples_per_call=scene.max_batch or DEFAULT_SAMPLES_PER_CALL,
         tiled_decode=tiled,
         wrap=wrap,
+        few_step=getattr(components, "few_step_model", False) if scene.few_step == "auto" else scene.few_step,
     )
 
 
@@ -77,11 +79,11 @@ def scene_prompts(scene: Scene) -> Prompts:
     return prompts
 
 
-def scene_weights(scene: Scene, scheduler=None) -> torch.Tensor:
+def scene_weights(scene: Scene, scheduler=None, few_step: bool = False) -> torch.Tensor:
     """Fusion weights of the global prompt and every region: (N+1, 1, h, w), or with the few-step
-    stabilisation on, quantized masks, one set per step (steps, N+1, 1, h, w)."""
+    stabilisation on (and a scheduler), quantized masks, one set per step (steps, N+1, 1, h, w)."""
     region_masks = [torch.from_numpy(region_cells(scene, i)).float() for i in range(len(scene.regions))]
-    if not (scene.few_step_on and region_masks and scheduler is not None):
+    if not (few_step and region_masks and scheduler is not None):
         return region_weights(region_masks, scene.latent_hw)
     return quantized_weights(region_masks, noise_levels(scheduler))
 
@@ -140,7 +142,7 @@ def render(
 
     scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
     scheduler.set_timesteps(scene.steps, device=device)
-    weights = scene_weights(scene, scheduler).to(device)
+    weights = scene_weights(scene, scheduler, plan.few_step).to(device)
     unet = ChunkedUNet(components.unet, plan.samples_per_call, warn)
     stage(f"step 1/{scene.steps}")
     try:
@@ -152,7 +154,7 @@ def render(
             views=plan.views,
             bootstrap_steps=scene.bootstrap_steps,
             backgrounds=backgrounds,
-            center_regions=scene.few_step_on,
+            center_regions=plan.few_step,
             generator=generator,
             callback=finite_checked(callback, components),
         )

@@ -25,7 +25,7 @@ scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dp
 view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
-few_step: auto                 # quantized masks + mask-centering; auto: on at <= 8 steps
+few_step: auto                 # quantized masks + mask-centering; auto: on for turbo/LCM/lightning models
 # max_batch: 16                # UNet samples per call: lower it to save memory
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
