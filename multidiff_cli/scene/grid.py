@@ -56,3 +56,9 @@ def read_mask_image(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         image.load()
         return pixel_mask(image)
+
+
+def image_size_px(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header (no pixels decoded)."""
+    with Image.open(path) as image:
+        return image.size

@@ -108,6 +108,7 @@ class Scene(Strict):
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("bootstrap_steps")
     @classmethod
@@ -127,6 +128,11 @@ class Scene(Strict):
         return self._base_dir
 
     @property
+    def notes(self) -> list[str]:
+        """What loading changed to fit the command line (a scaled bootstrap, scaled boxes), for the user."""
+        return list(self._notes)
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
         return self.height // LATENT_PX, self.width // LATENT_PX
 
@@ -136,13 +142,16 @@ class Scene(Strict):
         return self.steps <= FEW_STEPS if self.few_step == "auto" else self.few_step
 
     def mask_path(self, region: Region) -> Path:
-        try:
-            return self.base_dir / Path(region.mask).expanduser()
-        except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
-            return self.base_dir / region.mask
+        return mask_path(self.base_dir, region.mask)
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
         return f"{text}, {self.style}" if self.style.strip() else text
 
 
+def mask_path(base_dir: Path, mask: str) -> Path:
+    """A region's mask file: `mask` as written in the scene, relative to the scene file's folder."""
+    try:
+        return base_dir / Path(mask).expanduser()
+    except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
+        return base_dir / mask
