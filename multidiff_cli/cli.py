@@ -11,24 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperCommand
 
 from . import __version__
-from .errors import MultidiffError, UsageError, one_line
-from .output.console import err, error_lines, out, print_path, say
-
-
-class _Command(TyperCommand):
-    """Help as people read it: `SCENE...` and `[PATH]`, not `{SCENE}...` with `<list[Path]>` beside it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.param_type_name == "argument":
-                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
-                param.display_type_rich = lambda ctx: None
-                param._rich_display_name = lambda name=name: name
-                param._usage_display_name = lambda name=name, req=param.required: name if req else f"[{name}]"
+from .errors import MultidiffError, UsageError
+from .output.console import PlainHelpCommand as _Command
+from .output.console import err, error_lines, out, print_path, print_summary, say, usage_error_line
 
 
 app = typer.Typer(
@@ -134,12 +121,7 @@ def render(
         with ProgressDisplay(quiet, labelled_failures=batch) as display:
             report = run_batch(request, settings, display)
         if report.is_main:
-            if report.grid:
-                print_path(report.grid)
-            if report.total > 1:
-                also = f" ({report.skipped} already there, skipped)" if report.skipped else ""
-                say([f"rendered {len(report.written) - report.skipped} of {report.total}{also}"])
-                say([f"  failed: {f.label}: {error_lines(f.error)[0]}" for f in report.failures])
+            print_summary(report)
     end_process(report)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
@@ -304,14 +286,10 @@ def main() -> None:
         say(["interrupted"])
         code = 130
     except Exception as exc:  # Click's usage errors (typer vendors Click: matched by what they carry)
-        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+        line = usage_error_line(exc)
+        if line is None:
             raise
-        ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            say([ctx.get_help() if ctx else exc.format_message()])
-        else:
-            hint = f" (see: {ctx.command_path} --help)" if ctx else ""
-            say([f"error: {one_line(exc.format_message())}{hint}"])
+        say([line])
         code = 2
     sys.exit(code or 0)
 

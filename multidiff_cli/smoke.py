@@ -58,7 +58,7 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
               on_event: OnEvent | None = None) -> list[SmokeResult]:
     """Render each scene once in `steps` steps and check each picture."""
     overrides = {"steps": steps, "model": model}  # a scene's bootstrap follows the steps, as in render
-    jobs, load_failures = plan_jobs(scenes, overrides, None, None, output_dir)
+    jobs, load_failures, notes = plan_jobs(scenes, overrides, None, None, output_dir, overwrite=True)
     results = [SmokeResult(f.label, "-", 0.0, str(f.error).splitlines()[0]) for f in load_failures]
     by_target = {job.target: job for job in jobs}
     by_label = {job.label: job for job in jobs}
@@ -81,6 +81,8 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
         if on_event is not None:
             on_event(event)
 
+    for kind, text in notes:
+        listen(Event(kind, text=text))
     if jobs:
         Renderer(settings, listen).run(jobs)
     return results

@@ -4,8 +4,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+from typer.core import TyperCommand
 
-from ..errors import MultidiffError, SceneError
+from ..errors import MultidiffError, SceneError, one_line
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -29,6 +30,17 @@ def error_lines(exc: MultidiffError, label: str | None = None) -> list[str]:
     if isinstance(exc, SceneError):
         return lines
     return [f"error: {label}: {line}" if label else f"error: {line}" for line in lines]
+
+
+def print_summary(report) -> None:
+    """A batch's end (a run.batch.BatchReport): the contact sheet's path; for several pictures, how
+    many were rendered and one line per failure."""
+    if report.grid:
+        print_path(report.grid)
+    if report.total > 1:
+        also = f" ({report.skipped} already there, skipped)" if report.skipped else ""
+        say([f"rendered {len(report.written) - report.skipped} of {report.total}{also}"])
+        say([f"  failed: {f.label}: {error_lines(f.error)[0]}" for f in report.failures])
 
 
 class _RateColumn(ProgressColumn):
@@ -76,3 +88,28 @@ class ProgressDisplay:
         if self.task is None:
             self.task = self.progress.add_task(description, total=total)
         self.progress.update(self.task, description=description, completed=completed, total=total)
+
+
+class PlainHelpCommand(TyperCommand):
+    """Help as people read it: `SCENE...` and `[PATH]`, not `{SCENE}...` with `<list[Path]>` beside it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+                param.display_type_rich = lambda ctx: None
+                param._rich_display_name = lambda name=name: name
+                param._usage_display_name = lambda name=name, req=param.required: name if req else f"[{name}]"
+
+
+def usage_error_line(exc: Exception) -> str | None:
+    """Click's usage error (bad option, out-of-range value, unknown command) as one line, or None when
+    `exc` is none. A bare `multidiff` shows the help."""
+    if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return ctx.get_help() if ctx else exc.format_message()
+    hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+    return f"error: {one_line(exc.format_message())}{hint}"

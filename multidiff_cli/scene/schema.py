@@ -19,7 +19,6 @@ from ..method.schedulers import SCHEDULER_NAMES
 from .grid import LATENT_PX
 
 MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give
-FEW_STEPS = 8  # at most this many steps is a few-step (distilled-model) render
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
 
 
@@ -102,7 +101,7 @@ class Scene(Strict):
     wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
     tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")
     few_step: bool | Literal["auto"] = Field(
-        "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: steps <= 8"
+        "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: on for few-step distilled models"
     )
     max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
     regions: list[Region] = Field(default_factory=list)
@@ -136,10 +135,6 @@ class Scene(Strict):
     def latent_hw(self) -> tuple[int, int]:
         return self.height // LATENT_PX, self.width // LATENT_PX
 
-    @property
-    def few_step_on(self) -> bool:
-        """Whether the few-step stabilisation runs: `few_step`, or for `auto`, steps <= FEW_STEPS."""
-        return self.steps <= FEW_STEPS if self.few_step == "auto" else self.few_step
 
     def mask_path(self, region: Region) -> Path:
         return mask_path(self.base_dir, region.mask)
