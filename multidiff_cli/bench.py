@@ -68,13 +68,14 @@ class PathResult:
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
-                 device: str | None, dtype: str | None, compile: bool, max_batch: int | None) -> BenchConfig:
+                 device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
+                 device_source: str = "--device") -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
     if model not in (SD2_RANDOM, TINY_RANDOM):
         raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
     if scheduler not in SCHEDULER_NAMES:
         raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, source=device_source)
     on_cuda = torch_device.type == "cuda"
     size = size or (512 if on_cuda else 256)
     steps = steps or (50 if on_cuda else 4)

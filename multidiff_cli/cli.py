@@ -57,8 +57,11 @@ def _user_errors():
         raise typer.Exit(130) from None
 
 
-def _env_device(device: Optional[str]) -> Optional[str]:
-    return device or os.environ.get("MULTIDIFF_DEVICE") or None
+def _env_device(device: Optional[str]) -> dict:
+    """The device settings: --device, else $MULTIDIFF_DEVICE, with where the value came from."""
+    if device or not os.environ.get("MULTIDIFF_DEVICE"):
+        return {"device": device, "device_source": "--device"}
+    return {"device": os.environ["MULTIDIFF_DEVICE"], "device_source": "$MULTIDIFF_DEVICE"}
 
 
 @app.command(cls=_Command)
@@ -113,7 +116,7 @@ def render(
             overrides["width"], overrides["height"] = parse_size(size)
         request = BatchRequest(sources, overrides, seeds, output, output_dir, grid)
         settings = RunSettings(
-            device=_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
+            **_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
             skip_existing=skip_existing, overwrite=overwrite, memory_check=not no_memory_check, preview_every=preview_every,
             animation=animation, default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL,
         )
@@ -239,7 +242,7 @@ def smoke(
 
         scenes = example_scenes(scenes_dir)
         chosen = model or smoke_model(os.environ.get("MULTIDIFF_MODEL"))
-        settings = RunSettings(device=_env_device(device), dtype=dtype, compile=compile_unet)
+        settings = RunSettings(**_env_device(device), dtype=dtype, compile=compile_unet)
         with ProgressDisplay(quiet) as display:
             results = run_smoke(scenes, output_dir, steps, chosen, settings, display)
         out.print(smoke_table(results, f"smoke: {len(scenes)} scenes, {steps} steps, {chosen}"))
@@ -269,7 +272,7 @@ def bench(
 
         config = bench_config(
             model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            device=_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
+            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
         )
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
             printed = run_bench_command(config, widths, json_path)

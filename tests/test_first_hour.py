@@ -321,3 +321,15 @@ def test_a_failing_rank_ends_every_rank_and_rank_0_names_the_failed_job(tmp_path
     assert "rendered 1 of 2" in done.stderr
     assert "failed: room.yaml seed 1: error: RuntimeError: boom on rank 1" in done.stderr, done.stderr
     assert (tmp_path / "out" / "room-0.png").exists() and not (tmp_path / "out" / "room-1.png").exists()
+
+
+def test_device_errors_name_where_the_value_came_from(scene, monkeypatch):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("MULTIDIFF_DEVICE", "cuda")
+    from_env = render(scene)
+    assert from_env.exit_code == 2
+    assert from_env.stderr.startswith("error: $MULTIDIFF_DEVICE: 'cuda' asked for CUDA") and "--device" not in from_env.stderr
+    given = render(scene, "--device", "gpu")
+    assert given.exit_code == 2 and given.stderr.strip() == (
+        "error: --device: 'gpu' is not a device; choose cpu, cuda, cuda:N or mps")

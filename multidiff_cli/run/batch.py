@@ -31,6 +31,7 @@ class RunSettings:
     """How to run renders, from the command line and the environment (read once, at the edge)."""
 
     device: str | None = None  # None: the best present
+    device_source: str = "--device"  # where `device` came from, for messages ("$MULTIDIFF_DEVICE")
     dtype: str | None = None  # None: float16 on CUDA, else float32
     compile: bool = False
     allow_pickle: bool = False
@@ -147,7 +148,7 @@ class Renderer:
 
     def __init__(self, settings: RunSettings, emit: OnEvent):
         self.settings, self.emit = settings, emit
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.device, source=settings.device_source)
         self.dtype = pick_dtype(self.device, settings.dtype)
         self._models: dict[str, Any] = {}
 
