@@ -214,10 +214,9 @@ def models(
         from .output.report import model_lines
 
         found = cached_models(cache_dir)
-        for line in model_lines(found):
+        for line in model_lines(found.rows):
             typer.echo(line)
-        if not found:
-            say(["no diffusers models in the Hugging Face cache"])
+        say([f"searched {found.folder}" + ("" if found.rows else ": no diffusers models there")])
 
 
 @app.command(cls=_Command)

@@ -333,3 +333,18 @@ def test_device_errors_name_where_the_value_came_from(scene, monkeypatch):
     given = render(scene, "--device", "gpu")
     assert given.exit_code == 2 and given.stderr.strip() == (
         "error: --device: 'gpu' is not a device; choose cpu, cuda, cuda:N or mps")
+
+
+def test_model_not_found_advice_names_the_option_and_the_make_variable(scene):
+    result = run("render", scene, "--model", "./no-such-model-folder", "-q")
+    assert result.exit_code == 1
+    assert "--model tiny-random (make render MODEL=tiny-random)" in result.stderr
+
+
+def test_models_names_the_folder_it_searched_and_refuses_a_missing_one(tmp_path):
+    missing = run("models", "--cache-dir", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and str(tmp_path / "nowhere") in missing.stderr
+    (tmp_path / "home" / "hub").mkdir(parents=True)
+    empty = run("models", "--cache-dir", tmp_path / "home")
+    assert empty.exit_code == 0 and empty.stdout == ""
+    assert f"searched {tmp_path / 'home' / 'hub'}: no diffusers models there" in empty.stderr

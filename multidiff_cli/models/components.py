@@ -11,6 +11,8 @@ import torch
 from ..errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = f"{', '.join(list(DTYPES)[:-1])} or {list(DTYPES)[-1]}"
+DEVICE_CHOICES = "cpu, cuda, cuda:N or mps"
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Components:
     revision: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    few_step_model: bool = False  # distilled to sample in a few steps (SD-Turbo, LCM, ...): loading.is_few_step_model
 
     @property
     def prediction_type(self) -> str:
@@ -45,30 +48,50 @@ class Components:
         return self.unet.config.sample_size * self.vae_scale_factor
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """`name` if given, else CUDA, else Apple MPS, else CPU."""
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise UsageError(f"--device: {name!r} is not a torch device ({exc})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device: CUDA was asked for but torch sees no CUDA device")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UsageError("--device: MPS was asked for but is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str | None = None, source: str = "--device") -> torch.device:
+    """`name` if given, else CUDA, else Apple MPS, else CPU.
+
+    source: where `name` came from ("--device", "$MULTIDIFF_DEVICE"), for the error message."""
+    if not name:
+        return _present_devices()[0]
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows: too long for one line
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{source}: {name!r} is not a device; choose {DEVICE_CHOICES}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{source}: {name!r} asked for CUDA, but torch sees no CUDA device here; {_choose()}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"{source}: {name!r} asked for CUDA device {device.index}, but torch sees {count} "
+                         f"(cuda:0 to cuda:{count - 1}); {_choose()}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{source}: {name!r} asked for Apple MPS, but it is not available here; {_choose()}")
+    return device
 
 
-def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
-    """`name` if given, else float16 on CUDA and float32 elsewhere."""
+def _present_devices() -> list[torch.device]:
+    """The devices torch can render on here, the best first."""
+    present = [torch.device("cuda")] if torch.cuda.is_available() else []
+    present += [torch.device("mps")] if torch.backends.mps.is_available() else []
+    return present + [torch.device("cpu")]
+
+
+def _choose() -> str:
+    names = [str(device) for device in _present_devices()]
+    if torch.cuda.device_count() > 1:
+        names[0] = f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+    return f"choose {' or '.join(reversed(names))} (or leave it unset for the best present)"
+
+
+def pick_dtype(device: torch.device, name: str | None = None, source: str = "--dtype") -> torch.dtype:
+    """`name` if given, else float16 on CUDA and float32 elsewhere.
+
+    source: where `name` came from, for the error message."""
     if name:
         if name not in DTYPES:
-            raise UsageError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+            raise UsageError(f"{source}: {name!r} is not a dtype; choose {DTYPE_CHOICES}")
         return DTYPES[name]
     return torch.float16 if device.type == "cuda" else torch.float32
 

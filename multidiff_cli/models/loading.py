@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, ModelNotFound
+from ..errors import ModelError, ModelNotFound, UsageError
 from .components import Components, quiet_libraries, speed_up, to_device
+from .names import FEW_STEP_MARKERS
 from .random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
@@ -54,7 +56,7 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
         raise ModelNotFound(
             f"model {model!r}: no such folder, and not a hub id of the form owner/name. "
             "Point --model at a local diffusers folder (one with unet/, vae/, text_encoder/, "
-            "tokenizer/ and scheduler/), or use --model tiny-random for a smoke test."
+            "tokenizer/ and scheduler/), or use --model tiny-random (make render MODEL=tiny-random) for a smoke test."
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -69,7 +71,8 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
             f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
             f"({type(exc).__name__}). Download it where the hub is reachable "
             f"(hf download {model}) and copy the cache (HF_HOME), or point --model at a local "
-            "diffusers folder; --model tiny-random renders offline (random weights, for smoke tests)."
+            "diffusers folder; --model tiny-random (make render MODEL=tiny-random) renders offline (random weights, "
+            "for smoke tests)."
         ) from None
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
@@ -84,8 +87,8 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_
     def safetensors(name: str) -> bool:  # False only where --allow-pickle let a pickle-only folder through
         return any((folder / name).glob("*.safetensors"))
 
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     try:
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(
@@ -96,36 +99,85 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_
             scheduler_config=scheduler_config,
             model_id=model_id,
             revision=revision,
+            few_step_model=is_few_step_model(model_id, folder),
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
 
 
-def cached_models(cache_dir: Path | None = None) -> list[tuple[str, str, int, str | None]]:
-    """(repo id, revision, size in bytes, why it cannot load or None) of every model revision in
-    the Hugging Face cache that looks like a diffusers Stable Diffusion pipeline."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
+    """Whether a model is distilled to sample in a few steps (SD-Turbo, SDXL-Turbo, LCM, SDXL-Lightning,
+    Hyper-SD), where `few_step: auto` turns the few-step stabilisation on.
 
+    Decided from names, since the weights do not say: the model's name (the id's last part), the
+    folder's name (for a hub snapshot, its repo's), and the `_name_or_path` that model_index.json
+    or the scheduler config may carry (a fine-tune saved from SD-Turbo keeps it), each searched for
+    names.FEW_STEP_MARKERS (case-insensitive); or an LCMScheduler in the scheduler config.
+    """
+    names = [model_id.rstrip("/").rsplit("/", 1)[-1]]  # the name, not the owner or the folders above
+    scheduler: dict = {}
+    if folder is not None:
+        names.append(folder.name)
+        if folder.parent.name == "snapshots":  # models--owner--name/snapshots/<commit>
+            names.append(folder.parent.parent.name.rsplit("--", 1)[-1])
+        model_index, scheduler = (_read_json(folder / "model_index.json"),
+                                  _read_json(folder / "scheduler" / "scheduler_config.json"))
+        names += [str(config.get("_name_or_path", "")) for config in (model_index, scheduler)]
+    named = any(marker in name.lower().replace("_", "-") for name in names for marker in FEW_STEP_MARKERS)
+    return named or scheduler.get("_class_name") == "LCMScheduler"
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} where there is none or it is not one (load_folder reports broken configs)."""
     try:
-        cache = scan_cache_dir(cache_dir)
-    except CacheNotFound:
-        return []
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+@dataclass(frozen=True)
+class CachedModels:
+    """What `multidiff models` lists: the hub cache folder searched, and one row per diffusers model
+    revision in it: (repo id, revision, size in bytes, why it cannot load or None)."""
+
+    folder: Path
+    rows: list[tuple[str, str, int, str | None]]
+
+
+def cached_models(cache_dir: Path | None = None) -> CachedModels:
+    """Every model revision in the Hugging Face cache that looks like a diffusers Stable Diffusion pipeline.
+
+    cache_dir: the hub cache (holding models--owner--name/ folders) or a folder holding one as
+    hub/ (HF_HOME); default: huggingface_hub's (HF_HUB_CACHE, else $HF_HOME/hub)."""
+    from huggingface_hub import constants, scan_cache_dir
+
+    if cache_dir is None:
+        folder = Path(constants.HF_HUB_CACHE)
+        if not folder.is_dir():  # nothing downloaded yet
+            return CachedModels(folder, [])
+    else:
+        folder = Path(cache_dir).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"--cache-dir: {folder} is not a folder" if folder.exists()
+                             else f"--cache-dir: no such folder: {folder}")
+        if (folder / "hub").is_dir():  # HF_HOME: the hub cache is its hub/ (no repo folder is named hub)
+            folder = folder / "hub"
     found = []
-    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+    for repo in sorted(scan_cache_dir(folder).repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
             continue
-        for revision in repo.revisions:
-            folder = Path(revision.snapshot_path)
-            if not (folder / "unet").is_dir() and not (folder / "model_index.json").exists():
+        for revision in sorted(repo.revisions, key=lambda r: r.commit_hash):
+            snapshot = Path(revision.snapshot_path)
+            if not (snapshot / "unet").is_dir() and not (snapshot / "model_index.json").exists():
                 continue  # not a diffusers pipeline (a text model, a LoRA, ...)
             try:
-                _check_folder(folder, repo.repo_id)
+                _check_folder(snapshot, repo.repo_id)
                 problem = None
             except (ModelNotFound, ModelError) as exc:
                 problem = str(exc).split(": ", 1)[-1]
             found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem))
-    return found
+    return CachedModels(folder, found)
 
 
 def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:

@@ -27,13 +27,13 @@ def encode_texts(components: Components, texts: list[str]) -> torch.Tensor:
 def truncation_warnings(components: Components, labelled_texts: list[tuple[str, str]]) -> list[str]:
     """Name every (label, text) longer than the text encoder's window, and where it is cut."""
     tokenizer, notes = components.tokenizer, []
-    limit = tokenizer.model_max_length
+    limit = tokenizer.model_max_length  # 77 for CLIP: 75 prompt tokens between the start and end tokens
     for label, text in labelled_texts:
-        ids = tokenizer(text, truncation=False).input_ids
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids
         if len(ids) > limit:
             kept = tokenizer.decode(ids[1 : limit - 1])
-            notes.append(f"{label} is {len(ids) - 2} tokens, over the text encoder's {limit - 2}: cut after "
-                         f"'...{kept[-40:]}'")
+            notes.append(f"{label} is {len(ids) - 2} tokens, over the text encoder's {limit - 2} ({limit} with the "
+                         f"start and end tokens): cut after '...{kept[-40:]}'")
     return notes
 
 

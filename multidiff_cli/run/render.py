@@ -54,7 +54,7 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
         samples_per_call=scene.max_batch or DEFAULT_SAMPLES_PER_CALL,
         tiled_decode=tiled,
         wrap=wrap,
-        few_step=getattr(components, "few_step_model", False) if scene.few_step == "auto" else scene.few_step,
+        few_step=components.few_step_model if scene.few_step == "auto" else scene.few_step,
     )
 
 
