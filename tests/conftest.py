@@ -1,10 +1,13 @@
-"""Shared fixtures: no network, CPU only, a tiny random SD2-shaped model built once."""
+"""Shared fixtures: no network, CPU only, a tiny random SD2-shaped model built once, and the test
+doubles and helpers more than one test module uses (test modules never import each other)."""
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # Never reach a model hub from the tests, even by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -40,3 +43,182 @@ def write_scene(tmp_path):
         return path
 
     return write
+
+
+# --- float tolerances -------------------------------------------------------------------------------
+
+FLOAT32_ERROR = 1e-6
+"""How far one float32 model output moves when computed in another order, relative to the values'
+magnitude: about 8 ulps (float32's eps is 1.2e-7). Measured: tiny-random's UNet on 7 samples at once
+against one at a time differs by up to 1.4e-6 of the outputs' magnitude (12 ulps); guided_atol's
+`margin` covers that and more."""
+
+
+def guided_atol(values: torch.Tensor, guidance: float = 0.0, steps: int = 1, margin: float = 8.0) -> float:
+    """Absolute tolerance for float32 values computed twice from the same model calls in a different
+    arithmetic order: batched vs one by one, fused then stepped vs stepped then fused.
+
+    A UNet, VAE or text encoder called on a batch and on its samples one by one runs other kernels
+    (other blockings and summation orders), so each output may differ by a few roundings of its
+    magnitude: FLOAT32_ERROR * max(1, |values|.max()). Classifier-free guidance
+    u + g(c - u) = (1 - g)u + gc adds the error of u (|1 - g| times) and of c (g times): at most
+    (1 + 2g) times one output's. A sampler comparison rounds again at every model evaluation and
+    carries the error on: `steps` times. `margin` is the safety factor on top. A fixed atol=1e-5 was
+    too thin: batched and one-by-one UNet calls round differently on different CPUs, and guidance
+    7.5 turned a 7e-7 difference into 1.08e-5 on a fresh machine (this formula allows about 2e-4 there,
+    still far below what a wrong weight, prompt or guidance would change).
+
+    guidance: the largest guidance scale applied (0 where none is); steps: model evaluations
+    (len(scheduler.timesteps)). Comparisons that are exact by construction (the same ops in the
+    same order) use torch.equal instead.
+    """
+    scale = max(1.0, float(values.detach().abs().max()))
+    return margin * steps * (1 + 2 * guidance) * FLOAT32_ERROR * scale
+
+
+def _assert_close_batched(actual: torch.Tensor, expected: torch.Tensor, guidance: float = 0.0, steps: int = 1,
+                          margin: float = 8.0) -> None:
+    """torch.testing.assert_close with atol=guided_atol(expected, guidance, steps, margin) and rtol=0."""
+    torch.testing.assert_close(actual, expected, atol=guided_atol(expected, guidance, steps, margin), rtol=0)
+
+
+@pytest.fixture(name="guided_atol")
+def guided_atol_fixture():
+    """guided_atol(values, guidance=0, steps=1): see guided_atol."""
+    return guided_atol
+
+
+@pytest.fixture
+def assert_close_batched():
+    """assert_close_batched(actual, expected, guidance=0, steps=1): assert_close within guided_atol."""
+    return _assert_close_batched
+
+
+# --- region masks -------------------------------------------------------------------------------------
+
+
+def _box_mask(box_px, latent_hw) -> torch.Tensor:
+    """A box in pixels -> float (h, w) tensor of the latent cells whose centre it holds (scene.grid.box_cells)."""
+    from multidiff_cli.scene.grid import box_cells
+
+    return torch.from_numpy(box_cells(box_px, latent_hw)).float()
+
+
+@pytest.fixture
+def box_mask():
+    """box_mask(box_px, latent_hw) -> float (h, w) tensor of the latent cells in the box."""
+    return _box_mask
+
+
+# --- stand-in denoisers for the sampler ----------------------------------------------------------------
+
+
+def _prompt_eps(p: int, x: torch.Tensor) -> torch.Tensor:
+    """A stand-in network for prompt p: nonlinear, and mixing neighbours, so bootstrapping changes its output."""
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1)
+    return torch.tanh((0.6 + 0.1 * p) * x + 0.5 * blurred + 0.2 * p)
+
+
+@pytest.fixture
+def prompt_eps():
+    """prompt_eps(p, x): a stand-in network, one per prompt p."""
+    return _prompt_eps
+
+
+@pytest.fixture
+def per_request_denoiser():
+    """A Denoiser that runs _prompt_eps on each request's input: denoise(inputs, t, requests)."""
+
+    def denoise(inputs, t, requests):
+        return torch.stack([_prompt_eps(p, inputs[i]) for i, p in requests])
+
+    return denoise
+
+
+# --- UNet doubles -------------------------------------------------------------------------------------
+
+
+class UNetDouble(torch.nn.Module):
+    """Wraps a diffusers UNet, passing dtype and config through; subclasses change what a call does."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.inner = unet
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        return self.inner(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+class CountingUNet(UNetDouble):
+    """Counts the samples it runs, records each call's size and timestep."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.samples, self.sizes, self.timesteps = 0, [], []
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        self.samples += sample.shape[0]
+        self.sizes.append(sample.shape[0])
+        self.timesteps.append(float(timestep))
+        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+class OutOfMemoryUNet(CountingUNet):
+    """Runs out of 'GPU memory' (torch.cuda.OutOfMemoryError) on calls of more than `limit` samples;
+    `sizes` records the calls that ran."""
+
+    def __init__(self, unet, limit: int):
+        super().__init__(unet)
+        self.limit = limit
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        if sample.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+class NaNUNet(UNetDouble):
+    """Its first `good_calls` calls are real; every later call returns NaN (a float16 overflow, say)."""
+
+    def __init__(self, unet, good_calls: int):
+        super().__init__(unet)
+        self.good_calls, self.calls = good_calls, 0
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        self.calls += 1
+        out = super().forward(sample, timestep, encoder_hidden_states, **kwargs).sample
+        if self.calls > self.good_calls:
+            out = torch.full_like(out, float("nan"))
+        return types.SimpleNamespace(sample=out)
+
+
+@pytest.fixture
+def unet_doubles():
+    """The UNet test doubles: .Counting(unet), .OutOfMemory(unet, limit), .NaN(unet, good_calls)."""
+    return types.SimpleNamespace(Counting=CountingUNet, OutOfMemory=OutOfMemoryUNet, NaN=NaNUNet)
+
+
+# --- the batch around a render ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the batch loads a model; the list of attempted loads (empty if none)."""
+    import multidiff_cli.run.batch as batch_module
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(batch_module, "load_components", refuse)
+    return calls

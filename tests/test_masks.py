@@ -1,4 +1,5 @@
-"""Boxes and mask images -> latent weights (METHOD.md: W_i thresholded at 0.5, resized nearest; W_0 = clamp(1 - sum W_i, 0)).
+"""Boxes and mask images -> latent cells (scene.grid, numpy) -> fusion weights (method.weights, torch)
+(METHOD.md: W_i thresholded at 0.5, resized nearest; W_0 = clamp(1 - sum W_i, 0)).
 
 The canvas is non-square (384 x 256 px -> 32 x 48 latent cells), so x and y cannot be swapped unnoticed.
 """
@@ -11,14 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from multidiff_cli.masks import (
-    box_to_latent,
-    image_to_grey,
-    image_to_mask,
-    mask_to_latent,
-    read_mask,
-    region_weights,
-)
+from multidiff_cli.method.weights import region_weights
+from multidiff_cli.scene.grid import box_cells, image_to_grey, pixel_mask, read_mask_image, resize_nearest
 
 WIDTH_PX, HEIGHT_PX = 384, 256
 LATENT_HW = (HEIGHT_PX // 8, WIDTH_PX // 8)  # (h, w) = (32, 48)
@@ -29,13 +24,23 @@ def expected_cells(box_px, latent_hw=LATENT_HW, scale=8):
     """Oracle, cell by cell: a latent cell is in the box iff its centre (8j+4, 8i+4) lies in [x0, x1) x [y0, y1)."""
     x0, y0, x1, y1 = box_px
     h, w = latent_hw
-    out = torch.zeros(h, w)
+    out = np.zeros((h, w), dtype=bool)
     for i in range(h):
         for j in range(w):
             cy, cx = scale * i + scale / 2, scale * j + scale / 2
             if y0 <= cy < y1 and x0 <= cx < x1:
-                out[i, j] = 1.0
+                out[i, j] = True
     return out
+
+
+def same(actual: np.ndarray, expected: np.ndarray) -> bool:
+    """Equal boolean masks, shape and dtype included."""
+    return actual.dtype == expected.dtype == bool and np.array_equal(actual, expected)
+
+
+def read_mask(path, latent_hw) -> np.ndarray:
+    """A mask file at latent resolution, as the scene loader reads it (region_cells)."""
+    return resize_nearest(read_mask_image(path), latent_hw)
 
 
 def rectangle_png(box_px, size=(WIDTH_PX, HEIGHT_PX), mode="L", inside=255, outside=0):
@@ -49,14 +54,14 @@ def rectangle_png(box_px, size=(WIDTH_PX, HEIGHT_PX), mode="L", inside=255, outs
     return image
 
 
-# --- box_to_latent ----------------------------------------------------------------------------
+# --- box_cells ----------------------------------------------------------------------------------
 
 
 def test_box_on_non_square_canvas_fills_the_right_rows_and_columns():
     # Right-hand third of the canvas, top quarter: columns 32..47, rows 0..7.
-    latent = box_to_latent((256, 0, 384, 64), LATENT_HW)
+    latent = box_cells((256, 0, 384, 64), LATENT_HW)
     assert latent.shape == LATENT_HW
-    assert latent.dtype == torch.float32
+    assert latent.dtype == bool
     assert latent[0, 32] == 1 and latent[7, 47] == 1 and latent[0, 47] == 1 and latent[7, 32] == 1
     assert latent[8, 32] == 0  # just below
     assert latent[0, 31] == 0  # just left
@@ -67,9 +72,9 @@ def test_box_on_non_square_canvas_fills_the_right_rows_and_columns():
 
 
 def test_box_rows_are_y_and_columns_are_x():
-    latent = box_to_latent(BOX_PX, LATENT_HW)
-    rows = latent.any(dim=1).nonzero().flatten().tolist()
-    cols = latent.any(dim=0).nonzero().flatten().tolist()
+    latent = box_cells(BOX_PX, LATENT_HW)
+    rows = np.flatnonzero(latent.any(axis=1)).tolist()
+    cols = np.flatnonzero(latent.any(axis=0)).tolist()
     assert rows == list(range(4, 16))  # y0/8 .. y1/8 - 1
     assert cols == list(range(8, 24))  # x0/8 .. x1/8 - 1
 
@@ -87,11 +92,11 @@ def test_box_rows_are_y_and_columns_are_x():
 )
 def test_grid_aligned_box_maps_exactly_to_eighths(box_px):
     x0, y0, x1, y1 = box_px
-    expected = torch.zeros(LATENT_HW)
-    expected[y0 // 8 : y1 // 8, x0 // 8 : x1 // 8] = 1
-    latent = box_to_latent(box_px, LATENT_HW)
-    assert torch.equal(latent, expected)
-    assert torch.equal(latent, expected_cells(box_px))
+    expected = np.zeros(LATENT_HW, dtype=bool)
+    expected[y0 // 8 : y1 // 8, x0 // 8 : x1 // 8] = True
+    latent = box_cells(box_px, LATENT_HW)
+    assert same(latent, expected)
+    assert same(latent, expected_cells(box_px))
 
 
 @pytest.mark.parametrize(
@@ -107,11 +112,11 @@ def test_grid_aligned_box_maps_exactly_to_eighths(box_px):
     ],
 )
 def test_unaligned_box_includes_cells_whose_centre_is_inside(box_px, rows, cols):
-    expected = torch.zeros(LATENT_HW)
+    expected = np.zeros(LATENT_HW, dtype=bool)
     for i in rows:
         for j in cols:
-            expected[i, j] = 1
-    assert torch.equal(box_to_latent(box_px, LATENT_HW), expected)
+            expected[i, j] = True
+    assert same(box_cells(box_px, LATENT_HW), expected)
 
 
 @settings(max_examples=150, deadline=None)
@@ -121,7 +126,7 @@ def test_unaligned_box_includes_cells_whose_centre_is_inside(box_px, rows, cols)
 )
 def test_box_matches_the_cell_centre_rule(x, y):
     box_px = (min(x), min(y), max(x), max(y))
-    assert torch.equal(box_to_latent(box_px, LATENT_HW), expected_cells(box_px))
+    assert same(box_cells(box_px, LATENT_HW), expected_cells(box_px))
 
 
 @pytest.mark.parametrize(
@@ -135,19 +140,19 @@ def test_box_matches_the_cell_centre_rule(x, y):
     ],
 )
 def test_box_past_the_canvas_is_clipped(box_px, expected_slice):
-    expected = torch.zeros(LATENT_HW)
+    expected = np.zeros(LATENT_HW, dtype=bool)
     if expected_slice is not None:
-        expected[expected_slice] = 1
-    latent = box_to_latent(box_px, LATENT_HW)
+        expected[expected_slice] = True
+    latent = box_cells(box_px, LATENT_HW)
     assert latent.shape == LATENT_HW
-    assert torch.equal(latent, expected)
+    assert same(latent, expected)
 
 
 @pytest.mark.parametrize("box_px", [(9, 9, 11, 11), (5, 5, 12, 12), (13, 13, 20, 20), (0, 0, 4, 4), (50, 50, 50, 60)])
 def test_tiny_box_without_a_cell_centre_is_empty(box_px):
-    latent = box_to_latent(box_px, LATENT_HW)
+    latent = box_cells(box_px, LATENT_HW)
     assert latent.shape == LATENT_HW
-    assert latent.sum() == 0
+    assert not latent.any()
 
 
 # --- a box and the PNG of that box agree -------------------------------------------------------
@@ -159,12 +164,12 @@ def test_tiny_box_without_a_cell_centre_is_empty(box_px):
 )
 def test_box_and_png_of_the_same_rectangle_give_identical_weights(box_px, tmp_path):
     image = rectangle_png(box_px)
-    from_image = mask_to_latent(image_to_mask(image), LATENT_HW)
-    assert torch.equal(from_image, box_to_latent(box_px, LATENT_HW))
+    from_image = resize_nearest(pixel_mask(image), LATENT_HW)
+    assert same(from_image, box_cells(box_px, LATENT_HW))
 
     path = tmp_path / "mask.png"
     image.save(path)
-    assert torch.equal(read_mask(path, LATENT_HW), box_to_latent(box_px, LATENT_HW))
+    assert same(read_mask(path, LATENT_HW), box_cells(box_px, LATENT_HW))
 
 
 @settings(max_examples=60, deadline=None)
@@ -174,8 +179,8 @@ def test_box_and_png_of_the_same_rectangle_give_identical_weights(box_px, tmp_pa
 )
 def test_any_box_and_its_png_agree(x, y):
     box_px = (min(x), min(y), max(x), max(y))
-    from_image = mask_to_latent(image_to_mask(rectangle_png(box_px)), LATENT_HW)
-    assert torch.equal(from_image, box_to_latent(box_px, LATENT_HW))
+    from_image = resize_nearest(pixel_mask(rectangle_png(box_px)), LATENT_HW)
+    assert same(from_image, box_cells(box_px, LATENT_HW))
 
 
 # --- every image mode --------------------------------------------------------------------------
@@ -220,22 +225,22 @@ MODE_CASES = {
 
 def expected_pixel_mask(box_px=BOX_PX):
     x0, y0, x1, y1 = box_px
-    mask = torch.zeros(HEIGHT_PX, WIDTH_PX)
-    mask[y0:y1, x0:x1] = 1
+    mask = np.zeros((HEIGHT_PX, WIDTH_PX), dtype=bool)
+    mask[y0:y1, x0:x1] = True
     return mask
 
 
 @pytest.mark.parametrize("case", list(MODE_CASES))
-def test_image_to_mask_for_every_mode(case):
+def test_pixel_mask_for_every_mode(case):
     build, _ = MODE_CASES[case]
     image = build()
     grey = image_to_grey(image)
     assert grey.shape == (HEIGHT_PX, WIDTH_PX)
     assert grey.min() >= 0.0 and grey.max() <= 1.0
-    mask = image_to_mask(image)
+    mask = pixel_mask(image)
     assert mask.shape == (HEIGHT_PX, WIDTH_PX)
-    assert torch.equal(mask, expected_pixel_mask())
-    assert torch.equal(mask_to_latent(mask, LATENT_HW), box_to_latent(BOX_PX, LATENT_HW))
+    assert same(mask, expected_pixel_mask())
+    assert same(resize_nearest(mask, LATENT_HW), box_cells(BOX_PX, LATENT_HW))
 
 
 @pytest.mark.parametrize("case", [c for c, (_, png) in MODE_CASES.items() if png])
@@ -247,9 +252,10 @@ def test_read_mask_after_png_round_trip(case, tmp_path):
         mode = reopened.mode
     if case == "I;16":
         assert mode in ("I;16", "I;16B", "I"), "a 16-bit PNG must not come back as 8-bit"
+    assert same(read_mask_image(path), expected_pixel_mask())  # at the file's own size
     latent = read_mask(path, LATENT_HW)
     assert latent.shape == LATENT_HW
-    assert torch.equal(latent, box_to_latent(BOX_PX, LATENT_HW))
+    assert same(latent, box_cells(BOX_PX, LATENT_HW))
 
 
 def test_rgba_transparent_white_is_black():
@@ -265,7 +271,7 @@ def test_p_image_transparency_index_is_black_even_if_its_colour_is_white():
     image.putpalette(_palette((255, 255, 255), (255, 255, 255)))
     image.putpixel((2, 0), 1)
     image.info["transparency"] = 0
-    assert image_to_mask(image).tolist() == [[0.0, 0.0, 1.0]]
+    assert pixel_mask(image).tolist() == [[False, False, True]]
 
 
 def test_p_image_with_rgba_palette_transparent_white_is_black():
@@ -275,7 +281,7 @@ def test_p_image_with_rgba_palette_transparent_white_is_black():
     rgba.putpixel((0, 0), (255, 255, 255, 255))
     image = rgba.quantize()
     assert image.mode == "P" and image.palette.mode == "RGBA"
-    assert image_to_mask(image).tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert pixel_mask(image).tolist() == [[True, False, False, False], [False, False, False, False]]
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
@@ -286,7 +292,7 @@ def test_16_bit_values_are_scaled_not_clipped(mode):
     grey = image_to_grey(image)
     assert grey[0, 0] == pytest.approx(40000 / 65535)
     assert grey[0, 1] == pytest.approx(20000 / 65535)
-    assert image_to_mask(image).tolist() == [[1.0, 0.0]]
+    assert pixel_mask(image).tolist() == [[True, False]]
     # The trap this guards against: Pillow's convert("L") clips both to 255, so both would be "region".
     if mode == "I;16":
         assert np.asarray(image.convert("L")).tolist() == [[255, 255]]
@@ -297,7 +303,7 @@ def test_16_bit_png_round_trip_keeps_the_values(tmp_path):
     image = rectangle_png((0, 0, 8, 8), size=(16, 8), mode="I;16", inside=40000, outside=20000)
     path = tmp_path / "sixteen.png"
     image.save(path)
-    assert read_mask(path, (1, 2)).tolist() == [[1.0, 0.0]]
+    assert read_mask(path, (1, 2)).tolist() == [[True, False]]
 
 
 def test_float_mode_clips_to_unit_range():
@@ -306,7 +312,7 @@ def test_float_mode_clips_to_unit_range():
         image.putpixel((x, 0), value)
     grey = image_to_grey(image)
     assert grey.tolist()[0] == pytest.approx([0.0, 0.49, 0.51, 1.0])
-    assert image_to_mask(image).tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    assert pixel_mask(image).tolist() == [[False, False, True, True]]
 
 
 # --- threshold at half -------------------------------------------------------------------------
@@ -324,10 +330,10 @@ def test_float_mode_clips_to_unit_range():
 def test_threshold_at_half(mode, inside, outside):
     image = Image.new(mode, (2, 1), outside)
     image.putpixel((0, 0), inside)
-    assert image_to_mask(image).tolist() == [[1.0, 0.0]]
+    assert pixel_mask(image).tolist() == [[True, False]]
 
 
-# --- mask_to_latent resizing -------------------------------------------------------------------
+# --- resize_nearest ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("scale", [0.5, 1, 2])
@@ -337,39 +343,39 @@ def test_mask_of_another_size_gives_the_same_latent_mask(scale):
     box_px = (128, 64, 320, 192)  # multiple of 16, so it stays on the grid at half size
     size = (int(canvas[0] * scale), int(canvas[1] * scale))
     scaled_box = tuple(int(v * scale) for v in box_px)
-    mask = image_to_mask(rectangle_png(scaled_box, size=size))
-    latent = mask_to_latent(mask, latent_hw)
+    mask = pixel_mask(rectangle_png(scaled_box, size=size))
+    latent = resize_nearest(mask, latent_hw)
     assert latent.shape == latent_hw
-    assert torch.equal(latent, box_to_latent(box_px, latent_hw))
-    canvas_size = mask_to_latent(image_to_mask(rectangle_png(box_px, size=canvas)), latent_hw)
-    assert torch.equal(latent, canvas_size)
+    assert same(latent, box_cells(box_px, latent_hw))
+    canvas_size = resize_nearest(pixel_mask(rectangle_png(box_px, size=canvas)), latent_hw)
+    assert same(latent, canvas_size)
 
 
 @pytest.mark.parametrize("mask_hw", [(256, 384), (37, 100), (1, 1), (1000, 3)])
-def test_mask_to_latent_output_shape_is_latent_hw(mask_hw):
-    latent = mask_to_latent(torch.ones(mask_hw), LATENT_HW)
+def test_resize_nearest_output_shape_is_latent_hw(mask_hw):
+    latent = resize_nearest(np.ones(mask_hw, dtype=bool), LATENT_HW)
     assert latent.shape == LATENT_HW
-    assert torch.equal(latent, torch.ones(LATENT_HW))
+    assert same(latent, np.ones(LATENT_HW, dtype=bool))
 
 
-def test_mask_to_latent_is_nearest_and_stays_binary():
-    mask = image_to_mask(rectangle_png((3, 5, 13, 21)))
-    latent = mask_to_latent(mask, LATENT_HW)
-    assert set(latent.unique().tolist()) <= {0.0, 1.0}
+def test_resize_nearest_samples_each_cell_centre():
+    mask = pixel_mask(rectangle_png((3, 5, 13, 21)))
+    latent = resize_nearest(mask, LATENT_HW)
+    assert same(latent, box_cells((3, 5, 13, 21), LATENT_HW))  # nearest: the pixel under each cell's centre
 
 
 def test_read_mask_resizes_a_half_size_png(tmp_path):
     path = tmp_path / "half.png"
     rectangle_png(tuple(v // 2 for v in BOX_PX), size=(WIDTH_PX // 2, HEIGHT_PX // 2)).save(path)
-    assert torch.equal(read_mask(path, LATENT_HW), box_to_latent(BOX_PX, LATENT_HW))
+    assert same(read_mask(path, LATENT_HW), box_cells(BOX_PX, LATENT_HW))
 
 
 # --- region_weights ----------------------------------------------------------------------------
 
 
-def test_region_weights_shape_and_background():
-    a = box_to_latent((0, 0, 128, 128), LATENT_HW)
-    b = box_to_latent((256, 128, 384, 256), LATENT_HW)
+def test_region_weights_shape_and_background(box_mask):
+    a = box_mask((0, 0, 128, 128), LATENT_HW)
+    b = box_mask((256, 128, 384, 256), LATENT_HW)
     weights = region_weights([a, b], LATENT_HW)
     assert weights.shape == (3, 1, *LATENT_HW)
     background = weights[0, 0]
@@ -381,9 +387,9 @@ def test_region_weights_shape_and_background():
     assert torch.equal(weights.sum(0), torch.ones(1, *LATENT_HW))  # disjoint binary regions: a partition
 
 
-def test_overlapping_regions_each_keep_weight_one_and_background_is_zero_not_negative():
-    a = box_to_latent((0, 0, 256, 256), LATENT_HW)
-    b = box_to_latent((128, 0, 384, 128), LATENT_HW)
+def test_overlapping_regions_each_keep_weight_one_and_background_is_zero_not_negative(box_mask):
+    a = box_mask((0, 0, 256, 256), LATENT_HW)
+    b = box_mask((128, 0, 384, 128), LATENT_HW)
     weights = region_weights([a, b], LATENT_HW)
     overlap = (a * b).bool()
     assert overlap.any()
@@ -417,10 +423,11 @@ def test_soft_masks_background_is_one_minus_sum_clamped():
     assert torch.equal(weights[1, 0], a) and torch.equal(weights[2, 0], b)
 
 
-def test_bool_masks_are_accepted_as_float_weights():
-    a = torch.zeros(LATENT_HW, dtype=torch.bool)
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_bool_masks_are_accepted_as_float_weights(kind):
+    a = np.zeros(LATENT_HW, dtype=bool)
     a[:4, :4] = True
-    weights = region_weights([a], LATENT_HW)
+    weights = region_weights([torch.from_numpy(a) if kind == "torch" else a], LATENT_HW)
     assert weights.dtype == torch.float32
-    assert torch.equal(weights[1, 0], a.float())
-    assert torch.equal(weights[0, 0], 1 - a.float())
+    assert torch.equal(weights[1, 0], torch.from_numpy(a).float())
+    assert torch.equal(weights[0, 0], 1 - torch.from_numpy(a).float())

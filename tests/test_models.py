@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from multidiff_cli.errors import ModelError, ModelNotFound, UsageError
-from multidiff_cli.models import Components, load_components, pick_device, pick_dtype
+from multidiff_cli.errors import ModelNotFound, UsageError
+from multidiff_cli.method.schedulers import SCHEDULER_NAMES, make_scheduler
+from multidiff_cli.models.components import Components, pick_device, pick_dtype, to_device
+from multidiff_cli.models.loading import load_components
+from multidiff_cli.models.random_weights import build_tiny_random, save_components, sd2_scheduler_config
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
-from multidiff_cli.method.schedulers import SCHEDULER_NAMES, make_scheduler
-from multidiff_cli.models.random_weights import build_tiny_random, save_components, sd2_scheduler_config
 
 CPU = torch.device("cpu")
 SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n  - prompt: a sofa\n    box: [0, 0, 32, 64]\n"
@@ -63,8 +64,6 @@ def test_v_prediction_config_is_honoured(tmp_path, write_scene):
 
 
 def to_cpu(components: Components) -> Components:
-    from multidiff_cli.models.components import to_device
-
     return to_device(components, CPU, torch.float32)
 
 
@@ -83,15 +82,6 @@ def test_an_sd1_shaped_folder_loads_and_renders(tmp_path, write_scene):
     assert not loaded.unet.config.use_linear_projection
     result = render(load_scene(write_scene(SMALL)), loaded, seed=0)
     assert torch.isfinite(result.latents).all()
-
-
-def test_pickle_only_weights_are_refused(tmp_path):
-    components = build_tiny_random()
-    save_components(components, tmp_path / "m")
-    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    components.unet.save_pretrained(tmp_path / "m" / "unet", safe_serialization=False)
-    with pytest.raises(ModelError, match=r"no \.safetensors weights \(only pickle weights: diffusion_pytorch_model\.bin\)"):
-        load_components(str(tmp_path / "m"), CPU, torch.float32)
 
 
 def test_a_folder_that_is_not_a_diffusers_model_is_named(tmp_path):

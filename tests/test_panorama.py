@@ -8,18 +8,20 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
+from multidiff_cli.models.sd import decode
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.render import canvas_views, decode, tiled_decode_on
+from multidiff_cli.run import render as render_module
+from multidiff_cli.run.render import plan_render
 from multidiff_cli.scene import load_scene
 
 
 def test_views_follow_the_model_window_and_the_scene_stride(tiny, write_scene):
     scene = load_scene(write_scene("prompt: p\nwidth: 2048\nheight: 512\nview_stride: 128\n"))
-    views = canvas_views(scene, tiny)  # tiny-random's native size is SD2-base's: 64 latent cells
+    views = plan_render(scene, tiny).views  # tiny-random's native size is SD2-base's: 64 latent cells
     assert [v.left for v in views] == list(range(0, 193, 16))
     assert {(v.top, v.height, v.width) for v in views} == {(0, 64, 64)}
     small = load_scene(write_scene("prompt: p\nwidth: 256\nheight: 192\n"))
-    assert [(v.height, v.width) for v in canvas_views(small, tiny)] == [(24, 32)]  # smaller than a view
+    assert [(v.height, v.width) for v in plan_render(small, tiny).views] == [(24, 32)]  # smaller than a view
 
 
 def test_a_512x2048_panorama_with_regions_renders_from_the_cli(write_scene, tmp_path):
@@ -55,11 +57,9 @@ def test_wrap_padding_decodes_across_the_seam(tiny):
 
 
 def test_a_360_panorama_renders_with_wrapping_views(tiny, write_scene, monkeypatch):
-    from multidiff_cli.run import render as render_module
-
     scene = load_scene(write_scene("prompt: city\nwidth: 1024\nheight: 512\nsteps: 1\nwrap: horizontal\n"))
-    views = canvas_views(scene, tiny)
-    assert any(v.left + v.width > 128 for v in views)  # some views run across the edge
+    plan = plan_render(scene, tiny)
+    assert plan.wrap and any(v.left + v.width > 128 for v in plan.views)  # some views run across the edge
     calls = []
     monkeypatch.setattr(render_module, "decode", lambda c, z, wrap, tiled: calls.append((wrap, tiled)) or decode(c, z, wrap, tiled))
     result = render_module.render(scene, tiny, seed=0)
@@ -68,10 +68,10 @@ def test_a_360_panorama_renders_with_wrapping_views(tiny, write_scene, monkeypat
 
 @pytest.mark.parametrize(("size", "setting", "on"), [((512, 4096), "auto", True), ((512, 2048), "auto", False),
                                                      ((512, 512), "true", True), ((4096, 512), "false", False)])
-def test_tiled_decoding_turns_on_for_large_canvases(write_scene, size, setting, on):
+def test_tiled_decoding_turns_on_for_large_canvases(tiny, write_scene, size, setting, on):
     height, width = size
     scene = load_scene(write_scene(f"prompt: p\nwidth: {width}\nheight: {height}\ntiled_decode: {setting}\n"))
-    assert tiled_decode_on(scene) is on
+    assert plan_render(scene, tiny).tiled_decode is on
 
 
 def test_tiled_decoding_gives_the_whole_picture(tiny):

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multidiff_cli.render import BatchedUNet, background_latents, encode_texts, guided_denoiser, render, scene_prompts
+from multidiff_cli.errors import RenderError
+from multidiff_cli.method.guidance import guided_denoiser
+from multidiff_cli.models.sd import ChunkedUNet, background_latents, encode_texts
+from multidiff_cli.run.render import render, scene_prompts
 from multidiff_cli.scene import load_scene
 
 SCENE = """
@@ -43,7 +46,7 @@ def test_prompt_table_lists_each_text_once(scene):
     assert prompts.guidance == [7.5, 7.5, 1.0, 3.0]
 
 
-def jobs_for(x):
+def requests_for(x):
     """One input shared by every prompt, or one input per prompt (bootstrapping)."""
     return [(0 if x.shape[0] == 1 else p, p) for p in range(4)]
 
@@ -61,42 +64,28 @@ def plain_guidance(unet, embeddings, prompts, x, t):
     return torch.stack(out)
 
 
-class CountingUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.samples = unet, 0
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    def forward(self, x, t, encoder_hidden_states):
-        self.samples += x.shape[0]
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
-
-
 @pytest.mark.parametrize("inputs", [1, 4], ids=["shared-latent", "bootstrap-latents"])
-def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs):
+def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs, unet_doubles, assert_close_batched):
     prompts = scene_prompts(scene)
     embeddings = encode_texts(tiny, prompts.texts)
     x = torch.randn((inputs, 4, 12, 16), generator=torch.Generator().manual_seed(0))
     t = torch.tensor(500)
-    counting = CountingUNet(tiny.unet)
+    counting = unet_doubles.Counting(tiny.unet)
     with torch.inference_mode():
-        batched = guided_denoiser(BatchedUNet(counting), embeddings, prompts)(x, t, jobs_for(x))
+        batched = guided_denoiser(ChunkedUNet(counting), embeddings, prompts)(x, t, requests_for(x))
         expected = plain_guidance(tiny.unet, embeddings, prompts, x, t)
-    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-4)
+    assert_close_batched(batched, expected, guidance=max(prompts.guidance))
     # shared latent: 3 distinct cond texts + 1 shared "blurry" uncond (the plant runs none: guidance 1)
     # bootstrap: every prompt its own input -> 4 cond + 3 uncond
-    assert counting.samples == (4 if inputs == 1 else 7)
+    assert counting.sizes == [4 if inputs == 1 else 7]  # one UNet call for the whole step
 
 
-def test_texts_are_encoded_as_the_sd_pipeline_does(tiny):
+def test_texts_are_encoded_as_the_sd_pipeline_does(tiny, assert_close_batched):
     emb = encode_texts(tiny, ["a red sofa", ""])
     assert emb.shape == (2, 77, tiny.text_encoder.config.hidden_size)
     ids = tiny.tokenizer(["a red sofa"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.inference_mode():
-        torch.testing.assert_close(emb[:1], tiny.text_encoder(ids)[0])
+        assert_close_batched(emb[:1], tiny.text_encoder(ids)[0])  # a batch of two against one text alone
 
 
 def test_background_latents_are_flat_one_per_step_and_region(tiny):
@@ -131,100 +120,55 @@ def test_bootstrapping_changes_the_picture(tiny, write_scene):
 
 
 def test_a_prompt_over_77_tokens_is_named_in_a_warning(tiny, write_scene):
-    long = "word " * 40  # the tiny tokenizer makes one token per character
+    long = " ".join(["red"] * 100)  # 100 tokens or more, however the tokenizer splits it
     scene = load_scene(write_scene(f"prompt: {long}\nwidth: 64\nheight: 64\nsteps: 1\n"))
     result = render(scene, tiny, seed=0)
     assert len(result.warnings) == 1 and result.warnings[0].startswith("prompt is ")
     assert "cut after" in result.warnings[0]
 
 
-class FlakyUNet(torch.nn.Module):
-    """Runs out of 'GPU memory' above `limit` samples per call; records call sizes."""
-
-    def __init__(self, unet, limit):
-        super().__init__()
-        self.unet, self.limit, self.sizes = unet, limit, []
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def forward(self, x, t, encoder_hidden_states):
-        if x.shape[0] > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        self.sizes.append(x.shape[0])
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
-
-
-def test_max_batch_splits_calls_without_changing_the_result(tiny, scene):
+def test_max_batch_splits_calls_without_changing_the_result(tiny, scene, unet_doubles, assert_close_batched):
     prompts = scene_prompts(scene)
     embeddings = encode_texts(tiny, prompts.texts)
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     t = torch.tensor(300)
     with torch.inference_mode():
-        whole = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, t, jobs_for(x))
-        flaky = FlakyUNet(tiny.unet, limit=100)
-        split = guided_denoiser(BatchedUNet(flaky, max_batch=3), embeddings, prompts)(x, t, jobs_for(x))
-    assert flaky.sizes == [3, 3, 1]  # 7 samples in calls of at most 3
-    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
+        whole = guided_denoiser(ChunkedUNet(tiny.unet), embeddings, prompts)(x, t, requests_for(x))
+        counting = unet_doubles.Counting(tiny.unet)
+        split = guided_denoiser(ChunkedUNet(counting, samples_per_call=3), embeddings, prompts)(x, t, requests_for(x))
+    assert counting.sizes == [3, 3, 1]  # 7 samples in calls of at most 3
+    assert_close_batched(split, whole, guidance=max(prompts.guidance))
 
 
-def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene):
+@pytest.mark.parametrize("samples_per_call", [6, None], ids=["max-batch-6", "default-max-batch"])
+def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene, unet_doubles, assert_close_batched,
+                                                            samples_per_call):
     prompts = scene_prompts(scene)
     embeddings = encode_texts(tiny, prompts.texts)
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     warnings = []
-    flaky = FlakyUNet(tiny.unet, limit=4)
-    unet = BatchedUNet(flaky, warn=warnings.append)
+    flaky = unet_doubles.OutOfMemory(tiny.unet, limit=4)
+    unet = ChunkedUNet(flaky, warn=warnings.append, **({"samples_per_call": samples_per_call} if samples_per_call else {}))
+    first_call = min(7, samples_per_call or 7)  # the step has 7 samples
     with torch.inference_mode():
-        out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
-        expected = guided_denoiser(BatchedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    assert unet.max_batch == 3 and flaky.sizes == [3, 3, 1]
-    assert warnings == ["out of GPU memory at 7 UNet samples per call: retrying with --max-batch 3"]
+        out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), requests_for(x))
+        expected = guided_denoiser(ChunkedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300), requests_for(x))
+    assert_close_batched(out, expected, guidance=max(prompts.guidance))
+    assert unet.samples_per_call == 3 and flaky.sizes == [3, 3, 1]
+    assert warnings == [f"out of GPU memory at {first_call} UNet samples per call: retrying with --max-batch 3"]
     flaky.limit = 2  # a second shortage in the same render is not retried
     with pytest.raises(torch.cuda.OutOfMemoryError), torch.inference_mode():
-        guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), jobs_for(x))
+        guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), requests_for(x))
 
 
-def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypatch):
-    from multidiff_cli.run import render as render_module
-
-    monkeypatch.setattr(tiny, "unet", FlakyUNet(tiny.unet, limit=0))
-    with pytest.raises(render_module.RenderError, match="--max-batch 1"):
+def test_render_turns_a_lasting_out_of_memory_into_advice(tiny, scene, monkeypatch, unet_doubles):
+    monkeypatch.setattr(tiny, "unet", unet_doubles.OutOfMemory(tiny.unet, limit=0))
+    with pytest.raises(RenderError, match="--max-batch 1"):
         render(scene, tiny, seed=0)
 
 
-def test_attention_uses_pytorch_sdpa(tiny):
-    assert {type(p).__name__ for p in tiny.unet.attn_processors.values()} == {"AttnProcessor2_0"}
-
-
-class NaNAfter(torch.nn.Module):
-    """A UNet that starts returning NaN at its `calls`-th call (a float16 overflow, say)."""
-
-    def __init__(self, unet, calls):
-        super().__init__()
-        self.unet, self.calls = unet, calls
-
-    dtype = property(lambda self: self.unet.dtype)
-    config = property(lambda self: self.unet.config)
-
-    def forward(self, x, t, encoder_hidden_states):
-        self.calls -= 1
-        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
-        if self.calls <= 0:
-            out.sample[:] = float("nan")
-        return out
-
-
-def test_nan_latents_stop_the_render_at_the_step_they_appear(tiny, scene, monkeypatch):
-    from multidiff_cli.errors import RenderError
-
-    monkeypatch.setattr(tiny, "unet", NaNAfter(tiny.unet, calls=2))
+def test_nan_latents_stop_the_render_at_the_step_they_appear(tiny, scene, monkeypatch, unet_doubles):
+    monkeypatch.setattr(tiny, "unet", unet_doubles.NaN(tiny.unet, good_calls=1))  # one UNet call a step
     steps = []
     with pytest.raises(RenderError, match=r"NaN or inf values from step 2 of 4 \(float32 on cpu\)"):
         render(scene, tiny, seed=0, callback=lambda i, n, *_: steps.append(i))

@@ -19,7 +19,7 @@ from multidiff_cli.cli import app
 from multidiff_cli.errors import UsageError
 from multidiff_cli.run.plan import parse_seeds, parse_size
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.output.preview import CANVAS_RGB, CAPTION_RGB, PALETTE, REGION_ALPHA
+from multidiff_cli.output.preview import CANVAS_RGB, CAPTION_RGB, LEGEND_PX, PALETTE, REGION_ALPHA
 from multidiff_cli.scene import load_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,10 @@ def run(*args: str | Path):
 
 def render(*args: str | Path):
     return run("render", *args, "--model", "tiny-random", "-q")
+
+
+def lines_of(text: str) -> list[str]:
+    return text.strip().splitlines()
 
 
 def pixels(path: Path) -> bytes:
@@ -97,7 +101,7 @@ def test_preview_draws_regions_in_their_colours_on_a_non_square_canvas(layout_sc
     with Image.open(out) as image:
         assert image.mode == "RGB"
         width, height = image.size
-        assert width == 384 and 256 < height <= 256 + 64  # the canvas plus a caption strip below
+        assert width == 384 + LEGEND_PX and height >= 256  # the canvas, and the legend beside it
         picture = image.load()
         # Inside the box [32, 48, 160, 208], near its bottom-right: away from outline and label.
         for xy in [(150, 198), (140, 180), (100, 190)]:
@@ -110,8 +114,8 @@ def test_preview_draws_regions_in_their_colours_on_a_non_square_canvas(layout_sc
         for xy in [(5, 5), (200, 100), (120, 230), (10, 250), (375, 250), (200, 20), (250, 200), (370, 130),
                    (230, 80), (300, 130)]:
             assert close_to(picture[xy], CANVAS_RGB, 0), (xy, picture[xy])
-        # Below the canvas: the caption strip (its text is at the left).
-        for xy in [(width - 3, height - 3), (width - 3, 257), (width // 2 + 100, height - 2)]:
+        # Beside the canvas: the legend's background (its text starts after a margin and a colour swatch).
+        for xy in [(width - 3, height - 3), (384 + 2, 5), (384 + 2, 250), (width - 3, 3)]:
             assert picture[xy] == CAPTION_RGB, (xy, picture[xy])
 
 
@@ -123,7 +127,7 @@ def test_preview_fills_a_half_white_mask_only_where_white(write_scene, tmp_path)
     out = tmp_path / "half-layout.png"
     assert run("preview", path, "-o", out).exit_code == 0
     with Image.open(out) as image:
-        assert image.width == 128 and image.height > 96
+        assert image.width == 128 + LEGEND_PX and image.height >= 96
         picture = image.load()
         assert close_to(picture[(55, 85)], blend(0))  # left half: the region
         assert close_to(picture[(100, 85)], CANVAS_RGB, 0)  # right half: canvas
@@ -357,13 +361,25 @@ def test_two_scenes_with_the_same_name_do_not_overwrite_each_other(tmp_path):
         path.write_text(SMALL.replace("a cozy living room", prompt))
     out_dir = tmp_path / "out"
     result = render(first, second, "--output-dir", out_dir)
-    if result.exit_code == 2:  # refusing the clash up front is fine too
-        assert "Traceback" not in result.output and not out_dir.exists()
-        return
     assert result.exit_code == 0, result.output
-    written = result.stdout.strip().splitlines()
-    assert len(set(written)) == 2 and all(Path(p).exists() for p in written)
-    assert {read_metadata(Path(p))["scene"]["prompt"] for p in written} == {"a room", "a hall"}
+    written = [out_dir / "room-3.png", out_dir / "room-3-2.png"]  # the second takes the next free name
+    assert result.stdout.strip().splitlines() == [str(p) for p in written]
+    assert [read_metadata(p)["scene"]["prompt"] for p in written] == ["a room", "a hall"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["room-3-2.png", "room-3.png"]
+
+
+def test_two_scenes_with_the_same_name_and_overwrite_are_refused_before_rendering(tmp_path, no_model_load):
+    first, second = tmp_path / "a" / "room.yaml", tmp_path / "b" / "room.yaml"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text(SMALL)
+    out_dir = tmp_path / "out"
+    result = render(first, second, "--output-dir", out_dir, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert lines_of(result.stderr) == [
+        f"error: two renders would write the same file ({out_dir / 'room-3.png'}): give them separate --output-dir"
+    ]
+    assert result.stdout == "" and not out_dir.exists() and no_model_load == []
 
 
 # --- 6. parse_seeds / parse_size ------------------------------------------------------------------------
@@ -483,7 +499,7 @@ def test_render_a_png_again_gives_identical_pixels(write_scene, tmp_path):
     # No --model: the metadata names tiny-random.
     result = run("render", first, "--output-dir", again_dir, "-q")
     assert result.exit_code == 0, result.output
-    again = again_dir / "room-3.png"
+    again = again_dir / "room-3-again.png"  # a re-render is named as one, in any folder
     assert result.stdout.strip() == str(again)
     assert pixels(again) == pixels(first)
     assert read_metadata(again)["scene"] == read_metadata(first)["scene"]
@@ -500,7 +516,7 @@ def test_render_a_png_again_gives_identical_pixels(write_scene, tmp_path):
     # Another seed: another picture, and the new seed recorded.
     reseeded = run("render", first, "--seed", "4", "--output-dir", again_dir, "-q")
     assert reseeded.exit_code == 0, reseeded.output
-    fourth = again_dir / "room-4.png"
+    fourth = again_dir / "room-4-again.png"
     assert reseeded.stdout.strip() == str(fourth)
     assert pixels(fourth) != pixels(first)
     assert read_metadata(fourth)["scene"]["seed"] == 4
@@ -524,7 +540,7 @@ def test_render_a_mask_scene_png_again_from_another_folder(tmp_path, monkeypatch
     monkeypatch.chdir(elsewhere)
     result = run("render", first, "--output-dir", "again", "-q")
     assert result.exit_code == 0, result.output
-    again = elsewhere / "again" / "masked-3.png"
+    again = elsewhere / "again" / "masked-3-again.png"
     assert pixels(again) == pixels(first)
     assert Path(read_metadata(again)["scene_dir"]) == scenes.resolve()
 
@@ -542,7 +558,7 @@ def test_render_again_falls_back_to_the_png_folder_when_scene_dir_is_gone(tmp_pa
     monkeypatch.chdir(tmp_path)
     result = run("render", first, "--output-dir", tmp_path / "again", "-q")
     assert result.exit_code == 0, result.output
-    assert pixels(tmp_path / "again" / "wide-3.png") == pixels(first)
+    assert pixels(tmp_path / "again" / "wide-3-again.png") == pixels(first)
 
 
 def test_render_a_png_without_metadata_fails_cleanly(tmp_path):
@@ -628,25 +644,31 @@ def test_models_output_is_tab_separated(tiny_cache):
     assert result.stdout.strip().split("\t") == ["me/tiny-sd", "c" * 12, "0.0 GB", "ok"]
 
 
-@pytest.mark.parametrize("exists", [True, False])
-def test_models_with_an_empty_cache_prints_nothing_on_stdout(tmp_path, exists):
+def test_models_with_an_empty_cache_prints_nothing_on_stdout(tmp_path):
     cache = tmp_path / "empty-hub"
-    if exists:
-        cache.mkdir()
+    cache.mkdir()
     result = run("models", "--cache-dir", cache)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     assert "no diffusers models" in result.stderr
 
 
+def test_models_with_a_missing_cache_folder_is_a_usage_error(tmp_path):
+    cache = tmp_path / "no-such-hub"
+    result = run("models", "--cache-dir", cache)
+    assert result.exit_code == 2, result.output
+    assert lines_of(result.stderr) == [f"error: --cache-dir: no such folder: {cache}"] and result.stdout == ""
+
+
 # --- 12. version and shell completion --------------------------------------------------------------------------
 
 
-def test_version():
+def test_version_and_help():
     from multidiff_cli import __version__
 
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"multidiff {__version__}"
+    assert "render" in run("--help").stdout
 
 
 def test_shell_completion():

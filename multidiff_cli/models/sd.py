@@ -46,7 +46,7 @@ class ChunkedUNet:
 
     def __call__(self, inputs: torch.Tensor, t: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         while True:
-            size = self.samples_per_call or inputs.shape[0]
+            size = min(self.samples_per_call, inputs.shape[0])
             try:
                 return torch.cat([
                     self._forward(inputs[i : i + size], t, texts[i : i + size]) for i in range(0, inputs.shape[0], size)

@@ -59,6 +59,7 @@ class ProgressDisplay:
             console=err, disable=quiet, transient=True,
         )
         self.task = None
+        self.label = None
 
     def __enter__(self) -> ProgressDisplay:
         self.progress.__enter__()
@@ -69,9 +70,12 @@ class ProgressDisplay:
 
     def __call__(self, event) -> None:
         """Handle one run.batch.Event."""
-        if event.kind == "stage":
-            self._bar(f"{event.label}: {event.text}", completed=0, total=None)
+        if event.kind == "stage":  # a new job's first stage starts a fresh bar; later ones keep the count
+            fresh = self.task is None or event.label != self.label
+            self.label = event.label
+            self._bar(f"{event.label}: {event.text}", completed=0 if fresh else None, total=None if fresh else False)
         elif event.kind == "step":
+            self.label = event.label
             self._bar(event.label, completed=event.step, total=event.steps)
         elif event.kind == "written":
             print_path(event.path)
@@ -84,10 +88,14 @@ class ProgressDisplay:
         elif event.kind == "note":
             say([event.text], "note: ")
 
-    def _bar(self, description: str, completed: int, total: int | None) -> None:
+    def _bar(self, description: str, completed: int | None, total: int | None | bool) -> None:
+        """Show `description`; completed None and total False keep the bar's count as it is."""
         if self.task is None:
-            self.task = self.progress.add_task(description, total=total)
-        self.progress.update(self.task, description=description, completed=completed, total=total)
+            self.task = self.progress.add_task(description, total=None)
+        if total is False:
+            self.progress.update(self.task, description=description)
+        else:
+            self.progress.update(self.task, description=description, completed=completed, total=total)
 
 
 class PlainHelpCommand(TyperCommand):
