@@ -58,8 +58,12 @@ class ChunkedUNet:
                 torch.cuda.empty_cache()
                 self.warn(f"out of GPU memory at {size} UNet samples per call: retrying with --max-batch {self.samples_per_call}")
 
-    def _forward(self, inputs, t, texts):
-        return self.unet(inputs.to(self.unet.dtype), t, encoder_hidden_states=texts).sample.float()
+    def _forward(self, inputs, t, conds):
+        """One UNet call. conds: the samples' text conditioning, a (B, L, D) tensor, or an object that
+        slices like one and gives the UNet's keyword arguments with `unet_kwargs()` (a model family
+        with more conditioning than hidden states adds it there)."""
+        kwargs = conds.unet_kwargs() if hasattr(conds, "unet_kwargs") else {"encoder_hidden_states": conds}
+        return self.unet(inputs.to(self.unet.dtype), t, **kwargs).sample.float()
 
 
 def background_latents(components: Components, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
