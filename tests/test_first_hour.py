@@ -348,3 +348,9 @@ def test_models_names_the_folder_it_searched_and_refuses_a_missing_one(tmp_path)
     empty = run("models", "--cache-dir", tmp_path / "home")
     assert empty.exit_code == 0 and empty.stdout == ""
     assert f"searched {tmp_path / 'home' / 'hub'}: no diffusers models there" in empty.stderr
+
+
+def test_without_a_terminal_stderr_gets_no_progress_and_no_blank_lines(scene, tmp_path):
+    result = run("render", scene, "--model", "tiny-random", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 0 and result.stdout.strip() == str(tmp_path / "out" / "my_scene-7.png")
+    assert result.stderr == "", repr(result.stderr)

@@ -56,7 +56,7 @@ class ProgressDisplay:
         self.quiet, self.labelled_failures = quiet, labelled_failures
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-            console=err, disable=quiet, transient=True,
+            console=err, disable=quiet or not err.is_terminal, transient=True,
         )
         self.task = None
         self.label = None
