@@ -354,3 +354,15 @@ def test_without_a_terminal_stderr_gets_no_progress_and_no_blank_lines(scene, tm
     result = run("render", scene, "--model", "tiny-random", "--output-dir", tmp_path / "out")
     assert result.exit_code == 0 and result.stdout.strip() == str(tmp_path / "out" / "my_scene-7.png")
     assert result.stderr == "", repr(result.stderr)
+
+
+def test_render_warns_about_clipped_boxes_and_stretched_masks(tmp_path):
+    write_mask(tmp_path / "masks" / "wide.png", box=(0, 0, 100, 50), size=(200, 100))
+    path = tmp_path / "edge.yaml"
+    path.write_text("prompt: a room\nwidth: 96\nheight: 64\nsteps: 1\nseed: 1\nregions:\n"
+                    "  - prompt: a sofa\n    box: [-16, 16, 80, 64]\n"
+                    "  - prompt: a lamp\n    mask: masks/wide.png\n")
+    result = render(path, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "warning: edge.yaml: regions[0].box [-16, 16, 80, 64] extends past the 96x64 canvas: clipped" in result.stderr
+    assert "regions[1].mask masks/wide.png is 200x100 (aspect 2.00) but the canvas is 96x64" in result.stderr
