@@ -83,6 +83,7 @@ class Source:
 
     scene: Scene
     scene_file: str
+    inputs: dict[str, str]  # input_hashes(scene), now
     from_png: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -91,7 +92,8 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
     """A scene file, or a PNG rendered by multidiff (its metadata holds the scene)."""
     overrides = overrides or {}
     if path.suffix.lower() != ".png":
-        return Source(load_scene(path, overrides), path.name)
+        scene = load_scene(path, overrides)
+        return Source(scene, path.name, input_hashes(scene))
     record = read_metadata(path)
     scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
     base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
@@ -100,12 +102,13 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
     if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
     scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides)
+    hashes = input_hashes(scene)
     notes = [
         f"{name} changed since {path.name} was rendered (its sha256 differs): this render will differ"
         if digest is not None else f"{name}: the file is gone since {path.name} was rendered"
-        for name, digest in changed_inputs(record.get("inputs", {}), input_hashes(scene))
+        for name, digest in changed_inputs(record.get("inputs", {}), hashes)
     ]
-    return Source(scene, record.get("scene_file") or path.name, True, notes)
+    return Source(scene, record.get("scene_file") or path.name, hashes, True, notes)
 
 
 def input_files(scene: Scene) -> dict[str, Path]:
@@ -169,10 +172,9 @@ def plan_jobs(
             failures.append(Failure(source.name, exc))
             continue
         scene = loaded.scene
-        notes += [("note", f"{source.name}: {note}") for note in scene_notes(scene)]
+        notes += [("note", f"{source.name}: {note}") for note in scene.notes]
         notes += [("warning", f"{source.name}: {note}") for note in loaded.notes + scene_warnings(scene)]
         model_given = scene.model or default_model
-        hashes = input_hashes(scene)
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             base = output_dir / f"{Path(loaded.scene_file).stem}-{seed}{'-again' if loaded.from_png else ''}.png"
             if output is not None:
@@ -187,12 +189,8 @@ def plan_jobs(
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
             taken.add(target.resolve())
             resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)})
-            jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, hashes, earlier))
+            jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, loaded.inputs, earlier))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
     return jobs, failures, notes
 
-
-def scene_notes(scene: Scene) -> list[str]:
-    """What loading did to the scene that the user should hear of (scaled bootstrap, scaled boxes)."""
-    return list(getattr(scene, "notes", []))
