@@ -303,6 +303,8 @@ def _message(err: dict) -> str:
         return f"expected 4 numbers [x0, y0, x1, y1], got {len(value)}"
     if kind == "missing":
         return "required"
+    if kind in ("greater_than", "less_than_equal") and loc == ("strength",):
+        return f"must be more than 0 and at most 1 (1: from pure noise), got {value}"
     if kind == "literal_error" and loc[-1] == "scheduler":
         return f"unknown scheduler {value!r}; choose one of {', '.join(SCHEDULER_NAMES)}"
     message = err["msg"].removeprefix("Value error, ")

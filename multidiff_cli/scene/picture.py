@@ -27,17 +27,22 @@ class PictureError(MultidiffError, ValueError):
 def _open(path: Path, what: str) -> Image.Image:
     """Open an image file, refusing what Pillow calls a decompression bomb (its warning, too)."""
     try:
-        if not path.exists():
-            raise PictureError(f"no such file: {path}")
-        if path.is_dir():
-            raise PictureError(f"{path} is a directory, not an image")
-    except OSError as exc:
-        raise PictureError(f"cannot open {path}: {exc.strerror or exc}") from None
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte in it
+        raise PictureError(f"cannot open {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not exists:
+        raise PictureError(f"no such file: {path}")
+    if is_dir:
+        raise PictureError(f"{path} is a directory, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
-            image.load()
+            try:
+                image.load()
+            except BaseException:
+                image.close()
+                raise
             return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PictureError(f"{path}: refused, too many pixels for {what} ({exc})") from None
