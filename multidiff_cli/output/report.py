@@ -70,6 +70,8 @@ def metadata_text(record: dict[str, Any]) -> str:
         "scene_dir": record.get("scene_dir"),
         "versions": record.get("versions"),
     }
+    if record.get("init_image"):  # the picture it started from: path, size, sha256
+        run["init_image"] = record["init_image"]
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
     return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
 
