@@ -151,7 +151,7 @@ def test_regions_over_a_picture_equal_the_per_prompt_reference_loop(scheduler, a
     fused_scheduler = make_scheduler(scheduler, sd2_scheduler_config())
     fused_scheduler.set_timesteps(STEPS)
     fused = multidiffusion(noise, fused_scheduler, per_request, weights, bootstrap_steps=2, backgrounds=backgrounds,
-                           start_step=start, image_latents=image)
+                           start_step=start, init_latents=image)
     reference = reference_from_picture(scheduler, image, noise, weights, start, 2, backgrounds)
     assert_close_batched(fused, reference, steps=STEPS - start)
 
@@ -173,3 +173,21 @@ def test_keep_outside_regions_holds_the_noised_picture_at_every_step(tiny, pictu
         assert torch.equal(x[0][:, ~changeable], known[0][:, ~changeable]), i
         assert not torch.equal(x[0][:, changeable], known[0][:, changeable])  # the region did change
     assert torch.equal(ours[0][:, ~changeable], latents[0][:, ~changeable])
+
+
+def test_strength_counts_steps_as_diffusers_does_and_always_runs_one():
+    assert [first_step(50, s) for s in (0.55, 0.3, 1.0)] == [50 - 27, 50 - 15, 0]
+    assert first_step(1, 0.55) == 0  # int(0.55) = 0: one step still runs
+    assert first_step(2, 0.3) == 1
+
+
+def test_a_one_step_draft_starts_from_the_picture_not_from_noise():
+    """Running all steps from a picture (strength < 1, int(steps * strength) = steps) is not strength 1."""
+    image = torch.full((1, 4, H, W), 2.0)
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for init in (image, None):
+        scheduler = make_scheduler("ddim", sd2_scheduler_config())
+        scheduler.set_timesteps(1)
+        runs.append(multidiffusion(noise, scheduler, per_request, region_weights([], (H, W)), init_latents=init))
+    assert runs[0].mean() > 1.5 and runs[1].abs().mean() < 1.5  # one step at t=1 keeps the picture

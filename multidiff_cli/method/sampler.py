@@ -130,17 +130,17 @@ def unroll(predictions: torch.Tensor, rolls: list[tuple[int, int] | None]) -> to
 
 
 def first_step(steps: int, strength: float) -> int:
-    """The step an img2img render starts at, as diffusers counts: it runs the last int(steps * strength)."""
-    return steps - min(int(steps * strength), steps)
+    """The step an img2img render starts at, as diffusers counts: it runs the last int(steps * strength),
+    and at least one (where diffusers would refuse to run none: a draft at --steps 1 still renders)."""
+    return steps - max(1, min(int(steps * strength), steps))
 
 
-def start_latents(noise: torch.Tensor, scheduler: Scheduler, image_latents: torch.Tensor | None, start_step: int) -> torch.Tensor:
-    """SDEdit (Meng et al. 2022), as diffusers' img2img pipeline starts: the image's latents noised to the
-    level of the first step run; from the first step of all (strength 1), pure noise, as text-to-image
-    and diffusers' inpaint pipeline start."""
-    if image_latents is None or start_step == 0:
+def start_latents(noise: torch.Tensor, scheduler: Scheduler, init_latents: torch.Tensor | None, start_step: int) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022), as diffusers' img2img pipeline starts: a picture's latents noised to the
+    level of the first step run; without one, pure noise (text-to-image)."""
+    if init_latents is None:
         return noise * scheduler.init_noise_sigma
-    return scheduler.add_noise(image_latents, noise, scheduler.timesteps[start_step * getattr(scheduler, "order", 1)].reshape(1))
+    return scheduler.add_noise(init_latents, noise, scheduler.timesteps[start_step * getattr(scheduler, "order", 1)].reshape(1))
 
 
 def keep_known(x: torch.Tensor, known: torch.Tensor, changeable: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,8 @@ def multidiffusion(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     start_step: int = 0,
-    image_latents: torch.Tensor | None = None,
+    init_latents: torch.Tensor | None = None,
+    known_latents: torch.Tensor | None = None,
     changeable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample a canvas with MultiDiffusion; returns the final latents (1, C, h, w).
@@ -181,11 +182,12 @@ def multidiffusion(
     generator: for stochastic schedulers (euler-a, ddpm); a CPU generator keeps devices equal.
     start_step: the first step to run (img2img: steps - int(steps * strength)); bootstrapping counts
         from it, per-step weights keep their own steps.
-    image_latents: the clean latents of a picture to start from, noised to start_step's level with
-        `noise` (start_step 0: pure noise).
-    changeable: (1, 1, h, w), 1 where the picture may change; after every step the other cells are
-        set to image_latents noised to the next step's level (clean after the last), as diffusers'
-        inpaint pipeline does.
+    init_latents: the clean latents of a picture to start from, noised to start_step's level with
+        `noise`; None: pure noise (also where a picture is re-noised all the way, strength 1, as
+        diffusers' inpaint pipeline starts).
+    known_latents, changeable: clean latents to keep, and (1, 1, h, w) 1 where they may change; after
+        every step the other cells are set to known_latents noised to the next step's level (clean
+        after the last), as diffusers' inpaint pipeline does with a 4-channel UNet.
     """
     per_step = weights.dim() == 5
     regions = weights.shape[-4] - 1
@@ -194,12 +196,12 @@ def multidiffusion(
         raise ValueError("bootstrap_steps > 0 needs one background latent per bootstrap step and region")
     views = views or [full_view(tuple(noise.shape[-2:]))]
 
-    if image_latents is None and (changeable is not None or start_step):
-        raise ValueError("start_step > 0 and changeable need image_latents: the picture to start from and keep")
+    if (init_latents is None and start_step) or ((known_latents is None) != (changeable is None)):
+        raise ValueError("start_step > 0 needs init_latents, and changeable needs known_latents (and back)")
     order = getattr(scheduler, "order", 1)  # Heun-type schedulers visit each step `order` times
-    if image_latents is not None and hasattr(scheduler, "set_begin_index"):
+    if (init_latents is not None or known_latents is not None) and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_step * order)  # add_noise then finds the level of the step at hand
-    x = start_latents(noise, scheduler, image_latents, start_step)
+    x = start_latents(noise, scheduler, init_latents, start_step)
     timesteps = scheduler.timesteps[start_step * order :]
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and takes_generator else {}
@@ -226,9 +228,9 @@ def multidiffusion(
         denoised = getattr(out, "pred_original_sample", None)
         if changeable is not None:
             last = i == len(timesteps) - 1
-            known = image_latents if last else scheduler.add_noise(image_latents, noise, timesteps[i + 1].reshape(1))
+            known = known_latents if last else scheduler.add_noise(known_latents, noise, timesteps[i + 1].reshape(1))
             x = keep_known(x, known, changeable)
-            denoised = None if denoised is None else keep_known(denoised, image_latents, changeable)
+            denoised = None if denoised is None else keep_known(denoised, known_latents, changeable)
         if callback is not None:
             callback(i, len(timesteps), x, denoised)
     return x

@@ -174,7 +174,8 @@ def render(
             generator=generator,
             callback=finite_checked(callback, components),
             start_step=start,
-            image_latents=image_latents,
+            init_latents=image_latents if scene.init_image is not None and scene.strength < 1 else None,
+            known_latents=None if changeable is None else image_latents,
             changeable=changeable,
         )
     except torch.cuda.OutOfMemoryError:

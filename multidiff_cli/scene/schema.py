@@ -142,10 +142,7 @@ class Scene(Strict):
                 raise ValueError("needs `init_image`: the picture to start from")
             return None
         if value is None:
-            value = DEFAULT_STRENGTH if info.field_name == "strength" else "none"
-        steps = info.data.get("steps")
-        if info.field_name == "strength" and isinstance(steps, int) and int(steps * value) < 1:
-            raise ValueError(f"{value} of {steps} steps runs no step (int(steps * strength) = 0): raise it or steps")
+            return DEFAULT_STRENGTH if info.field_name == "strength" else "none"
         return value
 
     @property
