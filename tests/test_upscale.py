@@ -157,6 +157,10 @@ def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_ski
     assert record["init_image"]["path"] == "pic.png" and (record["init_image"]["width"], record["init_image"]["height"]) == (128, 96)
     assert record["init_image"]["sha256"] == record["inputs"]["pic.png"] and "keep.png" in record["inputs"]
     assert "Denoising strength: 0.5" in Image.open(out / "scene-4.png").text["parameters"]
+    saved = run("inspect", out / "scene-4.png", "--save-scene", tmp_path / "elsewhere" / "again.yaml")
+    assert saved.exit_code == 0 and "init_image:" in saved.stdout
+    moved = load_scene(tmp_path / "elsewhere" / "again.yaml")  # paths rewritten to work from its folder
+    assert (moved.init_image, moved.keep) == ("../pic.png", "../keep.png")
     again = run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
     assert "skipped" in again.output and files_in(out) == ["scene-4.png"]
 
