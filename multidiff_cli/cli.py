@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,8 @@ import typer
 from . import __version__
 from .errors import MultidiffError, UsageError
 from .output.console import PlainHelpCommand as _Command
-from .output.console import err, error_lines, out, print_path, print_summary, say, usage_error_line
+from .output.console import err, error_lines, out, print_path, print_summary, run_command, say
+from .output.console import user_errors as _user_errors
 
 
 app = typer.Typer(
@@ -37,24 +37,6 @@ def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion."""
-
-
-@contextmanager
-def _user_errors():
-    """Domain errors -> one line each on stderr and their exit code (2 bad input, 1 runtime); Ctrl-C -> 130."""
-    try:
-        yield
-    except MultidiffError as exc:
-        say(error_lines(exc))
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:
-        left = getattr(exc, "left", [])
-        if left:
-            say([f"interrupted: the picture was not written; {len(left)} step preview"
-                 f"{'' if len(left) == 1 else 's'} remain in {left[0].parent}/"])
-        else:
-            say(["interrupted: no partial file was left"])
-        raise typer.Exit(130) from None
 
 
 def _env_device(device: Optional[str]) -> dict:
@@ -126,6 +108,36 @@ def render(
         if report.is_main:
             print_summary(report)
     end_process(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+@app.command(cls=_Command)
+def upscale(
+    image: Path = typer.Argument(..., help="The picture to upscale (a PNG made by multidiff reuses its prompts)."),
+    scale: float = typer.Option(2.0, "--scale", help="Times the picture's width and height."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="What it shows [default: a multidiff PNG's own]."),
+    strength: float = typer.Option(0.3, "--strength", help="How far to re-noise it: more adds more new detail."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Steps, of which strength x steps run [default: 50]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="[default: random, written into the scene]"),
+    model: Optional[str] = typer.Option(None, "--model", help="[default: the PNG's, else as render]"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (the scene goes beside it)."),
+    output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for the scene and the picture."),
+    device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Render IMAGE larger through a scene written beside the output (the picture as init image, views)."""
+    with _user_errors():
+        from .models.loading import DEFAULT_MODEL
+        from .output.console import ProgressDisplay
+        from .run.upscale import RunSettings, UpscaleRequest, run_upscale
+
+        request = UpscaleRequest(image, scale, prompt, strength, steps, seed, model, output, output_dir)
+        settings = RunSettings(**_env_device(device), default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL)
+        with ProgressDisplay(quiet) as display:
+            scene_path, report = run_upscale(request, settings, display)
+        if report.written:
+            print_path(scene_path)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 
@@ -281,19 +293,7 @@ def bench(
 
 def main() -> None:
     """Console-script entry point. A mistyped command line is one line too (not Click's usage box)."""
-    command = typer.main.get_command(app)
-    try:
-        code = command.main(prog_name="multidiff", standalone_mode=False)
-    except typer.Abort:
-        say(["interrupted"])
-        code = 130
-    except Exception as exc:  # Click's usage errors (typer vendors Click: matched by what they carry)
-        line = usage_error_line(exc)
-        if line is None:
-            raise
-        say([line])
-        code = 2
-    sys.exit(code or 0)
+    sys.exit(run_command(typer.main.get_command(app)))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ DEFAULTS = {
     "tiled_decode": "auto",
     "few_step": "auto",
     "max_batch": None,
+    "init_image": None,  # no picture to start from: text-to-image
+    "strength": None,
+    "keep": None,
     "regions": [],
 }
 

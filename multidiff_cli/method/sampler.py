@@ -129,6 +129,26 @@ def unroll(predictions: torch.Tensor, rolls: list[tuple[int, int] | None]) -> to
     return torch.stack([p if r is None else torch.roll(p, (-r[0], -r[1]), dims=(-2, -1)) for p, r in zip(predictions, rolls)])
 
 
+def first_step(steps: int, strength: float) -> int:
+    """The step an img2img render starts at, as diffusers counts: it runs the last int(steps * strength),
+    and at least one (where diffusers would refuse to run none: a draft at --steps 1 still renders)."""
+    return steps - max(1, min(int(steps * strength), steps))
+
+
+def start_latents(noise: torch.Tensor, scheduler: Scheduler, init_latents: torch.Tensor | None, start_step: int) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022), as diffusers' img2img pipeline starts: a picture's latents noised to the
+    level of the first step run; without one, pure noise (text-to-image)."""
+    if init_latents is None:
+        return noise * scheduler.init_noise_sigma
+    return scheduler.add_noise(init_latents, noise, scheduler.timesteps[start_step * getattr(scheduler, "order", 1)].reshape(1))
+
+
+def keep_known(x: torch.Tensor, known: torch.Tensor, changeable: torch.Tensor) -> torch.Tensor:
+    """Repaint (diffusers' inpaint pipeline with a 4-channel UNet): outside the changeable cells, the known
+    latents at the current noise level."""
+    return changeable * x + (1 - changeable) * known
+
+
 def multidiffusion(
     noise: torch.Tensor,
     scheduler: Scheduler,
@@ -141,6 +161,10 @@ def multidiffusion(
     center_regions: bool = False,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    start_step: int = 0,
+    init_latents: torch.Tensor | None = None,
+    known_latents: torch.Tensor | None = None,
+    changeable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample a canvas with MultiDiffusion; returns the final latents (1, C, h, w).
 
@@ -156,6 +180,14 @@ def multidiffusion(
     center_regions: during bootstrapping, denoise each region shifted so its mask is centred in
         the view, then shift its prediction back (StreamMultiDiffusion's mask-centering).
     generator: for stochastic schedulers (euler-a, ddpm); a CPU generator keeps devices equal.
+    start_step: the first step to run (img2img: steps - int(steps * strength)); bootstrapping counts
+        from it, per-step weights keep their own steps.
+    init_latents: the clean latents of a picture to start from, noised to start_step's level with
+        `noise`; None: pure noise (also where a picture is re-noised all the way, strength 1, as
+        diffusers' inpaint pipeline starts).
+    known_latents, changeable: clean latents to keep, and (1, 1, h, w) 1 where they may change; after
+        every step the other cells are set to known_latents noised to the next step's level (clean
+        after the last), as diffusers' inpaint pipeline does with a 4-channel UNet.
     """
     per_step = weights.dim() == 5
     regions = weights.shape[-4] - 1
@@ -164,15 +196,19 @@ def multidiffusion(
         raise ValueError("bootstrap_steps > 0 needs one background latent per bootstrap step and region")
     views = views or [full_view(tuple(noise.shape[-2:]))]
 
-    x = noise * scheduler.init_noise_sigma
-    timesteps = scheduler.timesteps
+    if (init_latents is None and start_step) or ((known_latents is None) != (changeable is None)):
+        raise ValueError("start_step > 0 needs init_latents, and changeable needs known_latents (and back)")
     order = getattr(scheduler, "order", 1)  # Heun-type schedulers visit each step `order` times
+    if (init_latents is not None or known_latents is not None) and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start_step * order)  # add_noise then finds the level of the step at hand
+    x = start_latents(noise, scheduler, init_latents, start_step)
+    timesteps = scheduler.timesteps[start_step * order :]
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generator} if generator is not None and takes_generator else {}
     active: dict[int, list[list[int]]] = {}  # per set of weights: the same every step unless per_step
     for i, t in enumerate(timesteps):
-        step = i // order
-        weights_index = min(step, weights.shape[0] - 1) if per_step else 0
+        step = i // order  # counted from the first step run
+        weights_index = min(start_step + step, weights.shape[0] - 1) if per_step else 0
         step_weights = weights[weights_index] if per_step else weights
         if weights_index not in active:
             active[weights_index] = active_prompts(step_weights, views)
@@ -189,6 +225,12 @@ def multidiffusion(
         fused = fuse_views(predictions, requests, request_views, step_weights)
         out = scheduler.step(fused, t, x, **step_kwargs)
         x = out.prev_sample
+        denoised = getattr(out, "pred_original_sample", None)
+        if changeable is not None:
+            last = i == len(timesteps) - 1
+            known = known_latents if last else scheduler.add_noise(known_latents, noise, timesteps[i + 1].reshape(1))
+            x = keep_known(x, known, changeable)
+            denoised = None if denoised is None else keep_known(denoised, known_latents, changeable)
         if callback is not None:
-            callback(i, len(timesteps), x, getattr(out, "pred_original_sample", None))
+            callback(i, len(timesteps), x, denoised)
     return x

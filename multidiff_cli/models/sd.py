@@ -79,6 +79,19 @@ def background_latents(components: Components, generator: torch.Generator, steps
     return latents.mean(dim=(2, 3), keepdim=True).float().reshape(steps, regions, -1, 1, 1)
 
 
+def encode_image(components: Components, pixels: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """(1, 3, H, W) pixels in [-1, 1] -> (1, C, H/8, W/8) latents: the latent distribution's mean times
+    the VAE's scaling factor. tiled: in overlapping tiles (bounded memory), as `decode` tiles."""
+    vae = components.vae
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    try:
+        with torch.inference_mode():
+            latents = vae.encode(pixels.to(components.device, vae.dtype)).latent_dist.mean
+    finally:
+        vae.disable_tiling()
+    return latents.float() * vae.config.scaling_factor
+
+
 def decode(components: Components, latents: torch.Tensor, wrap: bool = False, tiled: bool = False) -> Image.Image:
     """Latents -> RGB picture, with the VAE's own scaling factor.
 

@@ -1,6 +1,9 @@
 """The terminal: stdout for the paths of written files and tables, stderr for progress, notes and errors."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -21,6 +24,24 @@ def say(lines: list[str], prefix: str = "") -> None:
 def print_path(path) -> None:
     """A written file's path on stdout: what scripts read."""
     out.print(str(path), markup=False)
+
+
+@contextmanager
+def user_errors():
+    """Domain errors -> one line each on stderr and their exit code (2 bad input, 1 runtime); Ctrl-C -> 130."""
+    try:
+        yield
+    except MultidiffError as exc:
+        say(error_lines(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:
+        left = getattr(exc, "left", [])
+        if left:
+            say([f"interrupted: the picture was not written; {len(left)} step preview"
+                 f"{'' if len(left) == 1 else 's'} remain in {left[0].parent}/"])
+        else:
+            say(["interrupted: no partial file was left"])
+        raise typer.Exit(130) from None
 
 
 def error_lines(exc: MultidiffError, label: str | None = None) -> list[str]:
@@ -109,6 +130,22 @@ class PlainHelpCommand(TyperCommand):
                 param.display_type_rich = lambda ctx: None
                 param._rich_display_name = lambda name=name: name
                 param._usage_display_name = lambda name=name, req=param.required: name if req else f"[{name}]"
+
+
+def run_command(command) -> int:
+    """Run the Click command of the app; its exit code. Click's usage errors are one line too, exit 2."""
+    try:
+        code = command.main(prog_name="multidiff", standalone_mode=False)
+    except typer.Abort:
+        say(["interrupted"])
+        code = 130
+    except Exception as exc:  # Click's usage errors (typer vendors Click: matched by what they carry)
+        line = usage_error_line(exc)
+        if line is None:
+            raise
+        say([line])
+        code = 2
+    return code or 0
 
 
 def usage_error_line(exc: Exception) -> str | None:

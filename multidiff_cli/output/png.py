@@ -32,14 +32,16 @@ def package_versions() -> dict[str, str]:
 
 def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, device: str, dtype: str,
                    seconds: float, scene_file: str | None = None, scene_dir: str | None = None,
-                   inputs: dict[str, str] | None = None, model_given: str | None = None) -> dict[str, Any]:
+                   inputs: dict[str, str] | None = None, model_given: str | None = None,
+                   init_image: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
 
     scene_file and scene_dir say where the scene came from: mask paths in the scene are relative
     to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again. inputs:
     each input file as written in the scene -> its sha256, so a re-render can tell it changed.
-    model_given: the model as the user typed it (a local folder is recorded absolutely)."""
-    return {
+    model_given: the model as the user typed it (a local folder is recorded absolutely). init_image:
+    the picture a render started from (path as given, size, sha256), recorded only where there is one."""
+    return ({"init_image": init_image} if init_image else {}) | {
         "scene": scene,
         "scene_file": scene_file,
         "scene_dir": scene_dir,
@@ -72,6 +74,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         "Regions": len(scene.get("regions", [])),
         "Bootstrap steps": scene["bootstrap_steps"],
     }
+    if scene.get("strength") is not None:
+        settings["Denoising strength"] = scene["strength"]
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..scene import grid
 from ..scene import Scene
+from ..scene.picture import load_picture
 
 CANVAS_RGB = (46, 46, 52)
 CAPTION_RGB = (18, 18, 22)
@@ -53,6 +54,8 @@ def draw_layout(scene: Scene) -> Image.Image:
     width, height = max(1, round(scene.width * scale)), max(1, round(scene.height * scale))
     canvas = np.empty((height, width, 3), dtype=np.float64)
     canvas[:] = CANVAS_RGB
+    if scene.init_image is not None:  # the picture it starts from, under the boxes
+        canvas[:] = (load_picture(scene.init_image_path, (width, height)) + 1) * 127.5
     shapes = [region_pixels(scene, i, (width, height)) for i in range(len(scene.regions))]
     for i, inside in enumerate(shapes):
         canvas[inside] = (1 - REGION_ALPHA) * canvas[inside] + REGION_ALPHA * np.array(region_colour(i))
@@ -62,6 +65,9 @@ def draw_layout(scene: Scene) -> Image.Image:
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
     entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, f"global: {scene.prompt}", text_font, text_w))]
+    if scene.init_image is not None:
+        about = f"init image: {scene.init_image} (strength {scene.strength}, keep {scene.keep})"
+        entries.insert(1, (None, _wrap(measure, about, text_font, text_w)))
     for i, region in enumerate(scene.regions):
         where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
         entries.append((i, _wrap(measure, f"{i + 1}. {region.prompt} ({where})", text_font, text_w)))

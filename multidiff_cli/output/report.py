@@ -70,6 +70,8 @@ def metadata_text(record: dict[str, Any]) -> str:
         "scene_dir": record.get("scene_dir"),
         "versions": record.get("versions"),
     }
+    if record.get("init_image"):  # the picture it started from: path, size, sha256
+        run["init_image"] = record["init_image"]
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
     return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
 
@@ -94,15 +96,21 @@ def smoke_table(results, title: str) -> Table:
 
 
 def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[str, Any]:
-    """The PNG's scene with its mask paths rewritten to work from `folder` (they are relative to the
-    folder of the scene the PNG was rendered from)."""
+    """The PNG's scene with its mask paths (and init image and keep mask) rewritten to work from `folder`
+    (they are relative to the folder of the scene the PNG was rendered from)."""
     scene_dir = Path(record.get("scene_dir") or Path(image).resolve().parent)
     scene = dict(record["scene"])
+
+    def moved(name: str) -> str:
+        return os.path.relpath((scene_dir / Path(name).expanduser()).resolve(), Path(folder).resolve())
+
+    for key in ("init_image", "keep"):
+        if isinstance(scene.get(key), str) and scene[key] not in ("none", "outside_regions"):
+            scene[key] = moved(scene[key])
     regions = []
     for region in scene.get("regions", []):
         if isinstance(region, dict) and isinstance(region.get("mask"), str):
-            where = (scene_dir / Path(region["mask"]).expanduser()).resolve()
-            region = {**region, "mask": os.path.relpath(where, Path(folder).resolve())}
+            region = {**region, "mask": moved(region["mask"])}
         regions.append(region)
     if regions:
         scene["regions"] = regions

@@ -20,6 +20,7 @@ from ..models.loading import DEFAULT_MODEL, load_components
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
 from ..scene import Scene
+from ..scene.picture import upright_size
 from . import distributed
 from .memory import check_memory
 from .plan import Failure, RenderJob, free_path, parse_seeds, plan_jobs
@@ -234,10 +235,20 @@ class Renderer:
             model=components.model_id, revision=components.revision, device=str(self.device),
             dtype=components.dtype_name, seconds=result.seconds,
             scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
+            init_image=init_image_record(job),
         )
         write_png(result.image, job.target, record)
         if self.settings.animation and frames:
             write_gif(frames + [result.image], job.target.with_suffix(".gif"))
+
+
+def init_image_record(job: RenderJob) -> dict[str, Any] | None:
+    """The init image as the PNG records it: its path as given, its size (upright) and sha256."""
+    scene = job.scene
+    if scene.init_image is None:
+        return None
+    width, height = upright_size(scene.init_image_path)
+    return {"path": scene.init_image, "width": width, "height": height, "sha256": job.inputs.get(scene.init_image)}
 
 
 def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:

@@ -15,10 +15,15 @@ from .render import RenderPlan
 UNET_MULTIPLICITY = 40
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
+# Tiled encoding held more than one tile's worth (measured on the CPU, sd2-random's VAE: one 512x512 encode
+# grew the RSS by 0.64 GiB, a tiled 1024x1024 encode by 0.76 GiB; the estimate of one tile is 0.68 GiB).
+TILED_ENCODE_OVERHEAD = 1.2
+PICTURE_BYTES_PER_PX = 3 + 3 * 4  # the init image as 8-bit RGB and as float32 at the canvas's size
 
 
 def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, tiled: bool) -> dict[str, int]:
-    """Activation memory, beyond the loaded weights: the UNet's largest call and the VAE decode."""
+    """Activation memory, beyond the loaded weights: the UNet's largest call, the VAE decode, and the
+    init image's encode (the encoder's levels are the decoder's; it tiles when decoding does)."""
     element = torch.finfo(components.dtype).bits // 8
     window = components.unet.config.sample_size
     h, w = scene.latent_hw
@@ -28,7 +33,11 @@ def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, 
     channels = components.vae.config.block_out_channels
     per_pixel = sum(c / 4**level for level, c in enumerate(channels))
     decode = int(pixels * per_pixel * 4 * VAE_MULTIPLICITY)  # the VAE decodes in float32
-    return {"unet": int(unet), "decode": decode}
+    parts = {"unet": int(unet), "decode": decode}
+    if scene.init_image is not None:
+        picture = scene.width * scene.height * PICTURE_BYTES_PER_PX
+        parts["encode"] = int(decode * (TILED_ENCODE_OVERHEAD if tiled else 1)) + picture
+    return parts
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -60,6 +69,7 @@ def check_memory(scene: Scene, components: Components, plan: RenderPlan) -> None
         largest = max(parts, key=parts.get)
         advice = {
             "decode": "set `tiled_decode: true` (or leave it on auto)",
+            "encode": "set `tiled_decode: true` (it tiles the encode too; or leave it on auto)",
             "unet": "lower max_batch (--max-batch 1)",
         }[largest]
         raise TooLarge(

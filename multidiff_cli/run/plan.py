@@ -112,8 +112,14 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
 
 
 def input_files(scene: Scene) -> dict[str, Path]:
-    """Every file that shapes the picture (the regions' masks), as written in the scene -> its path."""
-    return {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+    """Every file that shapes the picture (the regions' masks, the init image and its keep mask), as
+    written in the scene -> its path."""
+    files = {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+    if scene.init_image is not None:
+        files[scene.init_image] = scene.init_image_path
+    if scene.keep_mask is not None:
+        files[scene.keep_mask] = scene.keep_mask_path
+    return files
 
 
 def input_hashes(scene: Scene) -> dict[str, str]:

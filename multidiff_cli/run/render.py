@@ -10,13 +10,15 @@ from PIL import Image
 
 from ..errors import RenderError
 from ..method.guidance import Prompts, guided_denoiser
-from ..method.sampler import StepCallback, multidiffusion
+from ..method.sampler import StepCallback, first_step, multidiffusion
 from ..method.schedulers import make_scheduler
 from ..method.views import View, make_views
 from ..method.weights import noise_levels, quantized_weights, region_weights
 from ..models.components import Components
-from ..models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_texts, truncation_warnings
-from ..scene import Scene, region_cells
+from ..models.sd import (DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_image, encode_texts,
+                         truncation_warnings)
+from ..scene import Scene, changeable_cells, region_cells
+from ..scene.picture import load_picture
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
@@ -88,6 +90,12 @@ def scene_weights(scene: Scene, scheduler=None, few_step: bool = False) -> torch
     return quantized_weights(region_masks, noise_levels(scheduler))
 
 
+def picture_latents(scene: Scene, components: Components, plan: RenderPlan) -> torch.Tensor:
+    """The init image at the canvas's size, encoded (in tiles where the plan decodes in tiles)."""
+    pixels = torch.from_numpy(load_picture(scene.init_image_path, (scene.width, scene.height)))
+    return encode_image(components, pixels.permute(2, 0, 1)[None], tiled=plan.tiled_decode)
+
+
 def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
     """`decode` with the plan's wrap-around and tiling."""
     return decode(components, latents, wrap=plan.wrap, tiled=plan.tiled_decode)
@@ -136,15 +144,23 @@ def render(
     stage("encoding prompts")
     prompts = scene_prompts(scene)
     embeddings = encode_texts(components, prompts.texts)
+    image_latents = changeable = None
+    start = first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
+    if scene.init_image is not None:
+        stage("encoding the init image")
+        image_latents = picture_latents(scene, components, plan)
+        cells = changeable_cells(scene)
+        changeable = None if cells is None else torch.from_numpy(cells).float()[None, None].to(device)
+    bootstrap_steps = min(scene.bootstrap_steps, scene.steps - start)  # counted from the first step run
     backgrounds = None
-    if scene.bootstrap_steps and scene.regions:
-        backgrounds = background_latents(components, generator, scene.bootstrap_steps, len(scene.regions))
+    if bootstrap_steps and scene.regions:
+        backgrounds = background_latents(components, generator, bootstrap_steps, len(scene.regions))
 
     scheduler = make_scheduler(scene.scheduler, components.scheduler_config)
     scheduler.set_timesteps(scene.steps, device=device)
     weights = scene_weights(scene, scheduler, plan.few_step).to(device)
     unet = ChunkedUNet(components.unet, plan.samples_per_call, warn)
-    stage(f"step 1/{scene.steps}")
+    stage(f"step 1/{scene.steps - start}")
     try:
         latents = multidiffusion(
             noise,
@@ -152,11 +168,15 @@ def render(
             guided_denoiser(unet, embeddings, prompts),
             weights,
             views=plan.views,
-            bootstrap_steps=scene.bootstrap_steps,
+            bootstrap_steps=bootstrap_steps,
             backgrounds=backgrounds,
             center_regions=plan.few_step,
             generator=generator,
             callback=finite_checked(callback, components),
+            start_step=start,
+            init_latents=image_latents if scene.init_image is not None and scene.strength < 1 else None,
+            known_latents=None if changeable is None else image_latents,
+            changeable=changeable,
         )
     except torch.cuda.OutOfMemoryError:
         raise RenderError(

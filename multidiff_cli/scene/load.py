@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..errors import SceneError
 from ..method.schedulers import SCHEDULER_NAMES
-from . import grid
+from . import grid, picture
 from .schema import Region, Scene, SizePx, mask_path
 from .yamlpos import parse_yaml, report
 
@@ -37,6 +37,7 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     changed beyond their own keys is in the scene's `notes`."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     base_dir = base_dir or Path(source).resolve().parent
+    data = {**data, **_canvas_of_picture(data, base_dir, source, root)}
     merged, notes, hints = apply_overrides(data, overrides)
     try:
         scene = Scene.model_validate(merged)
@@ -50,6 +51,18 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     if problems:
         raise SceneError(report(source, root, _with_hints(problems, hints)))
     return scene
+
+
+def _canvas_of_picture(data: dict[str, Any], base_dir: Path, source: Path, root: Any) -> dict[str, Any]:
+    """A scene with an init image and no width/height takes the picture's canvas (before overrides, so
+    --size scales its boxes from there); an unusable picture is the scene's one problem."""
+    name = data.get("init_image") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        return {}  # absent, or validation says why
+    try:
+        return picture.canvas_from_picture(data, mask_path(base_dir, name))
+    except picture.PictureError as exc:
+        raise SceneError(report(source, root, [(("init_image",), str(exc))])) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict]:
@@ -137,7 +150,37 @@ def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
     """Checks that need the canvas or the files: boxes on the canvas, mask images readable and non-empty."""
     canvas = (scene.width, scene.height)
     found = (_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions))
-    return [problem for problem in found if problem]
+    return [problem for problem in found if problem] + _picture_problems(scene)
+
+
+def _picture_problems(scene: Scene) -> list[tuple[tuple, str]]:
+    """The init image fits the canvas; `keep` has something to keep and something to change."""
+    if scene.init_image is None:
+        return []
+    problems = []
+    try:
+        problem = picture.aspect_problem(scene.init_image_path, (scene.width, scene.height))
+    except picture.PictureError as exc:
+        problem = str(exc)
+    if problem:
+        problems.append((("init_image",), problem))
+    if scene.keep == "outside_regions" and not scene.regions:
+        problems.append((("keep",), "outside_regions needs regions: without any, nothing may change"))
+    if scene.keep_mask is not None:
+        try:
+            picture.keep_cells(scene.keep_mask_path, scene.latent_hw)
+        except picture.PictureError as exc:
+            problems.append((("keep",), str(exc)))
+    return problems
+
+
+def changeable_cells(scene: Scene) -> np.ndarray | None:
+    """Boolean (h, w): the latent cells `keep` lets change, or None where everything may."""
+    if scene.keep == "outside_regions":
+        return np.logical_or.reduce([region_cells(scene, i) for i in range(len(scene.regions))])
+    if scene.keep_mask is not None:
+        return picture.keep_cells(scene.keep_mask_path, scene.latent_hw)
+    return None
 
 
 def _check_valid_regions(data: dict[str, Any], base_dir: Path) -> list[tuple[tuple, str]]:
@@ -260,6 +303,8 @@ def _message(err: dict) -> str:
         return f"expected 4 numbers [x0, y0, x1, y1], got {len(value)}"
     if kind == "missing":
         return "required"
+    if kind in ("greater_than", "less_than_equal") and loc == ("strength",):
+        return f"must be more than 0 and at most 1 (1: from pure noise), got {value}"
     if kind == "literal_error" and loc[-1] == "scheduler":
         return f"unknown scheduler {value!r}; choose one of {', '.join(SCHEDULER_NAMES)}"
     message = err["msg"].removeprefix("Value error, ")

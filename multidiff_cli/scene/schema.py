@@ -20,6 +20,8 @@ from .grid import LATENT_PX
 
 MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
+DEFAULT_STRENGTH = 0.8  # with an init image: diffusers' img2img default
+KEEP_CHOICES = ("none", "outside_regions")  # or a mask path
 
 
 def _not_blank(text: str) -> str:
@@ -104,6 +106,15 @@ class Scene(Strict):
         "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: on for few-step distilled models"
     )
     max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
+    init_image: Text | None = Field(None, description="picture to start from, relative to the scene file")
+    strength: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, validate_default=True,
+        description="how far to re-noise the init image (1: from pure noise); absent: 0.8",
+    )
+    keep: Text | None = Field(
+        None, validate_default=True,
+        description="none: all may change; outside_regions: only the regions change; a mask path: white may change",
+    )
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -120,6 +131,24 @@ class Scene(Strict):
         if value > steps:
             raise ValueError(f"must be <= steps ({steps})")
         return value
+
+    @field_validator("strength", "keep")
+    @classmethod
+    def _needs_init_image(cls, value, info: ValidationInfo):
+        if "init_image" not in info.data:  # init_image itself is invalid and already reported
+            return value
+        if info.data["init_image"] is None:
+            if value is not None:
+                raise ValueError("needs `init_image`: the picture to start from")
+            return None
+        if value is None:
+            return DEFAULT_STRENGTH if info.field_name == "strength" else "none"
+        return value
+
+    @property
+    def keep_mask(self) -> str | None:
+        """`keep` when it names a mask file."""
+        return self.keep if self.keep not in (None, *KEEP_CHOICES) else None
 
     @property
     def base_dir(self) -> Path:
@@ -138,6 +167,14 @@ class Scene(Strict):
 
     def mask_path(self, region: Region) -> Path:
         return mask_path(self.base_dir, region.mask)
+
+    @property
+    def init_image_path(self) -> Path | None:
+        return None if self.init_image is None else mask_path(self.base_dir, self.init_image)
+
+    @property
+    def keep_mask_path(self) -> Path | None:
+        return None if self.keep_mask is None else mask_path(self.base_dir, self.keep_mask)
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""

@@ -27,6 +27,9 @@ wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
 few_step: auto                 # quantized masks + mask-centering; auto: on for turbo/LCM/lightning models
 # max_batch: 16                # UNet samples per call: lower it to save memory
+# init_image: photo.jpg        # a picture to start from, relative to this file; canvas: its size
+# strength: 0.8                # with init_image: how far to re-noise it (1: from pure noise)
+# keep: none                   # with init_image: outside_regions (repaint the regions only) or a mask (white = may change)
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
   - prompt: a red velvet sofa
