@@ -224,6 +224,7 @@ class Renderer:
                 scene, components, job.seed, plan=plan, callback=on_step,
                 warn=lambda note: self.emit(Event("warning", label, text=note)),
                 on_stage=lambda what: self.emit(Event("stage", label, text=what)),
+                allow_pickle=self.settings.allow_pickle,
             )
         except KeyboardInterrupt:
             raise Interrupted(previews) from None

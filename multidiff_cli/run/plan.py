@@ -109,8 +109,11 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
 
 
 def input_files(scene: Scene) -> dict[str, Path]:
-    """Every file that shapes the picture (the regions' masks), as written in the scene -> its path."""
-    return {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+    """Every file that shapes the picture (the regions' masks, the LoRAs), as written in the scene -> its path."""
+    files = {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+    for lora in scene.loras + [lora for region in scene.regions for lora in region.loras]:
+        files[lora.path] = scene.lora_path(lora)
+    return files
 
 
 def input_hashes(scene: Scene) -> dict[str, str]:
@@ -143,9 +146,10 @@ def free_path(base: Path, taken: set[Path]) -> tuple[Path, list[Path]]:
 
 
 def local_model(model: str) -> str:
-    """A local model folder as an absolute path (so a re-render works from any folder); else as given."""
+    """A local model folder or single-file checkpoint as an absolute path (so a re-render works from any
+    folder); else as given."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
+    return str(path.resolve()) if path.exists() else model
 
 
 def plan_jobs(

@@ -58,6 +58,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _empty(items: list) -> bool:  # an empty list is left out of a dump, so scenes without LoRAs dump as before
+    return not items
+
+
+LORA_SCALE_LIMIT = 10.0  # |scale| above this is surely a typo (A1111 users go up to about 2)
+
+
+class Lora(Strict):
+    """A LoRA file (diffusers/peft or kohya/A1111 layout) and the scale it is applied at."""
+
+    path: Text = Field(description="LoRA file, relative to the scene file (or absolute); .safetensors")
+    scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
+
+
 class Region(Strict):
     """One prompt that owns part of the canvas: a box in pixels or a mask image."""
 
@@ -66,6 +80,7 @@ class Region(Strict):
     mask: Text | None = Field(None, description="image path, relative to the scene file; white = region")
     negative_prompt: AnyText | None = None
     guidance_scale: Guidance | None = None
+    loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="added on this region's samples only")
 
     @field_validator("box")
     @classmethod
@@ -84,6 +99,9 @@ class Region(Strict):
 class Scene(Strict):
     """A whole picture: the global prompt, the regions, and how to sample."""
 
+    # `model_config` is also pydantic's name for a model's settings: the field is model_config_, the key model_config
+    model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True, protected_namespaces=())
+
     prompt: Text
     negative_prompt: AnyText = ""
     style: AnyText = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
@@ -97,6 +115,9 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    model_config_: Text | None = Field(
+        None, alias="model_config", description="diffusers folder or hub id with the configs of a single-file `model`"
+    )
     view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
     wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
     tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")
@@ -104,6 +125,7 @@ class Scene(Strict):
         "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: on for few-step distilled models"
     )
     max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
+    loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="on every prompt's samples")
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -138,6 +160,10 @@ class Scene(Strict):
 
     def mask_path(self, region: Region) -> Path:
         return mask_path(self.base_dir, region.mask)
+
+    def lora_path(self, lora: Lora) -> Path:
+        """A LoRA file, relative to the scene file's folder (like masks)."""
+        return mask_path(self.base_dir, lora.path)
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
