@@ -287,3 +287,92 @@ def test_a_lora_for_other_modules_is_refused(model, write_scene, tmp_path):
     scene = load_scene(write_scene("prompt: a\nwidth: 64\nheight: 64\nsteps: 1\nloras: [{path: loras/xl.safetensors}]\n"))
     with pytest.raises(LoraError, match=r"xl\.safetensors: not a LoRA for this model"):
         render(scene, model, seed=0)
+
+
+# --- from the command line ----------------------------------------------------------------------------
+
+CLI_SCENE = """\
+prompt: a street
+width: 96
+height: 64
+steps: 2
+seed: 4
+loras:
+  - path: loras/{film}
+    scale: 0.6
+regions:
+  - prompt: a woman with red hair
+    box: [0, 0, 48, 64]
+    loras:
+      - path: loras/{alice}
+        scale: 0.9
+  - prompt: a man
+    box: [48, 0, 96, 64]
+"""
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from multidiff_cli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_render_records_each_lora_and_warns_when_one_changed(loras, write_scene, tmp_path):
+    from multidiff_cli.output.png import read_metadata
+
+    film, alice = loras("kohya")
+    scene_path = write_scene(CLI_SCENE.format(film=film.name, alice=alice.name))
+    out = tmp_path / "out" / "street.png"
+    result = cli("render", str(scene_path), "--model", "tiny-random", "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    record = read_metadata(out)
+    assert record["scene"]["loras"] == [{"path": f"loras/{film.name}", "scale": 0.6}]
+    assert record["scene"]["regions"][0]["loras"] == [{"path": f"loras/{alice.name}", "scale": 0.9}]
+    assert "loras" not in record["scene"]["regions"][1]
+    assert set(record["inputs"]) == {f"loras/{film.name}", f"loras/{alice.name}"}
+    assert all(digest.startswith("sha256:") for digest in record["inputs"].values())
+
+    shown = cli("inspect", str(out)).stdout
+    assert f"regions[0] (a woman with red hair): loras/{alice.name} x0.9 sha256:" in shown
+    assert f"every prompt: loras/{film.name} x0.6 sha256:" in shown
+
+    write_lora(alice, lora_layers(fresh_model(), seed=9), "kohya")
+    again = cli("render", str(out), "--model", "tiny-random", "--output-dir", str(tmp_path / "again"), "-q")
+    assert again.exit_code == 0, again.output
+    assert f"loras/{alice.name} changed since street.png was rendered" in again.stderr
+
+
+def test_cli_a_lora_of_another_shape_is_exit_2_one_line_nothing_written(write_scene, tmp_path):
+    wide = [(part, name, torch.randn(2, down.shape[1] * 2), torch.randn(up.shape[0], 2))
+            for part, name, down, up in lora_layers(build_tiny_random())]
+    (tmp_path / "loras").mkdir()
+    write_lora(tmp_path / "loras" / "wide.safetensors", wide, "peft")
+    scene_path = write_scene("prompt: a\nwidth: 64\nheight: 64\nsteps: 1\nloras: [{path: loras/wide.safetensors}]\n")
+    result = cli("render", str(scene_path), "--model", "tiny-random", "--output-dir", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert any("wide.safetensors: not a LoRA for this model (tiny-random" in line for line in lines), lines
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_missing_lora_file_is_a_scene_error_at_its_line(write_scene, tmp_path):
+    scene_path = write_scene("prompt: a\nregions:\n  - prompt: b\n    box: [0, 0, 64, 64]\n"
+                             "    loras:\n      - path: loras/gone.safetensors\n")
+    result = cli("validate", str(scene_path))
+    assert result.exit_code == 2
+    assert "scene.yaml:6: regions[0].loras[0].path: no such file" in result.stderr
+
+
+def test_preview_legend_names_each_regions_lora(loras, write_scene):
+    from multidiff_cli.output.preview import lora_text
+
+    film, alice = loras()
+    scene = load_scene(write_scene(CLI_SCENE.format(film=film.name, alice=alice.name)))
+    assert lora_text(scene.regions[0].loras) == f" [LoRA: loras/{alice.name} x0.9]"
+    assert lora_text(scene.loras, "every prompt: ") == f" [LoRA: every prompt: loras/{film.name} x0.6]"
+    assert lora_text(scene.regions[1].loras) == ""
+    from multidiff_cli.output.preview import draw_layout
+
+    assert draw_layout(scene).size[0] > scene.width  # the legend beside the canvas draws

@@ -10,6 +10,7 @@ Text conditions are encoded with their set's text-encoder LoRA switched on.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -96,8 +97,8 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
 
     state = read_lora_file(path, allow_pickle)
     expected = sum(1 for key in state if _DOWN_KEY.search(key))
-    with warnings.catch_warnings():  # peft: "Already found a peft_config attribute" (several LoRAs, on purpose)
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), _diffusers_silent():
+        warnings.simplefilter("ignore")  # peft: "Already found a peft_config attribute" (several LoRAs, on purpose)
         try:
             converted, alphas = StableDiffusionPipeline.lora_state_dict(state)
             if not converted or not all("lora" in key for key in converted):
@@ -112,12 +113,36 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
                                  if expected else "no LoRA layers in it")
         except Exception as exc:
             _delete(components, name)
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise LoraError(f"LoRA {path}: not a LoRA for this model ({components.model_id}, "
-                            f"{_model_family(components)}): {reason}") from None
+                            f"{_model_family(components)}): {_reason(exc, name)}") from None
     for module in (components.unet, components.text_encoder):
         if module is not None:
             module.to(components.device, components.dtype).requires_grad_(False)
+
+
+def _reason(exc: Exception, name: str) -> str:
+    """The first telling line of a loading error: a size mismatch names the layer and both shapes."""
+    text = str(exc).replace(f".{name}.", ".")
+    mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[\d, ]*\])\) from "
+                         r"checkpoint, the shape in current model is torch.Size\((\[[\d, ]*\])\)", text)
+    if mismatch:
+        layer, theirs, ours = mismatch.groups()
+        return f"{layer} is {theirs} in the file, {ours} in the model"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _diffusers_silent():
+    """diffusers logs a failed LoRA load at length before raising; the LoraError says it in one line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _model_family(components: Components) -> str:

@@ -71,7 +71,21 @@ def metadata_text(record: dict[str, Any]) -> str:
         "versions": record.get("versions"),
     }
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
-    return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+    text = f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+    loras = lora_lines(record)
+    return text + ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
+        f"# {line}" for line in loras) if loras else "")
+
+
+def lora_lines(record: dict[str, Any]) -> list[str]:
+    """One line per LoRA of a PNG's scene: whose samples it is on, its path as given, scale and sha256."""
+    scene, hashes = record["scene"], record.get("inputs", {})
+    owners = [("every prompt", scene.get("loras", []))] + [
+        (f"regions[{i}] ({region.get('prompt', '')})", region.get("loras", []))
+        for i, region in enumerate(scene.get("regions", [])) if isinstance(region, dict)
+    ]
+    return [f"{owner}: {lora.get('path')} x{lora.get('scale', 1.0):g} {hashes.get(lora.get('path'), 'sha256 unknown')}"
+            for owner, loras in owners for lora in loras if isinstance(lora, dict)]
 
 
 def model_lines(found: list[tuple[str, str, int, str | None]]) -> list[str]:
