@@ -254,6 +254,8 @@ def bench(
     model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
+    loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA of their own: time "
+                              "multidiff with them against without (adapter switching)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
     bootstrap_steps: int = typer.Option(0, "--bootstrap-steps", min=0, help="Bootstrap steps (all prompts' passes differ)."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="Scheduler name, as in scenes."),
@@ -271,7 +273,7 @@ def bench(
 
         config = bench_config(
             model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
+            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras,
         )
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
             printed = run_bench_command(config, widths, json_path)
@@ -295,6 +297,3 @@ def main() -> None:
         code = 2
     sys.exit(code or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,10 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
             if not converted or not all("lora" in key for key in converted):
                 raise ValueError("no LoRA layers in it")
             StableDiffusionPipeline.load_lora_into_unet(converted, alphas, components.unet, adapter_name=name)
-            StableDiffusionPipeline.load_lora_into_text_encoder(
-                converted, alphas, components.text_encoder, adapter_name=name
-            )
+            if components.text_encoder is not None:  # the bench runs without one
+                StableDiffusionPipeline.load_lora_into_text_encoder(
+                    converted, alphas, components.text_encoder, adapter_name=name
+                )
             loaded = sum(name in getattr(layer, "lora_A", {}) for layer in _tuner_layers(components))
             if expected == 0 or loaded < expected:
                 raise ValueError(f"{expected - loaded} of its {expected} layers match no layer of this model"
@@ -223,7 +225,8 @@ class AdapterUNet:
     """Runs each adapter set's samples as one group (in ChunkedUNet's calls) with that set switched on."""
 
     def __init__(self, run, components: Components):
-        self.run, self.components, self.switches = run, components, 0
+        self.run, self.components = run, components
+        self.switches, self.switch_seconds = 0, 0.0  # what switching sets cost (multidiff bench --loras)
 
     @property
     def samples_per_call(self) -> int:
@@ -234,12 +237,15 @@ class AdapterUNet:
         try:
             for k in torch.unique(conds.set_index).tolist():
                 rows = (conds.set_index == k).nonzero().flatten()
+                started = time.perf_counter()
                 switch(self.components, conds.sets[k])
-                self.switches += 1
+                self.switches, self.switch_seconds = self.switches + 1, self.switch_seconds + time.perf_counter() - started
                 part = self.run(inputs[rows.to(inputs.device)], t, conds.hidden[rows.to(conds.hidden.device)])
                 if out is None:
                     out = part.new_empty((inputs.shape[0], *part.shape[1:]))
                 out[rows.to(out.device)] = part
         finally:
+            started = time.perf_counter()
             switch(self.components, ())
+            self.switch_seconds += time.perf_counter() - started
         return out

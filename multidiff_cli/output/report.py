@@ -25,16 +25,25 @@ def bench_table(report: dict[str, Any]) -> Table:
     ))
     for column in ("path", "UNet samples/step", "s/step", "sampling s", "non-UNet share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
-    for name, label in (("reference", "authors' per-prompt loop"), ("multidiff", "multidiff")):
-        p = report["paths"][name]
+    labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
+              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRAs"}
+    for name, p in report["paths"].items():
         table.add_row(
-            label, f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
-            f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
+            labels[name], f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}",
+            f"{p['sampling_seconds']:.2f}", f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
         )
     return table
 
 
 def bench_summary(report: dict[str, Any]) -> str:
+    if report["config"].get("loras"):
+        lora = report["paths"]["multidiff+loras"]
+        switching = lora["lora_switch_seconds_per_step"]
+        return (
+            f"with region LoRAs / without: step time {report['step_time_ratio']:.3f}, UNet samples "
+            f"{report['unet_samples_ratio']:.3f}; switching LoRAs: {switching * 1000:.1f} ms a step "
+            f"({switching / lora['seconds_per_step']:.2%} of a step)"
+        )
     return (
         f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
         f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
