@@ -17,7 +17,6 @@ from .errors import MultidiffError, UsageError
 from .output.console import PlainHelpCommand as _Command
 from .output.console import err, error_lines, out, print_path, print_summary, say, usage_error_line
 
-
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
     no_args_is_help=True,
@@ -93,7 +92,7 @@ def render(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace <scene>-<seed>.png where it exists "
                                    "[default: a free name, <scene>-<seed>-2.png]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Also load pickle .bin weights (they can run code): trusted models only."),
+                                      help="Also load pickle weights (.bin, .ckpt, .pt; they can run code): trusted files only."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check",
                                          help="Render even when the memory estimate says it will not fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
@@ -254,8 +253,7 @@ def bench(
     model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
-    loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA of their own: time "
-                              "multidiff with them against without (adapter switching)."),
+    loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
     bootstrap_steps: int = typer.Option(0, "--bootstrap-steps", min=0, help="Bootstrap steps (all prompts' passes differ)."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="Scheduler name, as in scenes."),
@@ -297,3 +295,6 @@ def main() -> None:
         code = 2
     sys.exit(code or 0)
 
+
+if __name__ == "__main__":
+    sys.exit(main())

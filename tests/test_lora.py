@@ -376,3 +376,19 @@ def test_preview_legend_names_each_regions_lora(loras, write_scene):
     from multidiff_cli.output.preview import draw_layout
 
     assert draw_layout(scene).size[0] > scene.width  # the legend beside the canvas draws
+
+
+def test_the_two_character_example_scene_is_valid_once_its_loras_are_there(tmp_path):
+    import shutil
+
+    example = Path(__file__).resolve().parents[1] / "scenes" / "lora" / "two_characters.yaml"
+    scene_path = tmp_path / example.name
+    shutil.copy(example, scene_path)
+    missing = cli("validate", str(scene_path))
+    assert missing.exit_code == 2 and missing.stderr.count("no such file") == 3
+    (tmp_path / "loras").mkdir()
+    for name in ("film_look", "alice", "bob"):
+        (tmp_path / "loras" / f"{name}.safetensors").write_bytes(b"")
+    assert cli("validate", str(scene_path)).exit_code == 0
+    scene = load_scene(scene_path)
+    assert [lora.scale for lora in scene.loras + scene.regions[0].loras + scene.regions[1].loras] == [0.6, 0.9, 0.8]
