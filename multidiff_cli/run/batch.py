@@ -182,26 +182,28 @@ class Renderer:
             done.append(job)
         return done, failures, skipped
 
-    def components(self, model: str):
-        """Each model loads once per batch; a model that failed to load fails its other jobs at once."""
-        if model not in self._models:
+    def components(self, model: str, config: str | None = None):
+        """Each model loads once per batch; a model that failed to load fails its other jobs at once.
+        config: a single-file model's configs (the scene's model_config)."""
+        key = model if config is None else f"{model}|{config}"
+        if key not in self._models:
             try:
-                self._models[model] = load_components(
+                self._models[key] = load_components(
                     model, self.device, self.dtype, compile=self.settings.compile,
-                    allow_pickle=self.settings.allow_pickle,
+                    allow_pickle=self.settings.allow_pickle, config=config,
                 )
             except MultidiffError as exc:
-                self._models[model] = exc
-        found = self._models[model]
+                self._models[key] = exc
+        found = self._models[key]
         if isinstance(found, MultidiffError):
             raise found
         return found
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if scene.model not in self._models:
+        if (scene.model if scene.model_config_ is None else f"{scene.model}|{scene.model_config_}") not in self._models:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        components = self.components(scene.model)
+        components = self.components(scene.model, scene.model_config_)
         plan = plan_render(scene, components)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
