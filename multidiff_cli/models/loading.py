@@ -46,6 +46,7 @@ def load_components(
         components = build_sd2_random(text_encoder=True)
     elif is_single_file(model):
         components = load_single_file(Path(model).expanduser(), model, config, allow_pickle)
+        components.few_step_model = is_few_step_model(model)  # the file's name (a "...turbo.safetensors")
     else:
         folder, revision = resolve_model_folder(model, allow_pickle)
         components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)

@@ -24,8 +24,6 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
     from diffusers import StableDiffusionPipeline
     from huggingface_hub import constants
 
-    from .loading import is_few_step_model
-
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelError(f"model {model_id!r}: {path.suffix} checkpoints are pickles, which can run code when "
                          "loaded; use the .safetensors one, or, for a model you trust, pass --allow-pickle")
@@ -44,7 +42,6 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
     return Components(
         tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
         scheduler_config=dict(pipe.scheduler.config), model_id=model_id,
-        few_step_model=is_few_step_model(model_id, config_folder if config_folder and config_folder.is_dir() else None),
     )
 
 
