@@ -68,8 +68,8 @@ def render(
     sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs to render again."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
     output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, .safetensors file, or tiny-random "
-                                        "[default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, .safetensors file or "
+                                        "tiny-random [default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="One render per seed: 0-3,7."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Overrides the scene's steps."),
