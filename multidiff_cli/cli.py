@@ -92,7 +92,7 @@ def render(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace <scene>-<seed>.png where it exists "
                                    "[default: a free name, <scene>-<seed>-2.png]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Also load pickle weights (.bin, .ckpt, .pt; they can run code): trusted files only."),
+                                      help="Also load pickle weights (.bin, .ckpt, .pt): they can run code."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check",
                                          help="Render even when the memory estimate says it will not fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),

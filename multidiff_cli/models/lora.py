@@ -239,7 +239,8 @@ class AdapterUNet:
                 rows = (conds.set_index == k).nonzero().flatten()
                 started = time.perf_counter()
                 switch(self.components, conds.sets[k])
-                self.switches, self.switch_seconds = self.switches + 1, self.switch_seconds + time.perf_counter() - started
+                self.switches += 1
+                self.switch_seconds += time.perf_counter() - started
                 part = self.run(inputs[rows.to(inputs.device)], t, conds.hidden[rows.to(conds.hidden.device)])
                 if out is None:
                     out = part.new_empty((inputs.shape[0], *part.shape[1:]))

@@ -52,7 +52,7 @@ def _no_config(path: Path, model_id: str, config: str | None, exc: Exception) ->
     if config:
         return ModelNotFound(f"model {model_id!r}: could not load it with the configs of model_config {config!r} "
                              f"({reason}). model_config must be a diffusers folder (or a cached hub id) of the "
-                             "same family: model_index.json, unet/ vae/ text_encoder/ config.json, tokenizer/, scheduler/")
+                             "same family (model_index.json, unet/ vae/ text_encoder/ configs, tokenizer/, scheduler/)")
     family = _family(path)
     return ModelNotFound(
         f"model {model_id!r}: a single-file checkpoint holds no configs, and those of its family"

@@ -61,8 +61,8 @@ def draw_layout(scene: Scene) -> Image.Image:
     line_h = LEGEND_FONT_PX + 6
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
-    entries = [(None, [f"canvas {scene.width}x{scene.height}"]),
-               (None, _wrap(measure, f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}", text_font, text_w))]
+    global_text = f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}"
+    entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, global_text, text_font, text_w))]
     for i, region in enumerate(scene.regions):
         where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
         text = f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}"
