@@ -26,6 +26,7 @@ AdapterSet = tuple[tuple[str, float], ...]
 """(LoRA file as an absolute path, scale) pairs, sorted by file; () is the bare model."""
 
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
+PARTS = ("unet", "text_encoder")  # the Components a LoRA adapts
 _DOWN_KEY = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 
 
@@ -64,7 +65,7 @@ class _Loaded:
     peft layers they live in (found once per load: walking every module at each switch would cost)."""
 
     files: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)
-    layers: list = field(default_factory=list)
+    layers: dict[str, list] = field(default_factory=dict)  # "unet" / "text_encoder" -> its peft layers
     count: int = 0  # adapters loaded so far: each gets a fresh name
 
 
@@ -80,7 +81,10 @@ def load_loras(components: Components, paths: list[Path], allow_pickle: bool = F
     naming it, and leaves the model as it was. A file edited since it was loaded loads anew."""
     loaded = _loaded(components)
     for path in paths:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:  # gone since the scene was checked
+            raise LoraError(f"LoRA {path}: cannot read it ({exc.strerror or exc})") from None
         stamp, key = (stat.st_size, stat.st_mtime_ns), str(path.resolve())
         if key in loaded.files and loaded.files[key][0] == stamp:
             continue
@@ -89,7 +93,7 @@ def load_loras(components: Components, paths: list[Path], allow_pickle: bool = F
         name, loaded.count = f"multidiff_{loaded.count}", loaded.count + 1
         _load_one(components, path, name, allow_pickle)
         loaded.files[key] = (stamp, name)
-        loaded.layers = _tuner_layers(components)
+        loaded.layers = {part: _tuner_layers(components, (part,)) for part in PARTS}
     switch(components, ())
 
 
@@ -152,10 +156,10 @@ def _model_family(components: Components) -> str:
     return {768: "SD 1.x-shaped", 1024: "SD 2.x-shaped"}.get(width, f"{width}-wide cross attention")
 
 
-def _tuner_layers(components: Components) -> list:
+def _tuner_layers(components: Components, parts: tuple[str, ...] = PARTS) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    modules = [components.unet] + ([components.text_encoder] if components.text_encoder is not None else [])
+    modules = [getattr(components, part) for part in parts if getattr(components, part) is not None]
     return [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
 
 
@@ -168,12 +172,12 @@ def _delete(components: Components, name: str) -> None:
         getattr(module, "peft_config", {}).pop(name, None)
 
 
-def switch(components: Components, adapters: AdapterSet) -> None:
-    """Switch the UNet's and text encoder's LoRA layers to `adapters` (each at its scale); () turns
-    every LoRA off, which leaves exactly the bare model's computation."""
+def switch(components: Components, adapters: AdapterSet, parts: tuple[str, ...] = PARTS) -> None:
+    """Switch the LoRA layers of `parts` (the UNet's, the text encoder's) to `adapters`, each at its
+    scale; () turns every LoRA off, which leaves exactly the bare model's computation."""
     loaded = _loaded(components)
     names = [loaded.files[path][1] for path, _ in adapters]
-    for layer in loaded.layers:
+    for layer in (layer for part in parts for layer in loaded.layers.get(part, [])):
         if names:
             layer.enable_adapters(True)
             layer.set_adapter(names, inference_mode=True)  # frozen: no autograd on the LoRA weights
@@ -213,11 +217,11 @@ def encode_conditions(components: Components, texts: list[str], sets: list[Adapt
     try:
         for k, adapters in enumerate(table):
             rows = [i for i in range(len(texts)) if index[i] == k]
-            switch(components, adapters)
+            switch(components, adapters, ("text_encoder",))
             for i, states in zip(rows, encode(components, [texts[i] for i in rows])):
                 hidden[i] = states
     finally:
-        switch(components, ())
+        switch(components, (), ("text_encoder",))
     return Conditions(torch.stack(hidden), index, table)
 
 
@@ -238,7 +242,7 @@ class AdapterUNet:
             for k in torch.unique(conds.set_index).tolist():
                 rows = (conds.set_index == k).nonzero().flatten()
                 started = time.perf_counter()
-                switch(self.components, conds.sets[k])
+                switch(self.components, conds.sets[k], ("unet",))
                 self.switches += 1
                 self.switch_seconds += time.perf_counter() - started
                 part = self.run(inputs[rows.to(inputs.device)], t, conds.hidden[rows.to(conds.hidden.device)])
@@ -247,6 +251,6 @@ class AdapterUNet:
                 out[rows.to(out.device)] = part
         finally:
             started = time.perf_counter()
-            switch(self.components, ())
+            switch(self.components, (), ("unet",))
             self.switch_seconds += time.perf_counter() - started
         return out
