@@ -392,3 +392,15 @@ def test_the_two_character_example_scene_is_valid_once_its_loras_are_there(tmp_p
     assert cli("validate", str(scene_path)).exit_code == 0
     scene = load_scene(scene_path)
     assert [lora.scale for lora in scene.loras + scene.regions[0].loras + scene.regions[1].loras] == [0.6, 0.9, 0.8]
+
+
+def test_inspect_save_scene_rewrites_lora_paths_for_the_new_folder(tmp_path):
+    from multidiff_cli.output.report import scene_for_folder
+
+    record = {"scene_dir": str(tmp_path / "scenes"), "scene": {
+        "prompt": "a", "loras": [{"path": "loras/film.safetensors", "scale": 0.6}],
+        "regions": [{"prompt": "b", "box": [0, 0, 8, 8], "loras": [{"path": "loras/alice.safetensors", "scale": 1.0}]}],
+    }}
+    scene = scene_for_folder(record, tmp_path / "out" / "x.png", tmp_path / "elsewhere")
+    assert scene["loras"] == [{"path": "../scenes/loras/film.safetensors", "scale": 0.6}]
+    assert scene["regions"][0]["loras"] == [{"path": "../scenes/loras/alice.safetensors", "scale": 1.0}]

@@ -117,19 +117,29 @@ def smoke_table(results, title: str) -> Table:
 
 
 def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[str, Any]:
-    """The PNG's scene with its mask paths rewritten to work from `folder` (they are relative to the
-    folder of the scene the PNG was rendered from)."""
+    """The PNG's scene with its mask and LoRA paths rewritten to work from `folder` (they are relative
+    to the folder of the scene the PNG was rendered from)."""
     scene_dir = Path(record.get("scene_dir") or Path(image).resolve().parent)
     scene = dict(record["scene"])
+
+    def moved(path: str) -> str:
+        return os.path.relpath((scene_dir / Path(path).expanduser()).resolve(), Path(folder).resolve())
+
+    def moved_loras(owner: dict) -> dict:
+        loras = owner.get("loras")
+        if not isinstance(loras, list):
+            return owner
+        return {**owner, "loras": [{**lora, "path": moved(lora["path"])} if isinstance(lora, dict) and
+                                   isinstance(lora.get("path"), str) else lora for lora in loras]}
+
     regions = []
     for region in scene.get("regions", []):
         if isinstance(region, dict) and isinstance(region.get("mask"), str):
-            where = (scene_dir / Path(region["mask"]).expanduser()).resolve()
-            region = {**region, "mask": os.path.relpath(where, Path(folder).resolve())}
-        regions.append(region)
+            region = {**region, "mask": moved(region["mask"])}
+        regions.append(moved_loras(region) if isinstance(region, dict) else region)
     if regions:
         scene["regions"] = regions
-    return scene
+    return moved_loras(scene)
 
 
 def save_scene_file(record: dict[str, Any], image: Path, target: Path) -> Path:
