@@ -237,20 +237,24 @@ class AdapterUNet:
         return self.run.samples_per_call
 
     def __call__(self, inputs: torch.Tensor, t: torch.Tensor, conds: Conditions) -> torch.Tensor:
-        out = None
+        out, bare = None, False
+        groups = sorted(torch.unique(conds.set_index).tolist(), key=lambda k: not conds.sets[k])  # the bare set last
         try:
-            for k in torch.unique(conds.set_index).tolist():
+            for k in groups:
                 rows = (conds.set_index == k).nonzero().flatten()
-                started = time.perf_counter()
-                switch(self.components, conds.sets[k], ("unet",))
-                self.switches += 1
-                self.switch_seconds += time.perf_counter() - started
+                self._switch(conds.sets[k])
+                bare = not conds.sets[k]
                 part = self.run(inputs[rows.to(inputs.device)], t, conds.hidden[rows.to(conds.hidden.device)])
                 if out is None:
                     out = part.new_empty((inputs.shape[0], *part.shape[1:]))
                 out[rows.to(out.device)] = part
         finally:
-            started = time.perf_counter()
-            switch(self.components, (), ("unet",))
-            self.switch_seconds += time.perf_counter() - started
+            if not bare:  # the UNet is left bare after every call, as the rest of multidiff expects it
+                self._switch(())
         return out
+
+    def _switch(self, adapters: AdapterSet) -> None:
+        started = time.perf_counter()
+        switch(self.components, adapters, ("unet",))
+        self.switches += 1
+        self.switch_seconds += time.perf_counter() - started
