@@ -10,8 +10,8 @@ import torch
 from ..errors import ModelError, ModelNotFound, UsageError
 from .components import Components, quiet_libraries, speed_up, to_device
 from .names import FEW_STEP_MARKERS
-from .single_file import is_single_file, load_single_file
 from .random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .single_file import is_single_file, load_single_file
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.

@@ -185,7 +185,7 @@ class Renderer:
     def components(self, model: str, config: str | None = None):
         """Each model loads once per batch; a model that failed to load fails its other jobs at once.
         config: a single-file model's configs (the scene's model_config)."""
-        key = model if config is None else f"{model}|{config}"
+        key = _model_key(model, config)
         if key not in self._models:
             try:
                 self._models[key] = load_components(
@@ -201,7 +201,7 @@ class Renderer:
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if (scene.model if scene.model_config_ is None else f"{scene.model}|{scene.model_config_}") not in self._models:
+        if _model_key(scene.model, scene.model_config_) not in self._models:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         components = self.components(scene.model, scene.model_config_)
         plan = plan_render(scene, components)
@@ -241,6 +241,11 @@ class Renderer:
         write_png(result.image, job.target, record)
         if self.settings.animation and frames:
             write_gif(frames + [result.image], job.target.with_suffix(".gif"))
+
+
+def _model_key(model: str, config: str | None) -> str:
+    """A loaded model is known by its name, and for a single file also by the configs it was read with."""
+    return model if config is None else f"{model}|{config}"
 
 
 def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
