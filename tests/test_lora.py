@@ -404,3 +404,24 @@ def test_inspect_save_scene_rewrites_lora_paths_for_the_new_folder(tmp_path):
     scene = scene_for_folder(record, tmp_path / "out" / "x.png", tmp_path / "elsewhere")
     assert scene["loras"] == [{"path": "../scenes/loras/film.safetensors", "scale": 0.6}]
     assert scene["regions"][0]["loras"] == [{"path": "../scenes/loras/alice.safetensors", "scale": 1.0}]
+
+
+def test_switching_leaves_peft_layers_as_its_public_api_would(model, loras):
+    """switch() sets peft's layer state directly (speed): the same state as enable_adapters/set_adapter/set_scale."""
+    from multidiff_cli.models.lora import _loaded, adapter_set, switch
+
+    film, alice = loras()
+    load_loras(model, [film, alice])
+    names = {path: name for path, (_, name) in _loaded(model).files.items()}
+    chosen = adapter_set([(str(film.resolve()), 0.5), (str(alice.resolve()), 1.5)])
+    switch(model, chosen)
+    layers = [layer for part in _loaded(model).layers.values() for layer in part]
+    assert layers and all(not layer.disable_adapters for layer in layers)
+    for layer in layers:
+        assert layer.active_adapters == [names[path] for path, _ in chosen]
+        for path, scale in chosen:
+            name = names[path]
+            assert layer.scaling[name] == scale * layer.lora_alpha[name] / layer.r[name]
+    switch(model, ())
+    assert all(layer.disable_adapters for layer in layers)
+    assert not any(p.requires_grad for p in model.unet.parameters())
