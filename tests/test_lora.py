@@ -425,3 +425,13 @@ def test_switching_leaves_peft_layers_as_its_public_api_would(model, loras):
     switch(model, ())
     assert all(layer.disable_adapters for layer in layers)
     assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+@pytest.mark.parametrize("scene", [
+    {"regions": None}, {"loras": None}, {"loras": "x"}, {"regions": [{"loras": [{"path": 1, "scale": "big"}]}]},
+    {"loras": [{"path": "a.safetensors"}], "regions": [None, {"prompt": "b", "loras": None}]},
+])
+def test_lora_lines_of_a_malformed_record_list_what_they_can_never_fail(scene):
+    from multidiff_cli.output.report import lora_lines
+
+    assert isinstance(lora_lines({"scene": scene, "inputs": {}}), list)

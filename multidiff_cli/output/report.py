@@ -89,12 +89,22 @@ def metadata_text(record: dict[str, Any]) -> str:
 def lora_lines(record: dict[str, Any]) -> list[str]:
     """One line per LoRA of a PNG's scene: whose samples it is on, its path as given, scale and sha256."""
     scene, hashes = record["scene"], record.get("inputs", {})
-    owners = [("every prompt", scene.get("loras", []))] + [
-        (f"regions[{i}] ({region.get('prompt', '')})", region.get("loras", []))
-        for i, region in enumerate(scene.get("regions", [])) if isinstance(region, dict)
+
+    def listed(value: Any) -> list:  # a malformed record (null, a string) lists nothing, never fails
+        return value if isinstance(value, list) else []
+
+    owners = [("every prompt", scene.get("loras"))] + [
+        (f"regions[{i}] ({region.get('prompt', '')})", region.get("loras"))
+        for i, region in enumerate(listed(scene.get("regions"))) if isinstance(region, dict)
     ]
-    return [f"{owner}: {lora.get('path')} x{lora.get('scale', 1.0):g} {hashes.get(lora.get('path'), 'sha256 unknown')}"
-            for owner, loras in owners for lora in loras if isinstance(lora, dict)]
+    lines = []
+    for owner, loras in owners:
+        for lora in listed(loras):
+            if isinstance(lora, dict):
+                scale = lora.get("scale", 1.0)
+                scale_text = f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)
+                lines.append(f"{owner}: {lora.get('path')} x{scale_text} {hashes.get(str(lora.get('path')), 'sha256 unknown')}")
+    return lines
 
 
 def model_lines(found: list[tuple[str, str, int, str | None]]) -> list[str]:
@@ -133,7 +143,7 @@ def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[
                                    isinstance(lora.get("path"), str) else lora for lora in loras]}
 
     regions = []
-    for region in scene.get("regions", []):
+    for region in scene.get("regions") if isinstance(scene.get("regions"), list) else []:
         if isinstance(region, dict) and isinstance(region.get("mask"), str):
             region = {**region, "mask": moved(region["mask"])}
         regions.append(moved_loras(region) if isinstance(region, dict) else region)
