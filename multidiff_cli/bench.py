@@ -29,6 +29,7 @@ from .method.views import make_views
 from .method.weights import region_weights
 from .models.components import pick_device, pick_dtype, quiet_libraries, speed_up, to_device
 from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .models.lora import AdapterUNet, Conditions, load_loras
 from .models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet
 from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
@@ -49,6 +50,7 @@ class BenchConfig:
     compile: bool = False
     max_batch: int | None = None
     seed: int = 0
+    loras: int = 0  # regions with a LoRA of their own: then multidiff with them against multidiff without
 
     @property
     def canvas_width(self) -> int:
@@ -65,11 +67,12 @@ class PathResult:
     peak_memory_kind: str
     step_seconds: list[float] = field(default_factory=list)
     views: int = 1
+    lora_switch_seconds_per_step: float = 0.0  # switching peft adapters between sample groups
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
                  device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
-                 device_source: str = "--device") -> BenchConfig:
+                 device_source: str = "--device", loras: int = 0) -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
     if model not in (SD2_RANDOM, TINY_RANDOM):
         raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
@@ -83,10 +86,12 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
         raise UsageError("--size: a multiple of 8, at least 64")
     if bootstrap_steps > steps:
         raise UsageError("--bootstrap-steps: at most --steps")
+    if loras > regions:
+        raise UsageError(f"--loras: at most --regions ({regions}): each LoRA belongs to one region")
     return BenchConfig(
         model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
         device=str(torch_device), dtype=str(pick_dtype(torch_device, dtype)).removeprefix("torch."),
-        compile=compile, max_batch=max_batch,
+        compile=compile, max_batch=max_batch, loras=loras,
     )
 
 
@@ -163,6 +168,11 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 
     views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
     run = ChunkedUNet(components.unet, config.max_batch or DEFAULT_SAMPLES_PER_CALL)
+    lora_dir = tempfile.TemporaryDirectory()
+    if path == LORA_PATH:
+        prompts, embeddings = region_loras(components, prompts, embeddings, config.loras, Path(lora_dir.name))
+        run = AdapterUNet(run, components)
+        path = "multidiff"
     with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
         t0 = scheduler.timesteps[0]
         if path == "multidiff":
@@ -203,8 +213,44 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         peak_memory_kind=kind,
         step_seconds=steps,
         views=len(views) if path == "multidiff" else 1,
+        lora_switch_seconds_per_step=getattr(run, "switch_seconds", 0.0) / len(steps),
     )
+    lora_dir.cleanup()
     return asdict(result)
+
+
+LORA_PATH = "multidiff+loras"
+LORA_RANK = 16  # a common rank for character and style LoRAs (civitai's are mostly 8 to 128)
+
+
+def region_loras(components, prompts: Prompts, embeddings: torch.Tensor, count: int, folder: Path):
+    """The bench scene with regions 1..count each on a random LoRA of its own (rank LORA_RANK, every
+    attention projection of the UNet): their conditional and negative texts become conditions of
+    their own, as render's scene_prompts makes them."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(4)
+    projections = [(name, module) for name, module in components.unet.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    files, sets = [], [()] * len(prompts.texts)
+    texts, negative, hidden = list(prompts.texts), list(prompts.negative), [*embeddings]
+    for region in range(1, count + 1):
+        path = folder / f"region{region}.safetensors"
+        save_file({f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.01
+                   for name, linear in projections
+                   for part, shape in (("A", (LORA_RANK, linear.in_features)), ("B", (linear.out_features, LORA_RANK)))},
+                  str(path))
+        files.append(path)
+        lora_set = ((str(path), 1.0),)
+        sets[prompts.cond[region]] = lora_set
+        texts.append(texts[prompts.negative[region]])
+        hidden.append(embeddings[prompts.negative[region]])
+        sets.append(lora_set)
+        negative[region] = len(texts) - 1
+    load_loras(components, files)
+    table = list(dict.fromkeys(sets))
+    conditions = Conditions(torch.stack(hidden), torch.tensor([table.index(s) for s in sets]), table)
+    return Prompts(texts, prompts.cond, negative, prompts.guidance), conditions
 
 
 class _UNetTimer:
@@ -255,14 +301,15 @@ def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     """Run both paths (each in a fresh process unless `in_process`) and compare them."""
     results, latents = {}, {}
+    paths = ("multidiff", LORA_PATH) if config.loras else ("reference", "multidiff")
     with tempfile.TemporaryDirectory() as tmp:
-        for path in ("reference", "multidiff"):
+        for path in paths:
             latents_file = str(Path(tmp) / f"{path}.pt")
             run = _run_path if in_process else _in_child
             results[path] = run(config, path, latents_file)
             latents[path] = torch.load(latents_file)
-    ours, theirs = results["multidiff"], results["reference"]
-    difference = (latents["multidiff"] - latents["reference"]).norm() / latents["reference"].norm()
+    ours, theirs = results[paths[1]], results[paths[0]]
+    difference = (latents[paths[1]] - latents[paths[0]]).norm() / latents[paths[0]].norm()
     return {
         "config": asdict(config),
         "device_name": _device_name(config.device),

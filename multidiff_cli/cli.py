@@ -17,7 +17,6 @@ from .output.console import PlainHelpCommand as _Command
 from .output.console import err, error_lines, out, print_path, print_summary, run_command, say
 from .output.console import user_errors as _user_errors
 
-
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
     no_args_is_help=True,
@@ -51,8 +50,8 @@ def render(
     sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs to render again."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
     output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny-random "
-                                        "[default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, .safetensors file or "
+                                        "tiny-random [default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="One render per seed: 0-3,7."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Overrides the scene's steps."),
@@ -75,7 +74,7 @@ def render(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace <scene>-<seed>.png where it exists "
                                    "[default: a free name, <scene>-<seed>-2.png]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Also load pickle .bin weights (they can run code): trusted models only."),
+                                      help="Also load pickle weights (.bin, .ckpt, .pt): they can run code."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check",
                                          help="Render even when the memory estimate says it will not fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
@@ -266,6 +265,7 @@ def bench(
     model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
+    loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
     bootstrap_steps: int = typer.Option(0, "--bootstrap-steps", min=0, help="Bootstrap steps (all prompts' passes differ)."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="Scheduler name, as in scenes."),
@@ -283,7 +283,7 @@ def bench(
 
         config = bench_config(
             model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
+            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras,
         )
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
             printed = run_bench_command(config, widths, json_path)

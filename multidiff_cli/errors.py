@@ -40,6 +40,13 @@ class ModelError(MultidiffError):
     """The model was found but cannot be used (pickle-only weights, wrong shape, ...)."""
 
 
+class LoraError(MultidiffError):
+    """A LoRA file the scene names cannot be used: a pickle without --allow-pickle, unreadable, or not a
+    LoRA of this model (another family or shape). Exit 2: the scene's input is wrong, like a bad mask."""
+
+    exit_code = 2
+
+
 class OutputError(MultidiffError):
     """An output file cannot be written (no permission, disk full, ...)."""
 

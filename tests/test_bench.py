@@ -56,3 +56,15 @@ def test_width_sweep_reports_views_and_samples_growing_with_width(tmp_path):
     assert [(r["width_px"], r["views"]) for r in rows] == [(256, 1), (640, 3)]
     assert rows[1]["unet_samples_per_step"] > rows[0]["unet_samples_per_step"]
     assert all(PATH_FIELDS <= r.keys() for r in rows)
+
+
+def test_bench_loras_times_region_loras_against_none():
+    """--loras N: multidiff with N regions on LoRAs of their own against multidiff without; one region
+    LoRA adds that region's own unconditional sample (N+3 a step, not N+2) and the switching is timed."""
+    config = BenchConfig(model="tiny-random", size_px=64, steps=2, regions=3, loras=1)
+    report = run_bench(config, in_process=True)
+    assert list(report["paths"]) == ["multidiff", "multidiff+loras"]
+    assert report["paths"]["multidiff"]["unet_samples_per_step"] == 5
+    assert report["paths"]["multidiff+loras"]["unet_samples_per_step"] == 6
+    assert report["paths"]["multidiff+loras"]["lora_switch_seconds_per_step"] > 0
+    assert report["relative_difference"] > 0  # the LoRA changes the picture

@@ -29,6 +29,7 @@ DEFAULTS = {
     "seed": None,
     "scheduler": "ddim",
     "model": None,
+    "model_config": None,  # configs of a single-file model; `loras` ([]) is left out of a dump when empty
     "view_stride": 64,
     "wrap": "none",
     "tiled_decode": "auto",

@@ -29,6 +29,7 @@ class Components:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     few_step_model: bool = False  # distilled to sample in a few steps (SD-Turbo, LCM, ...): loading.is_few_step_model
+    lora_state: Any = None  # the LoRAs loaded into the UNet and text encoder (models.lora)
 
     @property
     def prediction_type(self) -> str:

@@ -11,6 +11,7 @@ from ..errors import ModelError, ModelNotFound, UsageError
 from .components import Components, quiet_libraries, speed_up, to_device
 from .names import FEW_STEP_MARKERS
 from .random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .single_file import is_single_file, load_single_file
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.
@@ -30,17 +31,22 @@ _ALLOW_PATTERNS = [
 
 
 def load_components(
-    model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False
+    model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False,
+    config: str | None = None,
 ) -> Components:
     """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`.
 
-    allow_pickle: also load pickle (.bin) weights, which can run code when loaded: only for
-    models you trust, and only when asked for explicitly."""
+    allow_pickle: also load pickle (.bin, .ckpt) weights, which can run code when loaded: only for
+    models you trust, and only when asked for explicitly. config: for a single-file checkpoint, a
+    diffusers folder or hub id with its configs (the scene's `model_config`)."""
     quiet_libraries()
     if model == TINY_RANDOM:
         components = build_tiny_random()
     elif model == SD2_RANDOM:
         components = build_sd2_random(text_encoder=True)
+    elif is_single_file(model):
+        components = load_single_file(Path(model).expanduser(), model, config, allow_pickle)
+        components.few_step_model = is_few_step_model(model)  # the file's name (a "...turbo.safetensors")
     else:
         folder, revision = resolve_model_folder(model, allow_pickle)
         components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)

@@ -64,13 +64,15 @@ def draw_layout(scene: Scene) -> Image.Image:
     line_h = LEGEND_FONT_PX + 6
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
-    entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, f"global: {scene.prompt}", text_font, text_w))]
+    global_text = f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}"
+    entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, global_text, text_font, text_w))]
     if scene.init_image is not None:
         about = f"init image: {scene.init_image} (strength {scene.strength}, keep {scene.keep})"
         entries.insert(1, (None, _wrap(measure, about, text_font, text_w)))
     for i, region in enumerate(scene.regions):
         where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
-        entries.append((i, _wrap(measure, f"{i + 1}. {region.prompt} ({where})", text_font, text_w)))
+        text = f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}"
+        entries.append((i, _wrap(measure, text, text_font, text_w)))
     legend_h = LEGEND_PAD_PX * 2 + sum(len(lines) * line_h + 6 for _, lines in entries)
     picture = Image.new("RGB", (width + LEGEND_PX, max(height, legend_h)), CAPTION_RGB)
     picture.paste(Image.fromarray(canvas.round().astype(np.uint8)), (0, 0))
@@ -93,6 +95,13 @@ def draw_layout(scene: Scene) -> Image.Image:
             y += line_h
         y += 6
     return picture
+
+
+def lora_text(loras, lead: str = "") -> str:
+    """' [LoRA: <lead>alice.safetensors x0.9, ...]' for a legend entry; '' without LoRAs."""
+    if not loras:
+        return ""
+    return f" [LoRA: {lead}" + ", ".join(f"{lora.path} x{lora.scale:g}" for lora in loras) + "]"
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, text_font, max_width: int) -> list[str]:

@@ -25,16 +25,25 @@ def bench_table(report: dict[str, Any]) -> Table:
     ))
     for column in ("path", "UNet samples/step", "s/step", "sampling s", "non-UNet share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
-    for name, label in (("reference", "authors' per-prompt loop"), ("multidiff", "multidiff")):
-        p = report["paths"][name]
+    labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
+              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRAs"}
+    for name, p in report["paths"].items():
         table.add_row(
-            label, f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
-            f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
+            labels[name], f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}",
+            f"{p['sampling_seconds']:.2f}", f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
         )
     return table
 
 
 def bench_summary(report: dict[str, Any]) -> str:
+    if report["config"].get("loras"):
+        lora = report["paths"]["multidiff+loras"]
+        switching = lora["lora_switch_seconds_per_step"]
+        return (
+            f"with region LoRAs / without: step time {report['step_time_ratio']:.3f}, UNet samples "
+            f"{report['unet_samples_ratio']:.3f}; switching LoRAs: {switching * 1000:.1f} ms a step "
+            f"({switching / lora['seconds_per_step']:.2%} of a step)"
+        )
     return (
         f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
         f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
@@ -73,7 +82,31 @@ def metadata_text(record: dict[str, Any]) -> str:
     if record.get("init_image"):  # the picture it started from: path, size, sha256
         run["init_image"] = record["init_image"]
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
-    return f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+    text = f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+    loras = lora_lines(record)
+    return text + ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
+        f"# {line}" for line in loras) if loras else "")
+
+
+def lora_lines(record: dict[str, Any]) -> list[str]:
+    """One line per LoRA of a PNG's scene: whose samples it is on, its path as given, scale and sha256."""
+    scene, hashes = record["scene"], record.get("inputs", {})
+
+    def listed(value: Any) -> list:  # a malformed record (null, a string) lists nothing, never fails
+        return value if isinstance(value, list) else []
+
+    owners = [("every prompt", scene.get("loras"))] + [
+        (f"regions[{i}] ({region.get('prompt', '')})", region.get("loras"))
+        for i, region in enumerate(listed(scene.get("regions"))) if isinstance(region, dict)
+    ]
+    lines = []
+    for owner, loras in owners:
+        for lora in listed(loras):
+            if isinstance(lora, dict):
+                scale = lora.get("scale", 1.0)
+                scale_text = f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)
+                lines.append(f"{owner}: {lora.get('path')} x{scale_text} {hashes.get(str(lora.get('path')), 'sha256 unknown')}")
+    return lines
 
 
 def model_lines(found: list[tuple[str, str, int, str | None]]) -> list[str]:
@@ -96,25 +129,32 @@ def smoke_table(results, title: str) -> Table:
 
 
 def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[str, Any]:
-    """The PNG's scene with its mask paths (and init image and keep mask) rewritten to work from `folder`
-    (they are relative to the folder of the scene the PNG was rendered from)."""
+    """The PNG's scene with its mask paths (and init image, keep mask and LoRAs) rewritten to work from
+    `folder` (they are relative to the folder of the scene the PNG was rendered from)."""
     scene_dir = Path(record.get("scene_dir") or Path(image).resolve().parent)
     scene = dict(record["scene"])
 
-    def moved(name: str) -> str:
-        return os.path.relpath((scene_dir / Path(name).expanduser()).resolve(), Path(folder).resolve())
+    def moved(path: str) -> str:
+        return os.path.relpath((scene_dir / Path(path).expanduser()).resolve(), Path(folder).resolve())
+
+    def moved_loras(owner: dict) -> dict:
+        loras = owner.get("loras")
+        if not isinstance(loras, list):
+            return owner
+        return {**owner, "loras": [{**lora, "path": moved(lora["path"])} if isinstance(lora, dict) and
+                                   isinstance(lora.get("path"), str) else lora for lora in loras]}
 
     for key in ("init_image", "keep"):
         if isinstance(scene.get(key), str) and scene[key] not in ("none", "outside_regions"):
             scene[key] = moved(scene[key])
     regions = []
-    for region in scene.get("regions", []):
+    for region in scene.get("regions") if isinstance(scene.get("regions"), list) else []:
         if isinstance(region, dict) and isinstance(region.get("mask"), str):
             region = {**region, "mask": moved(region["mask"])}
-        regions.append(region)
+        regions.append(moved_loras(region) if isinstance(region, dict) else region)
     if regions:
         scene["regions"] = regions
-    return scene
+    return moved_loras(scene)
 
 
 def save_scene_file(record: dict[str, Any], image: Path, target: Path) -> Path:

@@ -183,26 +183,28 @@ class Renderer:
             done.append(job)
         return done, failures, skipped
 
-    def components(self, model: str):
-        """Each model loads once per batch; a model that failed to load fails its other jobs at once."""
-        if model not in self._models:
+    def components(self, model: str, config: str | None = None):
+        """Each model loads once per batch; a model that failed to load fails its other jobs at once.
+        config: a single-file model's configs (the scene's model_config)."""
+        key = _model_key(model, config)
+        if key not in self._models:
             try:
-                self._models[model] = load_components(
+                self._models[key] = load_components(
                     model, self.device, self.dtype, compile=self.settings.compile,
-                    allow_pickle=self.settings.allow_pickle,
+                    allow_pickle=self.settings.allow_pickle, config=config,
                 )
             except MultidiffError as exc:
-                self._models[model] = exc
-        found = self._models[model]
+                self._models[key] = exc
+        found = self._models[key]
         if isinstance(found, MultidiffError):
             raise found
         return found
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if scene.model not in self._models:
+        if _model_key(scene.model, scene.model_config_) not in self._models:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        components = self.components(scene.model)
+        components = self.components(scene.model, scene.model_config_)
         plan = plan_render(scene, components)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
@@ -225,6 +227,7 @@ class Renderer:
                 scene, components, job.seed, plan=plan, callback=on_step,
                 warn=lambda note: self.emit(Event("warning", label, text=note)),
                 on_stage=lambda what: self.emit(Event("stage", label, text=what)),
+                allow_pickle=self.settings.allow_pickle,
             )
         except KeyboardInterrupt:
             raise Interrupted(previews) from None
@@ -249,6 +252,11 @@ def init_image_record(job: RenderJob) -> dict[str, Any] | None:
         return None
     width, height = upright_size(scene.init_image_path)
     return {"path": scene.init_image, "width": width, "height": height, "sha256": job.inputs.get(scene.init_image)}
+
+
+def _model_key(model: str, config: str | None) -> str:
+    """A loaded model is known by its name, and for a single file also by the configs it was read with."""
+    return model if config is None else f"{model}|{config}"
 
 
 def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:

@@ -112,13 +112,15 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
 
 
 def input_files(scene: Scene) -> dict[str, Path]:
-    """Every file that shapes the picture (the regions' masks, the init image and its keep mask), as
-    written in the scene -> its path."""
+    """Every file that shapes the picture (the regions' masks, the init image and its keep mask, the
+    LoRAs), as written in the scene -> its path."""
     files = {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
     if scene.init_image is not None:
         files[scene.init_image] = scene.init_image_path
     if scene.keep_mask is not None:
         files[scene.keep_mask] = scene.keep_mask_path
+    for lora in scene.loras + [lora for region in scene.regions for lora in region.loras]:
+        files[lora.path] = scene.lora_path(lora)
     return files
 
 
@@ -152,9 +154,10 @@ def free_path(base: Path, taken: set[Path]) -> tuple[Path, list[Path]]:
 
 
 def local_model(model: str) -> str:
-    """A local model folder as an absolute path (so a re-render works from any folder); else as given."""
+    """A local model folder or single-file checkpoint as an absolute path (so a re-render works from any
+    folder); else as given."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
+    return str(path.resolve()) if path.exists() else model
 
 
 def plan_jobs(
@@ -194,7 +197,8 @@ def plan_jobs(
             if target.resolve() == source.resolve():
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
             taken.add(target.resolve())
-            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)})
+            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)} | (
+                {"model_config_": local_model(scene.model_config_)} if scene.model_config_ else {}))
             jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, loaded.inputs, earlier))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ from ..method.schedulers import make_scheduler
 from ..method.views import View, make_views
 from ..method.weights import noise_levels, quantized_weights, region_weights
 from ..models.components import Components
+from ..models.lora import AdapterSet, AdapterUNet, adapter_set, encode_conditions, load_loras
 from ..models.sd import (DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_image, encode_texts,
                          truncation_warnings)
 from ..scene import Scene, changeable_cells, region_cells
@@ -60,24 +62,37 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     )
 
 
-def scene_prompts(scene: Scene) -> Prompts:
-    """Global prompt plus one per region, each text listed once (encoded once)."""
-    texts: list[str] = []
+@dataclass
+class ScenePrompts(Prompts):
+    """Prompts whose conditions are (text, adapter set) pairs: texts[i] runs with the LoRAs adapters[i]
+    (the sampler sees condition indices only, so LoRA sets never share a UNet sample)."""
 
-    def index(text: str) -> int:
-        if text not in texts:
-            texts.append(text)
-        return texts.index(text)
+    adapters: list[AdapterSet] = field(default_factory=list)
 
-    prompts = Prompts(texts, [], [], [])
-    entries = [("prompt", scene.prompt, None, None)] + [
-        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale) for i, r in enumerate(scene.regions)
+
+def scene_prompts(scene: Scene) -> ScenePrompts:
+    """Global prompt plus one per region; each distinct (text, LoRA set) is one condition, encoded once.
+    A prompt's conditional and negative text both run with its LoRAs: the scene's, plus its region's."""
+    conditions: list[tuple[str, AdapterSet]] = []
+
+    def index(text: str, adapters: AdapterSet) -> int:
+        if (text, adapters) not in conditions:
+            conditions.append((text, adapters))
+        return conditions.index((text, adapters))
+
+    prompts = ScenePrompts([], [], [], [])
+    entries = [("prompt", scene.prompt, None, None, [])] + [
+        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale, r.loras)
+        for i, r in enumerate(scene.regions)
     ]
-    for label, text, negative, guidance in entries:
+    for label, text, negative, guidance, loras in entries:
+        adapters = adapter_set([(str(scene.lora_path(lora).resolve()), lora.scale) for lora in scene.loras + loras])
         prompts.labels.append(label)
-        prompts.cond.append(index(scene.full_prompt(text)))
-        prompts.negative.append(index(scene.negative_prompt if negative is None else negative))
+        prompts.cond.append(index(scene.full_prompt(text), adapters))
+        prompts.negative.append(index(scene.negative_prompt if negative is None else negative, adapters))
         prompts.guidance.append(scene.guidance_scale if guidance is None else guidance)
+    prompts.texts[:] = [text for text, _ in conditions]
+    prompts.adapters[:] = [adapters for _, adapters in conditions]
     return prompts
 
 
@@ -127,6 +142,7 @@ def render(
     callback: StepCallback | None = None,
     warn: Callable[[str], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
 ) -> RenderResult:
     """Render `scene` with `seed`: MultiDiffusion sampling, then VAE decoding.
 
@@ -143,7 +159,12 @@ def render(
 
     stage("encoding prompts")
     prompts = scene_prompts(scene)
-    embeddings = encode_texts(components, prompts.texts)
+    lora_files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
+    if lora_files:  # before any sampling: a LoRA that does not fit this model stops the render here
+        load_loras(components, lora_files, allow_pickle)
+        embeddings = encode_conditions(components, prompts.texts, prompts.adapters, encode_texts)
+    else:
+        embeddings = encode_texts(components, prompts.texts)
     image_latents = changeable = None
     start = first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
     if scene.init_image is not None:
@@ -160,6 +181,7 @@ def render(
     scheduler.set_timesteps(scene.steps, device=device)
     weights = scene_weights(scene, scheduler, plan.few_step).to(device)
     unet = ChunkedUNet(components.unet, plan.samples_per_call, warn)
+    unet = AdapterUNet(unet, components) if lora_files else unet
     stage(f"step 1/{scene.steps - start}")
     try:
         latents = multidiffusion(

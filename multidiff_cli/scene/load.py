@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..errors import SceneError
 from ..method.schedulers import SCHEDULER_NAMES
 from . import grid, picture
-from .schema import Region, Scene, SizePx, mask_path
+from .schema import Lora, Region, Scene, SizePx, mask_path
 from .yamlpos import parse_yaml, report
 
 
@@ -150,7 +150,7 @@ def check_canvas(scene: Scene) -> list[tuple[tuple, str]]:
     """Checks that need the canvas or the files: boxes on the canvas, mask images readable and non-empty."""
     canvas = (scene.width, scene.height)
     found = (_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions))
-    return [problem for problem in found if problem] + _picture_problems(scene)
+    return [problem for problem in found if problem] + _picture_problems(scene) + lora_problems(scene)
 
 
 def _picture_problems(scene: Scene) -> list[tuple[tuple, str]]:
@@ -181,6 +181,25 @@ def changeable_cells(scene: Scene) -> np.ndarray | None:
     if scene.keep_mask is not None:
         return picture.keep_cells(scene.keep_mask_path, scene.latent_hw)
     return None
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # the pickle ones load only with --allow-pickle
+
+
+def lora_problems(scene: Scene) -> list[tuple[tuple, str]]:
+    """Every LoRA file of the scene and its regions exists and is a weights file."""
+    owners = [(("loras",), scene.loras)] + [(("regions", i, "loras"), r.loras) for i, r in enumerate(scene.regions)]
+    problems = []
+    for loc, loras in owners:
+        for k, lora in enumerate(loras):
+            path = scene.lora_path(lora)
+            if path.suffix.lower() not in LORA_SUFFIXES:
+                problems.append(((*loc, k, "path"), f"{lora.path}: a LoRA is a .safetensors file (or, with "
+                                 "--allow-pickle, .pt/.ckpt/.bin)"))
+            elif not path.is_file():
+                problems.append(((*loc, k, "path"), f"no such file: {path}" if not path.exists()
+                                 else f"{path} is not a file"))
+    return problems
 
 
 def _check_valid_regions(data: dict[str, Any], base_dir: Path) -> list[tuple[tuple, str]]:
@@ -294,8 +313,8 @@ def _check_mask_file(path: Path, latent_hw: tuple[int, int] | None) -> str | Non
 def _message(err: dict) -> str:
     kind, loc, value = err["type"], err["loc"], err.get("input")
     if kind == "extra_forbidden":
-        model = Region if "regions" in loc else Scene
-        known = list(model.model_fields)
+        model = Lora if "loras" in loc else Region if "regions" in loc else Scene
+        known = [field.alias or name for name, field in model.model_fields.items()]
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
         return f"unknown key{hint}"

@@ -60,6 +60,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _empty(items: list) -> bool:  # an empty list is left out of a dump, so scenes without LoRAs dump as before
+    return not items
+
+
+LORA_SCALE_LIMIT = 10.0  # |scale| above this is surely a typo (A1111 users go up to about 2)
+
+
+class Lora(Strict):
+    """A LoRA file (diffusers/peft or kohya/A1111 layout) and the scale it is applied at."""
+
+    path: Text = Field(description="LoRA file, relative to the scene file (or absolute); .safetensors")
+    scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
+
+
 class Region(Strict):
     """One prompt that owns part of the canvas: a box in pixels or a mask image."""
 
@@ -68,6 +82,7 @@ class Region(Strict):
     mask: Text | None = Field(None, description="image path, relative to the scene file; white = region")
     negative_prompt: AnyText | None = None
     guidance_scale: Guidance | None = None
+    loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="added on this region's samples only")
 
     @field_validator("box")
     @classmethod
@@ -86,6 +101,9 @@ class Region(Strict):
 class Scene(Strict):
     """A whole picture: the global prompt, the regions, and how to sample."""
 
+    # `model_config` is also pydantic's name for a model's settings: the field is model_config_, the key model_config
+    model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True, protected_namespaces=())
+
     prompt: Text
     negative_prompt: AnyText = ""
     style: AnyText = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
@@ -99,6 +117,9 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    model_config_: Text | None = Field(
+        None, alias="model_config", description="diffusers folder or hub id with the configs of a single-file `model`"
+    )
     view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
     wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
     tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")
@@ -115,6 +136,7 @@ class Scene(Strict):
         None, validate_default=True,
         description="none: all may change; outside_regions: only the regions change; a mask path: white may change",
     )
+    loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="on every prompt's samples")
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -175,6 +197,10 @@ class Scene(Strict):
     @property
     def keep_mask_path(self) -> Path | None:
         return None if self.keep_mask is None else mask_path(self.base_dir, self.keep_mask)
+
+    def lora_path(self, lora: Lora) -> Path:
+        """A LoRA file, relative to the scene file's folder (like masks)."""
+        return mask_path(self.base_dir, lora.path)
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""

@@ -21,7 +21,8 @@ steps: 50
 guidance_scale: 7.5            # <= 1 turns guidance off (distilled models such as SD-Turbo)
 # seed: 42                     # absent: a random seed, recorded in the PNG
 scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
-# model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, or tiny-random
+# model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, .safetensors file, or tiny-random
+# model_config: stabilityai/stable-diffusion-2-1   # a .safetensors model's configs (folder or hub id)
 view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
@@ -30,6 +31,9 @@ few_step: auto                 # quantized masks + mask-centering; auto: on for 
 # init_image: photo.jpg        # a picture to start from, relative to this file; canvas: its size
 # strength: 0.8                # with init_image: how far to re-noise it (1: from pure noise)
 # keep: none                   # with init_image: outside_regions (repaint the regions only) or a mask (white = may change)
+# loras:                       # LoRAs on every prompt (.safetensors, relative to this file)
+#   - path: loras/film_look.safetensors
+#     scale: 0.6               # default 1.0
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
   - prompt: a red velvet sofa
@@ -38,6 +42,7 @@ regions:                       # each prompt owns a box or a mask; none: plain t
   #   mask: masks/painting.png # relative to this file; white = region, any size
   #   negative_prompt: text    # this region's own (default: the scene's)
   #   guidance_scale: 9.0      # this region's own (default: the scene's)
+  #   loras: [{path: loras/alice.safetensors, scale: 0.9}]   # on this region's samples only
 """
 
 
