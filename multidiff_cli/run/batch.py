@@ -150,7 +150,7 @@ class Renderer:
         self.settings, self.emit = settings, emit
         self.device = pick_device(settings.device, source=settings.device_source)
         self.dtype = pick_dtype(self.device, settings.dtype)
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[str, str | None], Any] = {}
 
     def run(self, jobs: list[RenderJob], contain: bool = False) -> tuple[list[RenderJob], list[Failure], int]:
         """Render every job; returns (the jobs whose file exists now, failures, how many were skipped).
@@ -182,26 +182,26 @@ class Renderer:
             done.append(job)
         return done, failures, skipped
 
-    def components(self, model: str):
-        """Each model loads once per batch; a model that failed to load fails its other jobs at once."""
-        if model not in self._models:
+    def components(self, model: str, vae: str | None = None):
+        """Each model (with its `vae:`) loads once per batch; a model that failed to load fails its other jobs at once."""
+        if (model, vae) not in self._models:
             try:
-                self._models[model] = load_components(
+                self._models[model, vae] = load_components(
                     model, self.device, self.dtype, compile=self.settings.compile,
-                    allow_pickle=self.settings.allow_pickle,
+                    allow_pickle=self.settings.allow_pickle, vae=vae,
                 )
             except MultidiffError as exc:
-                self._models[model] = exc
-        found = self._models[model]
+                self._models[model, vae] = exc
+        found = self._models[model, vae]
         if isinstance(found, MultidiffError):
             raise found
         return found
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if scene.model not in self._models:
+        if (scene.model, scene.vae) not in self._models:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        components = self.components(scene.model)
+        components = self.components(scene.model, scene.vae)
         plan = plan_render(scene, components)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "

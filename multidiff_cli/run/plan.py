@@ -186,7 +186,8 @@ def plan_jobs(
             if target.resolve() == source.resolve():
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
             taken.add(target.resolve())
-            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)})
+            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given),
+                                                "vae": local_model(scene.vae) if scene.vae else None})
             jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, hashes, earlier))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")

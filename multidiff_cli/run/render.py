@@ -15,6 +15,7 @@ from ..method.schedulers import make_scheduler
 from ..method.views import View, make_views
 from ..method.weights import noise_levels, quantized_weights, region_weights
 from ..models.components import Components
+from ..models import sdxl
 from ..models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_texts, truncation_warnings
 from ..scene import Scene, region_cells
 
@@ -51,7 +52,9 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
     return RenderPlan(
         views=make_views(scene.latent_hw, window, stride, wrap=wrap),
-        samples_per_call=scene.max_batch or DEFAULT_SAMPLES_PER_CALL,
+        samples_per_call=scene.max_batch or (
+            sdxl.default_samples_per_call(window) if components.family == "sdxl" else DEFAULT_SAMPLES_PER_CALL
+        ),
         tiled_decode=tiled,
         wrap=wrap,
         few_step=components.few_step_model if scene.few_step == "auto" else scene.few_step,
@@ -86,6 +89,18 @@ def scene_weights(scene: Scene, scheduler=None, few_step: bool = False) -> torch
     if not (few_step and region_masks and scheduler is not None):
         return region_weights(region_masks, scene.latent_hw)
     return quantized_weights(region_masks, noise_levels(scheduler))
+
+
+def encode_conditioning(components: Components, prompts: Prompts, views: list[View]):
+    """The UNet's conditioning of each distinct text, as the model's family encodes it: SD's hidden
+    states (E, 77, D), or SDXL's hidden states, pooled embeddings and time ids (models/sdxl.py), the
+    time ids those of a whole picture of the views' size."""
+    if components.family == "sdxl":
+        view_px = (views[0].height * components.vae_scale_factor, views[0].width * components.vae_scale_factor)
+        zeroed = sdxl.empty_negatives(prompts.texts, prompts.cond, prompts.negative)
+        return sdxl.encode_prompts(components, prompts.texts, view_px,
+                                   zeroed if components.force_zeros_for_empty_prompt else frozenset())
+    return encode_texts(components, prompts.texts)
 
 
 def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
@@ -135,7 +150,7 @@ def render(
 
     stage("encoding prompts")
     prompts = scene_prompts(scene)
-    embeddings = encode_texts(components, prompts.texts)
+    embeddings = encode_conditioning(components, prompts, plan.views)
     backgrounds = None
     if scene.bootstrap_steps and scene.regions:
         backgrounds = background_latents(components, generator, scene.bootstrap_steps, len(scene.regions))

@@ -97,6 +97,7 @@ class Scene(Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName = "ddim"
     model: Text | None = None
+    vae: Text | None = Field(None, description="a diffusers VAE (folder or hub id) instead of the model's own")
     view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
     wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
     tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")

@@ -22,6 +22,7 @@ guidance_scale: 7.5            # <= 1 turns guidance off (distilled models such 
 # seed: 42                     # absent: a random seed, recorded in the PNG
 scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
 # model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, or tiny-random
+# vae: madebyollin/sdxl-vae-fp16-fix  # a diffusers VAE (hub id or folder) instead of the model's own
 view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
