@@ -251,7 +251,8 @@ def smoke(
 
 @app.command(cls=_Command)
 def bench(
-    model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
+    model: str = typer.Option("sd2-random", "--model", help="sd2-random or sdxl-random (full-size SD2-base or "
+                              "SDXL-base shapes), tiny-random or tiny-sdxl-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
@@ -265,7 +266,7 @@ def bench(
                                          "alone as views grow (panoramas)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
-    """Time multidiff's sampler against the authors' per-prompt loop on random SD2-shaped weights."""
+    """Time multidiff's sampler against the authors' per-prompt loop on random SD2- or SDXL-shaped weights."""
     with _user_errors():
         from .bench import bench_config, run_bench_command
 

@@ -90,7 +90,7 @@ def empty_negatives(texts: list[str], cond: list[int], negative: list[int]) -> f
     return frozenset(i for i in set(negative) - set(cond) if texts[i] == "")
 
 
-def default_samples_per_call(window_cells: int) -> int:
-    """UNet samples per call unless the scene's max_batch says: as many as SD2's default takes of
-    64x64-cell views, in cells (4 of SDXL base's 128x128-cell views, 16 of SDXL-Turbo's 64x64)."""
-    return max(1, DEFAULT_SAMPLES_PER_CALL_CELLS // (window_cells * window_cells))
+def default_samples_per_call(view_cells: int) -> int:
+    """UNet samples per call unless the scene's max_batch says: as many latent cells as SD2's default
+    of 16 samples of 64x64 cells (4 of SDXL base's 1024-px views, 16 of SDXL-Turbo's 512-px ones)."""
+    return max(1, DEFAULT_SAMPLES_PER_CALL_CELLS // view_cells)

@@ -50,10 +50,12 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     stride = max(1, scene.view_stride // components.vae_scale_factor)
     wrap = scene.wrap == "horizontal"
     tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
+    views = make_views(scene.latent_hw, window, stride, wrap=wrap)
     return RenderPlan(
-        views=make_views(scene.latent_hw, window, stride, wrap=wrap),
+        views=views,
         samples_per_call=scene.max_batch or (
-            sdxl.default_samples_per_call(window) if components.family == "sdxl" else DEFAULT_SAMPLES_PER_CALL
+            sdxl.default_samples_per_call(views[0].height * views[0].width) if components.family == "sdxl"
+            else DEFAULT_SAMPLES_PER_CALL
         ),
         tiled_decode=tiled,
         wrap=wrap,
