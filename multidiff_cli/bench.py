@@ -10,6 +10,7 @@ import copy
 import inspect
 import multiprocessing
 import platform
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -160,7 +161,12 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     """One path in this process: build the model, sample, time every step, measure peak memory."""
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     quiet_libraries()
-    components = BENCH_MODELS[config.model]()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point and dtype != torch.float16 else torch.float32)
+    try:  # built in the bench's dtype: full-size SDXL in float32 first would take 10 GB more at its peak
+        components = BENCH_MODELS[config.model]()
+    finally:
+        torch.set_default_dtype(default_dtype)
     components = speed_up(to_device(components, device, dtype), compile=config.compile)
     weights, prompts, embeddings = bench_scene(config, components.unet.config)
     weights, embeddings = weights.to(device), embeddings.to(device, dtype)
@@ -257,7 +263,14 @@ def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     queue = context.Queue()
     child = context.Process(target=_child, args=(config, path, latents_file, queue))
     child.start()
-    status, payload = queue.get()
+    while True:
+        try:
+            status, payload = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():  # killed (out of memory, a signal) before it could report
+                raise BenchError(f"bench path {path!r} died with exit code {child.exitcode} "
+                                 "(killed for memory? try a smaller --size or --dtype bfloat16)") from None
     child.join()
     if status != "ok":
         raise BenchError(f"bench path {path!r} failed: {payload}")
