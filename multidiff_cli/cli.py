@@ -251,8 +251,7 @@ def smoke(
 
 @app.command(cls=_Command)
 def bench(
-    model: str = typer.Option("sd2-random", "--model", help="sd2-random or sdxl-random (full-size SD2-base or "
-                              "SDXL-base shapes), tiny-random or tiny-sdxl-random."),
+    model: str = typer.Option("sd2-random", "--model", help="sd2-random, sdxl-random (full size), tiny(-sdxl)-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),

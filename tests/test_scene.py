@@ -29,6 +29,7 @@ DEFAULTS = {
     "seed": None,
     "scheduler": "ddim",
     "model": None,
+    "vae": None,
     "view_stride": 64,
     "wrap": "none",
     "tiled_decode": "auto",

@@ -318,3 +318,21 @@ def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_ren
     result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert read_metadata(out)["scene"]["vae"] == str(tmp_path / "vae-fix")
+
+
+# --- G. memory: UNet samples per call and the estimate fit SDXL's UNet ------------------------------------
+
+
+@pytest.mark.parametrize("native_px, size_px, per_call", [(1024, 1024, 4), (1024, 2048, 4), (512, 512, 16),
+                                                          (1024, 512, 16)])
+def test_sdxl_calls_default_to_sd2_s_cells_per_call(write_scene, native_px, size_px, per_call):
+    from multidiff_cli.run.memory import estimate_bytes
+
+    components = build_tiny_sdxl_random(sample_size=native_px // 8)  # SDXL base's or SDXL-Turbo's view size
+    scene = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\n"))
+    plan = plan_render(scene, components)
+    assert plan.samples_per_call == per_call
+    as_sd = dataclasses.replace(components, family="sd")
+    assert estimate_bytes(scene, components, 4, False)["unet"] > estimate_bytes(scene, as_sd, 4, False)["unet"]
+    explicit = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\nmax_batch: 2\n"))
+    assert plan_render(explicit, components).samples_per_call == 2

@@ -641,7 +641,7 @@ def test_models_output_is_tab_separated(tiny_cache):
     """For cut -f / awk -F'\\t': the fields are joined by tabs, not padded with spaces."""
     result = run("models", "--cache-dir", tiny_cache)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().split("\t") == ["me/tiny-sd", "c" * 12, "0.0 GB", "ok"]
+    assert result.stdout.strip().split("\t") == ["me/tiny-sd", "c" * 12, "0.0 GB", "sd", "ok"]
 
 
 def test_models_with_an_empty_cache_prints_nothing_on_stdout(tmp_path):
