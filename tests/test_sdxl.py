@@ -197,6 +197,7 @@ def test_sdxl_panoramas_render_from_the_cli_with_whole_picture_time_ids_per_view
         image.save(mask)
     scene = write_scene(
         f"prompt: hills\nwidth: 320\nheight: 128\nsteps: 2\nbootstrap_steps: 1\nwrap: {wrap}\nscheduler: dpm++\n"
+        "tiled_decode: true\n"
         "regions:\n  - prompt: a castle\n    box: [16, 32, 96, 128]\n  - prompt: a lake\n    mask: lake.png\n"
     )
     out = tmp_path / "pano.png"
@@ -209,6 +210,20 @@ def test_sdxl_panoramas_render_from_the_cli_with_whole_picture_time_ids_per_view
     assert len(list(out.with_suffix(".steps").glob("*.png"))) == 2
     # README, SDXL: each view is a whole native-size picture: original size = target size = the view's, crop (0, 0)
     assert set(recorded_time_ids) == {tuple(time_ids((NATIVE_PX, NATIVE_PX)))} == {(128, 128, 0, 0, 128, 128)}
+
+
+def test_an_sdxl_batch_renders_and_a_png_renders_again_identically(xl_folder, write_scene, tmp_path):
+    scene = write_scene("prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nregions:\n"
+                        "  - prompt: a sofa\n    box: [0, 32, 64, 64]\n", name="room.yaml")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "--seeds", "0-1", "--grid",
+                                      "--output-dir", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["room-0.png", "room-1.png", "room-grid.png"]
+    again = CliRunner().invoke(app, ["render", str(out / "room-1.png"), "--output-dir", str(out), "-q"])
+    assert again.exit_code == 0, again.output
+    with Image.open(out / "room-1.png") as first, Image.open(out / "room-1-again.png") as second:
+        assert first.tobytes() == second.tobytes()
 
 
 def test_a_canvas_smaller_than_a_view_is_conditioned_on_its_own_size(xl, write_scene, recorded_time_ids):

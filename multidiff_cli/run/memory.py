@@ -13,8 +13,8 @@ from .render import RenderPlan
 # SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
 # which keeps no quadratic matrix).
 UNET_MULTIPLICITY = 40
-# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks a level below, where SD2 has
-# 1 (measured on the CPU with full-size sdxl-random: see the README's SDXL bench).
+# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks on the levels below, where
+# SD2 has 1 each. Twice SD2's is an estimate, not yet measured on a GPU.
 SDXL_UNET_MULTIPLICITY = 80
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
