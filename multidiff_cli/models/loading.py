@@ -33,10 +33,10 @@ _ALLOW_PATTERNS = [
 _VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repo (`vae:`), e.g. an fp16 fix
 
 
-BUILT_IN_MODELS = {  # random weights, built in code
-    TINY_RANDOM: build_tiny_random,
+BUILT_IN_MODELS = {  # random weights, built in code (looked up when called, so tests can stand in for them)
+    TINY_RANDOM: lambda: build_tiny_random(),
     SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
-    TINY_SDXL_RANDOM: build_tiny_sdxl_random,
+    TINY_SDXL_RANDOM: lambda: build_tiny_sdxl_random(),
     SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
 }
 
