@@ -351,3 +351,14 @@ def test_sdxl_calls_default_to_sd2_s_cells_per_call(write_scene, native_px, size
     assert estimate_bytes(scene, components, 4, False)["unet"] > estimate_bytes(scene, as_sd, 4, False)["unet"]
     explicit = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\nmax_batch: 2\n"))
     assert plan_render(explicit, components).samples_per_call == 2
+
+
+def test_an_sdxl_unet_without_a_second_text_encoder_is_named(xl_folder, tmp_path):
+    import shutil
+
+    from multidiff_cli.errors import ModelNotFound
+
+    folder = tmp_path / "half"
+    shutil.copytree(xl_folder, folder, ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(ModelNotFound, match="text_encoder_2/config.json"):
+        load_components(str(folder), CPU, torch.float32)

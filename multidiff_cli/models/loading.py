@@ -249,7 +249,7 @@ def cached_models(cache_dir: Path | None = None) -> CachedModels:
 def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:
     needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
     weights = dict(_COMPONENT_WEIGHTS)
-    if model_family(folder) == "sdxl":
+    if _read_json(folder / "unet" / "config.json").get("addition_embed_type") == "text_time":  # an SDXL UNet
         needed += ("tokenizer_2", *(f"{name}/config.json" for name in _SDXL_WEIGHTS))
         weights.update(_SDXL_WEIGHTS)
     missing = [name for name in needed if not (folder / name).exists()]
