@@ -10,6 +10,7 @@ import copy
 import inspect
 import multiprocessing
 import platform
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -28,16 +29,20 @@ from .method.schedulers import SCHEDULER_NAMES, make_scheduler
 from .method.views import make_views
 from .method.weights import region_weights
 from .models.components import pick_device, pick_dtype, quiet_libraries, speed_up, to_device
-from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .models.random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
+                                    build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
 from .models.lora import AdapterUNet, Conditions, load_loras
 from .models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet
+from .models.sdxl import SDXLConditioning, time_ids
 from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
+BENCH_MODELS = {SD2_RANDOM: build_sd2_random, SDXL_RANDOM: build_sdxl_random, TINY_RANDOM: build_tiny_random,
+                TINY_SDXL_RANDOM: build_tiny_sdxl_random}
 
 
 @dataclass
 class BenchConfig:
-    model: str = SD2_RANDOM  # sd2-random (full size) or tiny-random
+    model: str = SD2_RANDOM  # sd2-random, sdxl-random (full size), tiny-random or tiny-sdxl-random
     size_px: int = 256  # canvas height, and width unless width_px is set
     width_px: int | None = None
     regions: int = 3
@@ -74,8 +79,8 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
                  device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
                  device_source: str = "--device", loras: int = 0) -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
-    if model not in (SD2_RANDOM, TINY_RANDOM):
-        raise UsageError(f"--model: the bench builds its own random model: sd2-random or tiny-random, not {model!r}")
+    if model not in BENCH_MODELS:
+        raise UsageError(f"--model: the bench builds its own random model: {', '.join(BENCH_MODELS)}, not {model!r}")
     if scheduler not in SCHEDULER_NAMES:
         raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
     torch_device = pick_device(device, source=device_source)
@@ -105,8 +110,9 @@ def parse_widths(text: str) -> list[int]:
     return widths
 
 
-def bench_scene(config: BenchConfig, cross_attention_dim: int):
-    """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row."""
+def bench_scene(config: BenchConfig, unet_config):
+    """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row
+    (for SDXL, with random pooled embeddings and the time ids of a whole picture of the view's size)."""
     latent_hw = config.size_px // 8, config.canvas_width // 8
     width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
@@ -117,7 +123,14 @@ def bench_scene(config: BenchConfig, cross_attention_dim: int):
         negative=[config.regions + 1] * (config.regions + 1),
         guidance=[config.guidance_scale] * (config.regions + 1),
     )
-    embeddings = torch.randn((len(prompts.texts), 77, cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn((len(prompts.texts), 77, unet_config.cross_attention_dim), generator=generator)
+    if unet_config.get("addition_embed_type") == "text_time":
+        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        window = unet_config.sample_size * 8
+        view_px = (min(window, config.size_px), min(window, config.canvas_width))
+        embeddings = SDXLConditioning(embeddings, torch.randn((len(prompts.texts), pooled_dim), generator=generator),
+                                      torch.tensor([time_ids(view_px)] * len(prompts.texts), dtype=torch.float32))
     return weights, prompts, embeddings
 
 
@@ -153,9 +166,14 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     """One path in this process: build the model, sample, time every step, measure peak memory."""
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     quiet_libraries()
-    components = build_tiny_random() if config.model == TINY_RANDOM else build_sd2_random()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point and dtype != torch.float16 else torch.float32)
+    try:  # built in the bench's dtype: full-size SDXL in float32 first would take 10 GB more at its peak
+        components = BENCH_MODELS[config.model]()
+    finally:
+        torch.set_default_dtype(default_dtype)
     components = speed_up(to_device(components, device, dtype), compile=config.compile)
-    weights, prompts, embeddings = bench_scene(config, components.unet.config.cross_attention_dim)
+    weights, prompts, embeddings = bench_scene(config, components.unet.config)
     weights, embeddings = weights.to(device), embeddings.to(device, dtype)
     latent_hw = (config.size_px // 8, config.canvas_width // 8)
     noise = torch.randn((1, 4, *latent_hw), generator=torch.Generator().manual_seed(config.seed))
@@ -291,7 +309,14 @@ def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     queue = context.Queue()
     child = context.Process(target=_child, args=(config, path, latents_file, queue))
     child.start()
-    status, payload = queue.get()
+    while True:
+        try:
+            status, payload = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():  # killed (out of memory, a signal) before it could report
+                raise BenchError(f"bench path {path!r} died with exit code {child.exitcode} "
+                                 "(killed for memory? try a smaller --size or --dtype bfloat16)") from None
     child.join()
     if status != "ok":
         raise BenchError(f"bench path {path!r} failed: {payload}")

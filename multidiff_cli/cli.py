@@ -262,7 +262,7 @@ def smoke(
 
 @app.command(cls=_Command)
 def bench(
-    model: str = typer.Option("sd2-random", "--model", help="sd2-random (full-size SD2-base shapes) or tiny-random."),
+    model: str = typer.Option("sd2-random", "--model", help="sd2-random, sdxl-random (full size), tiny(-sdxl)-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
@@ -277,7 +277,7 @@ def bench(
                                          "alone as views grow (panoramas)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
-    """Time multidiff's sampler against the authors' per-prompt loop on random SD2-shaped weights."""
+    """Time multidiff's sampler against the authors' per-prompt loop on random SD2- or SDXL-shaped weights."""
     with _user_errors():
         from .bench import bench_config, run_bench_command
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .bench import bench_config, run_bench
+from .bench import BENCH_MODELS, bench_config, run_bench
 from .models.random_weights import SD2_RANDOM
 from .run.batch import RunSettings
 from .smoke import example_scenes, run_smoke
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += scene_renders(compiled, args.output_dir / "compiled", args.steps, args.model, args.device,
                               args.dtypes.split(",")[0], compile=True)
     if not args.no_bench:
-        bench_model = args.model if args.model in (SD2_RANDOM, "tiny-random") else SD2_RANDOM
+        bench_model = args.model if args.model in BENCH_MODELS else SD2_RANDOM
         rows.append(bench_row(args.device, args.dtypes.split(",")[0], bench_model, args.bench_size, args.bench_steps))
 
     table = Table(title=f"gpu-check on {name} ({args.device}), torch {torch.__version__}, model {args.model}")

@@ -44,7 +44,15 @@ def test_bench_paths_agree_with_bootstrapping_and_a_multistep_scheduler(guided_a
 
 def test_bench_rejects_a_model_it_cannot_build():
     result = CliRunner().invoke(app, ["bench", "--model", "stabilityai/stable-diffusion-2-base"])
-    assert result.exit_code == 2 and "sd2-random or tiny-random" in result.stderr
+    assert result.exit_code == 2
+    assert all(name in result.stderr for name in ("sd2-random", "sdxl-random", "tiny-random", "tiny-sdxl-random"))
+
+
+def test_the_bench_runs_sdxl_shapes_with_pooled_embeds_and_time_ids(guided_atol):
+    config = BenchConfig(model="tiny-sdxl-random", size_px=64, steps=2)
+    report = run_bench(config, in_process=True)
+    assert report["relative_difference"] <= guided_atol(torch.ones(()), guidance=config.guidance_scale, steps=2)
+    assert report["unet_samples_ratio"] == 5 / 8
 
 
 def test_width_sweep_reports_views_and_samples_growing_with_width(tmp_path):

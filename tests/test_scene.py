@@ -30,6 +30,7 @@ DEFAULTS = {
     "scheduler": "ddim",
     "model": None,
     "model_config": None,  # configs of a single-file model; `loras` ([]) is left out of a dump when empty
+    "vae": None,
     "view_stride": 64,
     "wrap": "none",
     "tiled_decode": "auto",

@@ -617,12 +617,12 @@ def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2, result.stdout
-    # Fields: repo id, revision (12 hex), size "N.N GB", status.
-    by_repo = {fields[0]: fields for fields in (line.split(None, 4) for line in lines)}
+    # Fields: repo id, revision (12 hex), size "N.N GB", family, status.
+    by_repo = {fields[0]: fields for fields in (line.split(None, 5) for line in lines)}
     assert sorted(by_repo) == ["me/pickled-sd", "me/tiny-sd"]
-    repo, revision, size, unit, status = by_repo["me/tiny-sd"]
-    assert (revision, unit, status) == (good_sha[:12], "GB", "ok") and float(size) >= 0
-    repo, revision, size, unit, status = by_repo["me/pickled-sd"]
+    repo, revision, size, unit, family, status = by_repo["me/tiny-sd"]
+    assert (revision, unit, family, status) == (good_sha[:12], "GB", "sd", "ok") and float(size) >= 0
+    repo, revision, size, unit, family, status = by_repo["me/pickled-sd"]
     assert revision == bad_sha[:12]
     assert status.startswith("cannot load") and "safetensors" in status and "diffusion_pytorch_model.bin" in status
 
@@ -641,7 +641,7 @@ def test_models_output_is_tab_separated(tiny_cache):
     """For cut -f / awk -F'\\t': the fields are joined by tabs, not padded with spaces."""
     result = run("models", "--cache-dir", tiny_cache)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().split("\t") == ["me/tiny-sd", "c" * 12, "0.0 GB", "ok"]
+    assert result.stdout.strip().split("\t") == ["me/tiny-sd", "c" * 12, "0.0 GB", "sd", "ok"]
 
 
 def test_models_with_an_empty_cache_prints_nothing_on_stdout(tmp_path):

@@ -30,6 +30,11 @@ class Components:
     dtype: torch.dtype = torch.float32
     few_step_model: bool = False  # distilled to sample in a few steps (SD-Turbo, LCM, ...): loading.is_few_step_model
     lora_state: Any = None  # the LoRAs loaded into the UNet and text encoder (models.lora)
+    family: str = "sd"  # "sd" (SD 1.x/2.x: models/sd.py) or "sdxl" (SDXL, SDXL-Turbo: models/sdxl.py)
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with projection)
+    text_encoder_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros (model_index.json)
+    vae_id: str | None = None  # the scene's `vae:`, where it replaced the model's own VAE
 
     @property
     def prediction_type(self) -> str:
@@ -112,11 +117,17 @@ def speed_up(components: Components, compile: bool = False) -> Components:
 
 
 def to_device(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
-    """Move to `device`: text encoder and UNet in `dtype`; the VAE stays float32 (fp16 decodes overflow)."""
+    """Move to `device`: text encoders and UNet in `dtype`; the VAE stays float32 (fp16 decodes overflow),
+    except a VAE the scene's `vae:` names whose config says `force_upcast: false` (diffusers' mark of a
+    VAE safe in float16, such as madebyollin/sdxl-vae-fp16-fix)."""
+    vae_dtype = torch.float32
+    if components.vae_id is not None and getattr(components.vae.config, "force_upcast", True) is False:
+        vae_dtype = dtype
     for module, module_dtype in (
         (components.text_encoder, dtype),
+        (components.text_encoder_2, dtype),
         (components.unet, dtype),
-        (components.vae, torch.float32),
+        (components.vae, vae_dtype),
     ):
         if module is None:  # the bench runs without a text encoder
             continue

@@ -10,7 +10,8 @@ import torch
 from ..errors import ModelError, ModelNotFound, UsageError
 from .components import Components, quiet_libraries, speed_up, to_device
 from .names import FEW_STEP_MARKERS
-from .random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
+                             build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
 from .single_file import is_single_file, load_single_file
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
@@ -21,36 +22,78 @@ _COMPONENT_WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
 }
+_SDXL_WEIGHTS = {"text_encoder_2": "model.safetensors"}  # SDXL's second text encoder (and tokenizer_2/)
 _ALLOW_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
-    *[f"{name}/config.json" for name in _COMPONENT_WEIGHTS],
-    *[f"{name}/{weights}" for name, weights in _COMPONENT_WEIGHTS.items()],
+    "tokenizer_2/*",
+    *[f"{name}/config.json" for name in {**_COMPONENT_WEIGHTS, **_SDXL_WEIGHTS}],
+    *[f"{name}/{weights}" for name, weights in {**_COMPONENT_WEIGHTS, **_SDXL_WEIGHTS}.items()],
 ]
+_VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repo (`vae:`), e.g. an fp16 fix
+
+
+BUILT_IN_MODELS = {  # random weights, built in code (looked up when called, so tests can stand in for them)
+    TINY_RANDOM: lambda: build_tiny_random(),
+    SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
+    TINY_SDXL_RANDOM: lambda: build_tiny_sdxl_random(),
+    SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
+}
 
 
 def load_components(
     model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False,
     config: str | None = None,
+    vae: str | None = None,
 ) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and scheduler config of `model` onto `device`.
+    """Load tokenizer(s), text encoder(s), UNet, VAE and scheduler config of `model` onto `device`.
 
     allow_pickle: also load pickle (.bin, .ckpt) weights, which can run code when loaded: only for
     models you trust, and only when asked for explicitly. config: for a single-file checkpoint, a
-    diffusers folder or hub id with its configs (the scene's `model_config`)."""
+    diffusers folder or hub id with its configs (the scene's `model_config`).
+    vae: a diffusers VAE (folder or hub id) to use instead of the model's own (the scene's `vae:`)."""
     quiet_libraries()
-    if model == TINY_RANDOM:
-        components = build_tiny_random()
-    elif model == SD2_RANDOM:
-        components = build_sd2_random(text_encoder=True)
+    if model in BUILT_IN_MODELS:
+        components = BUILT_IN_MODELS[model]()
     elif is_single_file(model):
         components = load_single_file(Path(model).expanduser(), model, config, allow_pickle)
         components.few_step_model = is_few_step_model(model)  # the file's name (a "...turbo.safetensors")
     else:
         folder, revision = resolve_model_folder(model, allow_pickle)
         components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)
+    if vae is not None:
+        components.vae, components.vae_id = load_vae(vae, allow_pickle), vae
     return speed_up(to_device(components, device, dtype), compile=compile)
+
+
+def load_vae(vae: str, allow_pickle: bool = False):
+    """A diffusers AutoencoderKL from a folder holding its config.json, or a hub id (safetensors only)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    if path.is_dir():
+        folder = path
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(vae, allow_patterns=_VAE_PATTERNS + (["*.bin"] if allow_pickle else [])))
+        except Exception as exc:  # offline, not cached, not a hub id
+            raise ModelNotFound(
+                f"vae {vae!r}: no such folder, and not in the local Hugging Face cache or downloadable "
+                f"({type(exc).__name__}). Point `vae:` at a folder with a diffusers VAE's config.json and "
+                "weights, or leave it out to use the model's own VAE."
+            ) from None
+    if (folder / "vae" / "config.json").exists() and not (folder / "config.json").exists():
+        folder = folder / "vae"  # a whole pipeline's folder: its VAE
+    if not any(folder.glob("*.safetensors")) and not (allow_pickle and any(folder.glob("*.bin"))):
+        raise ModelError(f"vae {vae!r}: {folder} has no .safetensors weights (multidiff loads safetensors only; "
+                         "--allow-pickle for a VAE you trust)")
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=any(folder.glob("*.safetensors")))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"vae {vae!r}: could not load {folder}: {exc}") from None
 
 
 def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, str | None]:
@@ -83,18 +126,40 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
 
+def model_family(folder: Path) -> str:
+    """"sdxl" for a folder with SDXL's UNet (an added `text_time` embedding: pooled text and time ids)
+    and a second text encoder; else "sd". Read from the folder itself, never from its name."""
+    unet = _read_json(folder / "unet" / "config.json")
+    sdxl = unet.get("addition_embed_type") == "text_time" and (folder / "text_encoder_2").is_dir()
+    return "sdxl" if sdxl else "sd"
+
+
 def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_pickle: bool = False) -> Components:
     """Load the components of a diffusers-format folder: safetensors weights only, no remote code."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     _check_folder(folder, model_id, allow_pickle)
+    family = model_family(folder)
 
     def safetensors(name: str) -> bool:  # False only where --allow-pickle let a pickle-only folder through
         return any((folder / name).glob("*.safetensors"))
 
     try:
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        sdxl = {}
+        if family == "sdxl":
+            sdxl = dict(
+                family="sdxl",
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", use_safetensors=safetensors("text_encoder_2")
+                ),
+                # diffusers' StableDiffusionXLPipeline default where model_index.json does not say
+                force_zeros_for_empty_prompt=bool(
+                    _read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True)
+                ),
+            )
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(
@@ -106,6 +171,7 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_
             model_id=model_id,
             revision=revision,
             few_step_model=is_few_step_model(model_id, folder),
+            **sdxl,
         )
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
@@ -145,10 +211,10 @@ def _read_json(path: Path) -> dict:
 @dataclass(frozen=True)
 class CachedModels:
     """What `multidiff models` lists: the hub cache folder searched, and one row per diffusers model
-    revision in it: (repo id, revision, size in bytes, why it cannot load or None)."""
+    revision in it: (repo id, revision, size in bytes, why it cannot load or None, family: sd or sdxl)."""
 
     folder: Path
-    rows: list[tuple[str, str, int, str | None]]
+    rows: list[tuple[str, str, int, str | None, str]]
 
 
 def cached_models(cache_dir: Path | None = None) -> CachedModels:
@@ -182,19 +248,23 @@ def cached_models(cache_dir: Path | None = None) -> CachedModels:
                 problem = None
             except (ModelNotFound, ModelError) as exc:
                 problem = str(exc).split(": ", 1)[-1]
-            found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem))
+            found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem, model_family(snapshot)))
     return CachedModels(folder, found)
 
 
 def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:
     needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
+    weights = dict(_COMPONENT_WEIGHTS)
+    if _read_json(folder / "unet" / "config.json").get("addition_embed_type") == "text_time":  # an SDXL UNet
+        needed += ("tokenizer_2", *(f"{name}/config.json" for name in _SDXL_WEIGHTS))
+        weights.update(_SDXL_WEIGHTS)
     missing = [name for name in needed if not (folder / name).exists()]
     if missing:
         raise ModelNotFound(
             f"model {model_id!r}: {folder} is not a diffusers Stable Diffusion folder "
             f"(missing {', '.join(missing)})"
         )
-    for name in _COMPONENT_WEIGHTS:
+    for name in weights:
         if not any((folder / name).glob("*.safetensors")):
             pickles = [p.name for p in (folder / name).glob("*.bin")]
             if pickles and allow_pickle:

@@ -1,5 +1,6 @@
 """Models with random weights, built in code (no download): `tiny-random` (tests, smoke renders) and
-`sd2-random` (full-size SD2-base shapes: the real model's compute, for `bench` and `gpu-check`)."""
+`sd2-random` (full-size SD2-base shapes: the real model's compute, for `bench` and `gpu-check`); their
+SDXL counterparts `tiny-sdxl-random` and `sdxl-random`."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,8 @@ from .names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
 
 TINY_RANDOM = "tiny-random"
 SD2_RANDOM = "sd2-random"
+TINY_SDXL_RANDOM = "tiny-sdxl-random"
+SDXL_RANDOM = "sdxl-random"
 
 
 def build_tiny_random(seed: int = 0) -> Components:
@@ -187,7 +190,128 @@ def save_components(components: Components, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     components.tokenizer.save_pretrained(folder / "tokenizer")
     components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if components.family == "sdxl":
+        components.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        components.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+        index = {"_class_name": "StableDiffusionXLPipeline",
+                 "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=2))
+
+
+def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
+    """SDXL-shaped components with small random weights, built in code (tests, `--model tiny-sdxl-random`).
+
+    SDXL's structure: two CLIP text encoders (the second with a projection, whose pooled embedding
+    conditions the UNet), cross attention over both encoders' hidden states concatenated, a
+    `text_time` added embedding of the pooled text and six time ids, SDXL's Euler scheduler config
+    and VAE scaling factor. sample_size: latent cells of the native size (64: 512 px, as SDXL-Turbo)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
+
+        def text_config(**sizes) -> CLIPTextConfig:
+            return CLIPTextConfig(
+                vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes,
+            )
+
+        text_encoder = CLIPTextModel(text_config(hidden_size=32, projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_size=32, projection_dim=32))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=32 + 32,  # both encoders' hidden states
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, then the pooled text
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=8 * sample_size,
+            scaling_factor=0.13025,
+        )
+    return Components(
+        tokenizer=tokenizer, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
+        scheduler_config=sdxl_scheduler_config(), model_id=TINY_SDXL_RANDOM, family="sdxl",
+        tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2.eval(), force_zeros_for_empty_prompt=True,
+    )
+
+
+def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
+    """Full-size SDXL-base-shaped UNet (2.6 B parameters) and VAE with random weights: the real model's
+    compute, no download. text_encoder: also CLIP ViT-L- and OpenCLIP bigG-shaped text encoders over
+    tiny-random's tokenizer, so `--model sdxl-random` renders scenes; the bench needs none."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer() if text_encoder else None
+        tokenizer_2 = tiny_tokenizer() if text_encoder else None
+        encoders = (None, None)
+        if text_encoder:
+            def text_config(hidden: int, layers: int, heads: int) -> CLIPTextConfig:
+                return CLIPTextConfig(
+                    vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu",
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+
+            encoders = (CLIPTextModel(text_config(768, 12, 12)).eval(),
+                        CLIPTextModelWithProjection(text_config(1280, 32, 20)).eval())
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # six time ids x 256, then bigG's pooled 1280
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        )
+    return Components(
+        tokenizer, encoders[0], unet.eval(), vae.eval(), sdxl_scheduler_config(), model_id=SDXL_RANDOM, family="sdxl",
+        tokenizer_2=tokenizer_2, text_encoder_2=encoders[1], force_zeros_for_empty_prompt=True,
+    )
+
+
+def sdxl_scheduler_config() -> dict[str, Any]:
+    """The scheduler config SDXL base ships (Euler, SD2-base's betas; SDXL-Turbo's differs in trailing spacing)."""
+    return {**sd2_scheduler_config(), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+            "use_karras_sigmas": False}

@@ -109,11 +109,13 @@ def lora_lines(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def model_lines(found: list[tuple[str, str, int, str | None]]) -> list[str]:
-    """`models`' lines: repo id, revision, size, whether it loads; tab-separated for cut and awk."""
+def model_lines(found: list[tuple[str, str, int, str | None, str]]) -> list[str]:
+    """`models`' lines: repo id, revision, size, family (sd, sdxl), whether it loads; tab-separated for cut
+    and awk."""
     return [
-        f"{repo_id}\t{revision[:12]}\t{size_bytes / GIB:.1f} GB\t{'ok' if problem is None else f'cannot load: {problem}'}"
-        for repo_id, revision, size_bytes, problem in found
+        f"{repo_id}\t{revision[:12]}\t{size_bytes / GIB:.1f} GB\t{family}\t"
+        f"{'ok' if problem is None else f'cannot load: {problem}'}"
+        for repo_id, revision, size_bytes, problem, family in found
     ]
 
 

@@ -151,7 +151,7 @@ class Renderer:
         self.settings, self.emit = settings, emit
         self.device = pick_device(settings.device, source=settings.device_source)
         self.dtype = pick_dtype(self.device, settings.dtype)
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[str, str | None], Any] = {}
 
     def run(self, jobs: list[RenderJob], contain: bool = False) -> tuple[list[RenderJob], list[Failure], int]:
         """Render every job; returns (the jobs whose file exists now, failures, how many were skipped).
@@ -183,15 +183,15 @@ class Renderer:
             done.append(job)
         return done, failures, skipped
 
-    def components(self, model: str, config: str | None = None):
-        """Each model loads once per batch; a model that failed to load fails its other jobs at once.
-        config: a single-file model's configs (the scene's model_config)."""
-        key = _model_key(model, config)
+    def components(self, model: str, config: str | None = None, vae: str | None = None):
+        """Each model (with its configs and `vae:`) loads once per batch; a model that failed to load fails
+        its other jobs at once. config: a single-file model's configs (the scene's model_config)."""
+        key = _model_key(model, config, vae)
         if key not in self._models:
             try:
                 self._models[key] = load_components(
                     model, self.device, self.dtype, compile=self.settings.compile,
-                    allow_pickle=self.settings.allow_pickle, config=config,
+                    allow_pickle=self.settings.allow_pickle, config=config, vae=vae,
                 )
             except MultidiffError as exc:
                 self._models[key] = exc
@@ -202,9 +202,9 @@ class Renderer:
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if _model_key(scene.model, scene.model_config_) not in self._models:
+        if _model_key(scene.model, scene.model_config_, scene.vae) not in self._models:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        components = self.components(scene.model, scene.model_config_)
+        components = self.components(scene.model, scene.model_config_, scene.vae)
         plan = plan_render(scene, components)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
@@ -254,9 +254,10 @@ def init_image_record(job: RenderJob) -> dict[str, Any] | None:
     return {"path": scene.init_image, "width": width, "height": height, "sha256": job.inputs.get(scene.init_image)}
 
 
-def _model_key(model: str, config: str | None) -> str:
-    """A loaded model is known by its name, and for a single file also by the configs it was read with."""
-    return model if config is None else f"{model}|{config}"
+def _model_key(model: str, config: str | None, vae: str | None) -> tuple:
+    """A loaded model is known by its name, for a single file also by the configs it was read with, and
+    by the VAE that replaced its own."""
+    return model, config, vae
 
 
 def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:

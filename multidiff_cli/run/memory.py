@@ -13,6 +13,9 @@ from .render import RenderPlan
 # SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
 # which keeps no quadratic matrix).
 UNET_MULTIPLICITY = 40
+# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks on the levels below, where
+# SD2 has 1 each. Twice SD2's is an estimate, not yet measured on a GPU.
+SDXL_UNET_MULTIPLICITY = 80
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
 # Tiled encoding held more than one tile's worth (measured on the CPU, sd2-random's VAE: one 512x512 encode
@@ -28,7 +31,8 @@ def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, 
     window = components.unet.config.sample_size
     h, w = scene.latent_hw
     view_cells = min(h, window) * min(w, window)
-    unet = samples_per_call * view_cells * components.unet.config.block_out_channels[0] * element * UNET_MULTIPLICITY
+    multiplicity = SDXL_UNET_MULTIPLICITY if components.family == "sdxl" else UNET_MULTIPLICITY
+    unet = samples_per_call * view_cells * components.unet.config.block_out_channels[0] * element * multiplicity
     pixels = TILE_PX * TILE_PX if tiled else scene.width * scene.height
     channels = components.vae.config.block_out_channels
     per_pixel = sum(c / 4**level for level, c in enumerate(channels))

@@ -197,7 +197,8 @@ def plan_jobs(
             if target.resolve() == source.resolve():
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
             taken.add(target.resolve())
-            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given)} | (
+            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given),
+                                                "vae": local_model(scene.vae) if scene.vae else None} | (
                 {"model_config_": local_model(scene.model_config_)} if scene.model_config_ else {}))
             jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, loaded.inputs, earlier))
     if output is not None and len(jobs) > 1:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..errors import RenderError
+from ..errors import LoraError, RenderError
 from ..method.guidance import Prompts, guided_denoiser
 from ..method.sampler import StepCallback, first_step, multidiffusion
 from ..method.schedulers import make_scheduler
@@ -21,6 +21,7 @@ from ..models.sd import (DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_laten
                          truncation_warnings)
 from ..scene import Scene, changeable_cells, region_cells
 from ..scene.picture import load_picture
+from ..models import sdxl
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
@@ -53,9 +54,13 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     stride = max(1, scene.view_stride // components.vae_scale_factor)
     wrap = scene.wrap == "horizontal"
     tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
+    views = make_views(scene.latent_hw, window, stride, wrap=wrap)
     return RenderPlan(
-        views=make_views(scene.latent_hw, window, stride, wrap=wrap),
-        samples_per_call=scene.max_batch or DEFAULT_SAMPLES_PER_CALL,
+        views=views,
+        samples_per_call=scene.max_batch or (
+            sdxl.default_samples_per_call(views[0].height * views[0].width) if components.family == "sdxl"
+            else DEFAULT_SAMPLES_PER_CALL
+        ),
         tiled_decode=tiled,
         wrap=wrap,
         few_step=components.few_step_model if scene.few_step == "auto" else scene.few_step,
@@ -111,6 +116,18 @@ def picture_latents(scene: Scene, components: Components, plan: RenderPlan) -> t
     return encode_image(components, pixels.permute(2, 0, 1)[None], tiled=plan.tiled_decode)
 
 
+def encode_conditioning(components: Components, prompts: Prompts, views: list[View]):
+    """The UNet's conditioning of each distinct text, as the model's family encodes it: SD's hidden
+    states (E, 77, D), or SDXL's hidden states, pooled embeddings and time ids (models/sdxl.py), the
+    time ids those of a whole picture of the views' size."""
+    if components.family == "sdxl":
+        view_px = (views[0].height * components.vae_scale_factor, views[0].width * components.vae_scale_factor)
+        zeroed = sdxl.empty_negatives(prompts.texts, prompts.cond, prompts.negative)
+        return sdxl.encode_prompts(components, prompts.texts, view_px,
+                                   zeroed if components.force_zeros_for_empty_prompt else frozenset())
+    return encode_texts(components, prompts.texts)
+
+
 def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
     """`decode` with the plan's wrap-around and tiling."""
     return decode(components, latents, wrap=plan.wrap, tiled=plan.tiled_decode)
@@ -160,11 +177,13 @@ def render(
     stage("encoding prompts")
     prompts = scene_prompts(scene)
     lora_files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
+    if lora_files and components.family == "sdxl":
+        raise LoraError(f"{lora_files[0]}: LoRAs on SDXL models are not supported yet (SD 1.x/2.x LoRAs are)")
     if lora_files:  # before any sampling: a LoRA that does not fit this model stops the render here
         load_loras(components, lora_files, allow_pickle)
         embeddings = encode_conditions(components, prompts.texts, prompts.adapters, encode_texts)
     else:
-        embeddings = encode_texts(components, prompts.texts)
+        embeddings = encode_conditioning(components, prompts, plan.views)
     image_latents = changeable = None
     start = first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
     if scene.init_image is not None:

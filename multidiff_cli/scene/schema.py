@@ -120,6 +120,7 @@ class Scene(Strict):
     model_config_: Text | None = Field(
         None, alias="model_config", description="diffusers folder or hub id with the configs of a single-file `model`"
     )
+    vae: Text | None = Field(None, description="a diffusers VAE (folder or hub id) instead of the model's own")
     view_stride: StridePx = Field(64, description="pixels between panorama views (windows of the model's native size)")
     wrap: Literal["none", "horizontal"] = Field("none", description="horizontal: a 360-degree panorama")
     tiled_decode: bool | Literal["auto"] = Field("auto", description="decode in tiles; auto: above 1024x1024 px")

@@ -23,6 +23,7 @@ guidance_scale: 7.5            # <= 1 turns guidance off (distilled models such 
 scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
 # model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, .safetensors file, or tiny-random
 # model_config: stabilityai/stable-diffusion-2-1   # a .safetensors model's configs (folder or hub id)
+# vae: madebyollin/sdxl-vae-fp16-fix  # a diffusers VAE (hub id or folder) instead of the model's own
 view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
