@@ -29,7 +29,8 @@ from .method.views import make_views
 from .method.weights import region_weights
 from .models.components import pick_device, pick_dtype, quiet_libraries, speed_up, to_device
 from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
-from .models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet
+from .models.sd import ChunkedUNet
+from .run.render import auto_batch_size
 from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
 
@@ -65,6 +66,7 @@ class PathResult:
     peak_memory_kind: str
     step_seconds: list[float] = field(default_factory=list)
     views: int = 1
+    unet_batch: dict[str, Any] = field(default_factory=dict)  # samples_per_call, and whether auto chose it
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
@@ -162,7 +164,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
-    run = ChunkedUNet(components.unet, config.max_batch or DEFAULT_SAMPLES_PER_CALL)
+    samples_per_call = config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views))
+    run = ChunkedUNet(components.unet, samples_per_call)
     with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
         t0 = scheduler.timesteps[0]
         if path == "multidiff":
@@ -203,6 +206,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         peak_memory_kind=kind,
         step_seconds=steps,
         views=len(views) if path == "multidiff" else 1,
+        unet_batch={"samples_per_call": samples_per_call, "auto": not config.max_batch},
     )
     return asdict(result)
 

@@ -17,7 +17,6 @@ from .errors import MultidiffError, UsageError
 from .output.console import PlainHelpCommand as _Command
 from .output.console import err, error_lines, out, print_path, print_summary, say, usage_error_line
 
-
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
     no_args_is_help=True,
@@ -262,19 +261,20 @@ def bench(
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="UNet samples per call."),
     widths: Optional[str] = typer.Option(None, "--widths", help="Comma-separated canvas widths: time multidiff "
-                                         "alone as views grow (panoramas)."),
+                                         "alone as views grow (panoramas); with --peer, the peer's canvases."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Time UNet calls of these sizes: 1,2,4,8,16."),
+    peer: bool = typer.Option(False, "--peer", help="Whole renders against diffusers' panorama pipeline (no regions)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
     """Time multidiff's sampler against the authors' per-prompt loop on random SD2-shaped weights."""
     with _user_errors():
-        from .bench import bench_config, run_bench_command
+        from .bench import bench_config
+        from .bench_peer import run_bench_command
 
-        config = bench_config(
-            model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch,
-        )
+        config = bench_config(model, size, regions, steps, bootstrap_steps, scheduler, **_env_device(device),
+                              dtype=dtype, compile=compile_unet, max_batch=max_batch)
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
-            printed = run_bench_command(config, widths, json_path)
+            printed = run_bench_command(config, widths, json_path, batch_sizes, peer)
         for item in printed:
             out.print(item, markup=False)
 

@@ -19,6 +19,7 @@ LAYERS = {
     "run": 3,
     "bench": 4,
     "smoke": 4,
+    "bench_peer": 5,
     "gpu_check": 5,
     "cli": 6,
     "__main__": 7,

@@ -234,6 +234,7 @@ class Renderer:
             model=components.model_id, revision=components.revision, device=str(self.device),
             dtype=components.dtype_name, seconds=result.seconds,
             scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
+            unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},
         )
         write_png(result.image, job.target, record)
         if self.settings.animation and frames:

@@ -1,49 +1,28 @@
 """A rough memory estimate of a render, so a canvas that cannot fit is refused before the work starts."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import TooLarge
-from ..models.components import Components
+from ..models.components import Components, available_bytes
+from ..models.sd import unet_bytes_per_sample
 from ..output.report import size_text
 from ..scene import Scene
 from .render import RenderPlan
 
-# Live activation tensors per element of the UNet's first level, per sample (measured on the CPU:
-# SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
-# which keeps no quadratic matrix).
-UNET_MULTIPLICITY = 40
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
 
 
 def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, tiled: bool) -> dict[str, int]:
     """Activation memory, beyond the loaded weights: the UNet's largest call and the VAE decode."""
-    element = torch.finfo(components.dtype).bits // 8
     window = components.unet.config.sample_size
     h, w = scene.latent_hw
     view_cells = min(h, window) * min(w, window)
-    unet = samples_per_call * view_cells * components.unet.config.block_out_channels[0] * element * UNET_MULTIPLICITY
+    unet = samples_per_call * unet_bytes_per_sample(components.unet.config, view_cells, components.dtype)
     pixels = TILE_PX * TILE_PX if tiled else scene.width * scene.height
     channels = components.vae.config.block_out_channels
     per_pixel = sum(c / 4**level for level, c in enumerate(channels))
     decode = int(pixels * per_pixel * 4 * VAE_MULTIPLICITY)  # the VAE decodes in float32
     return {"unet": int(unet), "decode": decode}
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory where the render's tensors live; None where it cannot be told (MPS)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
 
 
 def check_memory(scene: Scene, components: Components, plan: RenderPlan) -> None:

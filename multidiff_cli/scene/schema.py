@@ -103,7 +103,9 @@ class Scene(Strict):
     few_step: bool | Literal["auto"] = Field(
         "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: on for few-step distilled models"
     )
-    max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
+    max_batch: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] | None = Field(
+        None, description="UNet samples per call; absent or auto: the size this device runs fastest"
+    )
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -26,7 +26,7 @@ view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
 few_step: auto                 # quantized masks + mask-centering; auto: on for turbo/LCM/lightning models
-# max_batch: 16                # UNet samples per call: lower it to save memory
+# max_batch: auto              # UNet samples per call; auto: the size this device runs fastest
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
   - prompt: a red velvet sofa
