@@ -20,9 +20,9 @@ LAYERS = {
     "bench": 4,
     "smoke": 4,
     "bench_peer": 5,
-    "gpu_check": 5,
-    "cli": 6,
-    "__main__": 7,
+    "gpu_check": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 SHARED = {"errors", "__init__"}
 # What the paper's code must never see: files, YAML, tokenizers, the command line.
