@@ -5,6 +5,8 @@ The sweep times single UNet calls of B samples over one view of the bench's canv
 untimed call, each size `repeats` times; the best counts): the measurements `max_batch: auto` is
 chosen from. The peer row renders one prompt over the canvas (no regions) from the same noise both ways,
 each in a fresh process, and times the whole render: prompt encoding, sampling and decoding.
+Both also give the process's CPU seconds (all its threads): on a CPU shared with other work, wall
+time counts the others' turns too, CPU time much less so.
 """
 from __future__ import annotations
 
@@ -57,14 +59,17 @@ def batch_sweep(config: BenchConfig, sizes: list[int], repeats: int = 2) -> dict
     texts = torch.randn((max(sizes), 77, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
     x, texts, t = x.to(device, components.dtype), texts.to(device, components.dtype), torch.tensor(500, device=device)
     runs: dict[int, list[float]] = {size: [] for size in sizes}
+    cpu_runs: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.inference_mode():
         unet(x[:1], t, encoder_hidden_states=texts[:1])  # allocator and caches warm: untimed
         for _ in range(repeats):
             for size in sizes:
-                start = _now(device)
+                start, cpu_start = _now(device), time.process_time()
                 unet(x[:size], t, encoder_hidden_states=texts[:size])
                 runs[size].append((_now(device) - start) / size)
-    rows = [{"batch_size": size, "seconds_per_sample": min(runs[size]), "runs": runs[size]} for size in sizes]
+                cpu_runs[size].append((time.process_time() - cpu_start) / size)
+    rows = [{"batch_size": size, "seconds_per_sample": min(runs[size]), "runs": runs[size],
+             "cpu_seconds_per_sample": min(cpu_runs[size]), "cpu_runs": cpu_runs[size]} for size in sizes]
     return {
         "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
         "view_hw": list(view_hw), "auto_samples_per_call": auto_batch_size(components, view_hw[0] * view_hw[1]),
@@ -112,14 +117,14 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     components = _components(config, text_encoder=True)
     window = components.unet.config.sample_size
     views = make_views((config.size_px // 8, config.canvas_width // 8), window, PEER_STRIDE_PX // 8)
-    start = _now(components.device)
+    start, cpu_start = _now(components.device), time.process_time()
     with torch.inference_mode():
         image = PEER_PATHS[path](config, components)
-    seconds = _now(components.device) - start
+    seconds, cpu_seconds = _now(components.device) - start, time.process_time() - cpu_start
     np.save(image_file, image)
     samples_per_call = 2 if path != "multidiff" else (  # the pipeline: one view (cond + uncond) a call
         config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views)))
-    return {"seconds": seconds, "views": len(views), "samples_per_call": samples_per_call}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call}
 
 
 def _child(target, args, queue) -> None:
@@ -154,6 +159,7 @@ def peer_row(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     return {
         "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
         "paths": paths, "time_ratio": paths["multidiff"]["seconds"] / paths["panorama pipeline"]["seconds"],
+        "cpu_time_ratio": paths["multidiff"]["cpu_seconds"] / max(paths["panorama pipeline"]["cpu_seconds"], 1e-9),
         "max_pixel_difference": int(np.abs(ours - theirs).max()), "mean_pixel_difference": float(np.abs(ours - theirs).mean()),
     }
 

@@ -61,12 +61,13 @@ def batch_sweep_table(sweep: dict[str, Any]) -> Table:
     table = Table(title=f"{config['model']} UNet, one call over {h}x{w} latents, {config['dtype']} on {config['device']} "
                         f"({sweep['device_name']}, {sweep['torch_threads']} threads); auto picks "
                         f"{sweep['auto_samples_per_call']}")
-    for column in ("samples/call", "s/sample (best)", "runs", "vs best size"):
+    for column in ("samples/call", "s/sample (best)", "runs", "vs best size", "CPU s/sample (best)", "CPU runs"):
         table.add_column(column, justify="right")
     fastest = min(row["seconds_per_sample"] for row in sweep["rows"])
     for row in sweep["rows"]:
         table.add_row(str(row["batch_size"]), f"{row['seconds_per_sample']:.3f}",
-                      ", ".join(f"{r:.3f}" for r in row["runs"]), f"{row['seconds_per_sample'] / fastest:.2f}x")
+                      ", ".join(f"{r:.3f}" for r in row["runs"]), f"{row['seconds_per_sample'] / fastest:.2f}x",
+                      f"{row['cpu_seconds_per_sample']:.3f}", ", ".join(f"{r:.3f}" for r in row["cpu_runs"]))
     return table
 
 
@@ -76,14 +77,16 @@ def peer_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{config['model']}, one prompt, no regions, {config['steps']} steps, {config['scheduler']}, "
                         f"{config['dtype']} on {config['device']} ({rows[0]['device_name']}): whole render "
                         "(prompts, sampling, decoding)")
-    for column in ("canvas", "views", "path", "samples/call", "seconds", "ratio", "max pixel difference"):
+    for column in ("canvas", "views", "path", "samples/call", "seconds", "ratio", "CPU s", "CPU ratio",
+                   "max pixel difference"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for row in rows:
         canvas = f"{row['config']['width_px'] or row['config']['size_px']}x{row['config']['size_px']}"
         for name, path in row["paths"].items():
             ours = name == "multidiff"
             table.add_row(canvas, str(path["views"]), name, str(path["samples_per_call"]), f"{path['seconds']:.1f}",
-                          f"{row['time_ratio']:.3f}" if ours else "", f"{row['max_pixel_difference']} / 255" if ours else "")
+                          f"{row['time_ratio']:.3f}" if ours else "", f"{path['cpu_seconds']:.1f}",
+                          f"{row['cpu_time_ratio']:.3f}" if ours else "", f"{row['max_pixel_difference']} / 255" if ours else "")
     return table
 
 
