@@ -16,7 +16,7 @@ UNET_MULTIPLICITY = 40
 # with SD2's UNet (README, Benchmark): per sample, 2 views of 64x64 latents a call ran fastest, and 8
 # of 32x32: both about 0.4 GiB; larger calls spill out of the caches and slow every sample down.
 CPU_CALL_BYTES = 2 * 4096 * 320 * 4 * UNET_MULTIPLICITY
-GPU_MEMORY_SHARE = 0.8  # of the free memory, for `max_batch: auto` on CUDA (the memory check refuses at 0.9)
+FREE_MEMORY_SHARE = 0.8  # `max_batch: auto` fills at most this share of the free memory (the memory check refuses at 0.9)
 FALLBACK_SAMPLES_PER_CALL = 16  # auto where free memory cannot be told (MPS): past this, GPUs gain little
 MAX_SAMPLES_PER_CALL = 4096  # the scene's max_batch bound
 BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
@@ -57,12 +57,12 @@ def auto_samples_per_call(device_type: str, bytes_per_sample: int, free_bytes: i
     """`max_batch: auto`: the UNet samples per call each device runs fastest.
 
     CPU: as many as fit CPU_CALL_BYTES of activations (the fastest size per sample, measured);
-    CUDA: as many as GPU_MEMORY_SHARE of the free memory holds (GPUs gain from full batches; the
+    CUDA: as many as FREE_MEMORY_SHARE of the free memory holds (GPUs gain from full batches; the
     chunked UNet still halves once on out-of-memory); elsewhere (MPS: free memory unknown) 16."""
     if device_type == "cpu":
-        budget = CPU_CALL_BYTES if free_bytes is None else min(CPU_CALL_BYTES, GPU_MEMORY_SHARE * free_bytes)
+        budget = CPU_CALL_BYTES if free_bytes is None else min(CPU_CALL_BYTES, FREE_MEMORY_SHARE * free_bytes)
     elif free_bytes is not None:
-        budget = GPU_MEMORY_SHARE * free_bytes
+        budget = FREE_MEMORY_SHARE * free_bytes
     else:
         return FALLBACK_SAMPLES_PER_CALL
     return int(min(MAX_SAMPLES_PER_CALL, max(1, budget // bytes_per_sample)))

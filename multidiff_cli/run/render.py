@@ -14,8 +14,7 @@ from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedulers import make_scheduler
 from ..method.views import View, make_views
 from ..method.weights import noise_levels, quantized_weights, region_weights
-from ..models.components import Components
-from ..models.components import available_bytes
+from ..models.components import Components, available_bytes
 from ..models.sd import (
     ChunkedUNet, auto_samples_per_call, background_latents, decode, encode_texts, truncation_warnings, unet_bytes_per_sample,
 )
