@@ -32,8 +32,9 @@ from .models.components import pick_device, pick_dtype, quiet_libraries, speed_u
 from .models.random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
                                     build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
 from .models.lora import AdapterUNet, Conditions, load_loras
-from .models.sd import DEFAULT_SAMPLES_PER_CALL, ChunkedUNet
+from .models.sd import ChunkedUNet
 from .models.sdxl import SDXLConditioning, time_ids
+from .run.render import auto_batch_size
 from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
 BENCH_MODELS = {SD2_RANDOM: build_sd2_random, SDXL_RANDOM: build_sdxl_random, TINY_RANDOM: build_tiny_random,
@@ -73,6 +74,7 @@ class PathResult:
     step_seconds: list[float] = field(default_factory=list)
     views: int = 1
     lora_switch_seconds_per_step: float = 0.0  # switching peft adapters between sample groups
+    unet_batch: dict[str, Any] = field(default_factory=dict)  # samples_per_call, and whether auto chose it
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
@@ -185,7 +187,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
-    run = ChunkedUNet(components.unet, config.max_batch or DEFAULT_SAMPLES_PER_CALL)
+    samples_per_call = config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views))
+    run = ChunkedUNet(components.unet, samples_per_call)
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:
         prompts, embeddings = region_loras(components, prompts, embeddings, config.loras, Path(lora_dir.name))
@@ -232,6 +235,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         step_seconds=steps,
         views=len(views) if path == "multidiff" else 1,
         lora_switch_seconds_per_step=getattr(run, "switch_seconds", 0.0) / len(steps),
+        unet_batch={"samples_per_call": samples_per_call, "auto": not config.max_batch},
     )
     lora_dir.cleanup()
     return asdict(result)

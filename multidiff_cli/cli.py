@@ -156,9 +156,8 @@ def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png",
             say(error_lines(exc))
             bad = True
             continue
-        scene = loaded.scene
+        scene, count = loaded.scene, len(loaded.scene.regions)
         say(loaded.notes + scene_warnings(scene), prefix=f"{path}: warning: ")
-        count = len(scene.regions)
         out.print(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})", markup=False)
     if bad:
         raise typer.Exit(2)
@@ -274,19 +273,20 @@ def bench(
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="UNet samples per call."),
     widths: Optional[str] = typer.Option(None, "--widths", help="Comma-separated canvas widths: time multidiff "
-                                         "alone as views grow (panoramas)."),
+                                         "alone as views grow (panoramas); with --peer, the peer's canvases."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Time UNet calls of these sizes: 1,2,4,8,16."),
+    peer: bool = typer.Option(False, "--peer", help="Whole renders against diffusers' panorama pipeline (no regions)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
     """Time multidiff's sampler against the authors' per-prompt loop on random SD2- or SDXL-shaped weights."""
     with _user_errors():
-        from .bench import bench_config, run_bench_command
+        from .bench import bench_config
+        from .bench_peer import run_bench_command
 
-        config = bench_config(
-            model=model, size=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-            **_env_device(device), dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras,
-        )
+        config = bench_config(model, size, regions, steps, bootstrap_steps, scheduler, **_env_device(device),
+                              dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras)
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
-            printed = run_bench_command(config, widths, json_path)
+            printed = run_bench_command(config, widths, json_path, batch_sizes, peer)
         for item in printed:
             out.print(item, markup=False)
 
@@ -297,4 +297,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

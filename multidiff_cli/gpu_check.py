@@ -1,7 +1,8 @@
 """`make gpu-check` (python -m multidiff_cli.gpu_check): everything that needs a GPU, in one run, one table.
 
 The GPU-marked tests, renders of the example scenes on a full-size SD2-shaped random model in
-float16 and bfloat16 and with torch.compile, and `multidiff bench` on the device. Runs on a GPU
+float16 and bfloat16 and with torch.compile, and `multidiff bench` on the device (the authors' loop,
+the UNet batch-size sweep against `max_batch: auto`, diffusers' panorama pipeline as a peer). Runs on a GPU
 runner's system Python (torch already there, no venv, no network): nothing is downloaded."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .bench import BENCH_MODELS, bench_config, run_bench
+from .bench import BENCH_MODELS, BenchConfig, bench_config, run_bench
+from .bench_peer import batch_sweep, in_fresh_process, peer_row
 from .models.random_weights import SD2_RANDOM
 from .run.batch import RunSettings
 from .smoke import example_scenes, run_smoke
@@ -82,6 +84,33 @@ def bench_row(device: str, dtype: str, model: str, size: int | None, steps: int 
     return Row("bench", setting, time.perf_counter() - started, result)
 
 
+def sweep_and_peer_rows(config: BenchConfig, in_process: bool = False) -> list[Row]:
+    """`bench --batch-sizes 1,2,4,8,16,32` at the bench's size (what auto picks against the fastest), and
+    `bench --peer` on a panorama twice as wide (1024x512): multidiff against diffusers' panorama pipeline."""
+    rows = []
+    started = time.perf_counter()
+    try:
+        sizes = [1, 2, 4, 8, 16, 32]
+        sweep = batch_sweep(config, sizes) if in_process else in_fresh_process(batch_sweep, config, sizes)
+        best = min(sweep["rows"], key=lambda row: row["seconds_per_sample"])
+        result = (f"ok: fastest {best['batch_size']} a call ({best['seconds_per_sample'] * 1000:.1f} ms/sample); "
+                  f"auto picks {sweep['auto_samples_per_call']}; " +
+                  ", ".join(f"{r['batch_size']}: {r['seconds_per_sample'] * 1000:.1f}" for r in sweep["rows"]))
+    except Exception as exc:
+        result = f"FAILED: {type(exc).__name__}: {exc}"
+    rows.append(Row("bench --batch-sizes", f"{config.size_px}², {config.dtype}", time.perf_counter() - started, result))
+    started = time.perf_counter()
+    try:
+        peer = peer_row(BenchConfig(**{**asdict(config), "width_px": 2 * config.size_px}), in_process)
+        result = (f"ok: {peer['paths']['multidiff']['seconds']:.1f} s vs {peer['paths']['panorama pipeline']['seconds']:.1f} s,"
+                  f" ratio {peer['time_ratio']:.3f}, max pixel difference {peer['max_pixel_difference']}")
+    except Exception as exc:
+        result = f"FAILED: {type(exc).__name__}: {exc}"
+    canvas = f"{2 * config.size_px}x{config.size_px}"
+    rows.append(Row("bench --peer", f"{canvas}, {config.steps} steps, {config.dtype}", time.perf_counter() - started, result))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multidiff_cli.gpu_check", description=__doc__)
     parser.add_argument("--device", default="cuda")
@@ -117,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bench:
         bench_model = args.model if args.model in BENCH_MODELS else SD2_RANDOM
         rows.append(bench_row(args.device, args.dtypes.split(",")[0], bench_model, args.bench_size, args.bench_steps))
+        rows += sweep_and_peer_rows(bench_config(bench_model, args.bench_size, 0, args.bench_steps, 0, "ddim", args.device,
+                                                 args.dtypes.split(",")[0], False, None))
 
     table = Table(title=f"gpu-check on {name} ({args.device}), torch {torch.__version__}, model {args.model}")
     for column in ("check", "setting", "seconds", "result"):

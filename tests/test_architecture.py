@@ -19,9 +19,10 @@ LAYERS = {
     "run": 3,
     "bench": 4,
     "smoke": 4,
-    "gpu_check": 5,
-    "cli": 6,
-    "__main__": 7,
+    "bench_peer": 5,
+    "gpu_check": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 SHARED = {"errors", "__init__"}
 # What the paper's code must never see: files, YAML, tokenizers, the command line.

@@ -40,3 +40,14 @@ def test_gpu_check_says_plainly_that_it_did_not_run_without_cuda(capsys):
         pytest.skip("this machine has CUDA")
     assert gpu_check.main(["--no-tests"]) == 1
     assert "did not run: torch sees no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_check_sweep_and_peer_rows_run_on_the_tiny_model():
+    from multidiff_cli.bench import BenchConfig
+
+    rows = gpu_check.sweep_and_peer_rows(BenchConfig(model="tiny-random", size_px=64, steps=1), in_process=True)
+    assert [(row.check, row.setting) for row in rows] == [
+        ("bench --batch-sizes", "64², float32"), ("bench --peer", "128x64, 1 steps, float32"),
+    ]
+    assert all(row.result.startswith("ok") for row in rows), rows
+    assert "auto picks" in rows[0].result and "max pixel difference" in rows[1].result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -18,10 +19,10 @@ from multidiff_cli.models import sd as sd_module
 from multidiff_cli.models.components import to_device
 from multidiff_cli.models.loading import cached_models, load_components, model_family
 from multidiff_cli.models.random_weights import build_tiny_sdxl_random, save_components
-from multidiff_cli.models.sd import background_latents
+from multidiff_cli.models.sd import background_latents, unet_bytes_per_sample
 from multidiff_cli.models.sdxl import time_ids
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import plan_render, render
+from multidiff_cli.run.render import auto_batch_size, plan_render, render
 from multidiff_cli.scene import load_scene
 
 CPU = torch.device("cpu")
@@ -292,7 +293,8 @@ SD2_BEFORE = [-116.74807739257812, 1036.0904541015625, 1.9401962757110596]
 def test_sd2_renders_exactly_as_before(tiny, write_scene, guided_atol):
     scene = load_scene(write_scene(REGIONS))
     latents = render(scene, tiny, seed=11).latents
-    assert plan_render(scene, tiny).samples_per_call == 16
+    plan = plan_render(scene, tiny)  # max_batch: auto, the same for SD2 as before SDXL support
+    assert plan.auto_batch and plan.samples_per_call == auto_batch_size(tiny, max(v.height * v.width for v in plan.views))
     per_value = guided_atol(latents, guidance=6.0, steps=3)
     for got, before, values in zip([latents.sum(), latents.abs().sum(), latents[0, :, 3, 5].sum()], SD2_BEFORE,
                                    [latents.numel(), latents.numel(), 4]):
@@ -338,17 +340,16 @@ def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_ren
 # --- G. memory: UNet samples per call and the estimate fit SDXL's UNet ------------------------------------
 
 
-@pytest.mark.parametrize("native_px, size_px, per_call", [(1024, 1024, 4), (1024, 2048, 4), (512, 512, 16),
-                                                          (1024, 512, 16)])
-def test_sdxl_calls_default_to_sd2_s_cells_per_call(write_scene, native_px, size_px, per_call):
-    from multidiff_cli.run.memory import estimate_bytes
-
+@pytest.mark.parametrize("native_px, size_px", [(1024, 1024), (1024, 2048), (512, 512), (1024, 512)])
+def test_sdxl_calls_follow_auto_with_twice_sd2_s_activations_per_sample(write_scene, native_px, size_px):
     components = build_tiny_sdxl_random(sample_size=native_px // 8)  # SDXL base's or SDXL-Turbo's view size
     scene = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\n"))
     plan = plan_render(scene, components)
-    assert plan.samples_per_call == per_call
-    as_sd = dataclasses.replace(components, family="sd")
-    assert estimate_bytes(scene, components, 4, False)["unet"] > estimate_bytes(scene, as_sd, 4, False)["unet"]
+    cells = max(v.height * v.width for v in plan.views)
+    assert plan.auto_batch and plan.samples_per_call == auto_batch_size(components, cells)
+    as_sd = types.SimpleNamespace(block_out_channels=components.unet.config.block_out_channels)  # no text_time
+    sdxl_bytes = unet_bytes_per_sample(components.unet.config, cells, torch.float32)
+    assert sdxl_bytes == 2 * unet_bytes_per_sample(as_sd, cells, torch.float32)
     explicit = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\nmax_batch: 2\n"))
     assert plan_render(explicit, components).samples_per_call == 2
 

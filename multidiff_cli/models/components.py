@@ -148,3 +148,18 @@ def quiet_libraries() -> None:
         transformers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the render's tensors live; None where it cannot be told (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None

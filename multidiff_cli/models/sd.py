@@ -8,7 +8,20 @@ from PIL import Image
 
 from .components import Components
 
-DEFAULT_SAMPLES_PER_CALL = 16  # UNet samples per call unless the scene's max_batch says: past this, GPUs gain little
+# Live activation tensors per element of the UNet's first level, per sample (measured on the CPU:
+# SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
+# which keeps no quadratic matrix).
+UNET_MULTIPLICITY = 40
+# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks on the levels below, where
+# SD2 has 1 each. Twice SD2's is an estimate, not yet measured on a GPU.
+SDXL_UNET_MULTIPLICITY = 80
+# `max_batch: auto` on the CPU: the UNet activations one call may hold. Measured on a 2-core x86 CPU
+# with SD2's UNet (README, Benchmark): per sample, 2 views of 64x64 latents a call ran fastest, and 8
+# of 32x32: both about 0.4 GiB; larger calls spill out of the caches and slow every sample down.
+CPU_CALL_BYTES = 2 * 4096 * 320 * 4 * UNET_MULTIPLICITY
+FREE_MEMORY_SHARE = 0.8  # `max_batch: auto` fills at most this share of the free memory (the memory check refuses at 0.9)
+FALLBACK_SAMPLES_PER_CALL = 16  # auto where free memory cannot be told (MPS): past this, GPUs gain little
+MAX_SAMPLES_PER_CALL = 4096  # the scene's max_batch bound
 BACKGROUND_PX = 64  # flat-colour images for bootstrapping are encoded this small, then broadcast
 WRAP_PAD_CELLS = 8  # latent cells of circular padding around a 360-degree panorama when decoding
 
@@ -37,10 +50,32 @@ def truncation_warnings(components: Components, labelled_texts: list[tuple[str, 
     return notes
 
 
+def unet_bytes_per_sample(unet_config, view_cells: int, dtype: torch.dtype) -> int:
+    """Activation memory of one UNet sample over `view_cells` latent cells (an estimate, see UNET_MULTIPLICITY)."""
+    element = torch.finfo(dtype).bits // 8
+    sdxl = getattr(unet_config, "addition_embed_type", None) == "text_time"
+    return view_cells * unet_config.block_out_channels[0] * element * (SDXL_UNET_MULTIPLICITY if sdxl else UNET_MULTIPLICITY)
+
+
+def auto_samples_per_call(device_type: str, bytes_per_sample: int, free_bytes: int | None) -> int:
+    """`max_batch: auto`: the UNet samples per call each device runs fastest.
+
+    CPU: as many as fit CPU_CALL_BYTES of activations (the fastest size per sample, measured);
+    CUDA: as many as FREE_MEMORY_SHARE of the free memory holds (GPUs gain from full batches; the
+    chunked UNet still halves once on out-of-memory); elsewhere (MPS: free memory unknown) 16."""
+    if device_type == "cpu":
+        budget = CPU_CALL_BYTES if free_bytes is None else min(CPU_CALL_BYTES, FREE_MEMORY_SHARE * free_bytes)
+    elif free_bytes is not None:
+        budget = FREE_MEMORY_SHARE * free_bytes
+    else:
+        return FALLBACK_SAMPLES_PER_CALL
+    return int(min(MAX_SAMPLES_PER_CALL, max(1, budget // bytes_per_sample)))
+
+
 class ChunkedUNet:
     """Runs UNet samples in calls of at most `samples_per_call`; on CUDA out-of-memory, halves it once and retries."""
 
-    def __init__(self, unet, samples_per_call: int = DEFAULT_SAMPLES_PER_CALL, warn: Callable[[str], None] | None = None):
+    def __init__(self, unet, samples_per_call: int = FALLBACK_SAMPLES_PER_CALL, warn: Callable[[str], None] | None = None):
         self.unet, self.samples_per_call, self.warn = unet, samples_per_call, warn or (lambda _message: None)
         self.halved = False
 

@@ -14,7 +14,6 @@ import torch
 
 from .components import Components
 
-DEFAULT_SAMPLES_PER_CALL_CELLS = 16 * 64 * 64  # sd.DEFAULT_SAMPLES_PER_CALL samples of SD2's 64x64-cell views
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,3 @@ def empty_negatives(texts: list[str], cond: list[int], negative: list[int]) -> f
     """The texts that are zeros under force_zeros_for_empty_prompt: the empty text, used only as a negative
     prompt (diffusers zeros a negative prompt that is not given; a scene's absent one is empty)."""
     return frozenset(i for i in set(negative) - set(cond) if texts[i] == "")
-
-
-def default_samples_per_call(view_cells: int) -> int:
-    """UNet samples per call unless the scene's max_batch says: as many latent cells as SD2's default
-    of 16 samples of 64x64 cells (4 of SDXL base's 1024-px views, 16 of SDXL-Turbo's 512-px ones)."""
-    return max(1, DEFAULT_SAMPLES_PER_CALL_CELLS // view_cells)

@@ -33,15 +33,16 @@ def package_versions() -> dict[str, str]:
 def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, device: str, dtype: str,
                    seconds: float, scene_file: str | None = None, scene_dir: str | None = None,
                    inputs: dict[str, str] | None = None, model_given: str | None = None,
-                   init_image: dict[str, Any] | None = None) -> dict[str, Any]:
+                   init_image: dict[str, Any] | None = None, unet_batch: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
 
     scene_file and scene_dir say where the scene came from: mask paths in the scene are relative
     to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again. inputs:
     each input file as written in the scene -> its sha256, so a re-render can tell it changed.
     model_given: the model as the user typed it (a local folder is recorded absolutely). init_image:
-    the picture a render started from (path as given, size, sha256), recorded only where there is one."""
-    return ({"init_image": init_image} if init_image else {}) | {
+    the picture a render started from (path as given, size, sha256), recorded only where there is one.
+    unet_batch: {"samples_per_call": N, "auto": whether `max_batch: auto` chose N}."""
+    record = ({"init_image": init_image} if init_image else {}) | {
         "scene": scene,
         "scene_file": scene_file,
         "scene_dir": scene_dir,
@@ -56,6 +57,9 @@ def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, d
         "render_seconds": round(seconds, 3),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if unet_batch is not None:
+        record["unet_batch"] = unet_batch
+    return record
 
 
 def a1111_parameters(record: dict[str, Any]) -> str:

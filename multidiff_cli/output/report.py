@@ -23,14 +23,15 @@ def bench_table(report: dict[str, Any]) -> Table:
         f"{config['steps']} steps ({config['bootstrap_steps']} bootstrap), {config['scheduler']}, "
         f"{config['dtype']} on {config['device']} ({report['device_name']}, {report['torch_threads']} threads)"
     ))
-    for column in ("path", "UNet samples/step", "s/step", "sampling s", "non-UNet share", "peak memory"):
+    for column in ("path", "UNet samples/step", "samples/call", "s/step", "sampling s", "non-UNet share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
     labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
               "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRAs"}
     for name, p in report["paths"].items():
         table.add_row(
-            labels[name], f"{p['unet_samples_per_step']:.2f}", f"{p['seconds_per_step']:.3f}",
-            f"{p['sampling_seconds']:.2f}", f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
+            labels[name], f"{p['unet_samples_per_step']:.2f}", unet_batch_text(p.get("unet_batch")) or "",
+            f"{p['seconds_per_step']:.3f}", f"{p['sampling_seconds']:.2f}",
+            f"{p['non_unet_share']:.1%}", size_text(p['peak_memory_bytes']),
         )
     return table
 
@@ -63,6 +64,41 @@ def sweep_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def batch_sweep_table(sweep: dict[str, Any]) -> Table:
+    """`bench --batch-sizes`: seconds per sample of one UNet call of each size (best run, and every run)."""
+    config, (h, w) = sweep["config"], sweep["view_hw"]
+    table = Table(title=f"{config['model']} UNet, one call over {h}x{w} latents, {config['dtype']} on {config['device']} "
+                        f"({sweep['device_name']}, {sweep['torch_threads']} threads); auto picks "
+                        f"{sweep['auto_samples_per_call']}")
+    for column in ("samples/call", "s/sample (best)", "runs", "vs best size", "CPU s/sample (best)", "CPU runs"):
+        table.add_column(column, justify="right")
+    fastest = min(row["seconds_per_sample"] for row in sweep["rows"])
+    for row in sweep["rows"]:
+        table.add_row(str(row["batch_size"]), f"{row['seconds_per_sample']:.3f}",
+                      ", ".join(f"{r:.3f}" for r in row["runs"]), f"{row['seconds_per_sample'] / fastest:.2f}x",
+                      f"{row['cpu_seconds_per_sample']:.3f}", ", ".join(f"{r:.3f}" for r in row["cpu_runs"]))
+    return table
+
+
+def peer_table(rows: list[dict[str, Any]]) -> Table:
+    """`bench --peer`: multidiff against diffusers' panorama pipeline, whole renders from the same noise."""
+    config = rows[0]["config"]
+    table = Table(title=f"{config['model']}, one prompt, no regions, {config['steps']} steps, {config['scheduler']}, "
+                        f"{config['dtype']} on {config['device']} ({rows[0]['device_name']}): whole render "
+                        "(prompts, sampling, decoding)")
+    for column in ("canvas", "views", "path", "samples/call", "seconds", "ratio", "CPU s", "CPU ratio",
+                   "max pixel difference"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for row in rows:
+        canvas = f"{row['config']['width_px'] or row['config']['size_px']}x{row['config']['size_px']}"
+        for name, path in row["paths"].items():
+            ours = name == "multidiff"
+            table.add_row(canvas, str(path["views"]), name, str(path["samples_per_call"]), f"{path['seconds']:.1f}",
+                          f"{row['time_ratio']:.3f}" if ours else "", f"{path['cpu_seconds']:.1f}",
+                          f"{row['cpu_time_ratio']:.3f}" if ours else "", f"{row['max_pixel_difference']} / 255" if ours else "")
+    return table
+
+
 def metadata_text(record: dict[str, Any]) -> str:
     """A PNG's multidiff record for people: the scene as YAML (ready to save and edit), then the run."""
     scene = yaml.safe_dump(record["scene"], sort_keys=False, allow_unicode=True, default_flow_style=None).rstrip()
@@ -74,6 +110,7 @@ def metadata_text(record: dict[str, Any]) -> str:
         "device": record.get("device"),
         "dtype": record.get("dtype"),
         "render_seconds": record.get("render_seconds"),
+        "unet_samples_per_call": unet_batch_text(record.get("unet_batch")),
         "created": record.get("created"),
         "scene_file": record.get("scene_file"),
         "scene_dir": record.get("scene_dir"),
@@ -107,6 +144,13 @@ def lora_lines(record: dict[str, Any]) -> list[str]:
                 scale_text = f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)
                 lines.append(f"{owner}: {lora.get('path')} x{scale_text} {hashes.get(str(lora.get('path')), 'sha256 unknown')}")
     return lines
+
+
+def unet_batch_text(unet_batch: dict[str, Any] | None) -> str | None:
+    """'2 (auto)' or '8 (max_batch)': the UNet samples per call a render used, and what chose it."""
+    if not unet_batch:
+        return None
+    return f"{unet_batch['samples_per_call']} ({'auto' if unet_batch.get('auto') else 'max_batch'})"
 
 
 def model_lines(found: list[tuple[str, str, int, str | None, str]]) -> list[str]:

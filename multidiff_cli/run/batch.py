@@ -239,6 +239,7 @@ class Renderer:
             dtype=components.dtype_name, seconds=result.seconds,
             scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
             init_image=init_image_record(job),
+            unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},
         )
         write_png(result.image, job.target, record)
         if self.settings.animation and frames:

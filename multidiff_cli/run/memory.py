@@ -1,21 +1,13 @@
 """A rough memory estimate of a render, so a canvas that cannot fit is refused before the work starts."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import TooLarge
-from ..models.components import Components
+from ..models.components import Components, available_bytes
+from ..models.sd import unet_bytes_per_sample
 from ..output.report import size_text
 from ..scene import Scene
 from .render import RenderPlan
 
-# Live activation tensors per element of the UNet's first level, per sample (measured on the CPU:
-# SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
-# which keeps no quadratic matrix).
-UNET_MULTIPLICITY = 40
-# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks on the levels below, where
-# SD2 has 1 each. Twice SD2's is an estimate, not yet measured on a GPU.
-SDXL_UNET_MULTIPLICITY = 80
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
 # Tiled encoding held more than one tile's worth (measured on the CPU, sd2-random's VAE: one 512x512 encode
@@ -27,12 +19,10 @@ PICTURE_BYTES_PER_PX = 3 + 3 * 4  # the init image as 8-bit RGB and as float32 a
 def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, tiled: bool) -> dict[str, int]:
     """Activation memory, beyond the loaded weights: the UNet's largest call, the VAE decode, and the
     init image's encode (the encoder's levels are the decoder's; it tiles when decoding does)."""
-    element = torch.finfo(components.dtype).bits // 8
     window = components.unet.config.sample_size
     h, w = scene.latent_hw
     view_cells = min(h, window) * min(w, window)
-    multiplicity = SDXL_UNET_MULTIPLICITY if components.family == "sdxl" else UNET_MULTIPLICITY
-    unet = samples_per_call * view_cells * components.unet.config.block_out_channels[0] * element * multiplicity
+    unet = samples_per_call * unet_bytes_per_sample(components.unet.config, view_cells, components.dtype)
     pixels = TILE_PX * TILE_PX if tiled else scene.width * scene.height
     channels = components.vae.config.block_out_channels
     per_pixel = sum(c / 4**level for level, c in enumerate(channels))
@@ -42,21 +32,6 @@ def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, 
         picture = scene.width * scene.height * PICTURE_BYTES_PER_PX
         parts["encode"] = int(decode * (TILED_ENCODE_OVERHEAD if tiled else 1)) + picture
     return parts
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory where the render's tensors live; None where it cannot be told (MPS)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
 
 
 def check_memory(scene: Scene, components: Components, plan: RenderPlan) -> None:

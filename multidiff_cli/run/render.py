@@ -15,13 +15,13 @@ from ..method.sampler import StepCallback, first_step, multidiffusion
 from ..method.schedulers import make_scheduler
 from ..method.views import View, make_views
 from ..method.weights import noise_levels, quantized_weights, region_weights
-from ..models.components import Components
+from ..models import sdxl
+from ..models.components import Components, available_bytes
 from ..models.lora import AdapterSet, AdapterUNet, adapter_set, encode_conditions, load_loras
-from ..models.sd import (DEFAULT_SAMPLES_PER_CALL, ChunkedUNet, background_latents, decode, encode_image, encode_texts,
-                         truncation_warnings)
+from ..models.sd import (ChunkedUNet, auto_samples_per_call, background_latents, decode, encode_image, encode_texts,
+                         truncation_warnings, unet_bytes_per_sample)
 from ..scene import Scene, changeable_cells, region_cells
 from ..scene.picture import load_picture
-from ..models import sdxl
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
@@ -36,6 +36,7 @@ class RenderPlan:
     tiled_decode: bool
     wrap: bool
     few_step: bool  # StreamMultiDiffusion's quantized masks and mask-centering bootstrapping
+    auto_batch: bool = False  # samples_per_call chosen by `max_batch: auto` for this device and view size
 
 
 @dataclass
@@ -55,16 +56,21 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     wrap = scene.wrap == "horizontal"
     tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
     views = make_views(scene.latent_hw, window, stride, wrap=wrap)
+    auto = scene.max_batch in (None, "auto")
     return RenderPlan(
         views=views,
-        samples_per_call=scene.max_batch or (
-            sdxl.default_samples_per_call(views[0].height * views[0].width) if components.family == "sdxl"
-            else DEFAULT_SAMPLES_PER_CALL
-        ),
+        samples_per_call=auto_batch_size(components, max(v.height * v.width for v in views)) if auto else scene.max_batch,
         tiled_decode=tiled,
         wrap=wrap,
         few_step=components.few_step_model if scene.few_step == "auto" else scene.few_step,
+        auto_batch=auto,
     )
+
+
+def auto_batch_size(components: Components, view_cells: int) -> int:
+    """`max_batch: auto` for these components: `auto_samples_per_call` with this device's free memory."""
+    per_sample = unet_bytes_per_sample(components.unet.config, view_cells, components.dtype)
+    return auto_samples_per_call(components.device.type, per_sample, available_bytes(components.device))
 
 
 @dataclass

@@ -127,7 +127,9 @@ class Scene(Strict):
     few_step: bool | Literal["auto"] = Field(
         "auto", description="StreamMultiDiffusion's mask-centering bootstrapping and quantized masks; auto: on for few-step distilled models"
     )
-    max_batch: int | None = Field(None, ge=1, le=4096, description="UNet samples per call; absent: all of a step")
+    max_batch: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] | None = Field(
+        None, description="UNet samples per call; absent or auto: the size this device runs fastest"
+    )
     init_image: Text | None = Field(None, description="picture to start from, relative to the scene file")
     strength: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, validate_default=True,

@@ -28,7 +28,7 @@ view_stride: 64                # pixels between panorama views
 wrap: none                     # horizontal: a 360-degree panorama
 tiled_decode: auto             # auto: tiles above 1024x1024 pixels
 few_step: auto                 # quantized masks + mask-centering; auto: on for turbo/LCM/lightning models
-# max_batch: 16                # UNet samples per call: lower it to save memory
+# max_batch: auto              # UNet samples per call; auto: the size this device runs fastest
 # init_image: photo.jpg        # a picture to start from, relative to this file; canvas: its size
 # strength: 0.8                # with init_image: how far to re-noise it (1: from pure noise)
 # keep: none                   # with init_image: outside_regions (repaint the regions only) or a mask (white = may change)

@@ -1,0 +1,192 @@
+"""`multidiff bench --batch-sizes` and `--peer`: UNet samples per call swept, and diffusers' panorama
+pipeline (the authors' MultiDiffusion, as diffusers ships it) as a peer on the same canvas.
+
+The sweep times single UNet calls of B samples over one view of the bench's canvas (after one
+untimed call, each size `repeats` times; the best counts): the measurements `max_batch: auto` is
+chosen from. The peer row renders one prompt over the canvas (no regions) from the same noise both ways,
+each in a fresh process, and times the whole render: prompt encoding, sampling and decoding.
+Both also give the process's CPU seconds (all its threads): on a CPU shared with other work, wall
+time counts the others' turns too, CPU time much less so.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .bench import BenchConfig, _device_name, _now, run_bench_command as _bench_command
+from .errors import BenchError, UsageError
+from .method.schedulers import make_scheduler
+from .method.views import make_views
+from .models.components import quiet_libraries, speed_up, to_device
+from .models.random_weights import TINY_RANDOM, build_sd2_random, build_tiny_random
+from .run.render import auto_batch_size, render
+from .scene import Scene
+
+PEER_PROMPT = "a mountain range at dawn, wide panorama"
+PEER_STRIDE_PX = 64  # the panorama pipeline's stride: 8 latent cells
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        raise UsageError("--batch-sizes: comma-separated sample counts, e.g. 1,2,4,8,16") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError("--batch-sizes: each at least 1")
+    return sizes
+
+
+def _components(config: BenchConfig, text_encoder: bool = False):
+    quiet_libraries()
+    built = build_tiny_random() if config.model == TINY_RANDOM else build_sd2_random(text_encoder=text_encoder)
+    return speed_up(to_device(built, torch.device(config.device), getattr(torch, config.dtype)), compile=config.compile)
+
+
+def batch_sweep(config: BenchConfig, sizes: list[int], repeats: int = 2) -> dict[str, Any]:
+    """Seconds per sample of one UNet call of each size over one view of the canvas, and what auto picks."""
+    components = _components(config)
+    device, unet = components.device, components.unet
+    window = unet.config.sample_size
+    view_hw = min(config.size_px // 8, window), min(config.canvas_width // 8, window)
+    x = torch.randn((max(sizes), unet.config.in_channels, *view_hw), generator=torch.Generator().manual_seed(0))
+    texts = torch.randn((max(sizes), 77, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    x, texts, t = x.to(device, components.dtype), texts.to(device, components.dtype), torch.tensor(500, device=device)
+    runs: dict[int, list[float]] = {size: [] for size in sizes}
+    cpu_runs: dict[int, list[float]] = {size: [] for size in sizes}
+    with torch.inference_mode():
+        unet(x[:1], t, encoder_hidden_states=texts[:1])  # allocator and caches warm: untimed
+        for _ in range(repeats):
+            for size in sizes:
+                start, cpu_start = _now(device), time.process_time()
+                unet(x[:size], t, encoder_hidden_states=texts[:size])
+                runs[size].append((_now(device) - start) / size)
+                cpu_runs[size].append((time.process_time() - cpu_start) / size)
+    rows = [{"batch_size": size, "seconds_per_sample": min(runs[size]), "runs": runs[size],
+             "cpu_seconds_per_sample": min(cpu_runs[size]), "cpu_runs": cpu_runs[size]} for size in sizes]
+    return {
+        "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
+        "view_hw": list(view_hw), "auto_samples_per_call": auto_batch_size(components, view_hw[0] * view_hw[1]),
+        "rows": rows,
+    }
+
+
+def peer_scene(config: BenchConfig) -> Scene:
+    """The peer row's scene: one prompt over the canvas, no regions, views 64 px apart."""
+    return Scene.model_validate({
+        "prompt": PEER_PROMPT, "width": config.canvas_width, "height": config.size_px, "steps": config.steps,
+        "bootstrap_steps": 0, "guidance_scale": config.guidance_scale, "scheduler": config.scheduler,
+        "view_stride": PEER_STRIDE_PX, "seed": config.seed, "max_batch": config.max_batch or "auto",
+    })
+
+
+def _render_multidiff(config: BenchConfig, components) -> np.ndarray:
+    return np.asarray(render(peer_scene(config), components, config.seed).image)
+
+
+def _render_panorama_pipeline(config: BenchConfig, components) -> np.ndarray:
+    """diffusers' StableDiffusionPanoramaPipeline from the same components, scheduler config and noise."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    scheduler = make_scheduler(config.scheduler, components.scheduler_config)
+    pipe = StableDiffusionPanoramaPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = config.size_px // 8, config.canvas_width // 8
+    # render() draws its noise first from a CPU generator seeded with the seed: the same numbers
+    noise = torch.randn((1, components.unet.config.in_channels, h, w), generator=torch.Generator("cpu").manual_seed(config.seed))
+    image = pipe(PEER_PROMPT, height=config.size_px, width=config.canvas_width, num_inference_steps=config.steps,
+                 guidance_scale=config.guidance_scale, latents=noise.to(components.device, components.dtype)).images[0]
+    return np.asarray(image)
+
+
+PEER_PATHS: dict[str, Callable] = {"multidiff": _render_multidiff, "panorama pipeline": _render_panorama_pipeline}
+
+
+def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any]:
+    """One peer path in this process: build the model (untimed), then time the whole render."""
+    components = _components(config, text_encoder=True)
+    window = components.unet.config.sample_size
+    views = make_views((config.size_px // 8, config.canvas_width // 8), window, PEER_STRIDE_PX // 8)
+    start, cpu_start = _now(components.device), time.process_time()
+    with torch.inference_mode():
+        image = PEER_PATHS[path](config, components)
+    seconds, cpu_seconds = _now(components.device) - start, time.process_time() - cpu_start
+    np.save(image_file, image)
+    samples_per_call = 2 if path != "multidiff" else (  # the pipeline: one view (cond + uncond) a call
+        config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views)))
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call}
+
+
+def _child(target, args, queue) -> None:
+    try:
+        queue.put(("ok", target(*args)))
+    except BaseException as exc:  # reported by the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def in_fresh_process(target: Callable, *args) -> Any:
+    """target(*args) in a fresh (spawned) process: its own memory, no warm caches from another path."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(target, args, queue))
+    child.start()
+    status, payload = queue.get()
+    child.join()
+    if status != "ok":
+        raise BenchError(f"bench {getattr(target, '__name__', target)} failed: {payload}")
+    return payload
+
+
+def peer_row(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
+    """multidiff against diffusers' panorama pipeline on the bench's canvas: times, ratio, pixel difference."""
+    paths, images = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in PEER_PATHS:
+            image_file = str(Path(tmp) / f"{path.replace(' ', '-')}.npy")
+            paths[path] = (_peer_path if in_process else lambda *a: in_fresh_process(_peer_path, *a))(config, path, image_file)
+            images[path] = np.load(image_file)
+    ours, theirs = images["multidiff"].astype(int), images["panorama pipeline"].astype(int)
+    return {
+        "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
+        "paths": paths, "time_ratio": paths["multidiff"]["seconds"] / paths["panorama pipeline"]["seconds"],
+        "cpu_time_ratio": paths["multidiff"]["cpu_seconds"] / max(paths["panorama pipeline"]["cpu_seconds"], 1e-9),
+        "max_pixel_difference": int(np.abs(ours - theirs).max()), "mean_pixel_difference": float(np.abs(ours - theirs).mean()),
+    }
+
+
+def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None,
+                      batch_sizes: str | None = None, peer: bool = False) -> list:
+    """`multidiff bench`, with `--batch-sizes` (the sweep) or `--peer` (the panorama pipeline row);
+    without either, bench's own comparison or width sweep."""
+    import json
+
+    from .bench import parse_widths
+    from .output.report import batch_sweep_table, peer_table
+
+    if not (batch_sizes or peer):
+        return _bench_command(config, widths, json_path)
+    sizes = parse_batch_sizes(batch_sizes) if batch_sizes else []
+    report: dict[str, Any] = {}
+    printed = []
+    if sizes:
+        report["batch_sweep"] = in_fresh_process(batch_sweep, config, sizes)
+        printed.append(batch_sweep_table(report["batch_sweep"]))
+    if peer:
+        report["peer"] = []
+        for width in parse_widths(widths) if widths else [config.canvas_width]:
+            row = peer_row(BenchConfig(**{**asdict(config), "width_px": width}))
+            report["peer"].append(row)
+        printed.append(peer_table(report["peer"]))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return printed

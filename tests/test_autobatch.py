@@ -1,0 +1,111 @@
+"""`max_batch: auto`: UNet samples per call chosen per device and view size, recorded, and never changing
+the picture beyond rounding; the bench's batch-size sweep and its diffusers panorama peer (times never asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from multidiff_cli.bench import BenchConfig
+from multidiff_cli.bench_peer import peer_row
+from multidiff_cli.cli import app
+from multidiff_cli.models.sd import (
+    CPU_CALL_BYTES, FALLBACK_SAMPLES_PER_CALL, MAX_SAMPLES_PER_CALL, auto_samples_per_call, unet_bytes_per_sample,
+)
+from multidiff_cli.output.png import read_metadata
+from multidiff_cli.run.render import auto_batch_size, plan_render, render
+from multidiff_cli.scene import load_scene
+
+GIB = 2**30
+
+
+class SD2Config:  # the numbers of SD2-base's UNet config the rule reads
+    block_out_channels = (320, 640, 1280, 1280)
+
+
+@pytest.mark.parametrize("view_cells, expected", [(64 * 64, 2), (32 * 32, 8), (16 * 16, 32)])
+def test_auto_on_the_cpu_picks_the_measured_fastest_sizes_for_sd2(view_cells, expected):
+    per_sample = unet_bytes_per_sample(SD2Config, view_cells, torch.float32)
+    assert auto_samples_per_call("cpu", per_sample, free_bytes=64 * GIB) == expected
+    assert auto_samples_per_call("cpu", per_sample, free_bytes=None) == expected
+    # little free memory bounds it further, never below one sample
+    assert auto_samples_per_call("cpu", per_sample, free_bytes=per_sample) == 1
+
+
+def test_auto_on_cuda_fills_the_free_memory_within_bounds():
+    per_sample = unet_bytes_per_sample(SD2Config, 64 * 64, torch.float16)  # about 0.1 GiB
+    assert auto_samples_per_call("cuda", per_sample, free_bytes=40 * GIB) == int(0.8 * 40 * GIB // per_sample) > 16
+    assert auto_samples_per_call("cuda", per_sample, free_bytes=per_sample // 2) == 1
+    assert auto_samples_per_call("cuda", 1, free_bytes=80 * GIB) == MAX_SAMPLES_PER_CALL
+    assert auto_samples_per_call("mps", per_sample, free_bytes=None) == FALLBACK_SAMPLES_PER_CALL
+    # float16 samples are half the bytes of float32 ones: twice as many fit
+    assert unet_bytes_per_sample(SD2Config, 4096, torch.float32) == 2 * per_sample
+
+
+def test_the_plan_records_auto_and_an_explicit_max_batch_overrides_it(tiny, write_scene):
+    auto = plan_render(load_scene(write_scene("prompt: p\nwidth: 1024\nheight: 512\n")), tiny)
+    assert auto.auto_batch and auto.samples_per_call == auto_batch_size(tiny, 64 * 64)
+    per_sample = unet_bytes_per_sample(tiny.unet.config, 64 * 64, tiny.dtype)
+    assert 1 <= auto.samples_per_call <= max(1, CPU_CALL_BYTES // per_sample)
+    said = plan_render(load_scene(write_scene("prompt: p\nmax_batch: auto\n")), tiny)
+    assert said.auto_batch and said.samples_per_call == auto.samples_per_call
+    fixed = plan_render(load_scene(write_scene("prompt: p\nmax_batch: 3\n")), tiny)
+    assert (fixed.samples_per_call, fixed.auto_batch) == (3, False)
+
+
+@pytest.mark.parametrize("value", ["fast", 0, "16"])
+def test_max_batch_is_auto_or_a_positive_number(write_scene, value):
+    from multidiff_cli.errors import SceneError
+
+    with pytest.raises(SceneError, match="max_batch"):
+        load_scene(write_scene(f"prompt: p\nmax_batch: {json.dumps(value)}\n"))
+
+
+def test_auto_renders_the_picture_of_a_fixed_batch_up_to_rounding(tiny, write_scene, assert_close_batched):
+    text = ("prompt: hills\nwidth: 576\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n"
+            "  - prompt: a castle\n    box: [0, 0, 256, 64]\n")
+    auto = render(load_scene(write_scene(text)), tiny, seed=5)
+    one = render(load_scene(write_scene(text + "max_batch: 1\n")), tiny, seed=5)
+    assert plan_render(load_scene(write_scene(text)), tiny).samples_per_call > 1  # the calls did differ
+    assert_close_batched(auto.latents, one.latents, guidance=7.5, steps=2)
+
+
+def test_metadata_and_inspect_show_the_samples_per_call(write_scene, tmp_path):
+    scene = write_scene("prompt: p\nwidth: 64\nheight: 64\nsteps: 1\n")
+    for extra, auto in (([], True), (["--max-batch", "3"], False)):
+        out = tmp_path / f"{auto}.png"
+        result = CliRunner().invoke(app, ["render", str(scene), "--model", "tiny-random", "-o", str(out), "-q", *extra])
+        assert result.exit_code == 0, result.output
+        batch = read_metadata(out)["unet_batch"]
+        assert batch["auto"] is auto and (batch["samples_per_call"] == 3 or auto) and batch["samples_per_call"] >= 1
+        shown = CliRunner().invoke(app, ["inspect", str(out)]).stdout
+        label = "auto" if auto else "max_batch"
+        assert f"unet_samples_per_call: {batch['samples_per_call']} ({label})" in shown
+
+
+def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--device", "cpu",
+                                      "--batch-sizes", "1,3", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "auto picks" in result.stdout
+    sweep = json.loads(out.read_text())["batch_sweep"]
+    assert [row["batch_size"] for row in sweep["rows"]] == [1, 3] and sweep["view_hw"] == [8, 8]
+    assert all(len(row["runs"]) == 2 and row["seconds_per_sample"] == min(row["runs"]) for row in sweep["rows"])
+    assert sweep["auto_samples_per_call"] >= 1
+
+
+def test_bench_rejects_bad_batch_sizes():
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--batch-sizes", "2,x"])
+    assert result.exit_code == 2 and "--batch-sizes" in result.stderr
+
+
+def test_peer_row_matches_diffusers_panorama_pipeline_up_to_rounding():
+    """The peer row's own code path: the same picture as diffusers' StableDiffusionPanoramaPipeline."""
+    report = peer_row(BenchConfig(model="tiny-random", size_px=64, width_px=576, steps=1), in_process=True)
+    assert {path["views"] for path in report["paths"].values()} == {2}  # a 72-cell-wide canvas: 2 views, 8 apart
+    assert report["paths"]["panorama pipeline"]["samples_per_call"] == 2
+    assert report["max_pixel_difference"] <= 1  # float32 rounding, then 8-bit rounding
+    assert report["time_ratio"] > 0
