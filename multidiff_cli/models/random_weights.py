@@ -26,7 +26,7 @@ def build_tiny_random(seed: int = 0) -> Components:
     8x VAE, 64-latent native size, SD2's DDIM config), so every code path runs; the pictures are
     noise-like.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -61,17 +61,7 @@ def build_tiny_random(seed: int = 0) -> Components:
             use_linear_projection=True,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=512,
-        )
+        vae = random_vae(tiny=True, sample_size=512)
     return Components(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
@@ -87,7 +77,7 @@ def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
 
     text_encoder: also an OpenCLIP ViT-H-shaped text encoder (SD2's: 1024 wide, 23 layers) over
     tiny-random's tokenizer, so `--model sd2-random` renders scenes; the bench needs none."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -111,15 +101,21 @@ def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
             cross_attention_dim=1024,
             use_linear_projection=True,
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
+        vae = random_vae(tiny=False, sample_size=512)
     return Components(tokenizer, encoder, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
+
+
+def random_vae(tiny: bool, sample_size: int, scaling_factor: float = 0.18215):
+    """An 8x VAE with random weights: SD's full-size shapes, or tiny ones (8 channels a level); SD's
+    and SDXL's differ only in sample size and scaling factor (0.18215 is diffusers' default)."""
+    from diffusers import AutoencoderKL
+
+    shape = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4} if tiny else {
+        "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+        sample_size=sample_size, scaling_factor=scaling_factor, **shape,
+    )
 
 
 def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
@@ -209,7 +205,7 @@ def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
     conditions the UNet), cross attention over both encoders' hidden states concatenated, a
     `text_time` added embedding of the pooled text and six time ids, SDXL's Euler scheduler config
     and VAE scaling factor. sample_size: latent cells of the native size (64: 512 px, as SDXL-Turbo)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
@@ -242,16 +238,7 @@ def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
             projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, then the pooled text
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=8 * sample_size,
-            scaling_factor=0.13025,
-        )
+        vae = random_vae(tiny=True, sample_size=8 * sample_size, scaling_factor=0.13025)
     return Components(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
         scheduler_config=sdxl_scheduler_config(), model_id=TINY_SDXL_RANDOM, family="sdxl",
@@ -263,7 +250,7 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
     """Full-size SDXL-base-shaped UNet (2.6 B parameters) and VAE with random weights: the real model's
     compute, no download. text_encoder: also CLIP ViT-L- and OpenCLIP bigG-shaped text encoders over
     tiny-random's tokenizer, so `--model sdxl-random` renders scenes; the bench needs none."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
@@ -296,15 +283,7 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,  # six time ids x 256, then bigG's pooled 1280
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
+        vae = random_vae(tiny=False, sample_size=1024, scaling_factor=0.13025)
     return Components(
         tokenizer, encoders[0], unet.eval(), vae.eval(), sdxl_scheduler_config(), model_id=SDXL_RANDOM, family="sdxl",
         tokenizer_2=tokenizer_2, text_encoder_2=encoders[1], force_zeros_for_empty_prompt=True,
