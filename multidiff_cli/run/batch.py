@@ -19,7 +19,6 @@ from ..models.components import pick_device, pick_dtype
 from ..models.loading import DEFAULT_MODEL, load_components
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
-from ..scene import Scene
 from ..scene.picture import upright_size
 from . import distributed
 from .memory import check_memory
