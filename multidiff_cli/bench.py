@@ -255,7 +255,8 @@ def region_loras(components, prompts: Prompts, embeddings: torch.Tensor, count: 
     projections = [(name, module) for name, module in components.unet.named_modules()
                    if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     files, sets = [], [()] * len(prompts.texts)
-    texts, negative, hidden = list(prompts.texts), list(prompts.negative), [*embeddings]
+    texts, negative = list(prompts.texts), list(prompts.negative)
+    rows = list(range(len(texts)))  # each condition's row of `embeddings` (SD's tensor or SDXL's conditioning)
     for region in range(1, count + 1):
         path = folder / f"region{region}.safetensors"
         save_file({f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.01
@@ -266,12 +267,12 @@ def region_loras(components, prompts: Prompts, embeddings: torch.Tensor, count: 
         lora_set = ((str(path), 1.0),)
         sets[prompts.cond[region]] = lora_set
         texts.append(texts[prompts.negative[region]])
-        hidden.append(embeddings[prompts.negative[region]])
+        rows.append(prompts.negative[region])
         sets.append(lora_set)
         negative[region] = len(texts) - 1
     load_loras(components, files)
     table = list(dict.fromkeys(sets))
-    conditions = Conditions(torch.stack(hidden), torch.tensor([table.index(s) for s in sets]), table)
+    conditions = Conditions(embeddings[torch.tensor(rows)], torch.tensor([table.index(s) for s in sets]), table)
     return Prompts(texts, prompts.cond, negative, prompts.guidance), conditions
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 from typer.testing import CliRunner
 
@@ -66,10 +68,11 @@ def test_width_sweep_reports_views_and_samples_growing_with_width(tmp_path):
     assert all(PATH_FIELDS <= r.keys() for r in rows)
 
 
-def test_bench_loras_times_region_loras_against_none():
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-sdxl-random"])
+def test_bench_loras_times_region_loras_against_none(model):
     """--loras N: multidiff with N regions on LoRAs of their own against multidiff without; one region
     LoRA adds that region's own unconditional sample (N+3 a step, not N+2) and the switching is timed."""
-    config = BenchConfig(model="tiny-random", size_px=64, steps=2, regions=3, loras=1)
+    config = BenchConfig(model=model, size_px=64, steps=2, regions=3, loras=1)
     report = run_bench(config, in_process=True)
     assert list(report["paths"]) == ["multidiff", "multidiff+loras"]
     assert report["paths"]["multidiff"]["unet_samples_per_step"] == 5

@@ -365,15 +365,3 @@ def test_an_sdxl_unet_without_a_second_text_encoder_is_named(xl_folder, tmp_path
         load_components(str(folder), CPU, torch.float32)
 
 
-def test_a_lora_on_an_sdxl_model_is_one_line_and_nothing_written(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "style.safetensors"))
-    scene = tmp_path / "scene.yaml"
-    scene.write_text("prompt: p\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\nloras:\n  - path: style.safetensors\n")
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", "tiny-sdxl-random", "-q",
-                                      "--output-dir", str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().endswith("LoRAs on SDXL models are not supported yet (SD 1.x/2.x LoRAs are)")
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not list((tmp_path / "out").glob("*.png"))

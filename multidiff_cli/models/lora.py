@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,8 @@ AdapterSet = tuple[tuple[str, float], ...]
 """(LoRA file as an absolute path, scale) pairs, sorted by file; () is the bare model."""
 
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
-PARTS = ("unet", "text_encoder")  # the Components a LoRA adapts
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # SDXL has two text encoders; SD has the first alone
+PARTS = ("unet", *TEXT_PARTS)  # the Components a LoRA adapts
 _DOWN_KEY = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 
 
@@ -98,21 +100,26 @@ def load_loras(components: Components, paths: list[Path], allow_pickle: bool = F
 
 
 def _load_one(components: Components, path: Path, name: str, allow_pickle: bool) -> None:
-    from diffusers import StableDiffusionPipeline
+    """One LoRA file into the UNet and each text encoder, through the family's diffusers pipeline class
+    (SDXL: kohya files name the UNet's blocks as Stability's code does, mapped by the UNet's config)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     state = read_lora_file(path, allow_pickle)
     expected = sum(1 for key in state if _DOWN_KEY.search(key))
+    sdxl = components.family == "sdxl"
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     with warnings.catch_warnings(), _diffusers_silent():
         warnings.simplefilter("ignore")  # peft: "Already found a peft_config attribute" (several LoRAs, on purpose)
         try:
-            converted, alphas = StableDiffusionPipeline.lora_state_dict(state)
+            converted, alphas = pipeline.lora_state_dict(state, **({"unet_config": components.unet.config} if sdxl else {}))
             if not converted or not all("lora" in key for key in converted):
                 raise ValueError("no LoRA layers in it")
-            StableDiffusionPipeline.load_lora_into_unet(converted, alphas, components.unet, adapter_name=name)
-            if components.text_encoder is not None:  # the bench runs without one
-                StableDiffusionPipeline.load_lora_into_text_encoder(
-                    converted, alphas, components.text_encoder, adapter_name=name
-                )
+            pipeline.load_lora_into_unet(converted, alphas, components.unet, adapter_name=name)
+            for part in TEXT_PARTS:
+                if getattr(components, part) is not None:  # the bench runs without one
+                    pipeline.load_lora_into_text_encoder(
+                        converted, alphas, getattr(components, part), prefix=part, adapter_name=name
+                    )
             loaded = sum(name in getattr(layer, "lora_A", {}) for layer in _tuner_layers(components))
             if expected == 0 or loaded < expected:
                 raise ValueError(f"{expected - loaded} of its {expected} layers match no layer of this model"
@@ -121,9 +128,8 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
             _delete(components, name)
             raise LoraError(f"LoRA {path}: not a LoRA for this model ({components.model_id}, "
                             f"{_model_family(components)}): {_reason(exc, name)}") from None
-    for module in (components.unet, components.text_encoder):
-        if module is not None:
-            module.to(components.device, components.dtype).requires_grad_(False)
+    for module in _modules(components):
+        module.to(components.device, components.dtype).requires_grad_(False)
 
 
 def _reason(exc: Exception, name: str) -> str:
@@ -152,15 +158,22 @@ def _diffusers_silent():
 
 
 def _model_family(components: Components) -> str:
+    if components.family == "sdxl":
+        return "SDXL-shaped"
     width = components.unet.config.cross_attention_dim
     return {768: "SD 1.x-shaped", 1024: "SD 2.x-shaped"}.get(width, f"{width}-wide cross attention")
+
+
+def _modules(components: Components, parts: tuple[str, ...] = PARTS) -> list[torch.nn.Module]:
+    """The modules of `parts` these components have (SD has no second text encoder, the bench no first)."""
+    return [getattr(components, part) for part in parts if getattr(components, part, None) is not None]
 
 
 def _tuner_layers(components: Components, parts: tuple[str, ...] = PARTS) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    modules = [getattr(components, part) for part in parts if getattr(components, part) is not None]
-    return [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    return [layer for module in _modules(components, parts) for layer in module.modules()
+            if isinstance(layer, BaseTunerLayer)]
 
 
 def _delete(components: Components, name: str) -> None:
@@ -168,12 +181,12 @@ def _delete(components: Components, name: str) -> None:
     for layer in _tuner_layers(components):
         if name in getattr(layer, "lora_A", {}):
             layer.delete_adapter(name)
-    for module in (components.unet, components.text_encoder):
+    for module in _modules(components):
         getattr(module, "peft_config", {}).pop(name, None)
 
 
 def switch(components: Components, adapters: AdapterSet, parts: tuple[str, ...] = PARTS) -> None:
-    """Switch the LoRA layers of `parts` (the UNet's, the text encoder's) to `adapters`, each at its
+    """Switch the LoRA layers of `parts` (the UNet's, the text encoders') to `adapters`, each at its
     scale; () turns every LoRA off, which leaves exactly the bare model's computation.
 
     This runs a few times every step, so it sets peft's per-layer state directly (peft is pinned):
@@ -192,10 +205,11 @@ def switch(components: Components, adapters: AdapterSet, parts: tuple[str, ...] 
 
 @dataclass
 class Conditions:
-    """Text conditioning whose rows each run with an adapter set: hidden states (E, L, D) and each
-    row's index into `sets`. Slices like a tensor of rows; ChunkedUNet reads `unet_kwargs()`."""
+    """Text conditioning whose rows each run with an adapter set: the family's conditioning of E rows
+    (SD's hidden states (E, L, D), or SDXL's SDXLConditioning) and each row's index into `sets`.
+    Slices like a tensor of rows; ChunkedUNet reads `unet_kwargs()`."""
 
-    hidden: torch.Tensor
+    hidden: Any  # torch.Tensor or an object that slices like one and has unet_kwargs()
     set_index: torch.Tensor  # (E,) long, on the CPU
     sets: list[AdapterSet]
 
@@ -207,25 +221,30 @@ class Conditions:
         return self.hidden.shape
 
     def unet_kwargs(self) -> dict:
+        if hasattr(self.hidden, "unet_kwargs"):
+            return self.hidden.unet_kwargs()
         return {"encoder_hidden_states": self.hidden}
 
 
 def encode_conditions(components: Components, texts: list[str], sets: list[AdapterSet], encode) -> Conditions:
-    """Each condition (texts[i] under sets[i]) encoded with its set's text-encoder LoRA on.
+    """Each condition (texts[i] under sets[i]) encoded with its set's text-encoder LoRAs on.
 
-    encode: (components, texts) -> (E, L, D) hidden states (the family's text encoding)."""
+    encode: (components, texts) -> the family's conditioning of those texts, rows in order: SD's
+    (E, L, D) hidden states, or a conditioning object with `cat` and tensor-like row indexing (SDXL)."""
     table = list(dict.fromkeys(sets))
     index = torch.tensor([table.index(s) for s in sets], dtype=torch.long)
-    hidden = [None] * len(texts)
+    parts, order = [], []
     try:
         for k, adapters in enumerate(table):
             rows = [i for i in range(len(texts)) if index[i] == k]
-            switch(components, adapters, ("text_encoder",))
-            for i, states in zip(rows, encode(components, [texts[i] for i in rows])):
-                hidden[i] = states
+            switch(components, adapters, TEXT_PARTS)
+            parts.append(encode(components, [texts[i] for i in rows]))
+            order += rows
     finally:
-        switch(components, (), ("text_encoder",))
-    return Conditions(torch.stack(hidden), index, table)
+        switch(components, (), TEXT_PARTS)
+    encoded = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else type(parts[0]).cat(parts)
+    back = torch.tensor(order).argsort()  # encoded row j holds condition order[j]
+    return Conditions(encoded[back.to(encoded.device)], index, table)
 
 
 class AdapterUNet:

@@ -15,7 +15,6 @@ import torch
 from .components import Components
 
 
-
 @dataclass(frozen=True)
 class SDXLConditioning:
     """Per sample: hidden states (E, 77, D1 + D2), pooled embedding (E, P) and time ids (E, 6)."""
@@ -33,6 +32,23 @@ class SDXLConditioning:
     @property
     def shape(self) -> torch.Size:
         return self.hidden_states.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden_states.device
+
+    @classmethod
+    def cat(cls, parts: list["SDXLConditioning"]) -> "SDXLConditioning":
+        """The rows of every part, in order (conditions encoded in groups, e.g. one per LoRA set)."""
+        return cls(*(torch.cat(tensors) for tensors in zip(*((p.hidden_states, p.pooled, p.time_ids) for p in parts))))
+
+    def zeroed(self, rows: frozenset[int]) -> "SDXLConditioning":
+        """These rows' hidden states and pooled embeddings set to zeros (force_zeros_for_empty_prompt)."""
+        if not rows:
+            return self
+        keep = torch.tensor([i not in rows for i in range(len(self))], device=self.device)
+        return SDXLConditioning(self.hidden_states * keep[:, None, None].to(self.hidden_states.dtype),
+                                self.pooled * keep[:, None].to(self.pooled.dtype), self.time_ids)
 
     def to(self, *args, **kwargs) -> "SDXLConditioning":
         return SDXLConditioning(*(t.to(*args, **kwargs) for t in (self.hidden_states, self.pooled, self.time_ids)))
@@ -75,12 +91,8 @@ def encode_prompts(
             hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
             pooled = out[0]  # only the second encoder's: CLIPTextModelWithProjection's text_embeds
         hidden_states = torch.cat(hidden, dim=-1)
-        if zeroed:
-            keep = torch.tensor([i not in zeroed for i in range(len(texts))], device=hidden_states.device)
-            hidden_states = hidden_states * keep[:, None, None].to(hidden_states.dtype)
-            pooled = pooled * keep[:, None].to(pooled.dtype)
     ids = torch.tensor([time_ids(size_px)] * len(texts), dtype=hidden_states.dtype, device=hidden_states.device)
-    return SDXLConditioning(hidden_states, pooled, ids)
+    return SDXLConditioning(hidden_states, pooled, ids).zeroed(zeroed)
 
 
 def empty_negatives(texts: list[str], cond: list[int], negative: list[int]) -> frozenset[int]:

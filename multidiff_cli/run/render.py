@@ -1,6 +1,8 @@
 """One render: a validated scene and loaded components -> a plan -> MultiDiffusion latents -> a picture."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..errors import LoraError, RenderError
+from ..errors import RenderError
 from ..method.guidance import Prompts, guided_denoiser
 from ..method.sampler import StepCallback, first_step, multidiffusion
 from ..method.schedulers import make_scheduler
@@ -122,16 +124,22 @@ def picture_latents(scene: Scene, components: Components, plan: RenderPlan) -> t
     return encode_image(components, pixels.permute(2, 0, 1)[None], tiled=plan.tiled_decode)
 
 
-def encode_conditioning(components: Components, prompts: Prompts, views: list[View]):
-    """The UNet's conditioning of each distinct text, as the model's family encodes it: SD's hidden
+def encode_conditioning(components: Components, prompts: ScenePrompts, views: list[View]):
+    """The UNet's conditioning of each distinct condition, as the model's family encodes it: SD's hidden
     states (E, 77, D), or SDXL's hidden states, pooled embeddings and time ids (models/sdxl.py), the
-    time ids those of a whole picture of the views' size."""
+    time ids those of a whole picture of the views' size. Conditions with LoRAs (prompts.adapters) are
+    encoded with their text-encoder LoRAs on, and carry their sets to the UNet (models/lora.py)."""
+    encode, zeroed = encode_texts, frozenset()
     if components.family == "sdxl":
         view_px = (views[0].height * components.vae_scale_factor, views[0].width * components.vae_scale_factor)
-        zeroed = sdxl.empty_negatives(prompts.texts, prompts.cond, prompts.negative)
-        return sdxl.encode_prompts(components, prompts.texts, view_px,
-                                   zeroed if components.force_zeros_for_empty_prompt else frozenset())
-    return encode_texts(components, prompts.texts)
+        encode = functools.partial(sdxl.encode_prompts, size_px=view_px)
+        if components.force_zeros_for_empty_prompt:
+            zeroed = sdxl.empty_negatives(prompts.texts, prompts.cond, prompts.negative)
+    if not any(prompts.adapters):
+        conditioning = encode(components, prompts.texts)
+        return conditioning.zeroed(zeroed) if zeroed else conditioning
+    conditions = encode_conditions(components, prompts.texts, prompts.adapters, encode)
+    return dataclasses.replace(conditions, hidden=conditions.hidden.zeroed(zeroed)) if zeroed else conditions
 
 
 def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
@@ -183,13 +191,9 @@ def render(
     stage("encoding prompts")
     prompts = scene_prompts(scene)
     lora_files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
-    if lora_files and components.family == "sdxl":
-        raise LoraError(f"{lora_files[0]}: LoRAs on SDXL models are not supported yet (SD 1.x/2.x LoRAs are)")
     if lora_files:  # before any sampling: a LoRA that does not fit this model stops the render here
         load_loras(components, lora_files, allow_pickle)
-        embeddings = encode_conditions(components, prompts.texts, prompts.adapters, encode_texts)
-    else:
-        embeddings = encode_conditioning(components, prompts, plan.views)
+    embeddings = encode_conditioning(components, prompts, plan.views)
     image_latents = changeable = None
     start = first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
     if scene.init_image is not None:
