@@ -10,11 +10,11 @@ from .components import Components
 
 # Live activation tensors per element of the UNet's first level, per sample (measured on the CPU:
 # SD2-base at 512x512 in float32 holds about 0.2 GiB per sample; attention runs through SDPA,
-# which keeps no quadratic matrix).
+# which keeps no quadratic matrix). It bounds SDXL's too: measured the same way (peak RSS of one
+# call of 1, 2 and 4 samples of 64x64 latents, bfloat16, README *SDXL*), SDXL base's UNet held
+# 45-75 MiB per extra sample where SD2's held 93-105: its first level has no attention, and its
+# transformer blocks work on 4x and 16x fewer cells.
 UNET_MULTIPLICITY = 40
-# SDXL's UNet holds more per first-level element: 2 and 10 transformer blocks on the levels below, where
-# SD2 has 1 each. Twice SD2's is an estimate, not yet measured on a GPU.
-SDXL_UNET_MULTIPLICITY = 80
 # `max_batch: auto` on the CPU: the UNet activations one call may hold. Measured on a 2-core x86 CPU
 # with SD2's UNet (README, Benchmark): per sample, 2 views of 64x64 latents a call ran fastest, and 8
 # of 32x32: both about 0.4 GiB; larger calls spill out of the caches and slow every sample down.
@@ -53,8 +53,7 @@ def truncation_warnings(components: Components, labelled_texts: list[tuple[str, 
 def unet_bytes_per_sample(unet_config, view_cells: int, dtype: torch.dtype) -> int:
     """Activation memory of one UNet sample over `view_cells` latent cells (an estimate, see UNET_MULTIPLICITY)."""
     element = torch.finfo(dtype).bits // 8
-    sdxl = getattr(unet_config, "addition_embed_type", None) == "text_time"
-    return view_cells * unet_config.block_out_channels[0] * element * (SDXL_UNET_MULTIPLICITY if sdxl else UNET_MULTIPLICITY)
+    return view_cells * unet_config.block_out_channels[0] * element * UNET_MULTIPLICITY
 
 
 def auto_samples_per_call(device_type: str, bytes_per_sample: int, free_bytes: int | None) -> int:
