@@ -43,10 +43,13 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _components(config: BenchConfig, text_encoder: bool = False):
+def _components(config: BenchConfig, text_encoder: bool = False, as_multidiff_loads: bool = True):
+    """The bench's random model on its device, set up as multidiff's loader sets models up (speed_up:
+    channels-last layouts, --compile), or as diffusers' from_pretrained leaves them."""
     quiet_libraries()
     built = build_tiny_random() if config.model == TINY_RANDOM else build_sd2_random(text_encoder=text_encoder)
-    return speed_up(to_device(built, torch.device(config.device), getattr(torch, config.dtype)), compile=config.compile)
+    placed = to_device(built, torch.device(config.device), getattr(torch, config.dtype))
+    return speed_up(placed, compile=config.compile) if as_multidiff_loads else placed
 
 
 def batch_sweep(config: BenchConfig, sizes: list[int], repeats: int = 2) -> dict[str, Any]:
@@ -113,10 +116,13 @@ PEER_PATHS: dict[str, Callable] = {"multidiff": _render_multidiff, "panorama pip
 
 
 def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any]:
-    """One peer path in this process: build the model (untimed), then time the whole render."""
-    components = _components(config, text_encoder=True)
+    """One peer path in this process: build the model (untimed), then time the whole render. Each path
+    runs the model as its tool sets it up: multidiff's as its loader does, the pipeline's as
+    from_pretrained does (the pipeline gains what multidiff's setup gains where its user adds it)."""
+    components = _components(config, text_encoder=True, as_multidiff_loads=path == "multidiff")
     window = components.unet.config.sample_size
     views = make_views((config.size_px // 8, config.canvas_width // 8), window, PEER_STRIDE_PX // 8)
+    parts = {"unet": _timed(components.unet, components.device), "decode": _timed(components.vae, components.device, "decode")}
     start, cpu_start = _now(components.device), time.process_time()
     with torch.inference_mode():
         image = PEER_PATHS[path](config, components)
@@ -124,7 +130,23 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     np.save(image_file, image)
     samples_per_call = 2 if path != "multidiff" else (  # the pipeline: one view (cond + uncond) a call
         config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views)))
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call,
+            "unet_seconds": parts["unet"][0], "decode_seconds": parts["decode"][0]}
+
+
+def _timed(module: torch.nn.Module, device: torch.device, method: str = "forward") -> list[float]:
+    """Time every call of module.method from now on (this process's model only); returns the running total."""
+    total, call = [0.0], getattr(module, method)
+
+    def timed(*args, **kwargs):
+        start = _now(device)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            total[0] += _now(device) - start
+
+    setattr(module, method, timed)
+    return total
 
 
 def _child(target, args, queue) -> None:

@@ -109,3 +109,22 @@ def test_peer_row_matches_diffusers_panorama_pipeline_up_to_rounding():
     assert report["paths"]["panorama pipeline"]["samples_per_call"] == 2
     assert report["max_pixel_difference"] <= 1  # float32 rounding, then 8-bit rounding
     assert report["time_ratio"] > 0
+    for path in report["paths"].values():  # the UNet's and the decoder's shares of the whole render
+        assert 0 < path["unet_seconds"] < path["seconds"] and 0 < path["decode_seconds"] < path["seconds"]
+
+
+def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
+    """speed_up puts the VAE channels-last on the CPU (faster there); pixels move by float rounding only."""
+    import numpy as np
+
+    from multidiff_cli.models.components import speed_up, to_device
+    from multidiff_cli.models.random_weights import build_tiny_random
+    from multidiff_cli.models.sd import decode
+
+    components = to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
+    latents = torch.randn((1, 4, 16, 24), generator=torch.Generator().manual_seed(0))
+    before = np.asarray(decode(components, latents)).astype(int)
+    speed_up(components)
+    conv = components.vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert np.abs(np.asarray(decode(components, latents)).astype(int) - before).max() <= 1

@@ -103,7 +103,13 @@ def pick_dtype(device: torch.device, name: str | None = None, source: str = "--d
 
 
 def speed_up(components: Components, compile: bool = False) -> Components:
-    """On CUDA, channels-last convolutions (faster with tensor cores); optionally torch.compile the UNet.
+    """Channels-last convolutions where they measured faster; optionally torch.compile the UNet.
+
+    - the UNet on CUDA (tensor cores); on the CPU it gained nothing (7.04 against 7.19 s a call of
+      2 samples of 64x64 latents, SD2, 2 cores, and slower under load);
+    - the VAE on the CPU: oneDNN runs its full-resolution convolutions faster channels-last (a
+      1024x512 decode: 14.9 s against 18.4 s, SD2's VAE, float32, 2 cores); the pixels differ from
+      the default layout's by float rounding (2e-4 of the [-1, 1] range, under one 8-bit level).
 
     Attention already runs through PyTorch's scaled-dot-product attention (diffusers' default
     processor on torch 2). Compilation costs a minute or so on the first call and pays off over
@@ -111,6 +117,8 @@ def speed_up(components: Components, compile: bool = False) -> Components:
     """
     if components.device.type == "cuda":
         components.unet.to(memory_format=torch.channels_last)
+    if components.device.type == "cpu":
+        components.vae.to(memory_format=torch.channels_last)
     if compile:
         components.unet = torch.compile(components.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
     return components

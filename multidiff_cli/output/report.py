@@ -86,14 +86,15 @@ def peer_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{config['model']}, one prompt, no regions, {config['steps']} steps, {config['scheduler']}, "
                         f"{config['dtype']} on {config['device']} ({rows[0]['device_name']}): whole render "
                         "(prompts, sampling, decoding)")
-    for column in ("canvas", "views", "path", "samples/call", "seconds", "ratio", "CPU s", "CPU ratio",
-                   "max pixel difference"):
+    for column in ("canvas", "views", "path", "samples/call", "seconds", "UNet s", "decode s", "ratio", "CPU s",
+                   "CPU ratio", "max pixel difference"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for row in rows:
         canvas = f"{row['config']['width_px'] or row['config']['size_px']}x{row['config']['size_px']}"
         for name, path in row["paths"].items():
             ours = name == "multidiff"
             table.add_row(canvas, str(path["views"]), name, str(path["samples_per_call"]), f"{path['seconds']:.1f}",
+                          f"{path.get('unet_seconds', 0):.1f}", f"{path.get('decode_seconds', 0):.1f}",
                           f"{row['time_ratio']:.3f}" if ours else "", f"{path['cpu_seconds']:.1f}",
                           f"{row['cpu_time_ratio']:.3f}" if ours else "", f"{row['max_pixel_difference']} / 255" if ours else "")
     return table
