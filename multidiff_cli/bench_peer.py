@@ -122,7 +122,7 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     components = _components(config, text_encoder=True, as_multidiff_loads=path == "multidiff")
     window = components.unet.config.sample_size
     views = make_views((config.size_px // 8, config.canvas_width // 8), window, PEER_STRIDE_PX // 8)
-    parts = {"unet": _timed(components.unet, components.device), "decode": _timed(components.vae, components.device, "decode")}
+    parts = {"unet": _Timed(components.unet, components.device), "decode": _Timed(components.vae, components.device, "decode")}
     start, cpu_start = _now(components.device), time.process_time()
     with torch.inference_mode():
         image = PEER_PATHS[path](config, components)
@@ -131,22 +131,37 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     samples_per_call = 2 if path != "multidiff" else (  # the pipeline: one view (cond + uncond) a call
         config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views)))
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call,
-            "unet_seconds": parts["unet"][0], "decode_seconds": parts["decode"][0]}
+            "unet_seconds": parts["unet"].seconds(), "decode_seconds": parts["decode"].seconds()}
 
 
-def _timed(module: torch.nn.Module, device: torch.device, method: str = "forward") -> list[float]:
-    """Time every call of module.method from now on (this process's model only); returns the running total."""
-    total, call = [0.0], getattr(module, method)
+class _Timed:
+    """Times every call of module.method from now on (this process's model only). On CUDA with events,
+    read after the render: synchronising at each call would slow the path that makes more calls."""
 
-    def timed(*args, **kwargs):
-        start = _now(device)
-        try:
-            return call(*args, **kwargs)
-        finally:
-            total[0] += _now(device) - start
+    def __init__(self, module: torch.nn.Module, device: torch.device, method: str = "forward"):
+        self.cuda, self.spans, call = device.type == "cuda", [], getattr(module, method)
 
-    setattr(module, method, timed)
-    return total
+        def timed(*args, **kwargs):
+            start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+            if self.cuda:
+                start.record()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                if self.cuda:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    self.spans.append((start, end))
+                else:
+                    self.spans.append((start, time.perf_counter()))
+
+        setattr(module, method, timed)
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1000
+        return sum(end - start for start, end in self.spans)
 
 
 def _child(target, args, queue) -> None:

@@ -17,7 +17,6 @@ from multidiff_cli.run import render as render_module
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
 from multidiff_cli.scene.grid import box_cells
-from multidiff_cli.scene.picture import load_picture
 
 SIZE_PX = 64  # 8x8 latent cells: one view, fast
 STEPS, STRENGTH, GUIDANCE = 6, 0.5, 7.5

@@ -48,9 +48,10 @@ def write_lora(path, layers, layout: str):
     stores alpha = rank/2, so up is doubled: both give the same update, up @ down at scale 1."""
     tensors = {}
     for part, name, down, up in layers:
-        if layout == "peft":
-            tensors[f"{part}.{name}.lora_A.weight"] = down.contiguous()
-            tensors[f"{part}.{name}.lora_B.weight"] = up.contiguous()
+        if layout == "peft":  # text-encoder layers named as files in the wild name them (transformers 4's)
+            module = name if part == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+            tensors[f"{part}.{module}.lora_A.weight"] = down.contiguous()
+            tensors[f"{part}.{module}.lora_B.weight"] = up.contiguous()
         else:
             key = ("lora_unet_" if part == "unet" else "lora_te_text_model_") + name.replace(".", "_")
             rank = down.shape[0]

@@ -69,9 +69,12 @@ def sgm_name(name: str, layers_per_block: int) -> str:
 def write_lora(path, layers, layout: str, layers_per_block: int = 1):
     """peft: `<part>.<module>.lora_A.weight`; kohya: `lora_unet_/lora_te1_/lora_te2_<module_underscored>`
     with .lora_down/.lora_up/.alpha (alpha = rank/2, up doubled: the same update); kohya-sgm: kohya
-    with the UNet's blocks in SGM numbering."""
+    with the UNet's blocks in SGM numbering. Text-encoder layers are named as LoRA files in the wild
+    name them (`text_model.encoder.layers...`, `lora_te1_text_model_encoder_layers_...`)."""
     tensors = {}
     for part, name, down, up in layers:
+        if part != "unet" and not name.startswith("text_model."):
+            name = "text_model." + name  # files name CLIP's layers as transformers 4 did (5 dropped text_model.)
         if layout == "peft":
             tensors[f"{part}.{name}.lora_A.weight"] = down.contiguous()
             tensors[f"{part}.{name}.lora_B.weight"] = up.contiguous()
@@ -152,7 +155,7 @@ def test_a_lora_of_the_second_text_encoder_alone_changes_the_picture(lora_file, 
 
 REGION_SCENE = """
 prompt: a street
-negative_prompt: blurry
+negative_prompt: '{negative}'
 width: 96
 height: 64
 steps: 2
@@ -169,10 +172,13 @@ regions:
 """
 
 
-def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_only(lora_file, write_scene,
+@pytest.mark.parametrize("negative", ["", "blurry"], ids=["zeros", "negative"])
+def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_only(lora_file, write_scene, negative,
                                                                                    assert_close_batched):
+    """With an empty negative prompt, each LoRA set's empty negative condition is zeros (the zeros rule
+    after the conditions of several sets are put back in order)."""
     alice = lora_file("kohya", seed=2, name="alice")
-    scene = load_scene(write_scene(REGION_SCENE.format(lora=alice.name)))
+    scene = load_scene(write_scene(REGION_SCENE.format(lora=alice.name, negative=negative)))
     ours = render(scene, fresh_xl(), seed=3).latents
 
     # the oracle: the global prompt and the man on a bare model, the woman on one with the LoRA loaded
@@ -190,7 +196,7 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
     weights = scene_weights(scene)
     x = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
     with torch.inference_mode():
-        encoded = [pipe.encode_prompt(text, device=CPU, negative_prompt="blurry") for pipe, text in prompts]
+        encoded = [pipe.encode_prompt(text, device=CPU, negative_prompt=negative or None) for pipe, text in prompts]
         for t in scheduler.timesteps:
             stepped = []
             for p, ((pipe, _), (cond, uncond, pooled, uncond_pooled)) in enumerate(zip(prompts, encoded)):
@@ -215,7 +221,7 @@ def test_an_sd_lora_on_an_sdxl_model_names_the_file_and_the_family(tmp_path):
 
 
 def test_cli_renders_an_sdxl_region_lora_and_records_it(tmp_path):
-    style = write_lora(tmp_path / "style.safetensors", lora_layers(build_tiny_sdxl_random(), seed=4), "kohya")
+    write_lora(tmp_path / "style.safetensors", lora_layers(build_tiny_sdxl_random(), seed=4), "kohya")
     scene = tmp_path / "scene.yaml"
     scene.write_text("prompt: a room\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\nregions:\n"
                      "  - prompt: a lamp\n    box: [0, 0, 32, 64]\n    loras: [{path: style.safetensors, scale: 0.7}]\n")
@@ -225,3 +231,14 @@ def test_cli_renders_an_sdxl_region_lora_and_records_it(tmp_path):
     record = read_metadata(tmp_path / "out" / "scene-1.png")
     assert record["scene"]["regions"][0]["loras"] == [{"path": "style.safetensors", "scale": 0.7}]
     assert any(path.endswith("style.safetensors") for path in record["inputs"])
+
+
+def test_a_text_encoder_lora_of_another_width_names_its_first_layer_and_both_shapes(tmp_path):
+    """transformers raises 'look at the above report' for a text encoder; the one line names the layer itself."""
+    widened = [(part, name, torch.zeros((2, 48)), torch.zeros((48, 2)))
+               for part, name, _, _ in lora_layers(fresh_xl(), parts=("text_encoder",))]
+    path = write_lora(tmp_path / "wide_te.safetensors", widened, "kohya")
+    with pytest.raises(LoraError, match=r"wide_te\.safetensors: not a LoRA for this model \(.*SDXL-shaped\): "
+                                        r"encoder\.layers\..*_proj\.lora_[AB]\.weight is \[\d+, \d+\] in the file, "
+                                        r"\[\d+, \d+\] in the model$"):
+        load_loras(fresh_xl(), [path])

@@ -114,6 +114,8 @@ def test_a_single_file_checkpoint_renders_as_its_diffusers_folder(checkpoint, wr
     from_file = render(str(scene), "--model", str(single), "-o", str(tmp_path / "file.png"))
     assert from_folder.exit_code == 0, from_folder.output
     assert from_file.exit_code == 0, from_file.output
+    ignored = f"model_config {folder} is ignored: it gives the configs of a single-file checkpoint, and {folder}"
+    assert ignored in from_folder.stderr and "model_config" not in from_file.stderr
     from PIL import Image
 
     with Image.open(tmp_path / "folder.png") as a, Image.open(tmp_path / "file.png") as b:

@@ -108,8 +108,10 @@ def speed_up(components: Components, compile: bool = False) -> Components:
     - the UNet on CUDA (tensor cores); on the CPU it gained nothing (7.04 against 7.19 s a call of
       2 samples of 64x64 latents, SD2, 2 cores, and slower under load);
     - the VAE on the CPU: oneDNN runs its full-resolution convolutions faster channels-last (a
-      1024x512 decode: 14.9 s against 18.4 s, SD2's VAE, float32, 2 cores); the pixels differ from
-      the default layout's by float rounding (2e-4 of the [-1, 1] range, under one 8-bit level).
+      1024x512 decode: 14.9 s against 18.4 s, SD2's VAE, float32, 2 cores). Its results differ from
+      the default layout's by float rounding: decoded pixels by 2e-4 of the [-1, 1] range (under one
+      8-bit level), and what it encodes (bootstrap backgrounds, init images) likewise, so a CPU
+      render's latents differ from those of a model set up without it by rounding too.
 
     Attention already runs through PyTorch's scaled-dot-product attention (diffusers' default
     processor on torch 2). Compilation costs a minute or so on the first call and pays off over

@@ -11,6 +11,7 @@ Text conditions are encoded with their set's text-encoder LoRA switched on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 import warnings
@@ -108,7 +109,8 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
     expected = sum(1 for key in state if _DOWN_KEY.search(key))
     sdxl = components.family == "sdxl"
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    with warnings.catch_warnings(), _diffusers_silent():
+    report: list[str] = []
+    with warnings.catch_warnings(), _loaders_quiet(report):
         warnings.simplefilter("ignore")  # peft: "Already found a peft_config attribute" (several LoRAs, on purpose)
         try:
             converted, alphas = pipeline.lora_state_dict(state, **({"unet_config": components.unet.config} if sdxl else {}))
@@ -127,16 +129,21 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
         except Exception as exc:
             _delete(components, name)
             raise LoraError(f"LoRA {path}: not a LoRA for this model ({components.model_id}, "
-                            f"{_model_family(components)}): {_reason(exc, name)}") from None
+                            f"{_model_family(components)}): {_reason(exc, name, report)}") from None
     for module in _modules(components):
         module.to(components.device, components.dtype).requires_grad_(False)
 
 
-def _reason(exc: Exception, name: str) -> str:
-    """The first telling line of a loading error: a size mismatch names the layer and both shapes."""
+def _reason(exc: Exception, name: str, report: list[str]) -> str:
+    """The first telling line of a loading error: a size mismatch names the layer and both shapes
+    (diffusers' UNet error says it; for a text encoder, transformers' load report does)."""
     text = str(exc).replace(f".{name}.", ".")
     mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[\d, ]*\])\) from "
                          r"checkpoint, the shape in current model is torch.Size\((\[[\d, ]*\])\)", text)
+    if mismatch is None and "ignore_mismatched_sizes" in text:
+        rows = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(report)).replace(f".{name}.", ".")  # no colour codes
+        mismatch = re.search(r"^\s*(.+?)\s*\|\s*MISMATCH\s*\|.*ckpt: torch.Size\((\[[\d, ]*\])\) vs model: ?"
+                             r"torch.Size\((\[[\d, ]*\])\)", rows, re.MULTILINE)
     if mismatch:
         layer, theirs, ours = mismatch.groups()
         return f"{layer} is {theirs} in the file, {ours} in the model"
@@ -144,17 +151,34 @@ def _reason(exc: Exception, name: str) -> str:
     return lines[0][:200] if lines else type(exc).__name__
 
 
+class _Collect(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += record.getMessage().splitlines()
+
+
 @contextlib.contextmanager
-def _diffusers_silent():
-    """diffusers logs a failed LoRA load at length before raising; the LoraError says it in one line."""
+def _loaders_quiet(report: list[str]):
+    """diffusers logs a failed LoRA load at length before raising, and transformers a text encoder's
+    load report: the LoraError says it in one line, so both stay off the terminal; transformers'
+    report lines are kept in `report` (they name a mismatched text-encoder layer)."""
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    logger = logging.getLogger("transformers")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers, logger.propagate = [_Collect(report)], False
+    logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(level)
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
 
 
 def _model_family(components: Components) -> str:

@@ -1,6 +1,7 @@
 """The terminal: stdout for the paths of written files and tables, stderr for progress, notes and errors."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import typer
@@ -11,8 +12,18 @@ from typer.core import TyperCommand
 
 from ..errors import MultidiffError, SceneError, one_line
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+PIPE_WIDTH = 160  # tables written to a file or a CI log (not a terminal, no $COLUMNS): rich's 80 squeezes them
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+err = _console(stderr=True)
+out = _console()
 
 
 def say(lines: list[str], prefix: str = "") -> None:

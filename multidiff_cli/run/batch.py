@@ -17,6 +17,7 @@ from PIL import Image
 from ..errors import Interrupted, MultidiffError, RenderError
 from ..models.components import pick_device, pick_dtype
 from ..models.loading import DEFAULT_MODEL, load_components
+from ..models.single_file import is_single_file
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
 from ..scene.picture import upright_size
@@ -201,9 +202,13 @@ class Renderer:
 
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
-        if _model_key(scene.model, scene.model_config_, scene.vae) not in self._models:
+        loading = _model_key(scene.model, scene.model_config_, scene.vae) not in self._models
+        if loading:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         components = self.components(scene.model, scene.model_config_, scene.vae)
+        if loading and scene.model_config_ and not is_single_file(scene.model):
+            self.emit(Event("note", label, text=f"model_config {scene.model_config_} is ignored: it gives the "
+                            f"configs of a single-file checkpoint, and {job.model_given or scene.model} is not one"))
         plan = plan_render(scene, components)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
