@@ -51,3 +51,22 @@ def test_same_seed_same_pixels_on_cuda(write_scene):
     scene = load_scene(write_scene(SCENE))
     components = on("cuda", torch.float16)
     assert render(scene, components, seed=1).image.tobytes() == render(scene, components, seed=1).image.tobytes()
+
+
+def test_compiled_unet_with_a_region_lora_renders_as_the_eager_one(write_scene, tmp_path):
+    """--compile with LoRAs: switching adapter sets makes torch.compile guard on peft's per-layer state and
+    compile once per set (on the CPU this measured equal to eager up to 4e-5 at a latent scale of 10)."""
+    from safetensors.torch import save_file
+
+    eager_model = on("cuda", torch.float32)
+    generator = torch.Generator().manual_seed(2)
+    save_file({f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.3
+               for name, linear in eager_model.unet.named_modules()
+               if isinstance(linear, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v"))
+               for part, shape in (("A", (2, linear.in_features)), ("B", (linear.out_features, 2)))},
+              str(tmp_path / "alice.safetensors"))
+    scene = load_scene(write_scene(SCENE + "    loras: [{path: " + str(tmp_path / "alice.safetensors") + "}]\n"))
+    eager = render(scene, eager_model, seed=3).latents
+    compiled = render(scene, speed_up(to_device(build_tiny_random(), torch.device("cuda"), torch.float32),
+                                      compile=True), seed=3).latents
+    assert (compiled - eager).abs().max() < 1e-3 * eager.abs().max()
