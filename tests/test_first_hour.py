@@ -319,7 +319,7 @@ def test_a_failing_rank_ends_every_rank_and_rank_0_names_the_failed_job(tmp_path
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "rendered 1 of 2" in done.stderr
-    assert "failed: room.yaml seed 1: error: RuntimeError: boom on rank 1" in done.stderr, done.stderr
+    assert "failed: room.yaml seed 1: RuntimeError: boom on rank 1" in done.stderr, done.stderr
     assert (tmp_path / "out" / "room-0.png").exists() and not (tmp_path / "out" / "room-1.png").exists()
 
 

@@ -366,6 +366,16 @@ def test_a_missing_lora_file_is_a_scene_error_at_its_line(write_scene, tmp_path)
     assert "scene.yaml:6: regions[0].loras[0].path: no such file" in result.stderr
 
 
+def test_a_bare_lora_path_means_scale_1_and_anything_else_is_one_clear_line(loras, write_scene):
+    film, _ = loras()
+    scene = load_scene(write_scene(f"prompt: a\nloras: [loras/{film.name}]\n"))
+    assert [(lora.path, lora.scale) for lora in scene.loras] == [(f"loras/{film.name}", 1.0)]
+    result = cli("validate", str(write_scene("prompt: a\nloras:\n  - 3\n", "bad.yaml")))
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith("bad.yaml:3: loras[0]: a LoRA is a file path, or {path: FILE, scale: NUMBER} (got 3)")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_preview_legend_names_each_regions_lora(loras, write_scene):
     from multidiff_cli.output.preview import lora_text
 

@@ -312,3 +312,19 @@ def test_a_broken_scheduler_config_is_a_model_error(tiny_folder, tmp_path):
     (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ModelError, match="could not load"):
         load_folder(broken, model_id=str(broken))
+
+
+@pytest.mark.parametrize("value, quiet", [("", True), ("0", True), ("false", True), ("1", False), ("yes", False)])
+def test_multidiff_debug_0_keeps_the_libraries_quiet(monkeypatch, value, quiet):
+    from transformers.utils import logging as transformers_logging
+
+    from multidiff_cli.models.components import quiet_libraries
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    try:
+        monkeypatch.setenv("MULTIDIFF_DEBUG", value)
+        quiet_libraries()
+        assert (transformers_logging.get_verbosity() == transformers_logging.ERROR) == quiet
+    finally:
+        transformers_logging.set_verbosity(level)

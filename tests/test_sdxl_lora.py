@@ -242,3 +242,12 @@ def test_a_text_encoder_lora_of_another_width_names_its_first_layer_and_both_sha
                                         r"encoder\.layers\..*_proj\.lora_[AB]\.weight is \[\d+, \d+\] in the file, "
                                         r"\[\d+, \d+\] in the model$"):
         load_loras(fresh_xl(), [path])
+
+
+def test_an_sdxl_lora_on_an_sd_model_says_it_is_one(lora_file):
+    from multidiff_cli.models.random_weights import build_tiny_random
+
+    te2 = lora_file("kohya", parts=("text_encoder_2",), name="te2")
+    with pytest.raises(LoraError, match=r"te2_kohya\.safetensors: not a LoRA for this model \(tiny-random, .*\): it "
+                                        r"has layers for a second text encoder \(text_encoder_2\), .*an SDXL LoRA\?"):
+        load_loras(to_device(build_tiny_random(), CPU, torch.float32), [te2])

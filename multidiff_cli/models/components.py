@@ -148,7 +148,7 @@ def to_device(components: Components, device: torch.device, dtype: torch.dtype) 
 
 def quiet_libraries() -> None:
     """Silence diffusers/transformers chatter (config-key notices, progress bars) unless debugging."""
-    if os.environ.get("MULTIDIFF_DEBUG"):
+    if os.environ.get("MULTIDIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return
     with contextlib.suppress(Exception):
         from diffusers.utils import logging as diffusers_logging

@@ -123,6 +123,10 @@ def _load_one(components: Components, path: Path, name: str, allow_pickle: bool)
                         converted, alphas, getattr(components, part), prefix=part, adapter_name=name
                     )
             loaded = sum(name in getattr(layer, "lora_A", {}) for layer in _tuner_layers(components))
+            if loaded < expected and components.text_encoder_2 is None and any(
+                    key.startswith("text_encoder_2.") for key in converted):
+                raise ValueError("it has layers for a second text encoder (text_encoder_2), which SDXL models "
+                                 "have and this one does not: an SDXL LoRA?")
             if expected == 0 or loaded < expected:
                 raise ValueError(f"{expected - loaded} of its {expected} layers match no layer of this model"
                                  if expected else "no LoRA layers in it")

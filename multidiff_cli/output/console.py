@@ -72,7 +72,7 @@ def print_summary(report) -> None:
     if report.total > 1:
         also = f" ({report.skipped} already there, skipped)" if report.skipped else ""
         say([f"rendered {len(report.written) - report.skipped} of {report.total}{also}"])
-        say([f"  failed: {f.label}: {error_lines(f.error)[0]}" for f in report.failures])
+        say([f"  failed: {f.label}: {error_lines(f.error)[0].removeprefix('error: ')}" for f in report.failures])
 
 
 class _RateColumn(ProgressColumn):

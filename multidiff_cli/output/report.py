@@ -26,7 +26,7 @@ def bench_table(report: dict[str, Any]) -> Table:
     for column in ("path", "UNet samples/step", "samples/call", "s/step", "sampling s", "non-UNet share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
     labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
-              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRAs"}
+              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRA{'' if config.get('loras', 0) == 1 else 's'}"}
     for name, p in report["paths"].items():
         table.add_row(
             labels[name], f"{p['unet_samples_per_step']:.2f}", unet_batch_text(p.get("unet_batch")) or "",

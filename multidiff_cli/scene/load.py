@@ -324,6 +324,8 @@ def _message(err: dict) -> str:
         return "required"
     if kind in ("greater_than", "less_than_equal") and loc == ("strength",):
         return f"must be more than 0 and at most 1 (1: from pure noise), got {value}"
+    if kind == "model_type" and "loras" in loc:
+        return f"a LoRA is a file path, or {{path: FILE, scale: NUMBER}} (got {_short.repr(value)})"
     if kind == "literal_error" and loc[-1] == "scheduler":
         return f"unknown scheduler {value!r}; choose one of {', '.join(SCHEDULER_NAMES)}"
     message = err["msg"].removeprefix("Value error, ")

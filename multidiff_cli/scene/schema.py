@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -68,10 +68,16 @@ LORA_SCALE_LIMIT = 10.0  # |scale| above this is surely a typo (A1111 users go u
 
 
 class Lora(Strict):
-    """A LoRA file (diffusers/peft or kohya/A1111 layout) and the scale it is applied at."""
+    """A LoRA file (diffusers/peft or kohya/A1111 layout) and the scale it is applied at; a bare path
+    (`loras: [style.safetensors]`) means scale 1."""
 
     path: Text = Field(description="LoRA file, relative to the scene file (or absolute); .safetensors")
     scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
 
 class Region(Strict):
