@@ -248,6 +248,10 @@ class Conditions:
     def shape(self) -> torch.Size:
         return self.hidden.shape
 
+    def zeroed(self, rows: frozenset[int]) -> Conditions:
+        """These rows' conditioning zeroed (SDXL's force_zeros_for_empty_prompt: SDXLConditioning.zeroed)."""
+        return Conditions(self.hidden.zeroed(rows), self.set_index, self.sets)
+
     def unet_kwargs(self) -> dict:
         if hasattr(self.hidden, "unet_kwargs"):
             return self.hidden.unet_kwargs()

@@ -71,15 +71,13 @@ def time_ids(size_px: tuple[int, int]) -> list[int]:
     return [height, width, 0, 0, height, width]
 
 
-def encode_prompts(
-    components: Components, texts: list[str], size_px: tuple[int, int], zeroed: frozenset[int] = frozenset()
-) -> SDXLConditioning:
+def encode_prompts(components: Components, texts: list[str], size_px: tuple[int, int]) -> SDXLConditioning:
     """Every text's conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt computes it.
 
     Both text encoders' penultimate hidden states, concatenated; the pooled (projected) embedding of
-    the second. Texts whose indices are in `zeroed` (an empty negative prompt, on a model whose
-    config says force_zeros_for_empty_prompt) are zeros instead. size_px: the (height, width) of
-    the pictures the UNet denoises (time_ids)."""
+    the second (an empty negative prompt's zeros, under force_zeros_for_empty_prompt, are the
+    caller's: `SDXLConditioning.zeroed`). size_px: the (height, width) of the pictures the UNet
+    denoises (time_ids)."""
     hidden, pooled = [], None
     pairs = ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2))
     with torch.inference_mode():
@@ -92,7 +90,7 @@ def encode_prompts(
             pooled = out[0]  # only the second encoder's: CLIPTextModelWithProjection's text_embeds
         hidden_states = torch.cat(hidden, dim=-1)
     ids = torch.tensor([time_ids(size_px)] * len(texts), dtype=hidden_states.dtype, device=hidden_states.device)
-    return SDXLConditioning(hidden_states, pooled, ids).zeroed(zeroed)
+    return SDXLConditioning(hidden_states, pooled, ids)
 
 
 def empty_negatives(texts: list[str], cond: list[int], negative: list[int]) -> frozenset[int]:

@@ -55,10 +55,15 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+def problem_lines(exc: MultidiffError) -> list[str]:
+    """An error's problems, one a line, as the error says them."""
+    return str(exc).splitlines() or [type(exc).__name__]
+
+
 def error_lines(exc: MultidiffError, label: str | None = None) -> list[str]:
     """One line per problem: a scene's problems as they are (they name file, line and field), other
     errors behind `error:` (and the failed job's label, in a batch)."""
-    lines = str(exc).splitlines() or [type(exc).__name__]
+    lines = problem_lines(exc)
     if isinstance(exc, SceneError):
         return lines
     return [f"error: {label}: {line}" if label else f"error: {line}" for line in lines]
@@ -72,7 +77,7 @@ def print_summary(report) -> None:
     if report.total > 1:
         also = f" ({report.skipped} already there, skipped)" if report.skipped else ""
         say([f"rendered {len(report.written) - report.skipped} of {report.total}{also}"])
-        say([f"  failed: {f.label}: {error_lines(f.error)[0].removeprefix('error: ')}" for f in report.failures])
+        say([f"  failed: {f.label}: {problem_lines(f.error)[0]}" for f in report.failures])
 
 
 class _RateColumn(ProgressColumn):

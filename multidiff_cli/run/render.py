@@ -1,7 +1,6 @@
 """One render: a validated scene and loaded components -> a plan -> MultiDiffusion latents -> a picture."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -135,11 +134,11 @@ def encode_conditioning(components: Components, prompts: ScenePrompts, views: li
         encode = functools.partial(sdxl.encode_prompts, size_px=view_px)
         if components.force_zeros_for_empty_prompt:
             zeroed = sdxl.empty_negatives(prompts.texts, prompts.cond, prompts.negative)
-    if not any(prompts.adapters):
+    if any(prompts.adapters):
+        conditioning = encode_conditions(components, prompts.texts, prompts.adapters, encode)
+    else:
         conditioning = encode(components, prompts.texts)
-        return conditioning.zeroed(zeroed) if zeroed else conditioning
-    conditions = encode_conditions(components, prompts.texts, prompts.adapters, encode)
-    return dataclasses.replace(conditions, hidden=conditions.hidden.zeroed(zeroed)) if zeroed else conditions
+    return conditioning.zeroed(zeroed) if zeroed else conditioning  # zeroed: SDXL's only
 
 
 def decode_scene(components: Components, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
