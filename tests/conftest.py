@@ -3,6 +3,7 @@ doubles and helpers more than one test module uses (test modules never import ea
 from __future__ import annotations
 
 import os
+import re
 import types
 
 import pytest
@@ -222,3 +223,48 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(batch_module, "load_components", refuse)
     return calls
+
+
+LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _ldm_unet_key(key: str, config) -> str:
+    """A diffusers UNet key -> the original (LDM) one: input_blocks / middle_block / output_blocks."""
+    per_block = config.layers_per_block
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for old, new in fixed.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+
+    def resnet(rest: str) -> str:
+        name, tail = rest.split(".", 1)
+        return f"{LDM_RESNET[name]}.{tail}"
+
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = (per_block + 1) * i + j + 1
+        return f"input_blocks.{block}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(per_block + 1) * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = (per_block + 1) * i + j
+        return f"output_blocks.{block}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])
+        has_attention = "CrossAttn" in config.up_block_types[i]
+        return f"output_blocks.{(per_block + 1) * i + per_block}.{2 if has_attention else 1}.conv.{m[2]}"
+    raise AssertionError(f"no original name for UNet key {key}")
+
+
+@pytest.fixture(scope="session")
+def ldm_unet_key():
+    """ldm_unet_key(key, unet_config) -> the original (LDM/SGM) name of a diffusers UNet key or module:
+    what single-file checkpoints and kohya's SDXL LoRAs use."""
+    return _ldm_unet_key

@@ -5,7 +5,6 @@ equals a per-prompt loop with the LoRA on that prompt alone."""
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -51,25 +50,10 @@ def lora_layers(components, parts=("unet", "text_encoder", "text_encoder_2"), ra
     return layers
 
 
-def sgm_name(name: str, layers_per_block: int) -> str:
-    """A diffusers UNet module name in Stability's (SGM) block numbering, as kohya's SDXL LoRAs name them:
-    down_blocks.i.attentions.j -> input_blocks.(1 + i*(L+1) + j).1, up_blocks.i.attentions.j ->
-    output_blocks.(i*(L+1) + j).1, mid_block.attentions.0 -> middle_block.1 (L: layers per block)."""
-    down = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    up = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if down:
-        i, j, rest = down.groups()
-        return f"input_blocks.{1 + int(i) * (layers_per_block + 1) + int(j)}.1.{rest}"
-    if up:
-        i, j, rest = up.groups()
-        return f"output_blocks.{int(i) * (layers_per_block + 1) + int(j)}.1.{rest}"
-    return name.replace("mid_block.attentions.0.", "middle_block.1.")
-
-
-def write_lora(path, layers, layout: str, layers_per_block: int = 1):
+def write_lora(path, layers, layout: str, sgm_name=None):
     """peft: `<part>.<module>.lora_A.weight`; kohya: `lora_unet_/lora_te1_/lora_te2_<module_underscored>`
     with .lora_down/.lora_up/.alpha (alpha = rank/2, up doubled: the same update); kohya-sgm: kohya
-    with the UNet's blocks in SGM numbering. Text-encoder layers are named as LoRA files in the wild
+    with the UNet's blocks in SGM numbering (`sgm_name`: a UNet module name -> its SGM one). Text-encoder layers are named as LoRA files in the wild
     name them (`text_model.encoder.layers...`, `lora_te1_text_model_encoder_layers_...`)."""
     tensors = {}
     for part, name, down, up in layers:
@@ -79,7 +63,7 @@ def write_lora(path, layers, layout: str, layers_per_block: int = 1):
             tensors[f"{part}.{name}.lora_A.weight"] = down.contiguous()
             tensors[f"{part}.{name}.lora_B.weight"] = up.contiguous()
             continue
-        module = sgm_name(name, layers_per_block) if layout == "kohya-sgm" and part == "unet" else name
+        module = sgm_name(name) if layout == "kohya-sgm" and part == "unet" else name
         key = KOHYA_PREFIX[part] + module.replace(".", "_")
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.lora_up.weight"] = (up * 2).contiguous()
@@ -100,13 +84,14 @@ def xl_pipeline(components, scheduler_name="ddim"):
 
 
 @pytest.fixture
-def lora_file(tmp_path):
+def lora_file(tmp_path, ldm_unet_key):
     """lora_file(layout, parts, seed) -> a LoRA file for the tiny SDXL under tmp_path/loras."""
 
     def make(layout="peft", parts=("unet", "text_encoder", "text_encoder_2"), seed=1, name="style"):
         (tmp_path / "loras").mkdir(exist_ok=True)
-        return write_lora(tmp_path / "loras" / f"{name}_{layout}.safetensors", lora_layers(fresh_xl(), parts, seed=seed),
-                          layout)
+        xl = fresh_xl()
+        return write_lora(tmp_path / "loras" / f"{name}_{layout}.safetensors", lora_layers(xl, parts, seed=seed),
+                          layout, sgm_name=lambda module: ldm_unet_key(module, xl.unet.config))
 
     return make
 

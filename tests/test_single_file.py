@@ -12,43 +12,7 @@ from typer.testing import CliRunner
 from multidiff_cli.cli import app
 from multidiff_cli.models.random_weights import build_tiny_random, save_components
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def unet_key(key: str, config) -> str:
-    """A diffusers UNet key -> the original (LDM) one: input_blocks / middle_block / output_blocks."""
-    per_block = config.layers_per_block
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    for old, new in fixed.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-
-    def resnet(rest: str) -> str:
-        name, tail = rest.split(".", 1)
-        return f"{RESNET[name]}.{tail}"
-
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        block = (per_block + 1) * i + j + 1
-        return f"input_blocks.{block}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"input_blocks.{(per_block + 1) * (int(m[1]) + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        block = (per_block + 1) * i + j
-        return f"output_blocks.{block}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-        i = int(m[1])
-        has_attention = "CrossAttn" in config.up_block_types[i]
-        return f"output_blocks.{(per_block + 1) * i + per_block}.{2 if has_attention else 1}.conv.{m[2]}"
-    raise AssertionError(f"no original name for UNet key {key}")
 
 
 def vae_key(key: str, blocks: int) -> str:
@@ -69,12 +33,12 @@ def vae_key(key: str, blocks: int) -> str:
     return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv
 
 
-def original_layout(components) -> dict[str, torch.Tensor]:
+def original_layout(components, ldm_unet_key) -> dict[str, torch.Tensor]:
     """One state dict as A1111 and ComfyUI save SD checkpoints: model.diffusion_model.*, first_stage_model.*
     (attention as 1x1 convolutions), cond_stage_model.transformer.text_model.* (a CLIP text model)."""
     tensors = {}
     for key, value in components.unet.state_dict().items():
-        tensors["model.diffusion_model." + unet_key(key, components.unet.config)] = value
+        tensors["model.diffusion_model." + ldm_unet_key(key, components.unet.config)] = value
     blocks = len(components.vae.config.block_out_channels)
     for key, value in components.vae.state_dict().items():
         new = vae_key(key, blocks)
@@ -85,7 +49,7 @@ def original_layout(components) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, ldm_unet_key):
     """(diffusers folder, the same weights as one original-layout .safetensors file)."""
     folder = tmp_path_factory.mktemp("single")
     components = build_tiny_random()
@@ -96,7 +60,7 @@ def checkpoint(tmp_path_factory):
         '"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], '
         '"safety_checker": [null, null], "feature_extractor": [null, null]}'
     )
-    save_file(original_layout(components), str(folder / "tiny.safetensors"))
+    save_file(original_layout(components, ldm_unet_key), str(folder / "tiny.safetensors"))
     return folder / "tiny", folder / "tiny.safetensors"
 
 
