@@ -16,9 +16,9 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -301,31 +301,42 @@ def _max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _child(config: BenchConfig, path: str, latents_file: str, queue) -> None:
+def _child(target: Callable, args: tuple, queue) -> None:
     try:
-        queue.put(("ok", _run_path(config, path, latents_file)))
+        queue.put(("ok", target(*args)))
     except BaseException as exc:  # reported by the parent
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
-    """_run_path in a fresh process, so its peak memory is its own."""
+def in_fresh_process(target: Callable, *args, what: str | None = None) -> Any:
+    """target(*args) in a fresh (spawned) process: its own memory and peak, no warm caches from another
+    path. A child killed (for memory, by a signal) before it reports is a BenchError, never a hang."""
+    what = what or f"bench {getattr(target, '__name__', target)}"
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(config, path, latents_file, queue))
+    child = context.Process(target=_child, args=(target, args, queue))
     child.start()
     while True:
         try:
             status, payload = queue.get(timeout=1)
             break
         except queue_module.Empty:
-            if not child.is_alive():  # killed (out of memory, a signal) before it could report
-                raise BenchError(f"bench path {path!r} died with exit code {child.exitcode} "
-                                 "(killed for memory? try a smaller --size or --dtype bfloat16)") from None
+            if not child.is_alive():
+                try:  # it may have reported just as the wait timed out
+                    status, payload = queue.get_nowait()
+                    break
+                except queue_module.Empty:
+                    raise BenchError(f"{what} died with exit code {child.exitcode} "
+                                     "(killed for memory? try a smaller --size or --dtype bfloat16)") from None
     child.join()
     if status != "ok":
-        raise BenchError(f"bench path {path!r} failed: {payload}")
+        raise BenchError(f"{what} failed: {payload}")
     return payload
+
+
+def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
+    """_run_path in a fresh process, so its peak memory is its own."""
+    return in_fresh_process(_run_path, config, path, latents_file, what=f"bench path {path!r}")
 
 
 def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
@@ -365,7 +376,7 @@ def run_width_sweep(config: BenchConfig, widths: list[int]) -> list[dict[str, An
     The authors' region script has no views, so there is no reference path here."""
     rows = []
     for width in widths:
-        wide = BenchConfig(**{**asdict(config), "width_px": width})
+        wide = replace(config, width_px=width)
         with tempfile.TemporaryDirectory() as tmp:
             result = _in_child(wide, "multidiff", str(Path(tmp) / "latents.pt"))
         rows.append({"width_px": width, "height_px": wide.size_px, **result})

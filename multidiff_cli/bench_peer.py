@@ -10,26 +10,25 @@ time counts the others' turns too, CPU time much less so.
 """
 from __future__ import annotations
 
-import multiprocessing
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .bench import BenchConfig, _device_name, _now, run_bench_command as _bench_command
-from .errors import BenchError, UsageError
+from .bench import BenchConfig, _device_name, _now, in_fresh_process, parse_widths, run_bench_command as _bench_command
+from .errors import UsageError
 from .method.schedulers import make_scheduler
-from .method.views import make_views
 from .models.components import quiet_libraries, speed_up, to_device
-from .models.random_weights import TINY_RANDOM, build_sd2_random, build_tiny_random
-from .run.render import auto_batch_size, render
+from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
+from .run.render import auto_batch_size, plan_render, render
 from .scene import Scene
 
 PEER_PROMPT = "a mountain range at dawn, wide panorama"
+PEER_MODELS = (TINY_RANDOM, SD2_RANDOM)  # SD-shaped: the panorama pipeline, and the sweep's UNet call, are SD's
 PEER_STRIDE_PX = 64  # the panorama pipeline's stride: 8 latent cells
 
 
@@ -120,17 +119,15 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     runs the model as its tool sets it up: multidiff's as its loader does, the pipeline's as
     from_pretrained does (the pipeline gains what multidiff's setup gains where its user adds it)."""
     components = _components(config, text_encoder=True, as_multidiff_loads=path == "multidiff")
-    window = components.unet.config.sample_size
-    views = make_views((config.size_px // 8, config.canvas_width // 8), window, PEER_STRIDE_PX // 8)
+    plan = plan_render(peer_scene(config), components)  # as render plans it, before the render fills any cache
     parts = {"unet": _Timed(components.unet, components.device), "decode": _Timed(components.vae, components.device, "decode")}
     start, cpu_start = _now(components.device), time.process_time()
     with torch.inference_mode():
         image = PEER_PATHS[path](config, components)
     seconds, cpu_seconds = _now(components.device) - start, time.process_time() - cpu_start
     np.save(image_file, image)
-    samples_per_call = 2 if path != "multidiff" else (  # the pipeline: one view (cond + uncond) a call
-        config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views)))
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(views), "samples_per_call": samples_per_call,
+    samples_per_call = plan.samples_per_call if path == "multidiff" else 2  # the pipeline: a view (cond + uncond) a call
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(plan.views), "samples_per_call": samples_per_call,
             "unet_seconds": parts["unet"].seconds(), "decode_seconds": parts["decode"].seconds()}
 
 
@@ -164,26 +161,6 @@ class _Timed:
         return sum(end - start for start, end in self.spans)
 
 
-def _child(target, args, queue) -> None:
-    try:
-        queue.put(("ok", target(*args)))
-    except BaseException as exc:  # reported by the parent
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def in_fresh_process(target: Callable, *args) -> Any:
-    """target(*args) in a fresh (spawned) process: its own memory, no warm caches from another path."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(target, args, queue))
-    child.start()
-    status, payload = queue.get()
-    child.join()
-    if status != "ok":
-        raise BenchError(f"bench {getattr(target, '__name__', target)} failed: {payload}")
-    return payload
-
-
 def peer_row(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     """multidiff against diffusers' panorama pipeline on the bench's canvas: times, ratio, pixel difference."""
     paths, images = {}, {}
@@ -207,11 +184,13 @@ def run_bench_command(config: BenchConfig, widths: str | None = None, json_path:
     without either, bench's own comparison or width sweep."""
     import json
 
-    from .bench import parse_widths
     from .output.report import batch_sweep_table, peer_table
 
     if not (batch_sizes or peer):
         return _bench_command(config, widths, json_path)
+    if config.model not in PEER_MODELS:
+        raise UsageError(f"--batch-sizes and --peer run SD-shaped models ({', '.join(PEER_MODELS)}): diffusers' "
+                         f"panorama pipeline, the peer, is SD's; not {config.model}")
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes else []
     report: dict[str, Any] = {}
     printed = []
@@ -221,7 +200,7 @@ def run_bench_command(config: BenchConfig, widths: str | None = None, json_path:
     if peer:
         report["peer"] = []
         for width in parse_widths(widths) if widths else [config.canvas_width]:
-            row = peer_row(BenchConfig(**{**asdict(config), "width_px": width}))
+            row = peer_row(replace(config, width_px=width))
             report["peer"].append(row)
         printed.append(peer_table(report["peer"]))
     if json_path:

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from .bench import BENCH_MODELS, BenchConfig, bench_config, run_bench
-from .bench_peer import batch_sweep, in_fresh_process, peer_row
+from .bench import BENCH_MODELS, BenchConfig, _device_name, bench_config, in_fresh_process, run_bench
+from .bench_peer import PEER_MODELS, batch_sweep, peer_row
+from .output.console import out as console
 from .models.random_weights import SD2_RANDOM
 from .run.batch import RunSettings
 from .smoke import example_scenes, run_smoke
@@ -101,7 +100,7 @@ def sweep_and_peer_rows(config: BenchConfig, in_process: bool = False) -> list[R
     rows.append(Row("bench --batch-sizes", f"{config.size_px}², {config.dtype}", time.perf_counter() - started, result))
     started = time.perf_counter()
     try:
-        peer = peer_row(BenchConfig(**{**asdict(config), "width_px": 2 * config.size_px}), in_process)
+        peer = peer_row(replace(config, width_px=2 * config.size_px), in_process)
         result = (f"ok: {peer['paths']['multidiff']['seconds']:.1f} s vs {peer['paths']['panorama pipeline']['seconds']:.1f} s,"
                   f" ratio {peer['time_ratio']:.3f}, max pixel difference {peer['max_pixel_difference']}")
     except Exception as exc:
@@ -128,26 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
-    console = Console(highlight=False, soft_wrap=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         console.print("gpu-check did not run: torch sees no CUDA device on this machine", markup=False)
         return 1
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    name = _device_name(args.device)
     scenes = example_scenes(args.scenes)
     rows: list[Row] = []
     if not args.no_tests:
         rows.append(gpu_tests(args.tests))
-    for dtype in args.dtypes.split(","):
+    dtypes = args.dtypes.split(",")
+    for dtype in dtypes:
         rows += scene_renders(scenes, args.output_dir / dtype, args.steps, args.model, args.device, dtype)
     if not args.no_compile:
         compiled = [scene for scene in scenes if scene.name == COMPILE_SCENE] or scenes[:1]
         rows += scene_renders(compiled, args.output_dir / "compiled", args.steps, args.model, args.device,
-                              args.dtypes.split(",")[0], compile=True)
+                              dtypes[0], compile=True)
     if not args.no_bench:
         bench_model = args.model if args.model in BENCH_MODELS else SD2_RANDOM
-        rows.append(bench_row(args.device, args.dtypes.split(",")[0], bench_model, args.bench_size, args.bench_steps))
-        rows += sweep_and_peer_rows(bench_config(bench_model, args.bench_size, 0, args.bench_steps, 0, "ddim", args.device,
-                                                 args.dtypes.split(",")[0], False, None))
+        rows.append(bench_row(args.device, dtypes[0], bench_model, args.bench_size, args.bench_steps))
+        peer_model = bench_model if bench_model in PEER_MODELS else SD2_RANDOM  # the panorama pipeline is SD's
+        rows += sweep_and_peer_rows(bench_config(peer_model, args.bench_size, 0, args.bench_steps, 0, "ddim", args.device,
+                                                 dtypes[0], False, None))
 
     table = Table(title=f"gpu-check on {name} ({args.device}), torch {torch.__version__}, model {args.model}")
     for column in ("check", "setting", "seconds", "result"):

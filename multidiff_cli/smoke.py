@@ -11,6 +11,7 @@ from PIL import Image
 from .errors import MultidiffError, SceneError
 from .models.loading import DEFAULT_MODEL
 from .models.random_weights import TINY_RANDOM
+from .output.console import problem_lines
 from .output.png import read_metadata
 from .run.batch import Event, OnEvent, Renderer, RunSettings
 from .run.plan import plan_jobs
@@ -59,7 +60,7 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
     """Render each scene once in `steps` steps and check each picture."""
     overrides = {"steps": steps, "model": model}  # a scene's bootstrap follows the steps, as in render
     jobs, load_failures, notes = plan_jobs(scenes, overrides, None, None, output_dir, overwrite=True)
-    results = [SmokeResult(f.label, "-", 0.0, str(f.error).splitlines()[0]) for f in load_failures]
+    results = [SmokeResult(f.label, "-", 0.0, problem_lines(f.error)[0]) for f in load_failures]
     by_target = {job.target: job for job in jobs}
     by_label = {job.label: job for job in jobs}
     clock = [time.perf_counter()]
@@ -77,7 +78,7 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
         elif event.kind == "failed":
             job = by_label[event.failure.label]
             size = f"{job.scene.width}x{job.scene.height}"
-            results.append(SmokeResult(job.source.name, size, lap(), str(event.failure.error).splitlines()[0]))
+            results.append(SmokeResult(job.source.name, size, lap(), problem_lines(event.failure.error)[0]))
         if on_event is not None:
             on_event(event)
 

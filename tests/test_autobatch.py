@@ -128,3 +128,20 @@ def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
     conv = components.vae.decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert np.abs(np.asarray(decode(components, latents)).astype(int) - before).max() <= 1
+
+
+def test_peer_and_sweep_refuse_sdxl_models_in_one_line():
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-sdxl-random", "--peer"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --batch-sizes and --peer run SD-shaped models (tiny-random, sd2-random): "
+                                     "diffusers' panorama pipeline, the peer, is SD's; not tiny-sdxl-random")
+
+
+def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():
+    import os
+
+    from multidiff_cli.bench import in_fresh_process
+    from multidiff_cli.errors import BenchError
+
+    with pytest.raises(BenchError, match="bench _exit died with exit code 3"):
+        in_fresh_process(os._exit, 3)
