@@ -12,7 +12,7 @@ from .components import Components, quiet_libraries, speed_up, to_device
 from .names import FEW_STEP_MARKERS
 from .random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
                              build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
-from .single_file import is_single_file, load_single_file
+from .single_file import is_single_file, load_single_file, looks_like_hub_id
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.
@@ -101,7 +101,7 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
     path = Path(model).expanduser()
     if path.is_dir():
         return path, None
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if path.exists() or not looks_like_hub_id(model):
         raise ModelNotFound(
             f"model {model!r}: no such folder, and not a hub id of the form owner/name. "
             "Point --model at a local diffusers folder (one with unet/, vae/, text_encoder/, "

@@ -235,7 +235,7 @@ def switch(components: Components, adapters: AdapterSet, parts: tuple[str, ...] 
 class Conditions:
     """Text conditioning whose rows each run with an adapter set: the family's conditioning of E rows
     (SD's hidden states (E, L, D), or SDXL's SDXLConditioning) and each row's index into `sets`.
-    Slices like a tensor of rows; ChunkedUNet reads `unet_kwargs()`."""
+    Slices like a tensor of rows; AdapterUNet hands each set's rows of `hidden` to the UNet."""
 
     hidden: Any  # torch.Tensor or an object that slices like one and has unet_kwargs()
     set_index: torch.Tensor  # (E,) long, on the CPU
@@ -251,11 +251,6 @@ class Conditions:
     def zeroed(self, rows: frozenset[int]) -> Conditions:
         """These rows' conditioning zeroed (SDXL's force_zeros_for_empty_prompt: SDXLConditioning.zeroed)."""
         return Conditions(self.hidden.zeroed(rows), self.set_index, self.sets)
-
-    def unet_kwargs(self) -> dict:
-        if hasattr(self.hidden, "unet_kwargs"):
-            return self.hidden.unet_kwargs()
-        return {"encoder_hidden_states": self.hidden}
 
 
 def encode_conditions(components: Components, texts: list[str], sets: list[AdapterSet], encode) -> Conditions:

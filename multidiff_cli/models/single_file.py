@@ -13,6 +13,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_SUFFIXES = (".ckpt",)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, not a path (no leading '.', '/' or '~')."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def is_single_file(model: str) -> bool:
     """A model given as a checkpoint file (not a folder, not a hub id)."""
     path = Path(model).expanduser()
@@ -28,8 +33,7 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
         raise ModelError(f"model {model_id!r}: {path.suffix} checkpoints are pickles, which can run code when "
                          "loaded; use the .safetensors one, or, for a model you trust, pass --allow-pickle")
     config_folder = Path(config).expanduser() if config else None
-    if config_folder is not None and not config_folder.is_dir() and (config.startswith((".", "/", "~"))
-                                                                       or config.count("/") != 1):
+    if config_folder is not None and not config_folder.is_dir() and not looks_like_hub_id(config):
         raise ModelNotFound(f"model_config {config!r}: no such folder, and not a hub id of the form owner/name")
     try:
         pipe = StableDiffusionPipeline.from_single_file(

@@ -13,9 +13,9 @@ import yaml
 from ..errors import MetadataError, UsageError
 from ..output.png import read_metadata, write_atomic
 from ..output.report import scene_for_folder
-from ..scene.grid import LATENT_PX
 from ..scene import scene_from_dict
-from ..scene.picture import upright_size
+from ..scene.load import scale_px
+from ..scene.picture import multiple_of_8, upright_size
 from ..scene.schema import MAX_SEED
 from .batch import BatchReport, BatchRequest, OnEvent, RunSettings, run_batch
 from .plan import SEED_RANGE, free_path
@@ -44,7 +44,7 @@ def upscale_canvas(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
     """The picture's size times `scale`, each side rounded to a multiple of 8."""
     if not 1 <= scale <= 16:
         raise UsageError(f"--scale {scale}: expected 1 to 16 (2 doubles width and height)")
-    canvas = tuple(max(LATENT_PX, round(side * scale / LATENT_PX) * LATENT_PX) for side in size_wh)
+    canvas = tuple(multiple_of_8(side * scale) for side in size_wh)
     if max(canvas) > MAX_CANVAS_PX:
         raise UsageError(f"--scale {scale}: a {size_wh[0]}x{size_wh[1]} picture would become {canvas[0]}x{canvas[1]}, "
                          f"over the largest canvas side, {MAX_CANVAS_PX} px")
@@ -94,7 +94,7 @@ def _scaled_region(region: dict[str, Any], own: dict[str, Any], canvas: tuple[in
     old = (own.get("width"), own.get("height"))
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in (*box, *old))):
         return region
-    return {**region, "box": [(2 * v * canvas[k % 2] + old[k % 2]) // (2 * old[k % 2]) for k, v in enumerate(box)]}
+    return {**region, "box": [scale_px(v, canvas[k % 2], old[k % 2]) for k, v in enumerate(box)]}
 
 
 def _relative(path: Path, folder: Path) -> str:

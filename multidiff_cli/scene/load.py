@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import math
 import reprlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,7 @@ def _boxes_following_canvas(data, overrides, notes, hints) -> dict[str, Any]:
     for i, region in enumerate(regions):
         box = region.get("box") if isinstance(region, dict) else None
         if isinstance(box, list) and len(box) == 4 and all(_is_int(v) for v in box):  # else validation says why
-            scaled = [_scale_px(v, new[k % 2], old[k % 2]) for k, v in enumerate(box)]
+            scaled = [scale_px(v, new[k % 2], old[k % 2]) for k, v in enumerate(box)]
             hints[("regions", i, "box")] = f"the scene's {box} scaled to the {new[0]}x{new[1]} canvas by --size"
             region, any_scaled = {**region, "box": scaled}, True
         scaled_regions.append(region)
@@ -115,7 +114,7 @@ def _boxes_following_canvas(data, overrides, notes, hints) -> dict[str, Any]:
     return {"regions": scaled_regions}
 
 
-def _scale_px(value: int, new: int, old: int) -> int:
+def scale_px(value: int, new: int, old: int) -> int:
     """value * new / old rounded half up, in exact integers (so x0 and x1 round alike)."""
     return (2 * value * new + old) // (2 * old)
 
@@ -284,24 +283,12 @@ def _stretch_warning(scene: Scene, i: int, region: Region) -> list[str]:
 
 def _check_mask_file(path: Path, latent_hw: tuple[int, int] | None) -> str | None:
     """A mask file's problem, if any; the 'covers no latent cell' check only with a canvas (latent_hw)."""
-    from PIL import Image
-
     try:
-        if not path.exists():
-            return f"no such file: {path}"
-        if path.is_dir():
-            return f"{path} is a directory, not an image"
-    except OSError as exc:
-        return f"cannot open {path}: {exc.strerror or exc}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                pixel_mask = grid.pixel_mask(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"{path}: refused, too many pixels for a mask ({exc})"
-    except (OSError, ValueError, SyntaxError) as exc:
+        with picture.open_image(path, "a mask") as image:
+            pixel_mask = grid.pixel_mask(image)
+    except picture.PictureError as exc:
+        return str(exc)
+    except (OSError, ValueError, SyntaxError) as exc:  # what reading the pixels found past opening
         return f"{path} is not an image Pillow can read ({exc})"
     if not pixel_mask.any():
         return f"{path}: the mask is empty (no pixel is at least half-white; white = region)"

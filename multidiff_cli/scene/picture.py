@@ -24,7 +24,7 @@ class PictureError(MultidiffError, ValueError):
     exit_code = 2
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def open_image(path: Path, what: str) -> Image.Image:
     """Open an image file, refusing what Pillow calls a decompression bomb (its warning, too)."""
     try:
         exists, is_dir = path.exists(), path.is_dir()
@@ -52,7 +52,7 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def upright_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as it is shown: EXIF orientation applied. Checks the file (PictureError)."""
-    image = _open(path, "an init image")
+    image = open_image(path, "an init image")
     with image:
         width, height = image.size
         if image.getexif().get(0x0112) in _SWAPPED:
@@ -65,7 +65,7 @@ def upright_size(path: Path) -> tuple[int, int]:
 def load_picture(path: Path, size_wh: tuple[int, int]) -> np.ndarray:
     """The init image upright, transparency composited on white, resized (Lanczos) to size_wh:
     float32 (H, W, 3) in [-1, 1], as the VAE takes it."""
-    with _open(path, "an init image") as image:
+    with open_image(path, "an init image") as image:
         image = ImageOps.exif_transpose(image)
         if image.has_transparency_data:
             rgba = image.convert("RGBA")
@@ -85,16 +85,17 @@ def canvas_from_picture(data: dict[str, Any], path: Path) -> dict[str, int]:
     if has_w and has_h:
         return {}
     if not has_w and not has_h:
-        return {"width": _multiple_of_8(width, down=True), "height": _multiple_of_8(height, down=True)}
+        return {"width": multiple_of_8(width, down=True), "height": multiple_of_8(height, down=True)}
     given = data["width"] if has_w else data["height"]
     if not isinstance(given, int) or isinstance(given, bool):
         return {}  # validation says why
     if has_w:
-        return {"height": _multiple_of_8(given * height / width)}
-    return {"width": _multiple_of_8(given * width / height)}
+        return {"height": multiple_of_8(given * height / width)}
+    return {"width": multiple_of_8(given * width / height)}
 
 
-def _multiple_of_8(value: float, down: bool = False) -> int:
+def multiple_of_8(value: float, down: bool = False) -> int:
+    """value rounded to a multiple of the latent cell (down: floored), at least one cell."""
     cells = int(value // grid.LATENT_PX) if down else round(value / grid.LATENT_PX)
     return max(1, cells) * grid.LATENT_PX
 
@@ -113,7 +114,7 @@ def aspect_problem(path: Path, canvas_wh: tuple[int, int]) -> str | None:
 def keep_cells(path: Path, latent_hw: tuple[int, int]) -> np.ndarray:
     """Boolean (h, w): the latent cells a keep mask lets change (white = may change, black = kept), by the
     region masks' cell-centre rule. PictureError when it lets nothing change, or everything."""
-    with _open(path, "a keep mask") as image:
+    with open_image(path, "a keep mask") as image:
         pixels = grid.pixel_mask(image)
     cells = grid.resize_nearest(pixels, latent_hw)
     if not cells.any():
