@@ -34,7 +34,7 @@ from .models.random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_S
 from .models.lora import AdapterUNet, Conditions, load_loras
 from .models.sd import ChunkedUNet
 from .models.sdxl import SDXLConditioning, time_ids
-from .run.render import auto_batch_size
+from .run.render import auto_batch_size, largest_view_cells
 from .scene.grid import box_cells
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
 BENCH_MODELS = {SD2_RANDOM: build_sd2_random, SDXL_RANDOM: build_sdxl_random, TINY_RANDOM: build_tiny_random,
@@ -187,7 +187,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
-    samples_per_call = config.max_batch or auto_batch_size(components, max(v.height * v.width for v in views))
+    samples_per_call = config.max_batch or auto_batch_size(components, largest_view_cells(views))
     run = ChunkedUNet(components.unet, samples_per_call)
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:

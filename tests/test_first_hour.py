@@ -235,6 +235,18 @@ def test_validate_and_preview_accept_a_multidiff_png(scene, tmp_path):
         assert image.size[0] > 96  # the canvas and the legend beside it
 
 
+def test_validate_and_preview_of_a_scene_file_hash_no_input_file(scene, tmp_path, monkeypatch):
+    """Hashing is for the record and --skip-existing: a check or a layout never reads a (GB-sized) LoRA for it."""
+    from multidiff_cli.run import plan as plan_module
+
+    def refuse(_scene):
+        raise AssertionError("input files hashed")
+
+    monkeypatch.setattr(plan_module, "input_hashes", refuse)
+    assert run("validate", scene).exit_code == 0
+    assert run("preview", scene, "-o", tmp_path / "layout.png").exit_code == 0
+
+
 def test_inspect_saves_a_scene_that_renders_from_any_folder(scene, tmp_path):
     render(scene, "--output-dir", tmp_path / "out")
     png = tmp_path / "out" / "my_scene-7.png"

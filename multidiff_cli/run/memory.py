@@ -6,7 +6,7 @@ from ..models.components import Components, available_bytes
 from ..models.sd import unet_bytes_per_sample
 from ..output.report import size_text
 from ..scene import Scene
-from .render import RenderPlan
+from .render import RenderPlan, plan_render
 
 VAE_MULTIPLICITY = 3  # live tensors per decoder level
 TILE_PX = 512  # diffusers' tiled decoding works on tiles of the VAE's sample size
@@ -16,12 +16,12 @@ TILED_ENCODE_OVERHEAD = 1.2
 PICTURE_BYTES_PER_PX = 3 + 3 * 4  # the init image as 8-bit RGB and as float32 at the canvas's size
 
 
-def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, tiled: bool) -> dict[str, int]:
+def estimate_bytes(scene: Scene, components: Components, samples_per_call: int, tiled: bool,
+                   view_cells: int | None = None) -> dict[str, int]:
     """Activation memory, beyond the loaded weights: the UNet's largest call, the VAE decode, and the
-    init image's encode (the encoder's levels are the decoder's; it tiles when decoding does)."""
-    window = components.unet.config.sample_size
-    h, w = scene.latent_hw
-    view_cells = min(h, window) * min(w, window)
+    init image's encode (the encoder's levels are the decoder's; it tiles when decoding does).
+    view_cells: the largest view's latent cells (RenderPlan.view_cells); by default, planned here."""
+    view_cells = view_cells or plan_render(scene, components).view_cells
     unet = samples_per_call * unet_bytes_per_sample(components.unet.config, view_cells, components.dtype)
     pixels = TILE_PX * TILE_PX if tiled else scene.width * scene.height
     channels = components.vae.config.block_out_channels
@@ -42,7 +42,7 @@ def check_memory(scene: Scene, components: Components, plan: RenderPlan) -> None
     # the most samples a step can have: every prompt in every view, twice (guidance), each its own
     # input (bootstrapping)
     samples = min(plan.samples_per_call, 2 * (len(scene.regions) + 1) * len(plan.views))
-    parts = estimate_bytes(scene, components, samples, plan.tiled_decode)
+    parts = estimate_bytes(scene, components, samples, plan.tiled_decode, plan.view_cells)
     need = max(parts.values())  # the UNet's memory is released before decoding
     if need > 0.9 * free:
         largest = max(parts, key=parts.get)

@@ -1,6 +1,7 @@
 """Plan a batch: which scene renders with which seed into which file (a RenderJob each). No rendering."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -83,9 +84,14 @@ class Source:
 
     scene: Scene
     scene_file: str
-    inputs: dict[str, str]  # input_hashes(scene), now
     from_png: bool = False
     notes: list[str] = field(default_factory=list)
+    hashed: dict[str, str] | None = None  # a PNG's inputs, hashed on loading to compare with its record
+
+    @functools.cached_property
+    def inputs(self) -> dict[str, str]:
+        """input_hashes(scene), hashed when first asked: validate and preview never ask (a LoRA can be GBs)."""
+        return self.hashed if self.hashed is not None else input_hashes(self.scene)
 
 
 def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
@@ -93,7 +99,7 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
     overrides = overrides or {}
     if path.suffix.lower() != ".png":
         scene = load_scene(path, overrides)
-        return Source(scene, path.name, input_hashes(scene))
+        return Source(scene, path.name)
     record = read_metadata(path)
     scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
     base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
@@ -108,7 +114,7 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
         if digest is not None else f"{name}: the file is gone since {path.name} was rendered"
         for name, digest in changed_inputs(record.get("inputs", {}), hashes)
     ]
-    return Source(scene, record.get("scene_file") or path.name, hashes, True, notes)
+    return Source(scene, record.get("scene_file") or path.name, True, notes, hashes)
 
 
 def input_files(scene: Scene) -> dict[str, Path]:

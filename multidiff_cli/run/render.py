@@ -39,6 +39,15 @@ class RenderPlan:
     few_step: bool  # StreamMultiDiffusion's quantized masks and mask-centering bootstrapping
     auto_batch: bool = False  # samples_per_call chosen by `max_batch: auto` for this device and view size
 
+    @property
+    def view_cells(self) -> int:
+        """Latent cells of the largest view: what one UNet sample works on."""
+        return largest_view_cells(self.views)
+
+
+def largest_view_cells(views: list[View]) -> int:
+    return max(v.height * v.width for v in views)
+
 
 @dataclass
 class RenderResult:
@@ -60,7 +69,7 @@ def plan_render(scene: Scene, components: Components) -> RenderPlan:
     auto = scene.max_batch in (None, "auto")
     return RenderPlan(
         views=views,
-        samples_per_call=auto_batch_size(components, max(v.height * v.width for v in views)) if auto else scene.max_batch,
+        samples_per_call=auto_batch_size(components, largest_view_cells(views)) if auto else scene.max_batch,
         tiled_decode=tiled,
         wrap=wrap,
         few_step=components.few_step_model if scene.few_step == "auto" else scene.few_step,
