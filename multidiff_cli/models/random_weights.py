@@ -19,6 +19,27 @@ TINY_SDXL_RANDOM = "tiny-sdxl-random"
 SDXL_RANDOM = "sdxl-random"
 
 
+# The tiny UNets' shared shape (SD2- and SDXL-shaped alike): two levels, cross attention at half
+# resolution only, so a 512px smoke render takes seconds.
+_TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+_TINY_TEXT = dict(hidden=32, intermediate=64, layers=2, heads=4)  # the tiny CLIP text encoders' shape
+FULL_VOCAB = 49408  # CLIP's vocabulary: the full-size encoders' embedding tables (the tokenizer is tiny-random's)
+
+
+def _clip_config(tokenizer, vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int):
+    """A CLIP text encoder's config over `tokenizer`'s special tokens, projection as wide as its hidden states."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_random(seed: int = 0) -> Components:
     """SD2-shaped components with small random weights, built in code: no download, same every time.
 
@@ -27,40 +48,13 @@ def build_tiny_random(seed: int = 0) -> Components:
     noise-like.
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=32,
-                hidden_act="gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            # cross attention at half resolution only, so a 512px smoke render takes seconds
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            norm_num_groups=32,
-        )
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=32, **_TINY_UNET)
         vae = random_vae(tiny=True, sample_size=512)
     return Components(
         tokenizer=tokenizer,
@@ -78,19 +72,12 @@ def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
     text_encoder: also an OpenCLIP ViT-H-shaped text encoder (SD2's: 1024 wide, 23 layers) over
     tiny-random's tokenizer, so `--model sd2-random` renders scenes; the bench needs none."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer() if text_encoder else None
-        encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                num_attention_heads=16, max_position_embeddings=77, projection_dim=1024, hidden_act="gelu",
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ).eval() if text_encoder else None
+        encoder = CLIPTextModel(_clip_config(tokenizer, FULL_VOCAB, 1024, 4096, 23, 16)).eval() if text_encoder else None
         unet = UNet2DConditionModel(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
@@ -206,37 +193,21 @@ def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
     `text_time` added embedding of the pooled text and six time ids, SDXL's Euler scheduler config
     and VAE scaling factor. sample_size: latent cells of the native size (64: 512 px, as SDXL-Turbo)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
-
-        def text_config(**sizes) -> CLIPTextConfig:
-            return CLIPTextConfig(
-                vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes,
-            )
-
-        text_encoder = CLIPTextModel(text_config(hidden_size=32, projection_dim=32))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_size=32, projection_dim=32))
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
         unet = UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
             cross_attention_dim=32 + 32,  # both encoders' hidden states
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, then the pooled text
-            norm_num_groups=32,
+            **_TINY_UNET,
         )
         vae = random_vae(tiny=True, sample_size=8 * sample_size, scaling_factor=0.13025)
     return Components(
@@ -251,7 +222,7 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
     compute, no download. text_encoder: also CLIP ViT-L- and OpenCLIP bigG-shaped text encoders over
     tiny-random's tokenizer, so `--model sdxl-random` renders scenes; the bench needs none."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -259,16 +230,8 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
         tokenizer_2 = tiny_tokenizer() if text_encoder else None
         encoders = (None, None)
         if text_encoder:
-            def text_config(hidden: int, layers: int, heads: int) -> CLIPTextConfig:
-                return CLIPTextConfig(
-                    vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                    num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu",
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-
-            encoders = (CLIPTextModel(text_config(768, 12, 12)).eval(),
-                        CLIPTextModelWithProjection(text_config(1280, 32, 20)).eval())
+            encoders = (CLIPTextModel(_clip_config(tokenizer, FULL_VOCAB, 768, 4 * 768, 12, 12)).eval(),
+                        CLIPTextModelWithProjection(_clip_config(tokenizer, FULL_VOCAB, 1280, 4 * 1280, 32, 20)).eval())
         unet = UNet2DConditionModel(
             sample_size=128,
             block_out_channels=(320, 640, 1280),
