@@ -381,20 +381,3 @@ def run_width_sweep(config: BenchConfig, widths: list[int]) -> list[dict[str, An
             result = _in_child(wide, "multidiff", str(Path(tmp) / "latents.pt"))
         rows.append({"width_px": width, "height_px": wide.size_px, **result})
     return rows
-
-
-def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None) -> list:
-    """`multidiff bench`: the two paths compared, or with `widths` the width sweep; what to print."""
-    import json
-
-    from .output.report import bench_summary, bench_table, sweep_table
-
-    if widths:
-        report = {"config": asdict(config), "widths": run_width_sweep(config, parse_widths(widths))}
-        printed = [sweep_table(report)]
-    else:
-        report = run_bench(config)
-        printed = [bench_table(report), bench_summary(report)]
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return printed

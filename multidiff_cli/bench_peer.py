@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .bench import BenchConfig, _device_name, _now, in_fresh_process, parse_widths, run_bench_command as _bench_command
+from .bench import (BenchConfig, _device_name, _now, in_fresh_process, parse_widths, run_bench,
+                    run_width_sweep)
 from .errors import UsageError
 from .method.schedulers import make_scheduler
 from .models.components import quiet_libraries, speed_up, to_device
@@ -180,28 +181,31 @@ def peer_row(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
 
 def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None,
                       batch_sizes: str | None = None, peer: bool = False) -> list:
-    """`multidiff bench`, with `--batch-sizes` (the sweep) or `--peer` (the panorama pipeline row);
-    without either, bench's own comparison or width sweep."""
+    """`multidiff bench`: the two paths compared, or with `widths` the width sweep; with `--batch-sizes`
+    the sweep of UNet calls, with `--peer` the panorama pipeline row (at each of `widths`). Returns what
+    to print; `json_path` also gets the figures."""
     import json
 
-    from .output.report import batch_sweep_table, peer_table
+    from .output.report import batch_sweep_table, bench_summary, bench_table, peer_table, sweep_table
 
-    if not (batch_sizes or peer):
-        return _bench_command(config, widths, json_path)
-    if config.model not in PEER_MODELS:
-        raise UsageError(f"--batch-sizes and --peer run SD-shaped models ({', '.join(PEER_MODELS)}): diffusers' "
-                         f"panorama pipeline, the peer, is SD's; not {config.model}")
-    sizes = parse_batch_sizes(batch_sizes) if batch_sizes else []
     report: dict[str, Any] = {}
     printed = []
-    if sizes:
-        report["batch_sweep"] = in_fresh_process(batch_sweep, config, sizes)
+    if not (batch_sizes or peer):
+        if widths:
+            report = {"config": asdict(config), "widths": run_width_sweep(config, parse_widths(widths))}
+            printed = [sweep_table(report)]
+        else:
+            report = run_bench(config)
+            printed = [bench_table(report), bench_summary(report)]
+    elif config.model not in PEER_MODELS:
+        raise UsageError(f"--batch-sizes and --peer run SD-shaped models ({', '.join(PEER_MODELS)}): diffusers' "
+                         f"panorama pipeline, the peer, is SD's; not {config.model}")
+    if batch_sizes:
+        report["batch_sweep"] = in_fresh_process(batch_sweep, config, parse_batch_sizes(batch_sizes))
         printed.append(batch_sweep_table(report["batch_sweep"]))
     if peer:
-        report["peer"] = []
-        for width in parse_widths(widths) if widths else [config.canvas_width]:
-            row = peer_row(replace(config, width_px=width))
-            report["peer"].append(row)
+        report["peer"] = [peer_row(replace(config, width_px=width))
+                          for width in (parse_widths(widths) if widths else [config.canvas_width])]
         printed.append(peer_table(report["peer"]))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

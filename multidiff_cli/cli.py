@@ -14,7 +14,7 @@ import typer
 from . import __version__
 from .errors import MultidiffError, UsageError
 from .output.console import PlainHelpCommand as _Command
-from .output.console import err, error_lines, out, print_path, print_summary, run_command, say
+from .output.console import ProgressDisplay, err, error_lines, out, print_path, print_summary, run_command, say
 from .output.console import user_errors as _user_errors
 
 app = typer.Typer(
@@ -83,7 +83,6 @@ def render(
     to render them again. A failing render does not stop the rest of a batch."""
     with _user_errors():
         from .models.loading import DEFAULT_MODEL
-        from .output.console import ProgressDisplay
         from .run.batch import BatchRequest, RunSettings, end_process, run_batch
         from .run.plan import parse_size
 
@@ -128,7 +127,6 @@ def upscale(
     """Render IMAGE larger through a scene written beside the output (the picture as init image, views)."""
     with _user_errors():
         from .models.loading import DEFAULT_MODEL
-        from .output.console import ProgressDisplay
         from .run.upscale import RunSettings, UpscaleRequest, run_upscale
 
         request = UpscaleRequest(image, scale, prompt, strength, steps, seed, model, output, output_dir)
@@ -244,7 +242,6 @@ def smoke(
     """Render every scene in a few steps, check each picture (size, not black, metadata), print a table.
     Exit 1 if any scene fails. For CI on GPU runners."""
     with _user_errors():
-        from .output.console import ProgressDisplay
         from .output.report import smoke_table
         from .run.batch import RunSettings
         from .smoke import example_scenes, run_smoke, smoke_model
