@@ -129,9 +129,12 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
 def model_family(folder: Path) -> str:
     """"sdxl" for a folder with SDXL's UNet (an added `text_time` embedding: pooled text and time ids)
     and a second text encoder; else "sd". Read from the folder itself, never from its name."""
-    unet = _read_json(folder / "unet" / "config.json")
-    sdxl = unet.get("addition_embed_type") == "text_time" and (folder / "text_encoder_2").is_dir()
-    return "sdxl" if sdxl else "sd"
+    return "sdxl" if _sdxl_unet(folder) and (folder / "text_encoder_2").is_dir() else "sd"
+
+
+def _sdxl_unet(folder: Path) -> bool:
+    """The folder's UNet adds SDXL's `text_time` embedding (pooled text and time ids)."""
+    return _read_json(folder / "unet" / "config.json").get("addition_embed_type") == "text_time"
 
 
 def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_pickle: bool = False) -> Components:
@@ -255,7 +258,7 @@ def cached_models(cache_dir: Path | None = None) -> CachedModels:
 def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:
     needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
     weights = dict(_COMPONENT_WEIGHTS)
-    if _read_json(folder / "unet" / "config.json").get("addition_embed_type") == "text_time":  # an SDXL UNet
+    if _sdxl_unet(folder):
         needed += ("tokenizer_2", *(f"{name}/config.json" for name in _SDXL_WEIGHTS))
         weights.update(_SDXL_WEIGHTS)
     missing = [name for name in needed if not (folder / name).exists()]

@@ -190,6 +190,8 @@ def plan_jobs(
         notes += [("note", f"{source.name}: {note}") for note in scene.notes]
         notes += [("warning", f"{source.name}: {note}") for note in loaded.notes + scene_warnings(scene)]
         model_given = scene.model or default_model
+        paths = {"model": local_model(model_given), "vae": local_model(scene.vae) if scene.vae else None} | (
+            {"model_config_": local_model(scene.model_config_)} if scene.model_config_ else {})  # once, not per seed
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             base = output_dir / f"{Path(loaded.scene_file).stem}-{seed}{'-again' if loaded.from_png else ''}.png"
             if output is not None:
@@ -203,9 +205,7 @@ def plan_jobs(
             if target.resolve() == source.resolve():
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
             taken.add(target.resolve())
-            resolved = scene.model_copy(update={"seed": seed, "model": local_model(model_given),
-                                                "vae": local_model(scene.vae) if scene.vae else None} | (
-                {"model_config_": local_model(scene.model_config_)} if scene.model_config_ else {}))
+            resolved = scene.model_copy(update={"seed": seed, **paths})
             jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, loaded.inputs, earlier))
     if output is not None and len(jobs) > 1:
         raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
