@@ -124,3 +124,30 @@ def test_scheduler_config_keeps_the_model_s_schedule_but_never_clips():
     assert scheduler.config.timestep_spacing == "trailing"
     assert scheduler.config.beta_schedule == "scaled_linear"
     assert json.dumps(dict(scheduler.config))  # serialisable
+
+
+def test_on_the_cpu_the_loader_keeps_freed_memory_for_the_next_tensors(monkeypatch):
+    from multidiff_cli.models import components as components_module
+    calls = []
+    monkeypatch.setattr(components_module, "keep_freed_memory", lambda: calls.append("keep") or True)
+    speed_up(to_device(build_tiny_random(), CPU, torch.float32))
+    assert calls == ["keep"]
+
+
+def test_keeping_and_releasing_freed_memory_is_glibc_only_and_harmless(monkeypatch):
+    from multidiff_cli.models import components as components_module
+    if components_module._glibc() is not None:  # Linux with glibc, as in CI: mallopt takes both settings
+        assert components_module.keep_freed_memory() is True
+        assert components_module.keep_freed_memory() is True  # again: nothing changes
+    components_module.release_freed_memory()
+    monkeypatch.setattr(components_module.sys, "platform", "darwin")
+    assert components_module._glibc() is None and components_module.keep_freed_memory() is False
+    components_module.release_freed_memory()  # a no-op there
+
+
+def test_free_cpu_memory_is_read_after_giving_back_what_this_process_kept(monkeypatch):
+    from multidiff_cli.models import components as components_module
+    calls = []
+    monkeypatch.setattr(components_module, "release_freed_memory", lambda: calls.append("release"))
+    free = components_module.available_bytes(CPU)
+    assert calls == ["release"] and (free is None or free > 0)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +115,8 @@ def speed_up(components: Components, compile: bool = False) -> Components:
       8-bit level), and what it encodes (bootstrap backgrounds, init images) likewise, so a CPU
       render's latents differ from those of a model set up without it by rounding too.
 
+    On the CPU it also keeps freed tensor memory for reuse (`keep_freed_memory`).
+
     Attention already runs through PyTorch's scaled-dot-product attention (diffusers' default
     processor on torch 2). Compilation costs a minute or so on the first call and pays off over
     long batches.
@@ -121,6 +125,7 @@ def speed_up(components: Components, compile: bool = False) -> Components:
         components.unet.to(memory_format=torch.channels_last)
     if components.device.type == "cpu":
         components.vae.to(memory_format=torch.channels_last)
+        keep_freed_memory()
     if compile:
         components.unet = torch.compile(components.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
     return components
@@ -160,11 +165,51 @@ def quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory PyTorch frees on the CPU for its next tensors.
+
+    By default glibc serves large blocks (over a threshold that starts at 128 KiB and adapts up to 32
+    MiB: most of a UNet's and VAE's activations at 512 px) with fresh mappings from the kernel, unmaps
+    them when freed and trims the heap as it empties: every call faults its activations in again page
+    by page, zeroed by the kernel. Measured on a 2-core
+    x86-64 CPU, SD2, float32: a UNet call of 4 samples of 64x64 latents spent 1.1-2.6 s of its 12.7-13.6
+    s in the kernel (12.0 s with this), a 1024x512 decode 5.6 s of 14.7 s (11.5 s with this); the
+    process's peak memory did not grow. What it frees stays with the process until
+    `release_freed_memory`. Nothing changes on other C libraries (macOS, musl). Returns whether it
+    applied; calling it again changes nothing."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> None:
+    """Give the memory `keep_freed_memory` kept back to the system (glibc's malloc_trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
+
+
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory where the render's tensors live; None where it cannot be told (MPS)."""
+    """Free memory where the render's tensors live; None where it cannot be told (MPS). On the CPU,
+    memory this process freed and kept for reuse (`keep_freed_memory`) is given back first, so a
+    render after another is not told its predecessor's leftovers are taken."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
+        release_freed_memory()
         try:
             with open("/proc/meminfo") as meminfo:
                 for line in meminfo:
