@@ -12,7 +12,8 @@ from multidiff_cli.bench import BenchConfig
 from multidiff_cli.bench_peer import peer_row
 from multidiff_cli.cli import app
 from multidiff_cli.models.sd import (
-    CPU_CALL_BYTES, FALLBACK_SAMPLES_PER_CALL, MAX_SAMPLES_PER_CALL, auto_samples_per_call, unet_bytes_per_sample,
+    CPU_CALL_BYTES, FALLBACK_SAMPLES_PER_CALL, MAX_SAMPLES_PER_CALL, auto_samples_per_call, call_bounds,
+    unet_bytes_per_sample,
 )
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import auto_batch_size, plan_render, render
@@ -25,13 +26,22 @@ class SD2Config:  # the numbers of SD2-base's UNet config the rule reads
     block_out_channels = (320, 640, 1280, 1280)
 
 
-@pytest.mark.parametrize("view_cells, expected", [(64 * 64, 2), (32 * 32, 8), (16 * 16, 32)])
+@pytest.mark.parametrize("view_cells, expected", [(64 * 64, 6), (32 * 32, 24), (16 * 16, 96)])
 def test_auto_on_the_cpu_picks_the_measured_fastest_sizes_for_sd2(view_cells, expected):
     per_sample = unet_bytes_per_sample(SD2Config, view_cells, torch.float32)
     assert auto_samples_per_call("cpu", per_sample, free_bytes=64 * GIB) == expected
     assert auto_samples_per_call("cpu", per_sample, free_bytes=None) == expected
     # little free memory bounds it further, never below one sample
     assert auto_samples_per_call("cpu", per_sample, free_bytes=per_sample) == 1
+
+
+@pytest.mark.parametrize("samples, most, sizes", [
+    (5, 4, [3, 2]), (7, 3, [3, 2, 2]), (8, 4, [4, 4]), (18, 4, [4, 4, 4, 3, 3]), (3, 16, [3]), (1, 1, [1]), (5, 1, [1] * 5),
+])
+def test_a_steps_samples_take_the_fewest_calls_as_even_as_can_be(samples, most, sizes):
+    bounds = call_bounds(samples, most)
+    assert [end - start for start, end in bounds] == sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == samples and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
 
 
 def test_auto_on_cuda_fills_the_free_memory_within_bounds():

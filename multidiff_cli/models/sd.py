@@ -15,10 +15,13 @@ from .components import Components
 # 45-75 MiB per extra sample where SD2's held 93-105: its first level has no attention, and its
 # transformer blocks work on 4x and 16x fewer cells.
 UNET_MULTIPLICITY = 40
-# `max_batch: auto` on the CPU: the UNet activations one call may hold. Measured on a 2-core x86 CPU
-# with SD2's UNet (README, Benchmark): per sample, 2 views of 64x64 latents a call ran fastest, and 8
-# of 32x32: both about 0.4 GiB; larger calls spill out of the caches and slow every sample down.
-CPU_CALL_BYTES = 2 * 4096 * 320 * 4 * UNET_MULTIPLICITY
+# `max_batch: auto` on the CPU: the UNet activations one call may hold. Measured on a quiet 2-core x86
+# CPU with SD2's UNet in float32, freed memory kept for reuse (README, Benchmark): seconds per sample
+# at 64x64 latents were within 1% from 4 to 6 samples a call (+2% at 2 and at 8, +7% at 1); at 32x32
+# they fell all the way to 24 (+11% at 5, +2% at 16). A call's weights are read once for all its
+# samples, so small calls cost more per sample. 6 samples of 64x64, 24 of 32x32 (1.2 GiB by the
+# estimate) is at the fastest for both.
+CPU_CALL_BYTES = 6 * 4096 * 320 * 4 * UNET_MULTIPLICITY
 FREE_MEMORY_SHARE = 0.8  # `max_batch: auto` fills at most this share of the free memory (the memory check refuses at 0.9)
 FALLBACK_SAMPLES_PER_CALL = 16  # auto where free memory cannot be told (MPS): past this, GPUs gain little
 MAX_SAMPLES_PER_CALL = 4096  # the scene's max_batch bound
@@ -71,8 +74,21 @@ def auto_samples_per_call(device_type: str, bytes_per_sample: int, free_bytes: i
     return int(min(MAX_SAMPLES_PER_CALL, max(1, budget // bytes_per_sample)))
 
 
+def call_bounds(samples: int, samples_per_call: int) -> list[tuple[int, int]]:
+    """(start, end) of each UNet call: the fewest calls of at most `samples_per_call`, their sizes as
+    even as can be (7 in calls of at most 3: 3, 2, 2, not 3, 3, 1), so no call is left running a
+    sample or two at a small call's higher cost per sample."""
+    calls = -(-samples // samples_per_call)
+    size, larger = divmod(samples, calls)
+    ends = [0]
+    for call in range(calls):
+        ends.append(ends[-1] + size + (call < larger))
+    return list(zip(ends, ends[1:]))
+
+
 class ChunkedUNet:
-    """Runs UNet samples in calls of at most `samples_per_call`; on CUDA out-of-memory, halves it once and retries."""
+    """Runs UNet samples in the fewest calls of at most `samples_per_call`, as even as can be
+    (`call_bounds`); on CUDA out-of-memory, halves the largest call once and retries."""
 
     def __init__(self, unet, samples_per_call: int = FALLBACK_SAMPLES_PER_CALL, warn: Callable[[str], None] | None = None):
         self.unet, self.samples_per_call, self.warn = unet, samples_per_call, warn or (lambda _message: None)
@@ -80,11 +96,10 @@ class ChunkedUNet:
 
     def __call__(self, inputs: torch.Tensor, t: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         while True:
-            size = min(self.samples_per_call, inputs.shape[0])
+            bounds = call_bounds(inputs.shape[0], self.samples_per_call)
+            size = bounds[0][1] - bounds[0][0]  # the largest call
             try:
-                return torch.cat([
-                    self._forward(inputs[i : i + size], t, texts[i : i + size]) for i in range(0, inputs.shape[0], size)
-                ])
+                return torch.cat([self._forward(inputs[start:end], t, texts[start:end]) for start, end in bounds])
             except torch.cuda.OutOfMemoryError:
                 if self.halved or size == 1:
                     raise
