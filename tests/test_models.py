@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -134,15 +135,58 @@ def test_on_the_cpu_the_loader_keeps_freed_memory_for_the_next_tensors(monkeypat
     assert calls == ["keep"]
 
 
-def test_keeping_and_releasing_freed_memory_is_glibc_only_and_harmless(monkeypatch):
+class FakeLibc:
+    """Records mallopt and malloc_trim calls as glibc's would take them (1: done)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_freed_memory_is_kept_by_glibcs_own_settings_and_given_back(monkeypatch):
     from multidiff_cli.models import components as components_module
-    if components_module._glibc() is not None:  # Linux with glibc, as in CI: mallopt takes both settings
-        assert components_module.keep_freed_memory() is True
-        assert components_module.keep_freed_memory() is True  # again: nothing changes
+    libc = FakeLibc()
+    monkeypatch.setattr(components_module, "_glibc", lambda: libc)
+    for name in [name for name in os.environ if name.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "LD_PRELOAD"]:
+        monkeypatch.delenv(name, raising=False)
+    assert components_module.keep_freed_memory() is True
     components_module.release_freed_memory()
-    monkeypatch.setattr(components_module.sys, "platform", "darwin")
-    assert components_module._glibc() is None and components_module.keep_freed_memory() is False
+    # M_MMAP_MAX = 0: no block is mapped fresh; M_TRIM_THRESHOLD = -1: the heap is never trimmed by itself
+    assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, -1), ("malloc_trim", 0)]
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
+    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+])
+def test_a_users_own_allocator_settings_are_left_alone(monkeypatch, variable, value):
+    from multidiff_cli.models import components as components_module
+    libc = FakeLibc()
+    monkeypatch.setattr(components_module, "_glibc", lambda: libc)
+    monkeypatch.setenv(variable, value)
+    assert components_module.keep_freed_memory() is False and libc.calls == []
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    from multidiff_cli.models import components as components_module
+    monkeypatch.setattr(components_module, "_glibc", lambda: None)  # macOS, musl, Windows
+    assert components_module.keep_freed_memory() is False
     components_module.release_freed_memory()  # a no-op there
+
+
+def test_glibc_is_found_on_linux_only(monkeypatch):
+    from multidiff_cli.models import components as components_module
+    found = components_module._glibc.__wrapped__()
+    assert found is None or callable(found.mallopt)
+    monkeypatch.setattr(components_module.sys, "platform", "darwin")
+    assert components_module._glibc.__wrapped__() is None
 
 
 def test_free_cpu_memory_is_read_after_giving_back_what_this_process_kept(monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -167,22 +168,23 @@ def quiet_libraries() -> None:
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: glibc never trims the heap by itself (mallopt(3))
 
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory PyTorch frees on the CPU for its next tensors.
 
     By default glibc serves large blocks (over a threshold that starts at 128 KiB and adapts up to 32
-    MiB: most of a UNet's and VAE's activations at 512 px) with fresh mappings from the kernel, unmaps
-    them when freed and trims the heap as it empties: every call faults its activations in again page
-    by page, zeroed by the kernel. Measured on a 2-core
-    x86-64 CPU, SD2, float32: a UNet call of 4 samples of 64x64 latents spent 1.1-2.6 s of its 12.7-13.6
-    s in the kernel (12.0 s with this), a 1024x512 decode 5.6 s of 14.7 s (11.5 s with this); the
-    process's peak memory did not grow. What it frees stays with the process until
-    `release_freed_memory`. Nothing changes on other C libraries (macOS, musl). Returns whether it
-    applied; calling it again changes nothing."""
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    MiB: most of a UNet's activations at 512 px) with fresh mappings from the kernel, unmaps them when
+    freed and trims the heap as it empties, so every UNet call faults its activations in again, page
+    by page, zeroed by the kernel (README, *Freed memory on the CPU*: 8% of a 64x64 sample's time, SD2,
+    2 cores). What it frees stays with the process until `release_freed_memory`. Left alone where the
+    user chose: any MALLOC_* variable, GLIBC_TUNABLES with glibc.malloc, or another allocator in
+    LD_PRELOAD; and on other C libraries (macOS, musl). Returns whether it applied."""
+    chosen = any(name.startswith("MALLOC_") for name in os.environ)
+    chosen |= "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", "")
+    libc = None if chosen else _glibc()
+    return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
 
 
 def release_freed_memory() -> None:
@@ -192,14 +194,20 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _glibc():
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc (Linux), with mallopt and malloc_trim; else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
     except OSError:
         return None
-    return libc if all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
+    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
 
 
 def available_bytes(device: torch.device) -> int | None:
