@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -154,8 +153,9 @@ def test_freed_memory_is_kept_by_glibcs_own_settings_and_given_back(monkeypatch)
     from multidiff_cli.models import components as components_module
     libc = FakeLibc()
     monkeypatch.setattr(components_module, "_glibc", lambda: libc)
-    for name in [name for name in os.environ if name.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "LD_PRELOAD"]:
+    for name in [*components_module.USER_MALLOC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD", "MULTIDIFF_KEEP_FREED_MEMORY"]:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # as container images set it: another setting, no conflict
     assert components_module.keep_freed_memory() is True
     components_module.release_freed_memory()
     # M_MMAP_MAX = 0: no block is mapped fresh; M_TRIM_THRESHOLD = -1: the heap is never trimmed by itself
@@ -163,10 +163,11 @@ def test_freed_memory_is_kept_by_glibcs_own_settings_and_given_back(monkeypatch)
 
 
 @pytest.mark.parametrize("variable, value", [
-    ("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
-    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+    ("MALLOC_MMAP_MAX_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
+    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), ("MULTIDIFF_KEEP_FREED_MEMORY", "0"),
+    ("MULTIDIFF_KEEP_FREED_MEMORY", "off"),
 ])
-def test_a_users_own_allocator_settings_are_left_alone(monkeypatch, variable, value):
+def test_a_users_own_allocator_settings_or_opting_out_leave_malloc_alone(monkeypatch, variable, value):
     from multidiff_cli.models import components as components_module
     libc = FakeLibc()
     monkeypatch.setattr(components_module, "_glibc", lambda: libc)

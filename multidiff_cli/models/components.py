@@ -169,6 +169,7 @@ def quiet_libraries() -> None:
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: glibc never trims the heap by itself (mallopt(3))
+USER_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> bool:
@@ -177,12 +178,18 @@ def keep_freed_memory() -> bool:
     By default glibc serves large blocks (over a threshold that starts at 128 KiB and adapts up to 32
     MiB: most of a UNet's activations at 512 px) with fresh mappings from the kernel, unmaps them when
     freed and trims the heap as it empties, so every UNet call faults its activations in again, page
-    by page, zeroed by the kernel (README, *Freed memory on the CPU*: 8% of a 64x64 sample's time, SD2,
-    2 cores). What it frees stays with the process until `release_freed_memory`. Left alone where the
-    user chose: any MALLOC_* variable, GLIBC_TUNABLES with glibc.malloc, or another allocator in
-    LD_PRELOAD; and on other C libraries (macOS, musl). Returns whether it applied."""
-    chosen = any(name.startswith("MALLOC_") for name in os.environ)
-    chosen |= "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", "")
+    by page, zeroed by the kernel (README, *Freed memory on the CPU*: 13% of a panorama's UNet time,
+    SD2, 2 cores). What it frees stays with the process until `release_freed_memory`. Off with
+    MULTIDIFF_KEEP_FREED_MEMORY=0; left alone where the user set the same settings (MALLOC_MMAP_MAX_,
+    MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or their GLIBC_TUNABLES) or
+    preloads another allocator, and off glibc. Returns whether it applied."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    chosen = (
+        os.environ.get("MULTIDIFF_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off")
+        or any(name in os.environ for name in USER_MALLOC_VARIABLES)
+        or any(f"glibc.malloc.{name}" in tunables for name in ("mmap_max", "mmap_threshold", "trim_threshold", "top_pad"))
+        or "malloc" in os.environ.get("LD_PRELOAD", "")
+    )
     libc = None if chosen else _glibc()
     return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
 
