@@ -16,6 +16,7 @@ from ..errors import UsageError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = f"{', '.join(list(DTYPES)[:-1])} or {list(DTYPES)[-1]}"
 DEVICE_CHOICES = "cpu, cuda, cuda:N or mps"
+OFF_WORDS = ("0", "false", "no", "off")  # what a MULTIDIFF_* switch in the environment reads as off
 
 
 @dataclass
@@ -154,7 +155,7 @@ def to_device(components: Components, device: torch.device, dtype: torch.dtype) 
 
 def quiet_libraries() -> None:
     """Silence diffusers/transformers chatter (config-key notices, progress bars) unless debugging."""
-    if os.environ.get("MULTIDIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if os.environ.get("MULTIDIFF_DEBUG", "").strip().lower() not in ("", *OFF_WORDS):
         return
     with contextlib.suppress(Exception):
         from diffusers.utils import logging as diffusers_logging
@@ -185,7 +186,7 @@ def keep_freed_memory() -> bool:
     preloads another allocator, and off glibc. Returns whether it applied."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     chosen = (
-        os.environ.get("MULTIDIFF_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off")
+        os.environ.get("MULTIDIFF_KEEP_FREED_MEMORY", "1").strip().lower() in OFF_WORDS
         or any(name in os.environ for name in USER_MALLOC_VARIABLES)
         or any(f"glibc.malloc.{name}" in tunables for name in ("mmap_max", "mmap_threshold", "trim_threshold", "top_pad"))
         or "malloc" in os.environ.get("LD_PRELOAD", "")
