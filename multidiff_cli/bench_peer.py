@@ -198,8 +198,11 @@ def run_bench_command(config: BenchConfig, widths: str | None = None, json_path:
             report = run_bench(config)
             printed = [bench_table(report), bench_summary(report)]
     elif config.model not in PEER_MODELS:
-        raise UsageError(f"--batch-sizes and --peer run SD-shaped models ({', '.join(PEER_MODELS)}): diffusers' "
-                         f"panorama pipeline, the peer, is SD's; not {config.model}")
+        used = {option: why for option, why, on in (
+            ("--batch-sizes", "its UNet calls give SD's text conditioning alone", batch_sizes),
+            ("--peer", "diffusers' panorama pipeline, the peer, is SD's", peer)) if on}
+        raise UsageError(f"{' and '.join(used)} run{'s' if len(used) == 1 else ''} SD-shaped models "
+                         f"({', '.join(PEER_MODELS)}): {'; '.join(used.values())}; not {config.model}")
     if batch_sizes:
         report["batch_sweep"] = in_fresh_process(batch_sweep, config, parse_batch_sizes(batch_sizes))
         printed.append(batch_sweep_table(report["batch_sweep"]))

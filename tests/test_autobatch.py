@@ -69,8 +69,11 @@ def test_the_plan_records_auto_and_an_explicit_max_batch_overrides_it(tiny, writ
 def test_max_batch_is_auto_or_a_positive_number(write_scene, value):
     from multidiff_cli.errors import SceneError
 
-    with pytest.raises(SceneError, match="max_batch"):
+    with pytest.raises(SceneError, match="max_batch") as raised:
         load_scene(write_scene(f"prompt: p\nmax_batch: {json.dumps(value)}\n"))
+    # one line for the one mistake, naming both alternatives, not a line per alternative in pydantic's names
+    (line,) = str(raised.value).splitlines()
+    assert line.endswith(f"or 'auto' (got {value!r})") and "literal[" not in line and "constrained-int" not in line
 
 
 def test_auto_renders_the_picture_of_a_fixed_batch_up_to_rounding(tiny, write_scene, assert_close_batched):
@@ -140,11 +143,19 @@ def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
     assert np.abs(np.asarray(decode(components, latents)).astype(int) - before).max() <= 1
 
 
-def test_peer_and_sweep_refuse_sdxl_models_in_one_line():
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-sdxl-random", "--peer"])
+@pytest.mark.parametrize("options, says", [
+    (["--peer"], "--peer runs SD-shaped models (tiny-random, sd2-random): diffusers' panorama pipeline, the peer, "
+                 "is SD's; not tiny-sdxl-random"),
+    (["--batch-sizes", "1,2"], "--batch-sizes runs SD-shaped models (tiny-random, sd2-random): its UNet calls give "
+                               "SD's text conditioning alone; not tiny-sdxl-random"),
+    (["--batch-sizes", "1", "--peer"], "--batch-sizes and --peer run SD-shaped models (tiny-random, sd2-random): its "
+                                       "UNet calls give SD's text conditioning alone; diffusers' panorama pipeline, "
+                                       "the peer, is SD's; not tiny-sdxl-random"),
+])
+def test_peer_and_sweep_refuse_sdxl_models_in_one_line_with_their_own_reason(options, says):
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-sdxl-random", *options])
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: --batch-sizes and --peer run SD-shaped models (tiny-random, sd2-random): "
-                                     "diffusers' panorama pipeline, the peer, is SD's; not tiny-sdxl-random")
+    assert result.stderr.strip() == f"error: {says}"
 
 
 def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     try:
         scene = Scene.model_validate(merged)
     except ValidationError as exc:
-        problems = [(err["loc"], _message(err)) for err in exc.errors()]
+        problems = [(err["loc"], _message(err)) for err in _one_per_value(exc.errors())]
         problems += _check_valid_regions(merged, base_dir)  # all at once: one bad box hides nothing else
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides))) from None
     scene._base_dir = base_dir
@@ -295,6 +296,26 @@ def _check_mask_file(path: Path, latent_hw: tuple[int, int] | None) -> str | Non
     if latent_hw and not grid.resize_nearest(pixel_mask, latent_hw).any():
         return f"{path}: the mask is too small: it covers no 8x8-pixel latent cell of the canvas"
     return None
+
+
+# pydantic's name for one alternative of a union field (`int | Literal["auto"]`), the last part of its error's loc
+_UNION_BRANCH = re.compile(r"literal\[.*\]|constrained-\w+|int|float|bool|str")
+
+
+def _one_per_value(errors: list[dict]) -> list[dict]:
+    """A value that fits none of a field's alternatives is one problem naming them all, at the field
+    (`max_batch: Input should be greater than or equal to 1, or 'auto'`), not one line per alternative."""
+    merged: dict[tuple, dict] = {}
+    out = []
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) > 1 and isinstance(loc[-1], str) and _UNION_BRANCH.fullmatch(loc[-1]):
+            if loc[:-1] in merged:
+                merged[loc[:-1]]["msg"] += ", or " + err["msg"].removeprefix("Input should be ")
+                continue
+            err = merged[loc[:-1]] = {**err, "loc": loc[:-1]}
+        out.append(err)
+    return out
 
 
 def _message(err: dict) -> str:
