@@ -63,7 +63,8 @@ def render(
                                          "[default: $MULTIDIFF_DEVICE, else the best present]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 "
                                         "[default: float16 on CUDA, else float32]."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="At most this many UNet samples per call."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="UNet samples per call, at most "
+                                            "[default: auto, what this device runs fastest]."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (slow first step, faster after)."),
     grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the batch, labelled with seeds."),
     preview_every: Optional[int] = typer.Option(None, "--preview-every", min=1,
