@@ -36,7 +36,7 @@ bench: install
 # Everything that needs a GPU, one table. No venv, no install: a GPU runner's system Python with torch
 # and the wheels beside it (PYTHONPATH), e.g.  PYTHONPATH=/tmp/site:$$PWD make gpu-check PYTHON=python3
 gpu-check:
-	HF_HUB_OFFLINE=1 $(PYTHON) -m multidiff_cli.gpu_check $(ARGS)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m multidiff_cli.bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -28,10 +28,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in `tiny-random` components on the CPU (float32). Treat as read-only."""
-    from multidiff_cli.models.components import to_device
     from multidiff_cli.models.random_weights import build_tiny_random
 
-    return to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
+    return build_tiny_random().to(torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture
@@ -201,10 +200,22 @@ class NaNUNet(UNetDouble):
         return types.SimpleNamespace(sample=out)
 
 
+def unet_run(unet, samples_per_call: int | None = None, warn=None):
+    """A UNet (or a double) over a step's samples in chunked calls, conditioned on raw (B, 77, D) hidden
+    states: SD's family call (models/sd.py SD.forward) without the model around it."""
+    from multidiff_cli.models.batching import FALLBACK_SAMPLES_PER_CALL, ChunkedRun
+
+    def forward(inputs, t, hidden):
+        return unet(inputs.to(unet.dtype), t, encoder_hidden_states=hidden).sample.float()
+
+    return ChunkedRun(forward, samples_per_call or FALLBACK_SAMPLES_PER_CALL, warn)
+
+
 @pytest.fixture
 def unet_doubles():
-    """The UNet test doubles: .Counting(unet), .OutOfMemory(unet, limit), .NaN(unet, good_calls)."""
-    return types.SimpleNamespace(Counting=CountingUNet, OutOfMemory=OutOfMemoryUNet, NaN=NaNUNet)
+    """The UNet test doubles: .Counting(unet), .OutOfMemory(unet, limit), .NaN(unet, good_calls); and
+    .run(unet, samples_per_call, warn): a UNet over a step's samples in chunks, on raw hidden states."""
+    return types.SimpleNamespace(Counting=CountingUNet, OutOfMemory=OutOfMemoryUNet, NaN=NaNUNet, run=unet_run)
 
 
 # --- the batch around a render ------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def no_model_load(monkeypatch):
         calls.append(args)
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(batch_module, "load_components", refuse)
+    monkeypatch.setattr("multidiff_cli.models.loading.load_model", refuse)
     return calls
 
 

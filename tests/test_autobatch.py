@@ -8,15 +8,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from multidiff_cli.bench import BenchConfig
-from multidiff_cli.bench_peer import peer_row
+from multidiff_cli.bench.sampler import BenchConfig
+from multidiff_cli.bench.peer import peer_row
 from multidiff_cli.cli import app
-from multidiff_cli.models.sd import (
+from multidiff_cli.models.batching import (
     CPU_CALL_BYTES, FALLBACK_SAMPLES_PER_CALL, MAX_SAMPLES_PER_CALL, auto_samples_per_call, call_bounds,
-    unet_bytes_per_sample,
 )
+from multidiff_cli.models.sd import unet_bytes_per_sample
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import auto_batch_size, plan_render, render
+from multidiff_cli.run.render import plan_render, render
 from multidiff_cli.scene import load_scene
 
 GIB = 2**30
@@ -56,7 +56,7 @@ def test_auto_on_cuda_fills_the_free_memory_within_bounds():
 
 def test_the_plan_records_auto_and_an_explicit_max_batch_overrides_it(tiny, write_scene):
     auto = plan_render(load_scene(write_scene("prompt: p\nwidth: 1024\nheight: 512\n")), tiny)
-    assert auto.auto_batch and auto.samples_per_call == auto_batch_size(tiny, 64 * 64)
+    assert auto.auto_batch and auto.samples_per_call == tiny.auto_samples_per_call(64 * 64)
     per_sample = unet_bytes_per_sample(tiny.unet.config, 64 * 64, tiny.dtype)
     assert 1 <= auto.samples_per_call <= max(1, CPU_CALL_BYTES // per_sample)
     said = plan_render(load_scene(write_scene("prompt: p\nmax_batch: auto\n")), tiny)
@@ -130,17 +130,15 @@ def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
     """speed_up puts the VAE channels-last on the CPU (faster there); pixels move by float rounding only."""
     import numpy as np
 
-    from multidiff_cli.models.components import speed_up, to_device
     from multidiff_cli.models.random_weights import build_tiny_random
-    from multidiff_cli.models.sd import decode
 
-    components = to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
+    components = build_tiny_random().to(torch.device("cpu"), torch.float32)
     latents = torch.randn((1, 4, 16, 24), generator=torch.Generator().manual_seed(0))
-    before = np.asarray(decode(components, latents)).astype(int)
-    speed_up(components)
+    before = np.asarray(components.codec.decode(latents)).astype(int)
+    components.speed_up()
     conv = components.vae.decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert np.abs(np.asarray(decode(components, latents)).astype(int) - before).max() <= 1
+    assert np.abs(np.asarray(components.codec.decode(latents)).astype(int) - before).max() <= 1
 
 
 @pytest.mark.parametrize("options, says", [
@@ -161,7 +159,7 @@ def test_peer_and_sweep_refuse_sdxl_models_in_one_line_with_their_own_reason(opt
 def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():
     import os
 
-    from multidiff_cli.bench import in_fresh_process
+    from multidiff_cli.bench.sampler import in_fresh_process
     from multidiff_cli.errors import BenchError
 
     with pytest.raises(BenchError, match="bench _exit died with exit code 3"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from multidiff_cli.bench import BenchConfig, run_bench
+from multidiff_cli.bench.sampler import BenchConfig, run_bench
 from multidiff_cli.cli import app
 
 PATH_FIELDS = {

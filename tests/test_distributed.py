@@ -127,7 +127,7 @@ def test_smoke_passes_on_every_example_scene(tmp_path):
 
 def test_a_black_picture_fails_the_check(tmp_path):
     from multidiff_cli.output.png import write_png
-    from multidiff_cli.smoke import check_picture
+    from multidiff_cli.run.smoke import check_picture
 
     black = write_png(Image.new("RGB", (96, 64)), tmp_path / "black.png", None)
     assert "cannot read" in check_picture(black, 96, 64, 0)  # no metadata either

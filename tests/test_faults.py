@@ -26,12 +26,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-import multidiff_cli.models.loading as loading_module
+import multidiff_cli.models.random_weights as random_weights_module
 import multidiff_cli.run.batch as batch_module
-import multidiff_cli.run.memory as memory_module
 from multidiff_cli.cli import app
 from multidiff_cli.errors import SceneError
-from multidiff_cli.models.random_weights import build_tiny_random, save_components
+from multidiff_cli.models.random_weights import build_tiny_random, save_model
 from multidiff_cli.output.png import read_metadata, write_atomic
 from multidiff_cli.run.memory import estimate_bytes
 from multidiff_cli.scene import Region, Scene, load_scene
@@ -478,14 +477,14 @@ def test_disk_full_exits_1_and_leaves_no_partial_file(write_scene, tmp_path, mon
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_nan_latents_stop_at_their_step_and_write_nothing(write_scene, tmp_path, monkeypatch, unet_doubles, dtype):
-    real = loading_module.build_tiny_random
+    real = random_weights_module.build_tiny_random
 
     def nan_model(seed: int = 0):
         components = real(seed)
         components.unet = unet_doubles.NaN(components.unet, good_calls=1)  # one UNet call per step on this canvas
         return components
 
-    monkeypatch.setattr(loading_module, "build_tiny_random", nan_model)  # what `--model tiny-random` loads
+    monkeypatch.setattr(random_weights_module, "build_tiny_random", nan_model)  # what `--model tiny-random` loads
     scene = write_scene(SMALL)
     out_dir = tmp_path / "out"
     result = render(scene, "--output-dir", out_dir, "--steps", "3", "--dtype", dtype, "--preview-every", "2")
@@ -561,7 +560,7 @@ def pickle_model(tmp_path):
     """A tiny diffusers folder whose UNet has only pickle (.bin) weights."""
     folder = tmp_path / "pickled-model"
     components = build_tiny_random()
-    save_components(components, folder)
+    save_model(components, folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     components.unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
@@ -646,7 +645,8 @@ def test_estimate_unet_grows_with_samples_per_call_not_with_the_canvas_past_one_
 
 
 def test_not_enough_memory_exits_2_before_rendering(write_scene, tmp_path, monkeypatch, render_calls):
-    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 2**20)
+    # too little for even one UNet sample, however `max_batch: auto` (which reads the same free memory) splits
+    monkeypatch.setattr("multidiff_cli.models.device.available_bytes", lambda device: 2**18)
     scene = write_scene(SMALL)
     out_dir = tmp_path / "out"
     result = render(scene, "--output-dir", out_dir)
@@ -661,7 +661,7 @@ def test_not_enough_memory_exits_2_before_rendering(write_scene, tmp_path, monke
 
 
 def test_unknown_free_memory_does_not_block_a_render(write_scene, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory_module, "available_bytes", lambda device: None)  # as on MPS
+    monkeypatch.setattr("multidiff_cli.models.device.available_bytes", lambda device: None)  # as on MPS
     result = render(write_scene(SMALL), "--output-dir", tmp_path / "out")
     assert result.exit_code == 0, result.output
 
@@ -671,7 +671,7 @@ def test_memory_check_counts_the_samples_a_step_really_runs(write_scene, tmp_pat
     scene = load_scene(path)
     largest_real_call = estimate_bytes(scene, tiny, 4, tiled=False)  # cond + uncond for the global prompt and region
     free = 2 * max(largest_real_call.values())  # twice what the largest real call needs
-    monkeypatch.setattr(memory_module, "available_bytes", lambda device: free)
+    monkeypatch.setattr("multidiff_cli.models.device.available_bytes", lambda device: free)
     result = render(path, "--output-dir", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
 

@@ -1,14 +1,15 @@
 """The few-step path: distilled models (SD-Turbo-style config), quantized masks, mask-centering."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
-from multidiff_cli.method.schedulers import make_scheduler
-from multidiff_cli.method.weights import gaussian_blur, noise_levels, quantized_weights, region_weights
-from multidiff_cli.models.components import to_device
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.method.schedule import DiffusionSchedule
+from multidiff_cli.method.weights import gaussian_blur, quantized_weights, region_weights
 from multidiff_cli.models.random_weights import build_tiny_random, sd2_scheduler_config
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
@@ -73,7 +74,7 @@ def test_even_a_tiny_mask_keeps_its_core_at_pure_noise(box_mask):
 def test_noise_levels_fall_from_almost_one_to_small():
     scheduler = make_scheduler("ddim", turbo_config())  # trailing: t = 999, 749, 499, 249
     scheduler.set_timesteps(4)
-    levels = noise_levels(scheduler)
+    levels = DiffusionSchedule(scheduler).noise_levels()
     alphas = scheduler.alphas_cumprod
     assert torch.equal(levels, (1 - alphas[[999, 749, 499, 249]]).sqrt())
     assert torch.all(levels[1:] < levels[:-1]) and 0.99 < levels[0] < 1
@@ -86,20 +87,22 @@ def test_noise_levels_fall_from_almost_one_to_small():
 )
 def test_few_step_is_on_for_few_step_models_unless_set(tiny, write_scene, steps, few_step_model, setting, on):
     scene = load_scene(write_scene(TURBO.format(steps=steps, scheduler="euler") + f"few_step: {setting}\n"))
-    plan = plan_render(scene, dataclasses.replace(tiny, few_step_model=few_step_model))
+    model = copy.copy(tiny)
+    model.state = dataclasses.replace(tiny.state, few_step_model=few_step_model)
+    plan = plan_render(scene, model)
     assert plan.few_step is on  # auto: the model decides (a distilled one), not the step count
     scheduler = make_scheduler("euler", turbo_config())
     scheduler.set_timesteps(steps)
-    assert scene_weights(scene, scheduler, plan.few_step).dim() == (5 if on else 4)
+    assert scene_weights(scene, DiffusionSchedule(scheduler), plan.few_step).dim() == (5 if on else 4)
 
 
 @pytest.fixture(scope="module")
 def turbo():
     """tiny-random as a distilled few-step model (what loading finds for SD-Turbo), with its scheduler config."""
     components = build_tiny_random()
-    components.scheduler_config = turbo_config()
-    components.few_step_model = True
-    return to_device(components, torch.device("cpu"), torch.float32)
+    components.state.scheduler_config = turbo_config()
+    components.state.few_step_model = True
+    return components.to(torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "euler-a"])

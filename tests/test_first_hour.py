@@ -122,9 +122,9 @@ def test_a_changed_mask_is_recorded_warned_and_not_skipped(scene, tmp_path):
 
 
 def test_a_relative_model_folder_is_recorded_absolutely(tmp_path, scene):
-    from multidiff_cli.models.random_weights import build_tiny_random, save_components
+    from multidiff_cli.models.random_weights import build_tiny_random, save_model
 
-    save_components(build_tiny_random(), tmp_path / "localmodel")
+    save_model(build_tiny_random(), tmp_path / "localmodel")
     made = run("render", scene, "--model", "./localmodel", "-q", "--output-dir", "out", cwd=tmp_path)
     assert made.exit_code == 0, made.output
     record = read_metadata(tmp_path / "out" / "my_scene-7.png")

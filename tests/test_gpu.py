@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multidiff_cli.models.components import speed_up, to_device
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
@@ -23,7 +22,7 @@ regions:
 
 
 def on(device: str, dtype: torch.dtype):
-    return speed_up(to_device(build_tiny_random(), torch.device(device), dtype))
+    return build_tiny_random().to(torch.device(device), dtype).speed_up()
 
 
 def test_cuda_float32_render_matches_the_cpu_render(write_scene, monkeypatch, assert_close_batched):
@@ -67,6 +66,5 @@ def test_compiled_unet_with_a_region_lora_renders_as_the_eager_one(write_scene, 
               str(tmp_path / "alice.safetensors"))
     scene = load_scene(write_scene(SCENE + "    loras: [{path: " + str(tmp_path / "alice.safetensors") + "}]\n"))
     eager = render(scene, eager_model, seed=3).latents
-    compiled = render(scene, speed_up(to_device(build_tiny_random(), torch.device("cuda"), torch.float32),
-                                      compile=True), seed=3).latents
+    compiled = render(scene, build_tiny_random().to(torch.device("cuda"), torch.float32).speed_up(compile=True), seed=3).latents
     assert (compiled - eager).abs().max() < 1e-3 * eager.abs().max()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multidiff_cli import gpu_check
+from multidiff_cli.bench import gpu_check
 
 SCENES = Path(__file__).resolve().parents[1] / "scenes"
 
@@ -43,7 +43,7 @@ def test_gpu_check_says_plainly_that_it_did_not_run_without_cuda(capsys):
 
 
 def test_gpu_check_sweep_and_peer_rows_run_on_the_tiny_model():
-    from multidiff_cli.bench import BenchConfig
+    from multidiff_cli.bench.sampler import BenchConfig
 
     rows = gpu_check.sweep_and_peer_rows(BenchConfig(model="tiny-random", size_px=64, steps=1), in_process=True)
     assert [(row.check, row.setting) for row in rows] == [

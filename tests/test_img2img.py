@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.sampler import first_step, multidiffusion
-from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
 from multidiff_cli.run import render as render_module
@@ -149,7 +150,7 @@ def test_regions_over_a_picture_equal_the_per_prompt_reference_loop(scheduler, a
     assert start == 3
     fused_scheduler = make_scheduler(scheduler, sd2_scheduler_config())
     fused_scheduler.set_timesteps(STEPS)
-    fused = multidiffusion(noise, fused_scheduler, per_request, weights, bootstrap_steps=2, backgrounds=backgrounds,
+    fused = multidiffusion(noise, DiffusionSchedule(fused_scheduler), per_request, weights, bootstrap_steps=2, backgrounds=backgrounds,
                            start_step=start, init_latents=image)
     reference = reference_from_picture(scheduler, image, noise, weights, start, 2, backgrounds)
     assert_close_batched(fused, reference, steps=STEPS - start)
@@ -188,5 +189,5 @@ def test_a_one_step_draft_starts_from_the_picture_not_from_noise():
     for init in (image, None):
         scheduler = make_scheduler("ddim", sd2_scheduler_config())
         scheduler.set_timesteps(1)
-        runs.append(multidiffusion(noise, scheduler, per_request, region_weights([], (H, W)), init_latents=init))
+        runs.append(multidiffusion(noise, DiffusionSchedule(scheduler), per_request, region_weights([], (H, W)), init_latents=init))
     assert runs[0].mean() > 1.5 and runs[1].abs().mean() < 1.5  # one step at t=1 keeps the picture

@@ -14,12 +14,11 @@ from safetensors.torch import save_file
 from multidiff_cli.errors import LoraError
 from multidiff_cli.method.guidance import guided_denoiser
 from multidiff_cli.method.sampler import fuse_views
-from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.views import full_view
-from multidiff_cli.models.components import quiet_libraries, to_device
-from multidiff_cli.models.lora import AdapterUNet, encode_conditions, load_loras
+from multidiff_cli.models.device import quiet_libraries
+from multidiff_cli.models.adapters import load_loras
 from multidiff_cli.models.random_weights import build_tiny_random
-from multidiff_cli.models.sd import ChunkedUNet, encode_texts
 from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
 
@@ -64,7 +63,7 @@ def write_lora(path, layers, layout: str):
 
 def fresh_model():
     quiet_libraries()
-    return to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
+    return build_tiny_random().to(torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture
@@ -159,7 +158,7 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
         for t in scheduler.timesteps:
             eps = []
             for components, text in per_prompt:
-                cond, uncond = encode_texts(components, [text]), encode_texts(components, ["blurry"])
+                cond, uncond = components.encode_prompts([text], (512, 512)).get("hidden_states"), components.encode_prompts(["blurry"], (512, 512)).get("hidden_states")
                 c = components.unet(x, t, encoder_hidden_states=cond).sample
                 u = components.unet(x, t, encoder_hidden_states=uncond).sample
                 eps.append(u + 7.5 * (c - u))
@@ -171,14 +170,11 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
 def one_step(components, scene, samples_per_call=1):
     """Every prompt's guided prediction at one step on one latent, and the fused one (Eq. 5)."""
     prompts = scene_prompts(scene)
-    run = ChunkedUNet(components.unet, samples_per_call)
     files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
     if files:
-        load_loras(components, files)
-        conditions = encode_conditions(components, prompts.texts, prompts.adapters, encode_texts)
-        run = AdapterUNet(run, components)
-    else:
-        conditions = encode_texts(components, prompts.texts)
+        components.load_loras(files)
+    conditions = components.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, (512, 512))
+    run = components.sample_run(samples_per_call)
     x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
     requests = [(0, p) for p in range(len(prompts.cond))]
     weights = scene_weights(scene)
@@ -419,7 +415,8 @@ def test_inspect_save_scene_rewrites_lora_paths_for_the_new_folder(tmp_path):
 
 def test_switching_leaves_peft_layers_as_its_public_api_would(model, loras):
     """switch() sets peft's layer state directly (speed): the same state as enable_adapters/set_adapter/set_scale."""
-    from multidiff_cli.models.lora import _loaded, adapter_set, switch
+    from multidiff_cli.models.adapters import _loaded, switch
+    from multidiff_cli.models.lora_files import adapter_set
 
     film, alice = loras()
     load_loras(model, [film, alice])

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from multidiff_cli.errors import ModelNotFound, UsageError
-from multidiff_cli.method.schedulers import SCHEDULER_NAMES, make_scheduler
-from multidiff_cli.models.components import Components, pick_device, pick_dtype, speed_up, to_device
-from multidiff_cli.models.loading import load_components
-from multidiff_cli.models.random_weights import build_tiny_random, save_components, sd2_scheduler_config
+from multidiff_cli.catalog import SCHEDULER_NAMES
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.models.device import pick_device, pick_dtype
+from multidiff_cli.models.loading import load_model
+from multidiff_cli.models.random_weights import build_tiny_random, save_model, sd2_scheduler_config
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
 
@@ -21,12 +22,12 @@ SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nre
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
-    save_components(build_tiny_random(), folder)
+    save_model(build_tiny_random(), folder)
     return folder
 
 
 def test_a_saved_folder_loads_back_identical(tiny_folder, tiny, write_scene):
-    loaded = load_components(str(tiny_folder), CPU, torch.float32)
+    loaded = load_model(str(tiny_folder), CPU, torch.float32)
     assert loaded.model_id == str(tiny_folder)
     for name in ("unet", "vae", "text_encoder"):
         ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
@@ -35,26 +36,26 @@ def test_a_saved_folder_loads_back_identical(tiny_folder, tiny, write_scene):
     assert loaded.tokenizer("a red sofa").input_ids == tiny.tokenizer("a red sofa").input_ids
     assert loaded.scheduler_config["prediction_type"] == "epsilon"
     scene = load_scene(write_scene(SMALL))
-    built = speed_up(to_device(build_tiny_random(), CPU, torch.float32))  # set up as the loader sets models up
+    built = build_tiny_random().to(CPU, torch.float32).speed_up()  # set up as the loader sets models up
     assert torch.equal(render(scene, loaded, seed=1).latents, render(scene, built, seed=1).latents)
 
 
 def test_tiny_random_is_sd2_shaped_and_the_same_every_time(tiny):
     again = build_tiny_random()
     assert torch.equal(again.unet.conv_in.weight, tiny.unet.conv_in.weight)
-    assert tiny.vae_scale_factor == 8
-    assert tiny.native_size_px == 512
+    assert tiny.facts.cell_px == 8
+    assert tiny.native_cells * tiny.facts.cell_px == 512
     assert tiny.unet.config.use_linear_projection  # SD2's transformer blocks
     assert tiny.tokenizer.model_max_length == 77
 
 
 def test_v_prediction_config_is_honoured(tmp_path, write_scene):
     components = build_tiny_random()
-    components.scheduler_config = sd2_scheduler_config("v_prediction")
-    save_components(components, tmp_path / "v")
-    loaded = load_components(str(tmp_path / "v"), CPU, torch.float32)
-    assert loaded.prediction_type == "v_prediction"
-    for name in SCHEDULER_NAMES:
+    components.state.scheduler_config = sd2_scheduler_config("v_prediction")
+    save_model(components, tmp_path / "v")
+    loaded = load_model(str(tmp_path / "v"), CPU, torch.float32)
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+    for name in loaded.facts.scheduler_names:
         if name == "lms":
             continue  # needs scipy, an optional extra
         assert make_scheduler(name, loaded.scheduler_config).config.prediction_type == "v_prediction", name
@@ -64,8 +65,8 @@ def test_v_prediction_config_is_honoured(tmp_path, write_scene):
     assert not torch.equal(v_latents, eps_latents)
 
 
-def to_cpu(components: Components) -> Components:
-    return to_device(components, CPU, torch.float32)
+def to_cpu(model):
+    return model.to(CPU, torch.float32)
 
 
 def test_an_sd1_shaped_folder_loads_and_renders(tmp_path, write_scene):
@@ -77,9 +78,9 @@ def test_an_sd1_shaped_folder_loads_and_renders(tmp_path, write_scene):
     config = CLIPTextConfig(**{**components.text_encoder.config.to_dict(), "hidden_act": "quick_gelu"})
     components.text_encoder = CLIPTextModel(config)
     components.unet = UNet2DConditionModel(**{**components.unet.config, "use_linear_projection": False})
-    components.scheduler_config = {**sd2_scheduler_config(), "_class_name": "PNDMScheduler", "skip_prk_steps": True}
-    save_components(components, tmp_path / "sd1")
-    loaded = load_components(str(tmp_path / "sd1"), CPU, torch.float32)
+    components.state.scheduler_config = {**sd2_scheduler_config(), "_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    save_model(components, tmp_path / "sd1")
+    loaded = load_model(str(tmp_path / "sd1"), CPU, torch.float32)
     assert not loaded.unet.config.use_linear_projection
     result = render(load_scene(write_scene(SMALL)), loaded, seed=0)
     assert torch.isfinite(result.latents).all()
@@ -87,20 +88,20 @@ def test_an_sd1_shaped_folder_loads_and_renders(tmp_path, write_scene):
 
 def test_a_folder_that_is_not_a_diffusers_model_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFound, match="not a diffusers Stable Diffusion folder"):
-        load_components(str(tmp_path / "empty"), CPU, torch.float32)
+    with pytest.raises(ModelNotFound, match="not a diffusers model of a family multidiff knows"):
+        load_model(str(tmp_path / "empty"), CPU, torch.float32)
 
 
 @pytest.mark.parametrize("model", ["./no/such/folder", "/no/such/folder", "not-a-hub-id"])
 def test_a_missing_folder_is_reported_with_advice(model):
     with pytest.raises(ModelNotFound, match="--model"):
-        load_components(model, CPU, torch.float32)
+        load_model(model, CPU, torch.float32)
 
 
 def test_an_uncached_hub_id_offline_is_reported_with_advice():
     # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the cache lookup fails
     with pytest.raises(ModelNotFound, match=r"not in the local Hugging Face cache.*--model"):
-        load_components("nobody-here/no-such-model", CPU, torch.float32)
+        load_model("nobody-here/no-such-model", CPU, torch.float32)
 
 
 def test_device_and_dtype_choice():
@@ -127,10 +128,10 @@ def test_scheduler_config_keeps_the_model_s_schedule_but_never_clips():
 
 
 def test_on_the_cpu_the_loader_keeps_freed_memory_for_the_next_tensors(monkeypatch):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import loading as loading_module
     calls = []
-    monkeypatch.setattr(components_module, "keep_freed_memory", lambda: calls.append("keep") or True)
-    speed_up(to_device(build_tiny_random(), CPU, torch.float32))
+    monkeypatch.setattr(loading_module, "keep_freed_memory", lambda: calls.append("keep") or True)
+    load_model("tiny-random", CPU, torch.float32)
     assert calls == ["keep"]
 
 
@@ -150,7 +151,7 @@ class FakeLibc:
 
 
 def test_freed_memory_is_kept_by_glibcs_own_settings_and_given_back(monkeypatch):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import allocator as components_module
     libc = FakeLibc()
     monkeypatch.setattr(components_module, "_glibc", lambda: libc)
     for name in [*components_module.USER_MALLOC_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD", "MULTIDIFF_KEEP_FREED_MEMORY"]:
@@ -168,7 +169,7 @@ def test_freed_memory_is_kept_by_glibcs_own_settings_and_given_back(monkeypatch)
     ("MULTIDIFF_KEEP_FREED_MEMORY", "off"),
 ])
 def test_a_users_own_allocator_settings_or_opting_out_leave_malloc_alone(monkeypatch, variable, value):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import allocator as components_module
     libc = FakeLibc()
     monkeypatch.setattr(components_module, "_glibc", lambda: libc)
     monkeypatch.setenv(variable, value)
@@ -176,14 +177,14 @@ def test_a_users_own_allocator_settings_or_opting_out_leave_malloc_alone(monkeyp
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import allocator as components_module
     monkeypatch.setattr(components_module, "_glibc", lambda: None)  # macOS, musl, Windows
     assert components_module.keep_freed_memory() is False
     components_module.release_freed_memory()  # a no-op there
 
 
 def test_glibc_is_found_on_linux_only(monkeypatch):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import allocator as components_module
     found = components_module._glibc.__wrapped__()
     assert found is None or callable(found.mallopt)
     monkeypatch.setattr(components_module.sys, "platform", "darwin")
@@ -191,8 +192,8 @@ def test_glibc_is_found_on_linux_only(monkeypatch):
 
 
 def test_free_cpu_memory_is_read_after_giving_back_what_this_process_kept(monkeypatch):
-    from multidiff_cli.models import components as components_module
+    from multidiff_cli.models import device as device_module
     calls = []
-    monkeypatch.setattr(components_module, "release_freed_memory", lambda: calls.append("release"))
-    free = components_module.available_bytes(CPU)
+    monkeypatch.setattr(device_module, "release_freed_memory", lambda: calls.append("release"))
+    free = device_module.available_bytes(CPU)
     assert calls == ["release"] and (free is None or free > 0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from multidiff_cli.errors import ModelError, UsageError
-from multidiff_cli.models.components import Components, pick_device, pick_dtype
-from multidiff_cli.models.loading import cached_models, is_few_step_model, load_components, load_folder
+from multidiff_cli.models.device import pick_device, pick_dtype
+from multidiff_cli.models.family import LoadedState
+from multidiff_cli.models.loading import cached_models, is_few_step_model, load_model, load_folder
 from multidiff_cli.models.names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
-from multidiff_cli.models.random_weights import TINY_RANDOM, build_tiny_random, save_components, tiny_tokenizer
-from multidiff_cli.models.sd import truncation_warnings
+from multidiff_cli.models.random_weights import TINY_RANDOM, build_tiny_random, save_model, tiny_tokenizer
 from multidiff_cli.scene import load_scene
 
 CPU = torch.device("cpu")
@@ -25,7 +25,7 @@ VAN_GOGH_SKY = "the sky over a town, painted in the style of Van Gogh's Starry N
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
-    save_components(build_tiny_random(), folder)
+    save_model(build_tiny_random(), folder)
     return folder
 
 
@@ -54,12 +54,12 @@ def test_no_shipped_scene_warns_of_a_long_prompt(tiny, path):
     for i, region in enumerate(scene.regions):
         texts.append((f"regions[{i}].prompt", scene.full_prompt(region.prompt)))
         texts.append((f"regions[{i}].negative_prompt", region.negative_prompt or ""))
-    assert truncation_warnings(tiny, texts) == []
+    assert tiny.truncation_warnings(texts) == []
 
 
 def test_a_100_word_prompt_warns_with_both_counts(tiny):
     words = " ".join(TOKENIZER_WORDS[i * 7 % len(TOKENIZER_WORDS)] for i in range(100))
-    (note,) = truncation_warnings(tiny, [("regions[2].prompt", words)])
+    (note,) = tiny.truncation_warnings([("regions[2].prompt", words)])
     assert note.startswith("regions[2].prompt is 100 tokens, over the text encoder's 75 (77 with the start and end "
                            "tokens): cut after '...")
     assert "\n" not in note
@@ -219,7 +219,7 @@ def test_the_hub_cache_and_an_hf_home_holding_it_list_the_same(hf_home):
 
 def test_a_saved_model_in_the_cache_lists_as_loadable(tiny, tmp_path):
     snapshot = cache_snapshot(tmp_path / "hub", "me/tiny-sd", "e" * 40, {"model_index.json": b"{}"})
-    save_components(tiny, snapshot)
+    save_model(tiny, snapshot)
     (found,) = cached_models(tmp_path).rows
     assert found[0] == "me/tiny-sd" and found[3] is None
 
@@ -298,13 +298,13 @@ def test_a_hub_snapshot_is_known_by_its_repo_name(tmp_path):
 
 
 def test_loading_sets_few_step_model(tiny_folder, tmp_path):
-    assert Components(None, None, None, None, {}, model_id="x").few_step_model is False
-    assert load_components(TINY_RANDOM, CPU, torch.float32).few_step_model is False
+    assert LoadedState(model_id="x", scheduler_config={}).few_step_model is False
+    assert load_model(TINY_RANDOM, CPU, torch.float32).few_step_model is False
     assert load_folder(tiny_folder, model_id=str(tiny_folder)).few_step_model is False
     turbo = shutil.copytree(tiny_folder, tmp_path / "tiny-turbo")
     assert load_folder(turbo, model_id=str(turbo)).few_step_model is True
     lcm = shutil.copytree(tiny_folder, tmp_path / "tiny-lcm-free")  # a name says so, the scheduler need not
-    assert load_components(str(lcm), CPU, torch.float32).few_step_model is True
+    assert load_model(str(lcm), CPU, torch.float32).few_step_model is True
 
 
 def test_a_broken_scheduler_config_is_a_model_error(tiny_folder, tmp_path):
@@ -318,7 +318,7 @@ def test_a_broken_scheduler_config_is_a_model_error(tiny_folder, tmp_path):
 def test_multidiff_debug_0_keeps_the_libraries_quiet(monkeypatch, value, quiet):
     from transformers.utils import logging as transformers_logging
 
-    from multidiff_cli.models.components import quiet_libraries
+    from multidiff_cli.models.device import quiet_libraries
 
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_warning()

@@ -8,9 +8,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.models.sd import decode
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run import render as render_module
+from multidiff_cli.models.codec import VAECodec
 from multidiff_cli.run.render import plan_render
 from multidiff_cli.scene import load_scene
 
@@ -47,9 +47,9 @@ def seam_error(picture: np.ndarray, reference: np.ndarray, seam_px: int, margin:
 def test_wrap_padding_decodes_across_the_seam(tiny):
     """Decode a latent rolled by half its width: its middle is what the seam should look like."""
     z = torch.randn((1, 4, 8, 32), generator=torch.Generator().manual_seed(0))
-    reference = np.asarray(decode(tiny, torch.roll(z, 16, dims=-1))).astype(float)
-    plain = np.asarray(decode(tiny, z)).astype(float)
-    wrapped = np.asarray(decode(tiny, z, wrap=True)).astype(float)
+    reference = np.asarray(tiny.codec.decode(torch.roll(z, 16, dims=-1))).astype(float)
+    plain = np.asarray(tiny.codec.decode(z)).astype(float)
+    wrapped = np.asarray(tiny.codec.decode(z, wrap=True)).astype(float)
     assert wrapped.shape == plain.shape == (64, 256, 3)
     interior = np.abs(plain[:, 64:80] - reference[:, 192:208]).mean()  # the VAE's global attention differs a little
     assert seam_error(wrapped, reference, 128) < 0.25 * seam_error(plain, reference, 128)
@@ -61,7 +61,8 @@ def test_a_360_panorama_renders_with_wrapping_views(tiny, write_scene, monkeypat
     plan = plan_render(scene, tiny)
     assert plan.wrap and any(v.left + v.width > 128 for v in plan.views)  # some views run across the edge
     calls = []
-    monkeypatch.setattr(render_module, "decode", lambda c, z, wrap, tiled: calls.append((wrap, tiled)) or decode(c, z, wrap, tiled))
+    real = VAECodec.decode
+    monkeypatch.setattr(VAECodec, "decode", lambda codec, z, wrap, tiled: calls.append((wrap, tiled)) or real(codec, z, wrap, tiled))
     result = render_module.render(scene, tiny, seed=0)
     assert result.image.size == (1024, 512) and calls == [(True, False)]
 
@@ -76,8 +77,8 @@ def test_tiled_decoding_turns_on_for_large_canvases(tiny, write_scene, size, set
 
 def test_tiled_decoding_gives_the_whole_picture(tiny):
     z = torch.randn((1, 4, 64, 160), generator=torch.Generator().manual_seed(1))
-    tiled = np.asarray(decode(tiny, z, tiled=True)).astype(float)
-    whole = np.asarray(decode(tiny, z)).astype(float)
+    tiled = np.asarray(tiny.codec.decode(z, tiled=True)).astype(float)
+    whole = np.asarray(tiny.codec.decode(z)).astype(float)
     assert tiled.shape == whole.shape == (512, 1280, 3)
     assert not tiny.vae.use_tiling  # switched off again for the next render
     assert np.abs(tiled - whole).mean() < 0.1 * np.abs(whole - whole.mean()).mean() + 5

@@ -6,7 +6,6 @@ import torch
 
 from multidiff_cli.errors import RenderError
 from multidiff_cli.method.guidance import guided_denoiser
-from multidiff_cli.models.sd import ChunkedUNet, background_latents, encode_texts
 from multidiff_cli.run.render import render, scene_prompts
 from multidiff_cli.scene import load_scene
 
@@ -67,12 +66,12 @@ def plain_guidance(unet, embeddings, prompts, x, t):
 @pytest.mark.parametrize("inputs", [1, 4], ids=["shared-latent", "bootstrap-latents"])
 def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs, unet_doubles, assert_close_batched):
     prompts = scene_prompts(scene)
-    embeddings = encode_texts(tiny, prompts.texts)
+    embeddings = tiny.encode_prompts(prompts.texts, (512, 512)).get("hidden_states")
     x = torch.randn((inputs, 4, 12, 16), generator=torch.Generator().manual_seed(0))
     t = torch.tensor(500)
     counting = unet_doubles.Counting(tiny.unet)
     with torch.inference_mode():
-        batched = guided_denoiser(ChunkedUNet(counting), embeddings, prompts)(x, t, requests_for(x))
+        batched = guided_denoiser(unet_doubles.run(counting), embeddings, prompts)(x, t, requests_for(x))
         expected = plain_guidance(tiny.unet, embeddings, prompts, x, t)
     assert_close_batched(batched, expected, guidance=max(prompts.guidance))
     # shared latent: 3 distinct cond texts + 1 shared "blurry" uncond (the plant runs none: guidance 1)
@@ -81,7 +80,7 @@ def test_batched_guidance_equals_plain_per_prompt_guidance(tiny, scene, inputs, 
 
 
 def test_texts_are_encoded_as_the_sd_pipeline_does(tiny, assert_close_batched):
-    emb = encode_texts(tiny, ["a red sofa", ""])
+    emb = tiny.encode_prompts(["a red sofa", ""], (512, 512)).get("hidden_states")
     assert emb.shape == (2, 77, tiny.text_encoder.config.hidden_size)
     ids = tiny.tokenizer(["a red sofa"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.inference_mode():
@@ -90,7 +89,7 @@ def test_texts_are_encoded_as_the_sd_pipeline_does(tiny, assert_close_batched):
 
 def test_background_latents_are_flat_one_per_step_and_region(tiny):
     gen = torch.Generator().manual_seed(0)
-    backgrounds = background_latents(tiny, gen, steps=3, regions=2)
+    backgrounds = tiny.codec.background_latents(gen, steps=3, regions=2)
     assert backgrounds.shape == (3, 2, 4, 1, 1)
     assert len({tuple(b.flatten().tolist()) for b in backgrounds.reshape(6, 4)}) == 6  # different colours
 
@@ -129,13 +128,13 @@ def test_a_prompt_over_77_tokens_is_named_in_a_warning(tiny, write_scene):
 
 def test_max_batch_splits_calls_without_changing_the_result(tiny, scene, unet_doubles, assert_close_batched):
     prompts = scene_prompts(scene)
-    embeddings = encode_texts(tiny, prompts.texts)
+    embeddings = tiny.encode_prompts(prompts.texts, (512, 512)).get("hidden_states")
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     t = torch.tensor(300)
     with torch.inference_mode():
-        whole = guided_denoiser(ChunkedUNet(tiny.unet), embeddings, prompts)(x, t, requests_for(x))
+        whole = guided_denoiser(unet_doubles.run(tiny.unet), embeddings, prompts)(x, t, requests_for(x))
         counting = unet_doubles.Counting(tiny.unet)
-        split = guided_denoiser(ChunkedUNet(counting, samples_per_call=3), embeddings, prompts)(x, t, requests_for(x))
+        split = guided_denoiser(unet_doubles.run(counting, samples_per_call=3), embeddings, prompts)(x, t, requests_for(x))
     assert counting.sizes == [3, 2, 2]  # 7 samples in the fewest calls of at most 3, as even as can be
     assert_close_batched(split, whole, guidance=max(prompts.guidance))
 
@@ -144,15 +143,15 @@ def test_max_batch_splits_calls_without_changing_the_result(tiny, scene, unet_do
 def test_out_of_memory_halves_the_batch_once_with_a_warning(tiny, scene, unet_doubles, assert_close_batched,
                                                             samples_per_call):
     prompts = scene_prompts(scene)
-    embeddings = encode_texts(tiny, prompts.texts)
+    embeddings = tiny.encode_prompts(prompts.texts, (512, 512)).get("hidden_states")
     x = torch.randn((4, 4, 12, 16), generator=torch.Generator().manual_seed(1))
     warnings = []
     flaky = unet_doubles.OutOfMemory(tiny.unet, limit=3)
-    unet = ChunkedUNet(flaky, warn=warnings.append, **({"samples_per_call": samples_per_call} if samples_per_call else {}))
+    unet = unet_doubles.run(flaky, samples_per_call, warn=warnings.append)
     first_call = 4 if samples_per_call == 6 else 7  # the step's 7 samples: calls of 4 and 3, or one of 7
     with torch.inference_mode():
         out = guided_denoiser(unet, embeddings, prompts)(x, torch.tensor(300), requests_for(x))
-        expected = guided_denoiser(ChunkedUNet(tiny.unet), embeddings, prompts)(x, torch.tensor(300), requests_for(x))
+        expected = guided_denoiser(unet_doubles.run(tiny.unet), embeddings, prompts)(x, torch.tensor(300), requests_for(x))
     assert_close_batched(out, expected, guidance=max(prompts.guidance))
     halved = first_call // 2
     assert unet.samples_per_call == halved and flaky.sizes == {2: [2, 2, 2, 1], 3: [3, 2, 2]}[halved]

@@ -7,8 +7,9 @@ import inspect
 import pytest
 import torch
 
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.sampler import bootstrap_inputs, centering_shifts, fuse_views, multidiffusion
-from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.views import full_view
 from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
@@ -64,7 +65,7 @@ def test_fused_step_equals_per_prompt_steps_ddim(bootstrap_steps, prediction_typ
     noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(0))
     backgrounds = torch.randn((3, len(BOXES), 4, 1, 1), generator=torch.Generator().manual_seed(1))
     fused = multidiffusion(
-        noise, scheduler_for("ddim", 8, prediction_type), per_request_denoiser, weights,
+        noise, DiffusionSchedule(scheduler_for("ddim", 8, prediction_type)), per_request_denoiser, weights,
         bootstrap_steps=bootstrap_steps, backgrounds=backgrounds,
     )
     reference = reference_loop(
@@ -81,7 +82,7 @@ def test_one_scheduler_state_equals_per_prompt_copies(name, prompt_eps, per_requ
     noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(2))
     backgrounds = torch.randn((2, len(BOXES), 4, 1, 1), generator=torch.Generator().manual_seed(3))
     fused = multidiffusion(
-        noise, scheduler_for(name, 6), per_request_denoiser, weights, bootstrap_steps=2, backgrounds=backgrounds,
+        noise, DiffusionSchedule(scheduler_for(name, 6)), per_request_denoiser, weights, bootstrap_steps=2, backgrounds=backgrounds,
         generator=torch.Generator().manual_seed(4),
     )
     scheduler = scheduler_for(name, 6)
@@ -138,7 +139,7 @@ def test_each_region_ends_with_its_own_value_on_a_non_square_canvas(bootstrap_st
     scheduler = scheduler_for("ddim", 20)
     noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(5))
     latents = multidiffusion(
-        noise, scheduler, pull_towards(values, scheduler), weights, bootstrap_steps=bootstrap_steps,
+        noise, DiffusionSchedule(scheduler), pull_towards(values, scheduler), weights, bootstrap_steps=bootstrap_steps,
         backgrounds=torch.zeros(bootstrap_steps, 2, 4, 1, 1),
     )
     for p, value in enumerate(values):
@@ -153,15 +154,15 @@ def test_each_region_ends_with_its_own_value_on_a_non_square_canvas(bootstrap_st
 def test_bootstrap_zero_needs_no_backgrounds_and_more_bootstrap_needs_them(per_request_denoiser):
     scheduler = scheduler_for("ddim", 4)
     noise = torch.zeros(1, 4, H, W)
-    multidiffusion(noise, scheduler, per_request_denoiser, weights_for(), bootstrap_steps=0)
+    multidiffusion(noise, DiffusionSchedule(scheduler), per_request_denoiser, weights_for(), bootstrap_steps=0)
     with pytest.raises(ValueError, match="background"):
-        multidiffusion(noise, scheduler_for("ddim", 4), per_request_denoiser, weights_for(), bootstrap_steps=2)
+        multidiffusion(noise, DiffusionSchedule(scheduler_for("ddim", 4)), per_request_denoiser, weights_for(), bootstrap_steps=2)
 
 
 def test_callback_sees_every_step(per_request_denoiser):
     seen = []
     multidiffusion(
-        torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), per_request_denoiser, weights_for(),
+        torch.zeros(1, 4, H, W), DiffusionSchedule(scheduler_for("ddim", 5)), per_request_denoiser, weights_for(),
         callback=lambda i, n, x, denoised: seen.append((i, n, tuple(x.shape), tuple(denoised.shape))),
     )
     assert seen == [(i, 5, (1, 4, H, W), (1, 4, H, W)) for i in range(5)]  # DDIM gives its clean estimate
@@ -175,7 +176,7 @@ def test_denoiser_gets_one_shared_input_outside_bootstrap_and_one_per_prompt_ins
         return per_request_denoiser(inputs, t, requests)
 
     multidiffusion(
-        torch.zeros(1, 4, H, W), scheduler_for("ddim", 5), recording, weights_for(), bootstrap_steps=2,
+        torch.zeros(1, 4, H, W), DiffusionSchedule(scheduler_for("ddim", 5)), recording, weights_for(), bootstrap_steps=2,
         backgrounds=torch.zeros(2, 3, 4, 1, 1),
     )
     assert shapes == [4, 4, 1, 1, 1]
@@ -199,7 +200,7 @@ def test_centering_changes_nothing_for_a_translation_equivariant_denoiser():
 
     runs = [
         multidiffusion(
-            torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(6)), scheduler_for("ddim", 4), pointwise,
+            torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(6)), DiffusionSchedule(scheduler_for("ddim", 4)), pointwise,
             weights_for(), bootstrap_steps=2, backgrounds=torch.zeros(2, 3, 4, 1, 1), center_regions=centre,
         )
         for centre in (False, True)
@@ -219,7 +220,7 @@ def test_centering_lets_each_region_see_the_frame_centre():
     x0 = torch.zeros(1, 4, H, W)
     x0[0, :, 3, 2] = 1.0  # a marker inside region 1 (cells: rows 0..11, columns 0..7)
     multidiffusion(
-        x0, scheduler_for("ddim", 2), spy, weights_for(), bootstrap_steps=1, backgrounds=torch.zeros(1, 3, 4, 1, 1),
+        x0, DiffusionSchedule(scheduler_for("ddim", 2)), spy, weights_for(), bootstrap_steps=1, backgrounds=torch.zeros(1, 3, 4, 1, 1),
         center_regions=True,
     )
     first = seen[0]  # bootstrap step: (4, C, h, w), regions rolled
@@ -243,5 +244,5 @@ def test_per_step_weights_are_used_step_by_step():
     fused = []
     original = scheduler.step
     scheduler.step = lambda eps, t, x, **kw: fused.append(float(eps.mean())) or original(eps, t, x, **kw)
-    multidiffusion(torch.zeros(1, 4, H, W), scheduler, constant, per_step)
+    multidiffusion(torch.zeros(1, 4, H, W), DiffusionSchedule(scheduler), constant, per_step)
     assert fused == [1.0, -1.0, -1.0]

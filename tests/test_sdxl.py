@@ -4,7 +4,6 @@ unconditional sample, panoramas and 360 degrees from the CLI, loading by folder 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import types
 
@@ -14,32 +13,40 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.method.schedulers import make_scheduler
-from multidiff_cli.models import sd as sd_module
-from multidiff_cli.models.components import to_device
-from multidiff_cli.models.loading import cached_models, load_components, model_family
-from multidiff_cli.models.random_weights import build_tiny_sdxl_random, save_components
-from multidiff_cli.models.sd import background_latents, unet_bytes_per_sample
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.models import sdxl as sdxl_module
+from multidiff_cli.catalog import family_of_folder
+from multidiff_cli.models.loading import cached_models, load_model
+from multidiff_cli.models.random_weights import build_tiny_sdxl_random, save_model
+from multidiff_cli.models.sd import unet_bytes_per_sample
 from multidiff_cli.models.sdxl import time_ids
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import auto_batch_size, plan_render, render
+from multidiff_cli.run.render import plan_render, render
 from multidiff_cli.scene import load_scene
 
 CPU = torch.device("cpu")
 NATIVE_PX = 128  # the tiny SDXL's native size here: 16 latent cells, so small canvases make panoramas
 
 
+def replaced(model, **parts):
+    """A shallow copy of a loaded model with some of its parts replaced (a double, another setting)."""
+    out = copy.copy(model)
+    out.__dict__.update(parts)
+    return out
+
+
+
 @pytest.fixture(scope="module")
 def xl():
     """A tiny SDXL on the CPU, float32, native 128 px. Treat as read-only."""
-    return to_device(build_tiny_sdxl_random(sample_size=NATIVE_PX // 8), CPU, torch.float32)
+    return build_tiny_sdxl_random(sample_size=NATIVE_PX // 8).to(CPU, torch.float32)
 
 
 @pytest.fixture(scope="module")
 def xl_folder(tmp_path_factory):
     """The tiny SDXL saved as a diffusers folder whose name says nothing of SDXL."""
     folder = tmp_path_factory.mktemp("models") / "plain-model"
-    save_components(build_tiny_sdxl_random(sample_size=NATIVE_PX // 8), folder)
+    save_model(build_tiny_sdxl_random(sample_size=NATIVE_PX // 8), folder)
     return folder
 
 
@@ -82,7 +89,7 @@ def test_the_zeros_rule_changes_the_picture(xl, write_scene):
     """An empty negative prompt is zeros on a force_zeros_for_empty_prompt model, an encoded "" otherwise."""
     scene = load_scene(write_scene("prompt: a red sofa\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\n"))
     zeros = render(scene, xl, seed=1).latents
-    encoded = render(scene, dataclasses.replace(xl, force_zeros_for_empty_prompt=False), seed=1).latents
+    encoded = render(scene, replaced(xl, force_zeros_for_empty_prompt=False), seed=1).latents
     assert not torch.allclose(zeros, encoded)
 
 
@@ -116,7 +123,7 @@ def reference_loop(xl, scene, seed: int) -> torch.Tensor:
     h, w = scene.latent_hw
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, 4, h, w), generator=generator)
-    backgrounds = background_latents(xl, generator, scene.bootstrap_steps, len(scene.regions))
+    backgrounds = xl.codec.background_latents(generator, scene.bootstrap_steps, len(scene.regions))
     masks = torch.stack([torch.from_numpy(box_cells(r.box, (h, w))).float()[None] for r in scene.regions])
     weights = torch.cat([(1 - masks.sum(0, keepdim=True)).clamp(min=0), masks])
     scheduler = make_scheduler(scene.scheduler, xl.scheduler_config)
@@ -166,7 +173,7 @@ def test_n_regions_cost_n_plus_2_samples_and_none_unconditional_without_guidance
                                    .replace("guidance_scale: 6.0", f"guidance_scale: {guidance}")
                                    .replace("    guidance_scale: 3.0\n", "")))
     counting = unet_doubles.Counting(xl.unet)
-    render(scene, dataclasses.replace(xl, unet=counting), seed=0)
+    render(scene, replaced(xl, unet=counting), seed=0)
     assert counting.sizes == [per_step] * scene.steps  # 2 regions: N+2 with guidance, N+1 without
 
 
@@ -175,15 +182,15 @@ def test_n_regions_cost_n_plus_2_samples_and_none_unconditional_without_guidance
 
 @pytest.fixture
 def recorded_time_ids(monkeypatch):
-    """Every time-ids row the UNet is given, recorded at ChunkedUNet's call."""
+    """Every time-ids row the UNet is given, recorded at the family's network call (SDXL.forward)."""
     seen = []
-    original = sd_module.ChunkedUNet._forward
+    original = sdxl_module.SDXL.forward
 
-    def record(self, inputs, t, conds):
-        seen.extend(tuple(int(v) for v in row) for row in conds.time_ids.tolist())
-        return original(self, inputs, t, conds)
+    def record(self, inputs, t, conditioning):
+        seen.extend(tuple(int(v) for v in row) for row in conditioning.get("time_ids").tolist())
+        return original(self, inputs, t, conditioning)
 
-    monkeypatch.setattr(sd_module.ChunkedUNet, "_forward", record)
+    monkeypatch.setattr(sdxl_module.SDXL, "forward", record)
     return seen
 
 
@@ -239,15 +246,15 @@ def test_a_canvas_smaller_than_a_view_is_conditioned_on_its_own_size(xl, write_s
 
 def test_loading_picks_the_family_from_the_folder_not_its_name(xl_folder, tiny, tmp_path, write_scene):
     sd_named_xl = tmp_path / "my-sdxl-model"
-    save_components(tiny, sd_named_xl)
-    assert (model_family(xl_folder), model_family(sd_named_xl)) == ("sdxl", "sd")
-    loaded = load_components(str(xl_folder), CPU, torch.float32)
+    save_model(tiny, sd_named_xl)
+    assert (family_of_folder(xl_folder).name, family_of_folder(sd_named_xl).name) == ("sdxl", "sd")
+    loaded = load_model(str(xl_folder), CPU, torch.float32)
     assert loaded.family == "sdxl" and loaded.force_zeros_for_empty_prompt is True
     assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    assert load_components(str(sd_named_xl), CPU, torch.float32).family == "sd"
+    assert load_model(str(sd_named_xl), CPU, torch.float32).family == "sd"
     # the folder's weights are the built ones: the same picture, op for op
     scene = load_scene(write_scene("prompt: p\nwidth: 64\nheight: 64\nsteps: 2\nseed: 3\n"))
-    built = to_device(build_tiny_sdxl_random(sample_size=NATIVE_PX // 8), CPU, torch.float32)
+    built = build_tiny_sdxl_random(sample_size=NATIVE_PX // 8).to(CPU, torch.float32)
     assert torch.equal(render(scene, loaded, seed=3).latents, render(scene, built, seed=3).latents)
 
 
@@ -257,7 +264,7 @@ def test_force_zeros_is_read_from_model_index(xl_folder, tmp_path):
 
     shutil.copytree(xl_folder, folder)
     (folder / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
-    assert load_components(str(folder), CPU, torch.float32).force_zeros_for_empty_prompt is False
+    assert load_model(str(folder), CPU, torch.float32).force_zeros_for_empty_prompt is False
 
 
 def test_an_sdxl_folder_without_its_second_text_encoder_weights_is_named(xl_folder, tmp_path):
@@ -270,7 +277,7 @@ def test_an_sdxl_folder_without_its_second_text_encoder_weights_is_named(xl_fold
     for weights in (folder / "text_encoder_2").glob("*.safetensors"):
         weights.unlink()
     with pytest.raises(ModelError, match="text_encoder_2"):
-        load_components(str(folder), CPU, torch.float32)
+        load_model(str(folder), CPU, torch.float32)
 
 
 def test_models_lists_the_family(xl_folder, tmp_path):
@@ -294,7 +301,7 @@ def test_sd2_renders_exactly_as_before(tiny, write_scene, guided_atol):
     scene = load_scene(write_scene(REGIONS))
     latents = render(scene, tiny, seed=11).latents
     plan = plan_render(scene, tiny)  # max_batch: auto, the same for SD2 as before SDXL support
-    assert plan.auto_batch and plan.samples_per_call == auto_batch_size(tiny, max(v.height * v.width for v in plan.views))
+    assert plan.auto_batch and plan.samples_per_call == tiny.auto_samples_per_call(max(v.height * v.width for v in plan.views))
     per_value = guided_atol(latents, guidance=6.0, steps=3)
     for got, before, values in zip([latents.sum(), latents.abs().sum(), latents[0, :, 3, 5].sum()], SD2_BEFORE,
                                    [latents.numel(), latents.numel(), 4]):
@@ -310,14 +317,14 @@ def test_sdxl_turbo_takes_the_few_step_path_without_unconditional_samples(xl_fol
 
     turbo = tmp_path / "tiny-sdxl-turbo"
     shutil.copytree(xl_folder, turbo)
-    components = load_components(str(turbo), CPU, torch.float32)
+    components = load_model(str(turbo), CPU, torch.float32)
     assert components.few_step_model and components.family == "sdxl"
     scene = load_scene(write_scene(REGIONS.replace("steps: 3\nbootstrap_steps: 1", "steps: 2")
                                    .replace("guidance_scale: 6.0", "guidance_scale: 0.0")
                                    .replace("scheduler: ddim", "scheduler: euler").replace("    guidance_scale: 3.0\n", "")))
     assert plan_render(scene, components).few_step
     counting = unet_doubles.Counting(components.unet)
-    render(scene, dataclasses.replace(components, unet=counting), seed=0)
+    render(scene, replaced(components, unet=counting), seed=0)
     assert counting.samples == 2 * 3  # one per prompt per step
 
 
@@ -326,10 +333,10 @@ def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_ren
     vae = build_tiny_sdxl_random(seed=5, sample_size=NATIVE_PX // 8).vae
     vae.register_to_config(force_upcast=False)
     vae.save_pretrained(tmp_path / "vae-fix", safe_serialization=True)
-    own = load_components(str(xl_folder), CPU, torch.bfloat16)
-    fixed = load_components(str(xl_folder), CPU, torch.bfloat16, vae=str(tmp_path / "vae-fix"))
-    assert own.vae.dtype == torch.float32 and own.vae_id is None
-    assert fixed.vae.dtype == torch.bfloat16 and fixed.vae_id == str(tmp_path / "vae-fix")
+    own = load_model(str(xl_folder), CPU, torch.bfloat16)
+    fixed = load_model(str(xl_folder), CPU, torch.bfloat16, vae=str(tmp_path / "vae-fix"))
+    assert own.vae.dtype == torch.float32 and own.state.vae_id is None
+    assert fixed.vae.dtype == torch.bfloat16 and fixed.state.vae_id == str(tmp_path / "vae-fix")
     scene = write_scene(f"prompt: p\nwidth: 64\nheight: 64\nsteps: 1\nvae: {tmp_path / 'vae-fix'}\n")
     out = tmp_path / "fixed.png"
     result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "-o", str(out), "-q"])
@@ -346,7 +353,7 @@ def test_sdxl_calls_follow_auto_with_sd2_s_activations_per_sample_as_the_bound(w
     scene = load_scene(write_scene(f"prompt: p\nwidth: {size_px}\nheight: {size_px}\n"))
     plan = plan_render(scene, components)
     cells = max(v.height * v.width for v in plan.views)
-    assert plan.auto_batch and plan.samples_per_call == auto_batch_size(components, cells)
+    assert plan.auto_batch and plan.samples_per_call == components.auto_samples_per_call(cells)
     as_sd = types.SimpleNamespace(block_out_channels=components.unet.config.block_out_channels)  # no text_time
     sdxl_bytes = unet_bytes_per_sample(components.unet.config, cells, torch.float32)
     assert sdxl_bytes == unet_bytes_per_sample(as_sd, cells, torch.float32)  # measured: SDXL holds no more
@@ -362,6 +369,6 @@ def test_an_sdxl_unet_without_a_second_text_encoder_is_named(xl_folder, tmp_path
     folder = tmp_path / "half"
     shutil.copytree(xl_folder, folder, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(ModelNotFound, match="text_encoder_2/config.json"):
-        load_components(str(folder), CPU, torch.float32)
+        load_model(str(folder), CPU, torch.float32)
 
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
 from multidiff_cli.errors import LoraError
-from multidiff_cli.method.schedulers import make_scheduler
-from multidiff_cli.models.components import quiet_libraries, to_device
-from multidiff_cli.models.lora import _tuner_layers, load_loras
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.models.device import quiet_libraries
+from multidiff_cli.models.adapters import _tuner_layers, load_loras
 from multidiff_cli.models.random_weights import build_tiny_sdxl_random
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import render, scene_weights
@@ -32,7 +32,7 @@ LAYOUTS = ["peft", "kohya", "kohya-sgm"]
 def fresh_xl():
     """A tiny SDXL of its own (LoRAs get loaded into it), the same weights every time."""
     quiet_libraries()
-    return to_device(build_tiny_sdxl_random(sample_size=16), CPU, torch.float32)
+    return build_tiny_sdxl_random(sample_size=16).to(CPU, torch.float32)
 
 
 def lora_layers(components, parts=("unet", "text_encoder", "text_encoder_2"), rank=2, seed=0, strength=0.3):
@@ -235,4 +235,4 @@ def test_an_sdxl_lora_on_an_sd_model_says_it_is_one(lora_file):
     te2 = lora_file("kohya", parts=("text_encoder_2",), name="te2")
     with pytest.raises(LoraError, match=r"te2_kohya\.safetensors: not a LoRA for this model \(tiny-random, .*\): it "
                                         r"has layers for a second text encoder \(text_encoder_2\), .*an SDXL LoRA\?"):
-        load_loras(to_device(build_tiny_random(), CPU, torch.float32), [te2])
+        load_loras(build_tiny_random().to(CPU, torch.float32), [te2])

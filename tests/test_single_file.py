@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.models.random_weights import build_tiny_random, save_components
+from multidiff_cli.models.random_weights import build_tiny_random, save_model
 
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory, ldm_unet_key):
     """(diffusers folder, the same weights as one original-layout .safetensors file)."""
     folder = tmp_path_factory.mktemp("single")
     components = build_tiny_random()
-    save_components(components, folder / "tiny")
+    save_model(components, folder / "tiny")
     (folder / "tiny" / "model_index.json").write_text(
         '{"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"], '
         '"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], '

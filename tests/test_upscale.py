@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
 from multidiff_cli.errors import TooLarge
-from multidiff_cli.models.components import to_device
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run import batch as batch_module
@@ -142,7 +141,7 @@ def test_a_bad_upscale_is_one_line_exit_2_and_writes_nothing(args, message, tmp_
 
 def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_skipped(write_scene, tmp_path, tiny,
                                                                                      monkeypatch):
-    monkeypatch.setattr(batch_module, "load_components", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr("multidiff_cli.models.loading.load_model", lambda *args, **kwargs: tiny)
     picture(tmp_path / "pic.png", (128, 96))
     Image.new("L", (128, 96), 0).save(tmp_path / "keep.png")
     mask = Image.open(tmp_path / "keep.png")
@@ -196,7 +195,7 @@ def test_the_memory_check_counts_the_encode_and_a_4096_upscale_tiles_both_ways(w
     assert parts["encode"] - picture_bytes < 2 * parts["decode"]  # tiled: about one 512x512 tile's worth
     assert untiled["encode"] - picture_bytes == untiled["decode"] > 60 * parts["decode"]
     needed = max(estimate_bytes(big, tiny, plan.samples_per_call, True).values())
-    monkeypatch.setattr("multidiff_cli.run.memory.available_bytes", lambda device: int(needed / 0.85))
+    monkeypatch.setattr("multidiff_cli.models.device.available_bytes", lambda device: int(needed / 0.85))
     check_memory(big, tiny, plan)  # tiled both ways: fits
     forced = load_scene(write_scene("prompt: p\ninit_image: pic.png\nwidth: 4096\nheight: 4096\ntiled_decode: false\n"))
     with pytest.raises(TooLarge, match="for its (encode|decode)"):
@@ -216,9 +215,9 @@ def test_the_memory_check_counts_the_encode_and_a_4096_upscale_tiles_both_ways(w
 @pytest.fixture
 def small_window(monkeypatch):
     """tiny-random with a 32-cell (256 px) window, so a 512x384 canvas is covered by several views."""
-    components = to_device(build_tiny_random(), torch.device("cpu"), torch.float32)
+    components = build_tiny_random().to(torch.device("cpu"), torch.float32)
     components.unet.register_to_config(sample_size=32)
-    monkeypatch.setattr(batch_module, "load_components", lambda *args, **kwargs: components)
+    monkeypatch.setattr("multidiff_cli.models.loading.load_model", lambda *args, **kwargs: components)
     views = []
     real = render_module.multidiffusion
     monkeypatch.setattr(render_module, "multidiffusion", lambda *a, **k: views.append(k["views"]) or real(*a, **k))
@@ -251,7 +250,7 @@ def test_an_upscale_of_a_256x192_picture_renders_512x384_with_views_and_can_be_r
 
 
 def test_an_upscale_keeps_a_multidiff_png_s_regions_scaled(tmp_path, write_scene, tiny, monkeypatch):
-    monkeypatch.setattr(batch_module, "load_components", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr("multidiff_cli.models.loading.load_model", lambda *args, **kwargs: tiny)
     picture(tmp_path / "pic.png", (128, 96))
     scene = write_scene("prompt: p\ninit_image: pic.png\nsteps: 2\nseed: 1\nregions:\n  - prompt: a boat\n"
                         "    box: [8, 16, 64, 48]\n")

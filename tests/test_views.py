@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.sampler import bootstrap_inputs, multidiffusion
-from multidiff_cli.method.schedulers import make_scheduler
+from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.views import axis_starts, make_views
 from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
@@ -106,7 +107,7 @@ def test_fused_views_equal_a_per_view_per_prompt_reference_loop(bootstrap_steps,
         s.set_timesteps(6)
         return s
 
-    fused = multidiffusion(noise, scheduler(), per_request_denoiser, weights, views=views,
+    fused = multidiffusion(noise, DiffusionSchedule(scheduler()), per_request_denoiser, weights, views=views,
                            bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
     reference = reference_views_loop(prompt_eps, noise, scheduler(), weights, views, bootstrap_steps, backgrounds)
     assert_close_batched(fused, reference, steps=6)  # fusing before or after the affine step: another order
@@ -129,7 +130,7 @@ def test_regions_land_in_place_on_a_1536x512_canvas():
         return torch.stack([(inputs[i] - a.sqrt() * values[p]) / (1 - a).sqrt() for i, p in requests])
 
     latents = multidiffusion(
-        torch.randn((1, 4, h, w), generator=torch.Generator().manual_seed(2)), scheduler, pull, weights,
+        torch.randn((1, 4, h, w), generator=torch.Generator().manual_seed(2)), DiffusionSchedule(scheduler), pull, weights,
         views=make_views((h, w), 64, 8),
     )
     for p, value in enumerate(values):

@@ -596,12 +596,12 @@ def _snapshot(cache: Path, repo: str, sha: str) -> Path:
 
 
 def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
-    from multidiff_cli.models.random_weights import save_components
+    from multidiff_cli.models.random_weights import save_model
 
     cache = tmp_path / "hub"
     good_sha, bad_sha = "a" * 40, "0123456789abcdef" * 2 + "01234567"
     good = _snapshot(cache, "me/tiny-sd", good_sha)
-    save_components(tiny, good)
+    save_model(tiny, good)
     (good / "model_index.json").write_text("{}")
     bad = _snapshot(cache, "me/pickled-sd", bad_sha)
     shutil.copytree(good, bad)
@@ -629,10 +629,10 @@ def test_models_lists_the_cache_and_what_cannot_load(tiny, tmp_path):
 
 @pytest.fixture
 def tiny_cache(tiny, tmp_path):
-    from multidiff_cli.models.random_weights import save_components
+    from multidiff_cli.models.random_weights import save_model
 
     good = _snapshot(tmp_path / "hub", "me/tiny-sd", "c" * 40)
-    save_components(tiny, good)
+    save_model(tiny, good)
     (good / "model_index.json").write_text("{}")
     return tmp_path / "hub"
 
@@ -674,7 +674,7 @@ def test_version_and_help():
 def test_shell_completion():
     assert "--install-completion" in run("--help").stdout
     # Typer detects the shell from the parent process: run under bash (`; true` keeps bash from exec-ing)
-    proc = subprocess.run(["bash", "-c", f"'{sys.executable}' -m multidiff_cli.cli --show-completion; true"],
+    proc = subprocess.run(["bash", "-c", f"'{sys.executable}' -m multidiff_cli --show-completion; true"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout and "multidiff" in proc.stdout

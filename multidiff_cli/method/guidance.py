@@ -1,15 +1,24 @@
-"""Classifier-free guidance for every request of a step, with each distinct UNet sample run once."""
+"""Classifier-free guidance for every request of a step, with each distinct network sample run once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from .sampler import Denoiser, Request
 
-UNetRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""run(inputs (B, C, h, w), t, texts (B, L, D)) -> float model outputs (B, C, h, w)."""
+
+class Rows(Protocol):
+    """Per-text conditioning that a list of row indices selects from (a family's Conditioning; a
+    (E, L, D) tensor of hidden states in the tests)."""
+
+    def __getitem__(self, rows: Any) -> Any: ...
+
+
+ModelRun = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""run(inputs (B, C, h, w), t, conditioning rows (B)) -> float model outputs (B, C, h, w): a family's
+network over a batch of samples (models/<family>.py)."""
 
 
 @dataclass
@@ -27,10 +36,11 @@ class Prompts:
         return [(label, self.texts[i]) for label, i in zip(self.labels, self.cond)]
 
 
-def guided_denoiser(run: UNetRun, embeddings: torch.Tensor, prompts: Prompts) -> Denoiser:
-    """Classifier-free guidance (Ho & Salimans) for every request of a step, all UNet samples batched together.
+def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Denoiser:
+    """Classifier-free guidance (Ho & Salimans) for every request of a step, all network samples batched together.
 
-    A sample is (input latent, text); each distinct one runs once, so requests on the same input
+    conditioning: row i conditions on prompts.texts[i]. A sample is (input latent, text); each
+    distinct one runs once, so requests on the same input
     whose prompts share a negative prompt share its unconditional pass (N regions: N+2 samples a
     step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
     """
@@ -43,7 +53,7 @@ def guided_denoiser(run: UNetRun, embeddings: torch.Tensor, prompts: Prompts) ->
 
         cond = [sample(latent, prompts.cond[p]) for latent, p in requests]
         uncond = [sample(latent, prompts.negative[p]) if prompts.guidance[p] > 1 else None for latent, p in requests]
-        out = run(inputs[[latent for latent, _ in samples]], t, embeddings[[text for _, text in samples]])
+        out = run(inputs[[latent for latent, _ in samples]], t, conditioning[[text for _, text in samples]])
         guided = []
         for c, u, (_, p) in zip(cond, uncond, requests):
             guided.append(out[c] if u is None else out[u] + prompts.guidance[p] * (out[c] - out[u]))

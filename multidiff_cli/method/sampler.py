@@ -1,18 +1,19 @@
-"""MultiDiffusion (Bar-Tal et al., 2023) as a pure function of tensors, a scheduler and a denoiser.
+"""MultiDiffusion (Bar-Tal et al., 2023) as a pure function of tensors, a noise schedule and a denoiser.
 
-The sampler knows nothing of UNets, text or files. Per step it asks the denoiser for every
-(view, prompt) guided prediction, fuses them per pixel with the region weights (Eq. 5; over
-views, Eq. 7), and takes one scheduler step on the whole canvas. For schedulers whose step is affine in the model output
-(DDIM, Euler, DPM-Solver, ...) this equals the paper's "step each prompt, then average", and it
-keeps one scheduler state, so multistep solvers work unchanged.
+The sampler knows nothing of networks, text or files. Per step it asks the denoiser for every
+(view, prompt) prediction, fuses them per latent cell with the region weights (Eq. 5; over views,
+Eq. 7), and takes one step of the noise schedule (method/schedule.py) on the whole canvas. For
+steps affine in the model output (DDIM, Euler, DPM-Solver, flow matching's Euler, ...) this equals
+the paper's "step each prompt, then average", and it keeps one schedule state, so multistep
+solvers work unchanged.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from .schedule import NoiseSchedule
 from .views import View, full_view
 
 Request = tuple[int, int]
@@ -22,28 +23,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, list[Request]], torch.Tensor]
 """denoise(inputs, t, requests) -> guided model outputs (len(requests), C, h, w), one per request.
 
 `inputs` (M, C, h, w) are the distinct latents of the step (one per view, plus one per view and
-region while bootstrapping), already scaled by `scheduler.scale_model_input`; request r asks for
-prompt requests[r][1]'s prediction on inputs[requests[r][0]]. Requests that share an input may share work
-(the unconditional pass).
+region while bootstrapping), already as the network sees them (`NoiseSchedule.model_input`); `t` is
+the evaluation's timestep (`NoiseSchedule.timesteps`); request r asks for prompt requests[r][1]'s
+prediction on inputs[requests[r][0]]. Requests that share an input may share work (the
+unconditional pass).
 """
 
 StepCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
-"""callback(step_index, total_steps, latents, denoised) after every scheduler step; `denoised` is
-the scheduler's estimate of the clean latents when it gives one (DDIM, Euler), else None."""
-
-
-class Scheduler(Protocol):
-    """The part of a diffusers scheduler the sampler uses; `set_timesteps` is called by the caller."""
-
-    timesteps: torch.Tensor
-    init_noise_sigma: float | torch.Tensor
-    order: int
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor: ...
-
-    def step(self, model_output, timestep, sample, **kwargs): ...
-
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor: ...
+"""callback(step_index, total_steps, latents, denoised) after every schedule step; `denoised` is
+the schedule's estimate of the clean latents when it gives one (DDIM, Euler, flow), else None."""
 
 
 def fuse_views(predictions: torch.Tensor, requests: list[Request], request_views: list[View], weights: torch.Tensor) -> torch.Tensor:
@@ -135,12 +123,12 @@ def first_step(steps: int, strength: float) -> int:
     return steps - max(1, min(int(steps * strength), steps))
 
 
-def start_latents(noise: torch.Tensor, scheduler: Scheduler, init_latents: torch.Tensor | None, start_step: int) -> torch.Tensor:
-    """SDEdit (Meng et al. 2022), as diffusers' img2img pipeline starts: a picture's latents noised to the
-    level of the first step run; without one, pure noise (text-to-image)."""
+def start_latents(noise: torch.Tensor, schedule: NoiseSchedule, init_latents: torch.Tensor | None, start: int) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022), as diffusers' img2img pipelines start: a picture's latents noised to the
+    level of the first evaluation run; without one, pure noise (text-to-image)."""
     if init_latents is None:
-        return noise * scheduler.init_noise_sigma
-    return scheduler.add_noise(init_latents, noise, scheduler.timesteps[start_step * getattr(scheduler, "order", 1)].reshape(1))
+        return schedule.initial(noise)
+    return schedule.noised(init_latents, noise, start)
 
 
 def keep_known(x: torch.Tensor, known: torch.Tensor, changeable: torch.Tensor) -> torch.Tensor:
@@ -151,7 +139,7 @@ def keep_known(x: torch.Tensor, known: torch.Tensor, changeable: torch.Tensor) -
 
 def multidiffusion(
     noise: torch.Tensor,
-    scheduler: Scheduler,
+    schedule: NoiseSchedule,
     denoise: Denoiser,
     weights: torch.Tensor,
     *,
@@ -171,15 +159,16 @@ def multidiffusion(
     noise: the initial unit Gaussian latent (1, C, h, w); also the noise that bootstrapping
         backgrounds are noised with, as in the authors' code, so a region's bootstrap input
         is continuous with the canvas' noise at its mask's edge.
-    weights: (P, 1, h, w), index 0 the global prompt, 1..N the regions (masks.region_weights);
-        or (steps, P, 1, h, w), one set per step (masks.quantized_weights).
+    schedule: the noise schedule, its timesteps set (method/schedule.py).
+    weights: (P, 1, h, w), index 0 the global prompt, 1..N the regions (weights.region_weights);
+        or (steps, P, 1, h, w), one set per step (weights.quantized_weights).
     views: windows covering the canvas (views.make_views); default: the whole canvas as one.
     bootstrap_steps: the first steps in which regions are denoised against flat backgrounds.
     backgrounds: clean flat-colour latents, (bootstrap_steps, N, C, h|1, w|1): one per step and
-        region, noised here to each step's level with the scheduler's own `add_noise`.
+        region, noised here to each step's level by the schedule.
     center_regions: during bootstrapping, denoise each region shifted so its mask is centred in
         the view, then shift its prediction back (StreamMultiDiffusion's mask-centering).
-    generator: for stochastic schedulers (euler-a, ddpm); a CPU generator keeps devices equal.
+    generator: for stochastic steps (euler-a, ddpm); a CPU generator keeps devices equal.
     start_step: the first step to run (img2img: steps - int(steps * strength)); bootstrapping counts
         from it, per-step weights keep their own steps.
     init_latents: the clean latents of a picture to start from, noised to start_step's level with
@@ -198,39 +187,34 @@ def multidiffusion(
 
     if (init_latents is None and start_step) or ((known_latents is None) != (changeable is None)):
         raise ValueError("start_step > 0 needs init_latents, and changeable needs known_latents (and back)")
-    order = getattr(scheduler, "order", 1)  # Heun-type schedulers visit each step `order` times
-    if (init_latents is not None or known_latents is not None) and hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start_step * order)  # add_noise then finds the level of the step at hand
-    x = start_latents(noise, scheduler, init_latents, start_step)
-    timesteps = scheduler.timesteps[start_step * order :]
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    step_kwargs = {"generator": generator} if generator is not None and takes_generator else {}
+    order = schedule.order  # Heun-type steps take `order` evaluations
+    first = start_step * order  # the first evaluation run
+    if init_latents is not None or known_latents is not None:
+        schedule.begin_at(first)
+    x = start_latents(noise, schedule, init_latents, first)
+    evaluations = len(schedule.timesteps) - first
     active: dict[int, list[list[int]]] = {}  # per set of weights: the same every step unless per_step
-    for i, t in enumerate(timesteps):
-        step = i // order  # counted from the first step run
+    for i in range(evaluations):
+        index, step = first + i, i // order  # step counted from the first step run
         weights_index = min(start_step + step, weights.shape[0] - 1) if per_step else 0
         step_weights = weights[weights_index] if per_step else weights
         if weights_index not in active:
             active[weights_index] = active_prompts(step_weights, views)
         bootstrap = None
         if bootstrapping and step < bootstrap_steps:
-            noised = scheduler.add_noise(
-                backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), t.reshape(1)
-            )
+            noised = schedule.noised(backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), index)
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
         inputs, requests, request_views, rolls = step_requests(
             x, step_weights, views, bootstrap, center_regions, active[weights_index]
         )
-        predictions = unroll(denoise(scheduler.scale_model_input(inputs, t), t, requests), rolls)
+        predictions = unroll(denoise(schedule.model_input(inputs, index), schedule.timesteps[index], requests), rolls)
         fused = fuse_views(predictions, requests, request_views, step_weights)
-        out = scheduler.step(fused, t, x, **step_kwargs)
-        x = out.prev_sample
-        denoised = getattr(out, "pred_original_sample", None)
+        x, denoised = schedule.step(fused, index, x, generator)
         if changeable is not None:
-            last = i == len(timesteps) - 1
-            known = known_latents if last else scheduler.add_noise(known_latents, noise, timesteps[i + 1].reshape(1))
+            last = i == evaluations - 1
+            known = known_latents if last else schedule.noised(known_latents, noise, index + 1)
             x = keep_known(x, known, changeable)
             denoised = None if denoised is None else keep_known(denoised, known_latents, changeable)
         if callback is not None:
-            callback(i, len(timesteps), x, denoised)
+            callback(i, evaluations, x, denoised)
     return x

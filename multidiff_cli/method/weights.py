@@ -35,7 +35,8 @@ def quantized_weights(region_masks: list[torch.Tensor], noise_levels: torch.Tens
     """Quantized masks (StreamMultiDiffusion, Lee et al. 2024): (steps, N+1, 1, h, w) weights, one set per step.
 
     Each region mask is blurred and scaled so its peak is 1; at a step whose noise level is
-    sigma = sqrt(1 - alphas_cumprod[t]), the region is where the blurred mask exceeds sigma.
+    `noise_levels[step]` (NoiseSchedule.noise_levels: sqrt(1 - alphas_cumprod[t]) for diffusion, σ for
+    flow matching), the region is where the blurred mask exceeds it.
     Early (sigma near 1) only a mask's core counts, so a region cannot spill while the layout
     forms; as noise falls its edge grows out to the blurred outline, blending it with its
     surroundings. The background weight follows as 1 - sum, clamped at 0, at every step.
@@ -45,9 +46,3 @@ def quantized_weights(region_masks: list[torch.Tensor], noise_levels: torch.Tens
     latent_hw = tuple(soft.shape[-2:])
     return torch.stack([region_weights(list((soft > level).float()), latent_hw) for level in noise_levels.tolist()])
 
-
-def noise_levels(scheduler) -> torch.Tensor:
-    """sqrt(1 - alphas_cumprod[t]) at each step's timestep: 1 is pure noise, 0 clean."""
-    alphas = scheduler.alphas_cumprod.cpu()
-    timesteps = scheduler.timesteps[:: getattr(scheduler, "order", 1)].cpu()
-    return (1 - alphas[timesteps.round().long().clamp(0, len(alphas) - 1)]).sqrt()

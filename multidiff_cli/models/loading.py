@@ -1,4 +1,5 @@
-"""Load Stable Diffusion components: a hub id, a local diffusers folder, or the built-in `tiny-random`."""
+"""Load a model of any family: a hub id, a local diffusers folder, a single-file checkpoint, or a
+built-in random model; and list the models in the Hugging Face cache."""
 from __future__ import annotations
 
 import json
@@ -7,64 +8,56 @@ from pathlib import Path
 
 import torch
 
+from ..catalog import (BUILT_IN, FAMILIES, PICKLE_SUFFIXES, Family, family_of_folder, is_single_file,
+                       looks_like_hub_id, read_json)
 from ..errors import ModelError, ModelNotFound, UsageError
-from .components import Components, quiet_libraries, speed_up, to_device
+from .allocator import keep_freed_memory
+from .device import quiet_libraries
+from .family import LoadedState, Model, family_class
 from .names import FEW_STEP_MARKERS
-from .random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
-                             build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
-from .single_file import is_single_file, load_single_file, looks_like_hub_id
+from .single_file import load_single_file
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
-# What a render needs from a diffusers folder: configs, tokenizer and safetensors weights only.
-# Hub repos also hold pickles and multi-GB .ckpt files that must not be downloaded.
-_COMPONENT_WEIGHTS = {
-    "text_encoder": "model.safetensors",
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-}
-_SDXL_WEIGHTS = {"text_encoder_2": "model.safetensors"}  # SDXL's second text encoder (and tokenizer_2/)
+# What a render needs from a diffusers folder: configs, tokenizers and safetensors weights only, of
+# the subfolders any family reads. Hub repos also hold pickles, fp16 copies and multi-GB .ckpt files
+# that must not be downloaded.
+_SUBFOLDERS = {name: weights for family in FAMILIES.values() for name, weights in family.weights.items()}
 _ALLOW_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
-    "tokenizer/*",
-    "tokenizer_2/*",
-    *[f"{name}/config.json" for name in {**_COMPONENT_WEIGHTS, **_SDXL_WEIGHTS}],
-    *[f"{name}/{weights}" for name, weights in {**_COMPONENT_WEIGHTS, **_SDXL_WEIGHTS}.items()],
+    *sorted({f"{name}/*" for family in FAMILIES.values() for name in family.folders if name != "scheduler"}),
+    *[f"{name}/config.json" for name in _SUBFOLDERS],
+    *[f"{name}/{weights}" for name, weights in _SUBFOLDERS.items()],
 ]
 _VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repo (`vae:`), e.g. an fp16 fix
 
 
-BUILT_IN_MODELS = {  # random weights, built in code (looked up when called, so tests can stand in for them)
-    TINY_RANDOM: lambda: build_tiny_random(),
-    SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
-    TINY_SDXL_RANDOM: lambda: build_tiny_sdxl_random(),
-    SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
-}
-
-
-def load_components(
+def load_model(
     model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False,
     config: str | None = None,
     vae: str | None = None,
-) -> Components:
-    """Load tokenizer(s), text encoder(s), UNet, VAE and scheduler config of `model` onto `device`.
+) -> Model:
+    """Load `model` (its family detected from model_index.json or the checkpoint's keys) onto `device`.
 
     allow_pickle: also load pickle (.bin, .ckpt) weights, which can run code when loaded: only for
     models you trust, and only when asked for explicitly. config: for a single-file checkpoint, a
     diffusers folder or hub id with its configs (the scene's `model_config`).
     vae: a diffusers VAE (folder or hub id) to use instead of the model's own (the scene's `vae:`)."""
     quiet_libraries()
-    if model in BUILT_IN_MODELS:
-        components = BUILT_IN_MODELS[model]()
+    if model in BUILT_IN:
+        from .random_weights import build_random
+
+        loaded = build_random(model)
     elif is_single_file(model):
-        components = load_single_file(Path(model).expanduser(), model, config, allow_pickle)
-        components.few_step_model = is_few_step_model(model)  # the file's name (a "...turbo.safetensors")
+        loaded = load_single_file(Path(model).expanduser(), model, config, allow_pickle)
+        loaded.state.few_step_model = is_few_step_model(model)  # the file's name (a "...turbo.safetensors")
     else:
         folder, revision = resolve_model_folder(model, allow_pickle)
-        components = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)
+        loaded = load_folder(folder, model_id=model, revision=revision, allow_pickle=allow_pickle)
     if vae is not None:
-        components.vae, components.vae_id = load_vae(vae, allow_pickle), vae
-    return speed_up(to_device(components, device, dtype), compile=compile)
+        loaded.vae, loaded.state.vae_id = load_vae(vae, allow_pickle), vae
+    if device.type == "cpu":
+        keep_freed_memory()
+    return loaded.to(device, dtype).speed_up(compile)
 
 
 def load_vae(vae: str, allow_pickle: bool = False):
@@ -111,7 +104,7 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
     from huggingface_hub.errors import HFValidationError
 
     try:
-        patterns = _ALLOW_PATTERNS + ([f"{name}/*.bin" for name in _COMPONENT_WEIGHTS] if allow_pickle else [])
+        patterns = _ALLOW_PATTERNS + ([f"{name}/*.bin" for name in _SUBFOLDERS] if allow_pickle else [])
         folder = Path(snapshot_download(model, allow_patterns=patterns))
     except HFValidationError as exc:
         raise ModelNotFound(f"model {model!r} is not a valid hub id: {exc}") from None
@@ -126,56 +119,16 @@ def resolve_model_folder(model: str, allow_pickle: bool = False) -> tuple[Path, 
     return folder, folder.name if folder.parent.name == "snapshots" else None
 
 
-def model_family(folder: Path) -> str:
-    """"sdxl" for a folder with SDXL's UNet (an added `text_time` embedding: pooled text and time ids)
-    and a second text encoder; else "sd". Read from the folder itself, never from its name."""
-    return "sdxl" if _sdxl_unet(folder) and (folder / "text_encoder_2").is_dir() else "sd"
-
-
-def _sdxl_unet(folder: Path) -> bool:
-    """The folder's UNet adds SDXL's `text_time` embedding (pooled text and time ids)."""
-    return _read_json(folder / "unet" / "config.json").get("addition_embed_type") == "text_time"
-
-
-def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_pickle: bool = False) -> Components:
-    """Load the components of a diffusers-format folder: safetensors weights only, no remote code."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    _check_folder(folder, model_id, allow_pickle)
-    family = model_family(folder)
-
-    def safetensors(name: str) -> bool:  # False only where --allow-pickle let a pickle-only folder through
-        return any((folder / name).glob("*.safetensors"))
-
+def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_pickle: bool = False) -> Model:
+    """Load a diffusers-format folder of a family multidiff knows: safetensors weights only, no remote code."""
+    family = _check_folder(folder, model_id, allow_pickle)
     try:
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        sdxl = {}
-        if family == "sdxl":
-            sdxl = dict(
-                family="sdxl",
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", use_safetensors=safetensors("text_encoder_2")
-                ),
-                # diffusers' StableDiffusionXLPipeline default where model_index.json does not say
-                force_zeros_for_empty_prompt=bool(
-                    _read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True)
-                ),
-            )
-        return Components(
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(
-                folder, subfolder="text_encoder", use_safetensors=safetensors("text_encoder")
-            ),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safetensors("unet")),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safetensors("vae")),
-            scheduler_config=scheduler_config,
-            model_id=model_id,
-            revision=revision,
-            few_step_model=is_few_step_model(model_id, folder),
-            **sdxl,
+        state = LoadedState(
+            model_id=model_id, revision=revision, few_step_model=is_few_step_model(model_id, folder),
+            scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
         )
+        # False only where --allow-pickle let a pickle-only folder through
+        return family_class(family).from_folder(folder, state, lambda part: any((folder / part).glob("*.safetensors")))
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
 
@@ -195,33 +148,24 @@ def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
         names.append(folder.name)
         if folder.parent.name == "snapshots":  # models--owner--name/snapshots/<commit>
             names.append(folder.parent.parent.name.rsplit("--", 1)[-1])
-        model_index, scheduler = (_read_json(folder / "model_index.json"),
-                                  _read_json(folder / "scheduler" / "scheduler_config.json"))
+        model_index, scheduler = (read_json(folder / "model_index.json"),
+                                  read_json(folder / "scheduler" / "scheduler_config.json"))
         names += [str(config.get("_name_or_path", "")) for config in (model_index, scheduler)]
     named = any(marker in name.lower().replace("_", "-") for name in names for marker in FEW_STEP_MARKERS)
     return named or scheduler.get("_class_name") == "LCMScheduler"
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; {} where there is none or it is not one (load_folder reports broken configs)."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 @dataclass(frozen=True)
 class CachedModels:
     """What `multidiff models` lists: the hub cache folder searched, and one row per diffusers model
-    revision in it: (repo id, revision, size in bytes, why it cannot load or None, family: sd or sdxl)."""
+    revision in it: (repo id, revision, size in bytes, why it cannot load or None, family name or "?")."""
 
     folder: Path
     rows: list[tuple[str, str, int, str | None, str]]
 
 
 def cached_models(cache_dir: Path | None = None) -> CachedModels:
-    """Every model revision in the Hugging Face cache that looks like a diffusers Stable Diffusion pipeline.
+    """Every model revision in the Hugging Face cache that is a diffusers pipeline.
 
     cache_dir: the hub cache (holding models--owner--name/ folders) or a folder holding one as
     hub/ (HF_HOME); default: huggingface_hub's (HF_HUB_CACHE, else $HF_HOME/hub)."""
@@ -247,29 +191,32 @@ def cached_models(cache_dir: Path | None = None) -> CachedModels:
             if not (snapshot / "unet").is_dir() and not (snapshot / "model_index.json").exists():
                 continue  # not a diffusers pipeline (a text model, a LoRA, ...)
             try:
-                _check_folder(snapshot, repo.repo_id)
+                family = _check_folder(snapshot, repo.repo_id).name
                 problem = None
             except (ModelNotFound, ModelError) as exc:
-                problem = str(exc).split(": ", 1)[-1]
-            found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem, model_family(snapshot)))
+                family, problem = getattr(family_of_folder(snapshot), "name", "?"), str(exc).split(": ", 1)[-1]
+            found.append((repo.repo_id, revision.commit_hash, revision.size_on_disk, problem, family))
     return CachedModels(folder, found)
 
 
-def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> None:
-    needed = ("tokenizer", "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in _COMPONENT_WEIGHTS))
-    weights = dict(_COMPONENT_WEIGHTS)
-    if _sdxl_unet(folder):
-        needed += ("tokenizer_2", *(f"{name}/config.json" for name in _SDXL_WEIGHTS))
-        weights.update(_SDXL_WEIGHTS)
+def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> Family:
+    """The folder's family, once every file its family loads is there (ModelNotFound, ModelError: why not)."""
+    family = family_of_folder(folder)
+    if family is None:
+        pipeline = read_json(folder / "model_index.json").get("_class_name")
+        known = ", ".join(f.label for f in FAMILIES.values())
+        raise ModelNotFound(f"model {model_id!r}: {folder} is not a diffusers model of a family multidiff knows ({known})"
+                            + (f": its model_index.json names {pipeline}" if pipeline else ""))
+    needed = (*family.folders, "scheduler/scheduler_config.json", *(f"{name}/config.json" for name in family.weights))
     missing = [name for name in needed if not (folder / name).exists()]
     if missing:
         raise ModelNotFound(
-            f"model {model_id!r}: {folder} is not a diffusers Stable Diffusion folder "
+            f"model {model_id!r}: {folder} is not a diffusers {family.label} folder "
             f"(missing {', '.join(missing)})"
         )
-    for name in weights:
+    for name in family.weights:
         if not any((folder / name).glob("*.safetensors")):
-            pickles = [p.name for p in (folder / name).glob("*.bin")]
+            pickles = [p.name for p in (folder / name).iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles and allow_pickle:
                 continue
             found = f" (only pickle weights: {', '.join(pickles)})" if pickles else ""
@@ -279,5 +226,4 @@ def _check_folder(folder: Path, model_id: str, allow_pickle: bool = False) -> No
                 "(diffusers' pipe.save_pretrained(..., safe_serialization=True)), or, for a model you "
                 "trust, pass --allow-pickle."
             )
-
-
+    return family

@@ -10,13 +10,11 @@ from typing import Any
 
 import torch
 
-from .components import Components
+from ..catalog import SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM
+from .family import LoadedState, Model
 from .names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
-
-TINY_RANDOM = "tiny-random"
-SD2_RANDOM = "sd2-random"
-TINY_SDXL_RANDOM = "tiny-sdxl-random"
-SDXL_RANDOM = "sdxl-random"
+from .sd import SD
+from .sdxl import SDXL
 
 
 # The tiny UNets' shared shape (SD2- and SDXL-shaped alike): two levels, cross attention at half
@@ -40,7 +38,21 @@ def _clip_config(tokenizer, vocab_size: int, hidden: int, intermediate: int, lay
     )
 
 
-def build_tiny_random(seed: int = 0) -> Components:
+def build_random(name: str) -> Model:
+    """A built-in random model by name (catalog.BUILT_IN); text encoders included, so it renders scenes."""
+    builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
+                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True)}
+    return builders[name]()
+
+
+def bench_model(name: str) -> Model:
+    """A built-in random model as the bench builds it: without text encoders where it can (full size)."""
+    builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: build_sd2_random,
+                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: build_sdxl_random}
+    return builders[name]()
+
+
+def build_tiny_random(seed: int = 0) -> SD:
     """SD2-shaped components with small random weights, built in code: no download, same every time.
 
     Same structure as SD2-base (OpenCLIP-style text encoder, linear-projection cross attention,
@@ -56,17 +68,11 @@ def build_tiny_random(seed: int = 0) -> Components:
         text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=32, **_TINY_UNET)
         vae = random_vae(tiny=True, sample_size=512)
-    return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder.eval(),
-        unet=unet.eval(),
-        vae=vae.eval(),
-        scheduler_config=sd2_scheduler_config(),
-        model_id=TINY_RANDOM,
-    )
+    return SD(tokenizer=tokenizer, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
+              state=LoadedState(model_id=TINY_RANDOM, scheduler_config=sd2_scheduler_config()))
 
 
-def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
+def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> SD:
     """Full-size SD2-base-shaped UNet and VAE with random weights (the real model's compute, no download).
 
     text_encoder: also an OpenCLIP ViT-H-shaped text encoder (SD2's: 1024 wide, 23 layers) over
@@ -89,7 +95,7 @@ def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> Components:
             use_linear_projection=True,
         )
         vae = random_vae(tiny=False, sample_size=512)
-    return Components(tokenizer, encoder, unet.eval(), vae.eval(), sd2_scheduler_config(), model_id=SD2_RANDOM)
+    return SD(tokenizer, encoder, unet.eval(), vae.eval(), LoadedState(model_id=SD2_RANDOM, scheduler_config=sd2_scheduler_config()))
 
 
 def random_vae(tiny: bool, sample_size: int, scaling_factor: float = 0.18215):
@@ -168,24 +174,25 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
-def save_components(components: Components, folder: Path) -> None:
-    """Write components as a diffusers folder (safetensors), loadable with `--model FOLDER`."""
+def save_model(model: SD, folder: Path) -> None:
+    """Write an SD or SDXL model as a diffusers folder (safetensors) with its model_index.json, loadable
+    with `--model FOLDER`."""
     folder.mkdir(parents=True, exist_ok=True)
-    components.tokenizer.save_pretrained(folder / "tokenizer")
-    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    if components.family == "sdxl":
-        components.tokenizer_2.save_pretrained(folder / "tokenizer_2")
-        components.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
-        index = {"_class_name": "StableDiffusionXLPipeline",
-                 "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    index: dict[str, Any] = {"_class_name": model.facts.pipelines[0]}
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    model.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if isinstance(model, SDXL):
+        model.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        model.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+        index["force_zeros_for_empty_prompt"] = model.force_zeros_for_empty_prompt
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    model.vae.save_pretrained(folder / "vae", safe_serialization=True)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=2))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
 
 
-def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
+def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> SDXL:
     """SDXL-shaped components with small random weights, built in code (tests, `--model tiny-sdxl-random`).
 
     SDXL's structure: two CLIP text encoders (the second with a projection, whose pooled embedding
@@ -210,14 +217,15 @@ def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> Components:
             **_TINY_UNET,
         )
         vae = random_vae(tiny=True, sample_size=8 * sample_size, scaling_factor=0.13025)
-    return Components(
-        tokenizer=tokenizer, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-        scheduler_config=sdxl_scheduler_config(), model_id=TINY_SDXL_RANDOM, family="sdxl",
-        tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2.eval(), force_zeros_for_empty_prompt=True,
+    return SDXL(
+        tokenizer=tokenizer, text_encoder=text_encoder.eval(), tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2.eval(), unet=unet.eval(), vae=vae.eval(),
+        state=LoadedState(model_id=TINY_SDXL_RANDOM, scheduler_config=sdxl_scheduler_config()),
+        force_zeros_for_empty_prompt=True,
     )
 
 
-def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
+def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> SDXL:
     """Full-size SDXL-base-shaped UNet (2.6 B parameters) and VAE with random weights: the real model's
     compute, no download. text_encoder: also CLIP ViT-L- and OpenCLIP bigG-shaped text encoders over
     tiny-random's tokenizer, so `--model sdxl-random` renders scenes; the bench needs none."""
@@ -247,10 +255,9 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> Components:
             projection_class_embeddings_input_dim=2816,  # six time ids x 256, then bigG's pooled 1280
         )
         vae = random_vae(tiny=False, sample_size=1024, scaling_factor=0.13025)
-    return Components(
-        tokenizer, encoders[0], unet.eval(), vae.eval(), sdxl_scheduler_config(), model_id=SDXL_RANDOM, family="sdxl",
-        tokenizer_2=tokenizer_2, text_encoder_2=encoders[1], force_zeros_for_empty_prompt=True,
-    )
+    return SDXL(tokenizer, encoders[0], tokenizer_2, encoders[1], unet.eval(), vae.eval(),
+                LoadedState(model_id=SDXL_RANDOM, scheduler_config=sdxl_scheduler_config()),
+                force_zeros_for_empty_prompt=True)
 
 
 def sdxl_scheduler_config() -> dict[str, Any]:

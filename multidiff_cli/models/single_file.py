@@ -1,32 +1,20 @@
-"""Single-file checkpoints (A1111/ComfyUI layout, SD 1.x / 2.x / 2.x-v) through diffusers' single-file
+"""Single-file checkpoints (A1111/ComfyUI layout: SD 1.x / 2.x / 2.x-v, SDXL) through diffusers' single-file
 loading. The file holds weights only: the configs (UNet, VAE, text encoder, tokenizer, scheduler)
 come from `model_config` (a diffusers folder or hub id), else from the Hugging Face cache copy of
-the default repo diffusers picks for the checkpoint's family."""
+the default repo diffusers picks for the checkpoint's architecture."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..catalog import PICKLE_SUFFIXES, family_of_checkpoint, looks_like_hub_id
 from ..errors import ModelError, ModelNotFound
-from .components import Components
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-PICKLE_SUFFIXES = (".ckpt",)
+from .family import LoadedState, Model, family_class
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """owner/name, not a path (no leading '.', '/' or '~')."""
-    return not name.startswith((".", "/", "~")) and name.count("/") == 1
-
-
-def is_single_file(model: str) -> bool:
-    """A model given as a checkpoint file (not a folder, not a hub id)."""
-    path = Path(model).expanduser()
-    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
-
-
-def load_single_file(path: Path, model_id: str, config: str | None = None, allow_pickle: bool = False) -> Components:
-    """The components of a single-file checkpoint; ModelNotFound (with how to get them) without configs."""
-    from diffusers import StableDiffusionPipeline
+def load_single_file(path: Path, model_id: str, config: str | None = None, allow_pickle: bool = False) -> Model:
+    """The model of a single-file checkpoint, of the family its keys say; ModelNotFound (with how to get
+    them) without configs."""
+    import diffusers
     from huggingface_hub import constants
 
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
@@ -35,18 +23,17 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
     config_folder = Path(config).expanduser() if config else None
     if config_folder is not None and not config_folder.is_dir() and not looks_like_hub_id(config):
         raise ModelNotFound(f"model_config {config!r}: no such folder, and not a hub id of the form owner/name")
+    family = family_of_checkpoint(path)
+    cls = family_class(family)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = getattr(diffusers, cls.single_file_pipeline).from_single_file(
             str(path), config=str(config_folder) if config_folder is not None and config_folder.is_dir() else config,
             local_files_only=constants.HF_HUB_OFFLINE, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     except (OSError, ValueError, EnvironmentError) as exc:
         raise _no_config(path, model_id, config, exc) from None
-    return Components(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-        scheduler_config=dict(pipe.scheduler.config), model_id=model_id,
-    )
+    return cls.from_pipeline(pipe, LoadedState(model_id=model_id, scheduler_config=dict(pipe.scheduler.config)))
 
 
 def _no_config(path: Path, model_id: str, config: str | None, exc: Exception) -> ModelNotFound:
@@ -57,17 +44,17 @@ def _no_config(path: Path, model_id: str, config: str | None, exc: Exception) ->
         return ModelNotFound(f"model {model_id!r}: could not load it with the configs of model_config {config!r} "
                              f"({reason}). model_config must be a diffusers folder (or a cached hub id) of the "
                              "same family (model_index.json, unet/ vae/ text_encoder/ configs, tokenizer/, scheduler/)")
-    family = _family(path)
+    repo = _config_repo(path)
     return ModelNotFound(
-        f"model {model_id!r}: a single-file checkpoint holds no configs, and those of its family"
-        f"{f' ({family})' if family else ''} are not in the local Hugging Face cache ({reason}). Either set "
-        "`model_config:` in the scene to a diffusers folder or hub id of the same family (SD 1.x, 2.x or 2.x-v), "
-        f"or fetch the configs where the hub is reachable: hf download {family or 'REPO'} --include "
-        "'*.json' 'tokenizer/*'"
+        f"model {model_id!r}: a single-file checkpoint holds no configs, and those of its architecture"
+        f"{f' ({repo})' if repo else ''} are not in the local Hugging Face cache ({reason}). Either set "
+        "`model_config:` in the scene to a diffusers folder or hub id of the same architecture (SD 1.x, 2.x, "
+        f"2.x-v or SDXL), or fetch the configs where the hub is reachable: hf download {repo or 'REPO'} --include "
+        "'*.json' 'tokenizer*/*'"
     )
 
 
-def _family(path: Path) -> str | None:
+def _config_repo(path: Path) -> str | None:
     """The hub repo diffusers takes the configs from for this checkpoint, if it can tell."""
     try:
         from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint

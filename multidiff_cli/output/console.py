@@ -1,16 +1,13 @@
-"""The terminal: stdout for the paths of written files and tables, stderr for progress, notes and errors."""
+"""The terminal: stdout for the paths of written files and tables, stderr for progress, notes and errors
+(what every command prints; turning errors into exit codes is the CLI edge's, cli/edge.py)."""
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
-from typer.core import TyperCommand
 
-from ..errors import MultidiffError, SceneError, one_line
+from ..errors import MultidiffError, SceneError
 
 PIPE_WIDTH = 160  # tables written to a file or a CI log (not a terminal, no $COLUMNS): rich's 80 squeezes them
 
@@ -35,24 +32,6 @@ def say(lines: list[str], prefix: str = "") -> None:
 def print_path(path) -> None:
     """A written file's path on stdout: what scripts read."""
     out.print(str(path), markup=False)
-
-
-@contextmanager
-def user_errors():
-    """Domain errors -> one line each on stderr and their exit code (2 bad input, 1 runtime); Ctrl-C -> 130."""
-    try:
-        yield
-    except MultidiffError as exc:
-        say(error_lines(exc))
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:
-        left = getattr(exc, "left", [])
-        if left:
-            say([f"interrupted: the picture was not written; {len(left)} step preview"
-                 f"{'' if len(left) == 1 else 's'} remain in {left[0].parent}/"])
-        else:
-            say(["interrupted: no partial file was left"])
-        raise typer.Exit(130) from None
 
 
 def problem_lines(exc: MultidiffError) -> list[str]:
@@ -133,44 +112,3 @@ class ProgressDisplay:
             self.progress.update(self.task, description=description)
         else:
             self.progress.update(self.task, description=description, completed=completed, total=total)
-
-
-class PlainHelpCommand(TyperCommand):
-    """Help as people read it: `SCENE...` and `[PATH]`, not `{SCENE}...` with `<list[Path]>` beside it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.param_type_name == "argument":
-                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
-                param.display_type_rich = lambda ctx: None
-                param._rich_display_name = lambda name=name: name
-                param._usage_display_name = lambda name=name, req=param.required: name if req else f"[{name}]"
-
-
-def run_command(command) -> int:
-    """Run the Click command of the app; its exit code. Click's usage errors are one line too, exit 2."""
-    try:
-        code = command.main(prog_name="multidiff", standalone_mode=False)
-    except typer.Abort:
-        say(["interrupted"])
-        code = 130
-    except Exception as exc:  # Click's usage errors (typer vendors Click: matched by what they carry)
-        line = usage_error_line(exc)
-        if line is None:
-            raise
-        say([line])
-        code = 2
-    return code or 0
-
-
-def usage_error_line(exc: Exception) -> str | None:
-    """Click's usage error (bad option, out-of-range value, unknown command) as one line, or None when
-    `exc` is none. A bare `multidiff` shows the help."""
-    if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
-        return None
-    ctx = getattr(exc, "ctx", None)
-    if type(exc).__name__ == "NoArgsIsHelpError":
-        return ctx.get_help() if ctx else exc.format_message()
-    hint = f" (see: {ctx.command_path} --help)" if ctx else ""
-    return f"error: {one_line(exc.format_message())}{hint}"

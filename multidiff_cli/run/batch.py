@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from .. import models
+from ..catalog import DEFAULT_MODEL, is_single_file
 from ..errors import Interrupted, MultidiffError, RenderError
-from ..models.components import pick_device, pick_dtype
-from ..models.loading import DEFAULT_MODEL, load_components
-from ..models.single_file import is_single_file
+from ..output import OUTPUT_DIR
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
 from ..scene.picture import upright_size
@@ -52,7 +52,7 @@ class BatchRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
     seeds: str | None = None  # "0-3,7"
     output: Path | None = None
-    output_dir: Path = Path("outputs")
+    output_dir: Path = OUTPUT_DIR
     grid: bool = False
 
 
@@ -149,8 +149,8 @@ class Renderer:
 
     def __init__(self, settings: RunSettings, emit: OnEvent):
         self.settings, self.emit = settings, emit
-        self.device = pick_device(settings.device, source=settings.device_source)
-        self.dtype = pick_dtype(self.device, settings.dtype)
+        self.device = models.pick_device(settings.device, source=settings.device_source)
+        self.dtype = models.pick_dtype(self.device, settings.dtype)
         self._models: dict[tuple[str, str | None], Any] = {}
 
     def run(self, jobs: list[RenderJob], contain: bool = False) -> tuple[list[RenderJob], list[Failure], int]:
@@ -183,13 +183,13 @@ class Renderer:
             done.append(job)
         return done, failures, skipped
 
-    def components(self, model: str, config: str | None = None, vae: str | None = None):
+    def model(self, model: str, config: str | None = None, vae: str | None = None) -> models.Model:
         """Each model (with its configs and `vae:`) loads once per batch; a model that failed to load fails
         its other jobs at once. config: a single-file model's configs (the scene's model_config)."""
         key = _model_key(model, config, vae)
         if key not in self._models:
             try:
-                self._models[key] = load_components(
+                self._models[key] = models.load_model(
                     model, self.device, self.dtype, compile=self.settings.compile,
                     allow_pickle=self.settings.allow_pickle, config=config, vae=vae,
                 )
@@ -205,16 +205,16 @@ class Renderer:
         loading = _model_key(scene.model, scene.model_config_, scene.vae) not in self._models
         if loading:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        components = self.components(scene.model, scene.model_config_, scene.vae)
+        model = self.model(scene.model, scene.model_config_, scene.vae)
         if loading and scene.model_config_ and not is_single_file(scene.model):
             self.emit(Event("note", label, text=f"model_config {scene.model_config_} is ignored: it gives the "
                             f"configs of a single-file checkpoint, and {job.model_given or scene.model} is not one"))
-        plan = plan_render(scene, components)
+        plan = plan_render(scene, model)
         if plan.few_step and scene.few_step == "auto":
             self.emit(Event("note", label, text=f"few_step: auto is on, as {job.model_given or scene.model} is a "
                             "few-step distilled model (quantized masks, mask-centering bootstrapping)"))
         if self.settings.memory_check:
-            check_memory(scene, components, plan)
+            check_memory(scene, model, plan)
         frames: list[Image.Image] = []
         previews: list[Path] = []
         every = self.settings.preview_every
@@ -222,13 +222,13 @@ class Renderer:
         def on_step(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
             self.emit(Event("step", label, step=i + 1, steps=n))
             if every and ((i + 1) % every == 0 or i + 1 == n):
-                frame = decode_scene(components, denoised if denoised is not None else latents, plan)
+                frame = decode_scene(model, denoised if denoised is not None else latents, plan)
                 previews.append(write_png(frame, job.target.with_suffix(".steps") / f"step-{i + 1:03d}.png"))
                 frames.append(frame)
 
         try:
             result = render(
-                scene, components, job.seed, plan=plan, callback=on_step,
+                scene, model, job.seed, plan=plan, callback=on_step,
                 warn=lambda note: self.emit(Event("warning", label, text=note)),
                 on_stage=lambda what: self.emit(Event("stage", label, text=what)),
                 allow_pickle=self.settings.allow_pickle,
@@ -239,8 +239,8 @@ class Renderer:
             self.emit(Event("warning", label, text=note))
         record = build_metadata(
             scene.model_dump(mode="json", exclude_none=True),
-            model=components.model_id, revision=components.revision, device=str(self.device),
-            dtype=components.dtype_name, seconds=result.seconds,
+            model=model.model_id, revision=model.revision, device=str(self.device),
+            dtype=model.dtype_name, seconds=result.seconds,
             scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
             init_image=init_image_record(job),
             unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},

@@ -11,17 +11,15 @@ from typing import Any
 import yaml
 
 from ..errors import MetadataError, UsageError
+from ..output import OUTPUT_DIR
 from ..output.png import read_metadata, write_atomic
 from ..output.report import scene_for_folder
 from ..scene import scene_from_dict
 from ..scene.load import scale_px
 from ..scene.picture import multiple_of_8, upright_size
 from ..scene.schema import MAX_SEED
-from .batch import BatchReport, BatchRequest, OnEvent, RunSettings, run_batch
+from . import UPSCALE_SCALE, UPSCALE_STRENGTH
 from .plan import SEED_RANGE, free_path
-
-DEFAULT_SCALE = 2.0
-DEFAULT_STRENGTH = 0.3  # an upscale adds detail; it should not repaint the picture
 MAX_CANVAS_PX = 8192  # the scene's largest width or height
 # what an upscale keeps of a multidiff PNG's scene besides its regions: what it shows and how it was sampled
 CARRIED = ("prompt", "negative_prompt", "style", "guidance_scale", "scheduler", "model", "wrap")
@@ -30,14 +28,14 @@ CARRIED = ("prompt", "negative_prompt", "style", "guidance_scale", "scheduler", 
 @dataclass(frozen=True)
 class UpscaleRequest:
     image: Path
-    scale: float = DEFAULT_SCALE
+    scale: float = UPSCALE_SCALE
     prompt: str | None = None
-    strength: float = DEFAULT_STRENGTH
+    strength: float = UPSCALE_STRENGTH
     steps: int | None = None
     seed: int | None = None
     model: str | None = None
     output: Path | None = None
-    output_dir: Path = Path("outputs")
+    output_dir: Path = OUTPUT_DIR
 
 
 def upscale_canvas(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -121,9 +119,12 @@ def write_upscale_scene(request: UpscaleRequest) -> Path:
     return write_atomic(target, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def run_upscale(request: UpscaleRequest, settings: RunSettings, on_event: OnEvent | None = None) -> tuple[Path, BatchReport]:
-    """Write the upscale's scene, then render it as `render` would. Where the render refuses its input
-    (exit 2: the memory check, say), the scene is removed again: bad input writes nothing."""
+def run_upscale(request: UpscaleRequest, settings, on_event=None):
+    """Write the upscale's scene, then render it as `render` would (settings: run.batch.RunSettings);
+    returns (the scene's path, the batch's report). Where the render refuses its input (exit 2: the
+    memory check, say), the scene is removed again: bad input writes nothing."""
+    from .batch import BatchRequest, run_batch
+
     scene_path = write_upscale_scene(request)
     try:
         report = run_batch(BatchRequest([scene_path], output=request.output, output_dir=request.output_dir), settings,

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from ..errors import SceneError
-from ..method.schedulers import SCHEDULER_NAMES
+from ..catalog import SCHEDULER_NAMES
 from . import grid, picture
 from .schema import Lora, Region, Scene, SizePx, mask_path
 from .yamlpos import parse_yaml, report

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..method.schedulers import SCHEDULER_NAMES
+from ..catalog import SCHEDULER_NAMES
 from .grid import LATENT_PX
 
 MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give

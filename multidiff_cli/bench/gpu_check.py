@@ -1,4 +1,4 @@
-"""`make gpu-check` (python -m multidiff_cli.gpu_check): everything that needs a GPU, in one run, one table.
+"""`make gpu-check` (python -m multidiff_cli.bench.gpu_check): everything that needs a GPU, in one run, one table.
 
 The GPU-marked tests, renders of the example scenes on a full-size SD2-shaped random model in
 float16 and bfloat16 and with torch.compile, and `multidiff bench` on the device (the authors' loop,
@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from .bench import BENCH_MODELS, BenchConfig, _device_name, bench_config, in_fresh_process, run_bench
-from .bench_peer import PEER_MODELS, batch_sweep, peer_row
-from .output.console import out as console
-from .models.random_weights import SD2_RANDOM
-from .run.batch import RunSettings
-from .smoke import example_scenes, run_smoke
+from ..catalog import SD2_RANDOM
+from ..output import OUTPUT_DIR
+from ..output.console import out as console
+from ..run.batch import RunSettings
+from ..run.smoke import example_scenes, run_smoke
+from .peer import PEER_MODELS, batch_sweep, peer_row
+from .process import device_name, in_fresh_process
+from .sampler import BENCH_MODELS, BenchConfig, bench_config, run_bench
 
 COMPILE_SCENE = "living_room.yaml"  # compiling is slow: one scene shows it works and what it gains
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per scene render")
     parser.add_argument("--scenes", type=Path, default=Path("scenes"))
     parser.add_argument("--tests", type=Path, default=Path("tests"))
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/gpu-check"))
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR / "gpu-check")
     parser.add_argument("--bench-size", type=int, default=None, help="[512 on CUDA]")
     parser.add_argument("--bench-steps", type=int, default=None, help="[50 on CUDA]")
     parser.add_argument("--no-tests", action="store_true")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         console.print("gpu-check did not run: torch sees no CUDA device on this machine", markup=False)
         return 1
-    name = _device_name(args.device)
+    name = device_name(args.device)
     scenes = example_scenes(args.scenes)
     rows: list[Row] = []
     if not args.no_tests:

@@ -19,14 +19,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .bench import (BenchConfig, _device_name, _now, in_fresh_process, parse_widths, run_bench,
-                    run_width_sweep)
-from .errors import UsageError
-from .method.schedulers import make_scheduler
-from .models.components import quiet_libraries, speed_up, to_device
-from .models.random_weights import SD2_RANDOM, TINY_RANDOM, build_sd2_random, build_tiny_random
-from .run.render import auto_batch_size, plan_render, render
-from .scene import Scene
+from ..catalog import SD2_RANDOM, TINY_RANDOM
+from ..errors import UsageError
+from ..models.device import quiet_libraries
+from ..models.random_weights import build_sd2_random, build_tiny_random
+from ..models.schedulers import make_scheduler
+from ..run.render import plan_render, render
+from ..scene import Scene
+from .process import device_name, in_fresh_process, now
+from .sampler import BenchConfig
 
 PEER_PROMPT = "a mountain range at dawn, wide panorama"
 PEER_MODELS = (TINY_RANDOM, SD2_RANDOM)  # SD-shaped: the panorama pipeline, and the sweep's UNet call, are SD's
@@ -43,39 +44,39 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _components(config: BenchConfig, text_encoder: bool = False, as_multidiff_loads: bool = True):
+def _model(config: BenchConfig, text_encoder: bool = False, as_multidiff_loads: bool = True):
     """The bench's random model on its device, set up as multidiff's loader sets models up (speed_up:
     channels-last layouts, --compile), or as diffusers' from_pretrained leaves them."""
     quiet_libraries()
     built = build_tiny_random() if config.model == TINY_RANDOM else build_sd2_random(text_encoder=text_encoder)
-    placed = to_device(built, torch.device(config.device), getattr(torch, config.dtype))
-    return speed_up(placed, compile=config.compile) if as_multidiff_loads else placed
+    placed = built.to(torch.device(config.device), getattr(torch, config.dtype))
+    return placed.speed_up(compile=config.compile) if as_multidiff_loads else placed
 
 
 def batch_sweep(config: BenchConfig, sizes: list[int], repeats: int = 2) -> dict[str, Any]:
     """Seconds per sample of one UNet call of each size over one view of the canvas, and what auto picks."""
-    components = _components(config)
-    device, unet = components.device, components.unet
+    model = _model(config)
+    device, unet = model.device, model.unet
     window = unet.config.sample_size
     view_hw = min(config.size_px // 8, window), min(config.canvas_width // 8, window)
     x = torch.randn((max(sizes), unet.config.in_channels, *view_hw), generator=torch.Generator().manual_seed(0))
     texts = torch.randn((max(sizes), 77, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
-    x, texts, t = x.to(device, components.dtype), texts.to(device, components.dtype), torch.tensor(500, device=device)
+    x, texts, t = x.to(device, model.dtype), texts.to(device, model.dtype), torch.tensor(500, device=device)
     runs: dict[int, list[float]] = {size: [] for size in sizes}
     cpu_runs: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.inference_mode():
         unet(x[:1], t, encoder_hidden_states=texts[:1])  # allocator and caches warm: untimed
         for _ in range(repeats):
             for size in sizes:
-                start, cpu_start = _now(device), time.process_time()
+                start, cpu_start = now(device), time.process_time()
                 unet(x[:size], t, encoder_hidden_states=texts[:size])
-                runs[size].append((_now(device) - start) / size)
+                runs[size].append((now(device) - start) / size)
                 cpu_runs[size].append((time.process_time() - cpu_start) / size)
     rows = [{"batch_size": size, "seconds_per_sample": min(runs[size]), "runs": runs[size],
              "cpu_seconds_per_sample": min(cpu_runs[size]), "cpu_runs": cpu_runs[size]} for size in sizes]
     return {
-        "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
-        "view_hw": list(view_hw), "auto_samples_per_call": auto_batch_size(components, view_hw[0] * view_hw[1]),
+        "config": asdict(config), "device_name": device_name(config.device), "torch_threads": torch.get_num_threads(),
+        "view_hw": list(view_hw), "auto_samples_per_call": model.auto_samples_per_call(view_hw[0] * view_hw[1]),
         "rows": rows,
     }
 
@@ -89,26 +90,26 @@ def peer_scene(config: BenchConfig) -> Scene:
     })
 
 
-def _render_multidiff(config: BenchConfig, components) -> np.ndarray:
-    return np.asarray(render(peer_scene(config), components, config.seed).image)
+def _render_multidiff(config: BenchConfig, model) -> np.ndarray:
+    return np.asarray(render(peer_scene(config), model, config.seed).image)
 
 
-def _render_panorama_pipeline(config: BenchConfig, components) -> np.ndarray:
-    """diffusers' StableDiffusionPanoramaPipeline from the same components, scheduler config and noise."""
+def _render_panorama_pipeline(config: BenchConfig, model) -> np.ndarray:
+    """diffusers' StableDiffusionPanoramaPipeline from the same model, scheduler config and noise."""
     from diffusers import StableDiffusionPanoramaPipeline
 
-    scheduler = make_scheduler(config.scheduler, components.scheduler_config)
+    scheduler = make_scheduler(config.scheduler, model.scheduler_config, model.facts.schedulers)
     pipe = StableDiffusionPanoramaPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+        unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     h, w = config.size_px // 8, config.canvas_width // 8
     # render() draws its noise first from a CPU generator seeded with the seed: the same numbers
-    noise = torch.randn((1, components.unet.config.in_channels, h, w), generator=torch.Generator("cpu").manual_seed(config.seed))
+    noise = torch.randn((1, model.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(config.seed))
     image = pipe(PEER_PROMPT, height=config.size_px, width=config.canvas_width, num_inference_steps=config.steps,
-                 guidance_scale=config.guidance_scale, latents=noise.to(components.device, components.dtype)).images[0]
+                 guidance_scale=config.guidance_scale, latents=noise.to(model.device, model.dtype)).images[0]
     return np.asarray(image)
 
 
@@ -119,13 +120,13 @@ def _peer_path(config: BenchConfig, path: str, image_file: str) -> dict[str, Any
     """One peer path in this process: build the model (untimed), then time the whole render. Each path
     runs the model as its tool sets it up: multidiff's as its loader does, the pipeline's as
     from_pretrained does (the pipeline gains what multidiff's setup gains where its user adds it)."""
-    components = _components(config, text_encoder=True, as_multidiff_loads=path == "multidiff")
-    plan = plan_render(peer_scene(config), components)  # as render plans it, before the render fills any cache
-    parts = {"unet": _Timed(components.unet, components.device), "decode": _Timed(components.vae, components.device, "decode")}
-    start, cpu_start = _now(components.device), time.process_time()
+    model = _model(config, text_encoder=True, as_multidiff_loads=path == "multidiff")
+    plan = plan_render(peer_scene(config), model)  # as render plans it, before the render fills any cache
+    parts = {"unet": _Timed(model.unet, model.device), "decode": _Timed(model.vae, model.device, "decode")}
+    start, cpu_start = now(model.device), time.process_time()
     with torch.inference_mode():
-        image = PEER_PATHS[path](config, components)
-    seconds, cpu_seconds = _now(components.device) - start, time.process_time() - cpu_start
+        image = PEER_PATHS[path](config, model)
+    seconds, cpu_seconds = now(model.device) - start, time.process_time() - cpu_start
     np.save(image_file, image)
     samples_per_call = plan.samples_per_call if path == "multidiff" else 2  # the pipeline: a view (cond + uncond) a call
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "views": len(plan.views), "samples_per_call": samples_per_call,
@@ -172,44 +173,8 @@ def peer_row(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
             images[path] = np.load(image_file)
     ours, theirs = images["multidiff"].astype(int), images["panorama pipeline"].astype(int)
     return {
-        "config": asdict(config), "device_name": _device_name(config.device), "torch_threads": torch.get_num_threads(),
+        "config": asdict(config), "device_name": device_name(config.device), "torch_threads": torch.get_num_threads(),
         "paths": paths, "time_ratio": paths["multidiff"]["seconds"] / paths["panorama pipeline"]["seconds"],
         "cpu_time_ratio": paths["multidiff"]["cpu_seconds"] / max(paths["panorama pipeline"]["cpu_seconds"], 1e-9),
         "max_pixel_difference": int(np.abs(ours - theirs).max()), "mean_pixel_difference": float(np.abs(ours - theirs).mean()),
     }
-
-
-def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None,
-                      batch_sizes: str | None = None, peer: bool = False) -> list:
-    """`multidiff bench`: the two paths compared, or with `widths` the width sweep; with `--batch-sizes`
-    the sweep of UNet calls, with `--peer` the panorama pipeline row (at each of `widths`). Returns what
-    to print; `json_path` also gets the figures."""
-    import json
-
-    from .output.report import batch_sweep_table, bench_summary, bench_table, peer_table, sweep_table
-
-    report: dict[str, Any] = {}
-    printed = []
-    if not (batch_sizes or peer):
-        if widths:
-            report = {"config": asdict(config), "widths": run_width_sweep(config, parse_widths(widths))}
-            printed = [sweep_table(report)]
-        else:
-            report = run_bench(config)
-            printed = [bench_table(report), bench_summary(report)]
-    elif config.model not in PEER_MODELS:
-        used = {option: why for option, why, on in (
-            ("--batch-sizes", "its UNet calls give SD's text conditioning alone", batch_sizes),
-            ("--peer", "diffusers' panorama pipeline, the peer, is SD's", peer)) if on}
-        raise UsageError(f"{' and '.join(used)} run{'s' if len(used) == 1 else ''} SD-shaped models "
-                         f"({', '.join(PEER_MODELS)}): {'; '.join(used.values())}; not {config.model}")
-    if batch_sizes:
-        report["batch_sweep"] = in_fresh_process(batch_sweep, config, parse_batch_sizes(batch_sizes))
-        printed.append(batch_sweep_table(report["batch_sweep"]))
-    if peer:
-        report["peer"] = [peer_row(replace(config, width_px=width))
-                          for width in (parse_widths(widths) if widths else [config.canvas_width])]
-        printed.append(peer_table(report["peer"]))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return printed

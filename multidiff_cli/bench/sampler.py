@@ -7,38 +7,30 @@ exactly what the real model costs, so the timings are those of SD2-base.
 from __future__ import annotations
 
 import copy
-import inspect
-import multiprocessing
 import platform
-import queue as queue_module
-import resource
 import statistics
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .errors import BenchError, UsageError
-from .method.guidance import Prompts, guided_denoiser
-from .method.sampler import bootstrap_inputs, multidiffusion, step_requests
-from .method.schedulers import SCHEDULER_NAMES, make_scheduler
-from .method.views import make_views
-from .method.weights import region_weights
-from .models.components import pick_device, pick_dtype, quiet_libraries, speed_up, to_device
-from .models.random_weights import (SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM, build_sd2_random,
-                                    build_sdxl_random, build_tiny_random, build_tiny_sdxl_random)
-from .models.lora import AdapterUNet, Conditions, load_loras
-from .models.sd import ChunkedUNet
-from .models.sdxl import SDXLConditioning, time_ids
-from .run.render import auto_batch_size, largest_view_cells
-from .scene.grid import box_cells
+from ..catalog import BUILT_IN, FAMILIES, SCHEDULER_NAMES, SD2_RANDOM
+from ..errors import UsageError
+from ..method.guidance import Prompts, guided_denoiser
+from ..method.sampler import bootstrap_inputs, multidiffusion, step_requests
+from ..method.views import make_views
+from ..method.weights import region_weights
+from ..models.device import pick_device, pick_dtype, quiet_libraries
+from ..models.family import Conditioning, Model
+from ..models.random_weights import bench_model
+from ..run.render import largest_view_cells
+from ..scene.grid import box_cells
+from .process import device_name, in_fresh_process, max_rss_bytes, now
+
 VIEW_STRIDE_CELLS = 8  # the scenes' default view stride, 64 px
-BENCH_MODELS = {SD2_RANDOM: build_sd2_random, SDXL_RANDOM: build_sdxl_random, TINY_RANDOM: build_tiny_random,
-                TINY_SDXL_RANDOM: build_tiny_sdxl_random}
+BENCH_MODELS = tuple(BUILT_IN)  # the bench builds its own random models (without text encoders)
 
 
 @dataclass
@@ -83,8 +75,9 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
     if model not in BENCH_MODELS:
         raise UsageError(f"--model: the bench builds its own random model: {', '.join(BENCH_MODELS)}, not {model!r}")
-    if scheduler not in SCHEDULER_NAMES:
-        raise UsageError(f"--scheduler: choose one of {', '.join(SCHEDULER_NAMES)}")
+    family = FAMILIES[BUILT_IN[model]]
+    if scheduler not in family.scheduler_names:
+        raise UsageError(f"--scheduler: {family.label} models take {', '.join(family.scheduler_names)}, not {scheduler!r}")
     torch_device = pick_device(device, source=device_source)
     on_cuda = torch_device.type == "cuda"
     size = size or (512 if on_cuda else 256)
@@ -112,9 +105,9 @@ def parse_widths(text: str) -> list[int]:
     return widths
 
 
-def bench_scene(config: BenchConfig, unet_config):
-    """Weights, prompt table and text embeddings of a global prompt plus `regions` boxes in a row
-    (for SDXL, with random pooled embeddings and the time ids of a whole picture of the view's size)."""
+def bench_scene(config: BenchConfig, model: Model, view_px: tuple[int, int]):
+    """Weights, prompt table and random text conditioning (of the family's shapes, for views of view_px)
+    of a global prompt plus `regions` boxes in a row."""
     latent_hw = config.size_px // 8, config.canvas_width // 8
     width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
@@ -125,32 +118,25 @@ def bench_scene(config: BenchConfig, unet_config):
         negative=[config.regions + 1] * (config.regions + 1),
         guidance=[config.guidance_scale] * (config.regions + 1),
     )
-    generator = torch.Generator().manual_seed(1)
-    embeddings = torch.randn((len(prompts.texts), 77, unet_config.cross_attention_dim), generator=generator)
-    if unet_config.get("addition_embed_type") == "text_time":
-        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-        window = unet_config.sample_size * 8
-        view_px = (min(window, config.size_px), min(window, config.canvas_width))
-        embeddings = SDXLConditioning(embeddings, torch.randn((len(prompts.texts), pooled_dim), generator=generator),
-                                      torch.tensor([time_ids(view_px)] * len(prompts.texts), dtype=torch.float32))
-    return weights, prompts, embeddings
+    conditioning = model.random_conditioning(len(prompts.texts), view_px, torch.Generator().manual_seed(1))
+    return weights, prompts, conditioning
 
 
-def authors_loop(noise, scheduler, unet, weights, prompts, embeddings, bootstrap_steps, backgrounds, generator):
+def authors_loop(noise, schedule, run, weights, prompts, conditioning, bootstrap_steps, backgrounds, generator):
     """The authors' region_based.py, generalised: every prompt its own unconditional and conditional
-    sample and its own scheduler step (a scheduler copy each, for multistep solvers), then the
+    sample and its own schedule step (a schedule copy each, for multistep solvers), then the
     mask-weighted average of the stepped latents."""
     count = weights.shape[0]
-    schedulers = [copy.deepcopy(scheduler) for _ in range(count)]
-    texts = embeddings[prompts.negative + prompts.cond]
-    x = noise * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
+    schedules = [copy.deepcopy(schedule) for _ in range(count)]
+    texts = conditioning[prompts.negative + prompts.cond]
+    x = schedule.initial(noise)
+    for i, t in enumerate(schedule.timesteps):
         inputs = x.expand(count, *x.shape[1:])
         if i < bootstrap_steps:
-            noised = scheduler.add_noise(backgrounds[i].expand(count - 1, *x.shape[1:]), noise, t.reshape(1))
+            noised = schedule.noised(backgrounds[i].expand(count - 1, *x.shape[1:]), noise, i)
             inputs = torch.cat([x, bootstrap_inputs(x, weights[1:], noised)])
-        scaled = scheduler.scale_model_input(inputs, t)
-        out = unet(torch.cat([scaled, scaled]), t, texts)
+        scaled = schedule.model_input(inputs, i)
+        out = run(torch.cat([scaled, scaled]), t, texts)
         uncond, cond = out.chunk(2)
         guidance = torch.tensor(prompts.guidance, device=x.device).reshape(-1, 1, 1, 1)
         eps = uncond + guidance * (cond - uncond)
@@ -158,8 +144,7 @@ def authors_loop(noise, scheduler, unet, weights, prompts, embeddings, bootstrap
         stepped = []
         for p in range(count):
             generator.set_state(state)  # every prompt's stochastic step draws the same noise
-            kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-            stepped.append(schedulers[p].step(eps[p : p + 1], t, inputs[p : p + 1], **kwargs).prev_sample)
+            stepped.append(schedules[p].step(eps[p : p + 1], i, inputs[p : p + 1], generator)[0])
         x = (weights * torch.cat(stepped)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
         yield x
 
@@ -171,52 +156,53 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point and dtype != torch.float16 else torch.float32)
     try:  # built in the bench's dtype: full-size SDXL in float32 first would take 10 GB more at its peak
-        components = BENCH_MODELS[config.model]()
+        model = bench_model(config.model)
     finally:
         torch.set_default_dtype(default_dtype)
-    components = speed_up(to_device(components, device, dtype), compile=config.compile)
-    weights, prompts, embeddings = bench_scene(config, components.unet.config)
-    weights, embeddings = weights.to(device), embeddings.to(device, dtype)
+    model = model.to(device, dtype).speed_up(compile=config.compile)
     latent_hw = (config.size_px // 8, config.canvas_width // 8)
-    noise = torch.randn((1, 4, *latent_hw), generator=torch.Generator().manual_seed(config.seed))
+    views = make_views(latent_hw, model.native_cells, VIEW_STRIDE_CELLS)
+    view_px = (views[0].height * model.facts.cell_px, views[0].width * model.facts.cell_px)
+    weights, prompts, conditioning = bench_scene(config, model, view_px)
+    weights, conditioning = weights.to(device), conditioning.to(device, dtype)
+    channels = model.latent_channels
+    noise = torch.randn((1, channels, *latent_hw), generator=torch.Generator().manual_seed(config.seed))
     noise = noise.to(device)
-    backgrounds = torch.randn((config.bootstrap_steps, config.regions, 4, 1, 1), generator=torch.Generator().manual_seed(2))
+    backgrounds = torch.randn((config.bootstrap_steps, config.regions, channels, 1, 1),
+                              generator=torch.Generator().manual_seed(2))
     backgrounds = backgrounds.to(device)
-    scheduler = make_scheduler(config.scheduler, components.scheduler_config)
-    scheduler.set_timesteps(config.steps, device=device)
+    schedule = model.make_schedule(config.scheduler, config.steps, (views[0].height, views[0].width))
     generator = torch.Generator().manual_seed(3)
 
-    views = make_views(latent_hw, components.unet.config.sample_size, VIEW_STRIDE_CELLS)
-    samples_per_call = config.max_batch or auto_batch_size(components, largest_view_cells(views))
-    run = ChunkedUNet(components.unet, samples_per_call)
+    samples_per_call = config.max_batch or model.auto_samples_per_call(largest_view_cells(views))
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:
-        prompts, embeddings = region_loras(components, prompts, embeddings, config.loras, Path(lora_dir.name))
-        run = AdapterUNet(run, components)
+        prompts, conditioning = region_loras(model, prompts, conditioning, config.loras, Path(lora_dir.name))
         path = "multidiff"
-    with torch.inference_mode():  # one untimed step's worth of UNet work: allocator, kernels, caches warm
-        t0 = scheduler.timesteps[0]
+    run = model.sample_run(samples_per_call)
+    with torch.inference_mode():  # one untimed step's worth of network work: allocator, kernels, caches warm
+        t0 = schedule.timesteps[0]
         if path == "multidiff":
             inputs, requests, _, _ = step_requests(noise, weights, views)
-            guided_denoiser(run, embeddings, prompts)(inputs, t0, requests)
+            guided_denoiser(run, conditioning, prompts)(inputs, t0, requests)
         else:
-            run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, embeddings[prompts.negative + prompts.cond])
+            run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, conditioning[prompts.negative + prompts.cond])
     timer = _UNetTimer(run, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stamps = [_now(device)]
+    stamps = [now(device)]
     with torch.inference_mode():
         if path == "multidiff":
             latents = multidiffusion(
-                noise, scheduler, guided_denoiser(timer, embeddings, prompts), weights,
+                noise, schedule, guided_denoiser(timer, conditioning, prompts), weights,
                 views=views,
                 bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
-                callback=lambda *_: stamps.append(_now(device)),
+                callback=lambda *_: stamps.append(now(device)),
             )
         else:
-            for latents in authors_loop(noise, scheduler, timer, weights, prompts, embeddings,
+            for latents in authors_loop(noise, schedule, timer, weights, prompts, conditioning,
                                         config.bootstrap_steps, backgrounds, generator):
-                stamps.append(_now(device))
+                stamps.append(now(device))
     torch.save(latents.float().cpu(), latents_file)
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     later = steps[1:] or steps
@@ -224,7 +210,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
     else:
-        peak, kind = _max_rss_bytes(), "max RSS of the process"
+        peak, kind = max_rss_bytes(), "max RSS of the process"
     result = PathResult(
         unet_samples_per_step=timer.samples / len(steps),
         seconds_per_step=statistics.median(later),
@@ -245,21 +231,21 @@ LORA_PATH = "multidiff+loras"
 LORA_RANK = 16  # a common rank for character and style LoRAs (civitai's are mostly 8 to 128)
 
 
-def region_loras(components, prompts: Prompts, embeddings: torch.Tensor, count: int, folder: Path):
+def region_loras(model: Model, prompts: Prompts, conditioning: Conditioning, count: int, folder: Path):
     """The bench scene with regions 1..count each on a random LoRA of its own (rank LORA_RANK, every
-    attention projection of the UNet): their conditional and negative texts become conditions of
+    attention projection of the denoiser): their conditional and negative texts become conditions of
     their own, as render's scene_prompts makes them."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(4)
-    projections = [(name, module) for name, module in components.unet.named_modules()
+    projections = [(name, module) for name, module in model.denoiser.named_modules()
                    if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     files, sets = [], [()] * len(prompts.texts)
     texts, negative = list(prompts.texts), list(prompts.negative)
-    rows = list(range(len(texts)))  # each condition's row of `embeddings` (SD's tensor or SDXL's conditioning)
+    rows = list(range(len(texts)))  # each condition's row of `conditioning`
     for region in range(1, count + 1):
         path = folder / f"region{region}.safetensors"
-        save_file({f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.01
+        save_file({f"{model.denoiser_part}.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.01
                    for name, linear in projections
                    for part, shape in (("A", (LORA_RANK, linear.in_features)), ("B", (linear.out_features, LORA_RANK)))},
                   str(path))
@@ -270,68 +256,24 @@ def region_loras(components, prompts: Prompts, embeddings: torch.Tensor, count: 
         rows.append(prompts.negative[region])
         sets.append(lora_set)
         negative[region] = len(texts) - 1
-    load_loras(components, files)
+    model.load_loras(files)
     table = list(dict.fromkeys(sets))
-    conditions = Conditions(embeddings[torch.tensor(rows)], torch.tensor([table.index(s) for s in sets]), table)
-    return Prompts(texts, prompts.cond, negative, prompts.guidance), conditions
+    rowed = conditioning[rows].with_adapters(torch.tensor([table.index(s) for s in sets]), table)
+    return Prompts(texts, prompts.cond, negative, prompts.guidance), rowed
 
 
 class _UNetTimer:
-    """Wraps the batched UNet: counts samples and times each step's UNet work (synchronised on CUDA)."""
+    """Wraps the batched network: counts samples and times each step's network work (synchronised on CUDA)."""
 
-    def __init__(self, run: ChunkedUNet, device: torch.device):
+    def __init__(self, run, device: torch.device):
         self.run, self.device, self.samples, self.seconds = run, device, 0, []
 
     def __call__(self, inputs, t, texts):
-        start = _now(self.device)
+        start = now(self.device)
         out = self.run(inputs, t, texts)
-        self.seconds.append(_now(self.device) - start)  # both paths make one call per step
+        self.seconds.append(now(self.device) - start)  # both paths make one call per step
         self.samples += inputs.shape[0]
         return out
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _max_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def _child(target: Callable, args: tuple, queue) -> None:
-    try:
-        queue.put(("ok", target(*args)))
-    except BaseException as exc:  # reported by the parent
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def in_fresh_process(target: Callable, *args, what: str | None = None) -> Any:
-    """target(*args) in a fresh (spawned) process: its own memory and peak, no warm caches from another
-    path. A child killed (for memory, by a signal) before it reports is a BenchError, never a hang."""
-    what = what or f"bench {getattr(target, '__name__', target)}"
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(target, args, queue))
-    child.start()
-    while True:
-        try:
-            status, payload = queue.get(timeout=1)
-            break
-        except queue_module.Empty:
-            if not child.is_alive():
-                try:  # it may have reported just as the wait timed out
-                    status, payload = queue.get_nowait()
-                    break
-                except queue_module.Empty:
-                    raise BenchError(f"{what} died with exit code {child.exitcode} "
-                                     "(killed for memory? try a smaller --size or --dtype bfloat16)") from None
-    child.join()
-    if status != "ok":
-        raise BenchError(f"{what} failed: {payload}")
-    return payload
 
 
 def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
@@ -353,7 +295,7 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     difference = (latents[paths[1]] - latents[paths[0]]).norm() / latents[paths[0]].norm()
     return {
         "config": asdict(config),
-        "device_name": _device_name(config.device),
+        "device_name": device_name(config.device),
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "paths": results,
@@ -362,12 +304,6 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
         "unet_samples_ratio": ours["unet_samples_per_step"] / theirs["unet_samples_per_step"],
         "relative_difference": float(difference),
     }
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
 
 
 def run_width_sweep(config: BenchConfig, widths: list[int]) -> list[dict[str, Any]]:

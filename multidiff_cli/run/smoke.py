@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import MultidiffError, SceneError
-from .models.loading import DEFAULT_MODEL
-from .models.random_weights import TINY_RANDOM
-from .output.console import problem_lines
-from .output.png import read_metadata
-from .run.batch import Event, OnEvent, Renderer, RunSettings
-from .run.plan import plan_jobs
+from ..catalog import DEFAULT_MODEL, TINY_RANDOM
+from ..errors import MultidiffError, SceneError
+from ..output.console import problem_lines
+from ..output.png import read_metadata
+from .batch import Event, OnEvent, Renderer, RunSettings
+from .plan import plan_jobs
 
 
 @dataclass

@@ -4,18 +4,21 @@ Exit codes: 0 done, 1 a runtime failure, 2 a user mistake (scene, option, input 
 The environment ($MULTIDIFF_MODEL, $MULTIDIFF_DEVICE) is read here and nowhere else."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import __version__
-from .errors import MultidiffError, UsageError
-from .output.console import PlainHelpCommand as _Command
-from .output.console import ProgressDisplay, err, error_lines, out, print_path, print_summary, run_command, say
-from .output.console import user_errors as _user_errors
+from .. import __version__
+from ..errors import MultidiffError, UsageError
+from ..output import OUTPUT_DIR
+from ..output.console import ProgressDisplay, err, error_lines, out, print_path, print_summary, say
+from ..run import UPSCALE_SCALE, UPSCALE_STRENGTH
+from .edge import PlainHelpCommand as _Command
+from .edge import env_device as _env_device
+from .edge import env_model, env_named_model, run_command
+from .edge import user_errors as _user_errors
 
 app = typer.Typer(
     help="Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion.",
@@ -38,18 +41,11 @@ def main_callback(
     """Compose images from a YAML scene with MultiDiffusion (region prompts) on Stable Diffusion."""
 
 
-def _env_device(device: Optional[str]) -> dict:
-    """The device settings: --device, else $MULTIDIFF_DEVICE, with where the value came from."""
-    if device or not os.environ.get("MULTIDIFF_DEVICE"):
-        return {"device": device, "device_source": "--device"}
-    return {"device": os.environ["MULTIDIFF_DEVICE"], "device_source": "$MULTIDIFF_DEVICE"}
-
-
 @app.command(cls=_Command)
 def render(
     sources: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs to render again."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write, for a single render."),
-    output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for <scene>-<seed>.png files."),
+    output_dir: Path = typer.Option(OUTPUT_DIR, "--output-dir", help="Folder for <scene>-<seed>.png files."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, .safetensors file or "
                                         "tiny-random [default: the scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the scene's seed."),
@@ -83,9 +79,8 @@ def render(
     """Render scenes (or PNGs made by multidiff, again) to PNGs whose metadata holds everything needed
     to render them again. A failing render does not stop the rest of a batch."""
     with _user_errors():
-        from .models.loading import DEFAULT_MODEL
-        from .run.batch import BatchRequest, RunSettings, end_process, run_batch
-        from .run.plan import parse_size
+        from ..run.batch import BatchRequest, RunSettings, end_process, run_batch
+        from ..run.plan import parse_size
 
         if seed is not None and seeds:
             raise UsageError("--seed and --seeds: give one of them")
@@ -99,7 +94,7 @@ def render(
         settings = RunSettings(
             **_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
             skip_existing=skip_existing, overwrite=overwrite, memory_check=not no_memory_check, preview_every=preview_every,
-            animation=animation, default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL,
+            animation=animation, default_model=env_model(),
         )
         batch = len(sources) > 1 or bool(seeds)
         with ProgressDisplay(quiet, labelled_failures=batch) as display:
@@ -114,24 +109,24 @@ def render(
 @app.command(cls=_Command)
 def upscale(
     image: Path = typer.Argument(..., help="The picture to upscale (a PNG made by multidiff reuses its prompts)."),
-    scale: float = typer.Option(2.0, "--scale", help="Times the picture's width and height."),
+    scale: float = typer.Option(UPSCALE_SCALE, "--scale", help="Times the picture's width and height."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="What it shows [default: a multidiff PNG's own]."),
-    strength: float = typer.Option(0.3, "--strength", help="How far to re-noise it: more adds more new detail."),
+    strength: float = typer.Option(UPSCALE_STRENGTH, "--strength", help="How far to re-noise it: more adds more new detail."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Steps, of which strength x steps run [default: 50]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="[default: random, written into the scene]"),
     model: Optional[str] = typer.Option(None, "--model", help="[default: the PNG's, else as render]"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (the scene goes beside it)."),
-    output_dir: Path = typer.Option(Path("outputs"), "--output-dir", help="Folder for the scene and the picture."),
+    output_dir: Path = typer.Option(OUTPUT_DIR, "--output-dir", help="Folder for the scene and the picture."),
     device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Render IMAGE larger through a scene written beside the output (the picture as init image, views)."""
     with _user_errors():
-        from .models.loading import DEFAULT_MODEL
-        from .run.upscale import RunSettings, UpscaleRequest, run_upscale
+        from ..run.batch import RunSettings
+        from ..run.upscale import UpscaleRequest, run_upscale
 
         request = UpscaleRequest(image, scale, prompt, strength, steps, seed, model, output, output_dir)
-        settings = RunSettings(**_env_device(device), default_model=os.environ.get("MULTIDIFF_MODEL") or DEFAULT_MODEL)
+        settings = RunSettings(**_env_device(device), default_model=env_model())
         with ProgressDisplay(quiet) as display:
             scene_path, report = run_upscale(request, settings, display)
         if report.written:
@@ -144,8 +139,8 @@ def upscale(
 def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs "
                                                  "made by multidiff (their recorded scene).")) -> None:
     """Check scenes without loading a model: schema, mask files, sizes. Exit 0 if all are valid, else 2."""
-    from .run.plan import load_source
-    from .scene import scene_warnings
+    from ..run.plan import load_source
+    from ..scene import scene_warnings
 
     bad = False
     for path in scenes:
@@ -170,14 +165,14 @@ def preview(
 ) -> None:
     """Draw the scene's layout (regions in colour, labelled, a numbered legend), without loading any model."""
     with _user_errors():
-        from .output.png import write_png
-        from .output.preview import draw_layout
-        from .run.plan import free_path, load_source
-        from .scene import scene_warnings
+        from ..output.png import write_png
+        from ..output.preview import draw_layout
+        from ..run.plan import free_path, load_source
+        from ..scene import scene_warnings
 
         loaded = load_source(scene_path)
         say(loaded.notes + scene_warnings(loaded.scene), prefix="warning: ")
-        target = output or free_path(Path("outputs") / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
+        target = output or free_path(OUTPUT_DIR / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
         print_path(write_png(draw_layout(loaded.scene), target))
 
 
@@ -188,7 +183,7 @@ def init(
 ) -> None:
     """Write a commented starter scene: every key, with its default."""
     with _user_errors():
-        from .scene.starter import write_starter
+        from ..scene.starter import write_starter
 
         print_path(write_starter(path, force))
 
@@ -204,8 +199,8 @@ def inspect(
     with _user_errors():
         import json
 
-        from .output.png import read_metadata
-        from .output.report import metadata_text, save_scene_file
+        from ..output.png import read_metadata
+        from ..output.report import metadata_text, save_scene_file
 
         record = read_metadata(image)
         out.print(json.dumps(record, indent=2, ensure_ascii=False) if as_json else metadata_text(record), markup=False)
@@ -219,8 +214,8 @@ def models(
 ) -> None:
     """List the models in the local Hugging Face cache, and whether multidiff can load each."""
     with _user_errors():
-        from .models.loading import cached_models
-        from .output.report import model_lines
+        from ..models import cached_models
+        from ..output.report import model_lines
 
         found = cached_models(cache_dir)
         for line in model_lines(found.rows):
@@ -237,18 +232,18 @@ def smoke(
     device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="[default: float16 on CUDA, else float32]"),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
-    output_dir: Path = typer.Option(Path("outputs/smoke"), "--output-dir", help="Where the pictures go."),
+    output_dir: Path = typer.Option(OUTPUT_DIR / "smoke", "--output-dir", help="Where the pictures go."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Render every scene in a few steps, check each picture (size, not black, metadata), print a table.
     Exit 1 if any scene fails. For CI on GPU runners."""
     with _user_errors():
-        from .output.report import smoke_table
-        from .run.batch import RunSettings
-        from .smoke import example_scenes, run_smoke, smoke_model
+        from ..output.report import smoke_table
+        from ..run.batch import RunSettings
+        from ..run.smoke import example_scenes, run_smoke, smoke_model
 
         scenes = example_scenes(scenes_dir)
-        chosen = model or smoke_model(os.environ.get("MULTIDIFF_MODEL"))
+        chosen = model or smoke_model(env_named_model())
         settings = RunSettings(**_env_device(device), dtype=dtype, compile=compile_unet)
         with ProgressDisplay(quiet) as display:
             results = run_smoke(scenes, output_dir, steps, chosen, settings, display)
@@ -278,8 +273,8 @@ def bench(
 ) -> None:
     """Time multidiff's sampler against the authors' per-prompt loop on random SD2- or SDXL-shaped weights."""
     with _user_errors():
-        from .bench import bench_config
-        from .bench_peer import run_bench_command
+        from ..bench.command import run_bench_command
+        from ..bench.sampler import bench_config
 
         config = bench_config(model, size, regions, steps, bootstrap_steps, scheduler, **_env_device(device),
                               dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras)

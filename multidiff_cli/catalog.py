@@ -1,0 +1,180 @@
+"""What multidiff knows of models without loading one (no torch): each family's facts and defaults, the
+built-in random models, weight-file suffixes, and the one place a model's family is detected.
+
+A family's behaviour (prompt encoding, its network call, codec, schedules) is its module,
+models/<family>.py; the facts here are what validation, `models`, `validate` and `preview` need
+before any weights are read (ComfyUI keeps them apart the same way: supported_models.py beside
+model_base.py).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Scheduler names a scene may use -> (diffusers class, config overrides), built from the model's own
+# scheduler config (models/schedulers.py). The names follow what A1111/ComfyUI users type.
+DIFFUSION_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# Flow matching (method/schedule.py FlowSchedule): the flow schedulers diffusers has whose step is affine in
+# the velocity. DPM-Solver++ and UniPC take flow sigmas and a flow prediction.
+FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                              "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+SCHEDULER_NAMES = tuple(dict.fromkeys([*DIFFUSION_SCHEDULERS, *FLOW_SCHEDULERS]))  # every family's, for the schema
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # weights that can run code when loaded: --allow-pickle only
+SAFE_SUFFIXES = (".safetensors",)
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # a single-file model (A1111/ComfyUI layout)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's facts: what it is called, its latent grid, schedulers and defaults, the
+    diffusers folder it loads from, and where its behaviour lives."""
+
+    name: str  # "sd": what PNG records, `models` and messages say
+    label: str  # "SD 1.x/2.x", for people
+    module: str  # models/<module>.py holds the family's class
+    class_name: str
+    pipelines: tuple[str, ...]  # diffusers pipeline classes in model_index.json that mean this family
+    weights: dict[str, str]  # subfolder -> its weights file (safetensors): what a render loads
+    folders: tuple[str, ...]  # other subfolders a render needs (tokenizers, scheduler)
+    schedulers: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=lambda: DIFFUSION_SCHEDULERS)
+    default_scheduler: str = "ddim"
+    default_guidance: float = 7.5
+    cell_px: int = 8  # pixels per latent cell (the VAE's downsampling)
+    align_px: int = 8  # canvases and views are whole multiples of this (FLUX packs 2x2 cells: 16)
+
+    @property
+    def scheduler_names(self) -> tuple[str, ...]:
+        return tuple(self.schedulers)
+
+
+SD = Family(
+    name="sd", label="SD 1.x/2.x", module="sd", class_name="SD",
+    pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    weights={"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
+             "vae": "diffusion_pytorch_model.safetensors"},
+    folders=("tokenizer", "scheduler"),
+)
+SDXL = Family(
+    name="sdxl", label="SDXL", module="sdxl", class_name="SDXL",
+    pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    weights={**SD.weights, "text_encoder_2": "model.safetensors"},
+    folders=("tokenizer", "tokenizer_2", "scheduler"),
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+# Built-in models with random weights, built in code (models/random_weights.py): name -> family.
+TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
+TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
+BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl"}
+TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM}  # each family's tiny model (smoke, tests)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, not a path (no leading '.', '/' or '~')."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
+def is_single_file(model: str) -> bool:
+    """A model given as a checkpoint file (not a folder, not a hub id)."""
+    path = Path(model).expanduser()
+    return path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file()
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} where there is none or it is not one (loading reports broken configs)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def family_of_folder(folder: Path) -> Family | None:
+    """The family of a diffusers folder: its model_index.json's pipeline class; for a folder without one
+    (written by an older multidiff, or by hand), its UNet's config (SDXL's adds a `text_time` embedding:
+    pooled text and time ids) and its text encoders. None: no family multidiff knows."""
+    index = read_json(folder / "model_index.json")
+    pipeline = index.get("_class_name")
+    for family in FAMILIES.values():
+        if pipeline in family.pipelines:
+            return family
+    if pipeline is not None and not (folder / "unet").is_dir():
+        return None
+    if not (folder / "unet" / "config.json").exists():
+        return None
+    unet = read_json(folder / "unet" / "config.json")
+    return SDXL if unet.get("addition_embed_type") == "text_time" and (folder / "text_encoder_2").is_dir() else SD
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header (no weights read); [] if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > 100_000_000:
+                return []
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error):
+        return []
+    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
+
+
+def family_of_checkpoint(path: Path) -> Family | None:
+    """The family of a single-file checkpoint by its keys (SDXL's carry a second text encoder under
+    `conditioner.embedders.1`); a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
+    would guess for the configs."""
+    keys = checkpoint_keys(path) if path.suffix.lower() == ".safetensors" else []
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return SDXL
+    return SD
+
+
+def cached_folder(model: str) -> Path | None:
+    """The snapshot folder of a hub id in the local Hugging Face cache, if its model_index.json is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "model_index.json")
+    except Exception:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def detect_family(model: str) -> Family | None:
+    """The family of `model` (a built-in name, a local folder or single file, or a hub id in the cache)
+    without loading it; None when it cannot be told before downloading (or it is none multidiff knows)."""
+    if model in BUILT_IN:
+        return FAMILIES[BUILT_IN[model]]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return family_of_folder(path)
+    if is_single_file(model):
+        return family_of_checkpoint(path)
+    if looks_like_hub_id(model):
+        folder = cached_folder(model)
+        return family_of_folder(folder) if folder is not None else None
+    return None

@@ -1,0 +1,293 @@
+"""The one protocol every model family implements (`Model`), and its text conditioning (`Conditioning`).
+
+A family is a subclass in models/<family>.py (SD: sd.py, SDXL: sdxl.py) and a row of facts in
+catalog.py. An instance is that family's model, loaded and on its device. `run/` talks to this
+protocol only: it never says a family's name, and a new family touches neither `run/` nor the
+sampler (STYLE.md, *Families and noise schedules*). What a family provides:
+
+- prompts: `encode_prompts` into a `Conditioning`, `truncation_warnings`, `zeroed_rows`;
+- the denoiser: `forward` (one network call over a batch of samples; the sampler's samples are
+  guided, chunked and grouped by LoRA set above it);
+- latent geometry: `latent_channels`, `native_cells` (its window), `facts.cell_px` and `facts.align_px`;
+- schedules: `make_schedule` (its scheduler names and defaults are in its facts);
+- the codec: `codec` (a VAECodec, or the family's own);
+- LoRAs: `load_lora` and the parts they adapt (`denoiser_part`, `text_parts`);
+- memory: `bytes_per_sample` (activations of one sample over a view).
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+from ..catalog import Family
+
+if TYPE_CHECKING:
+    from ..method.schedule import NoiseSchedule
+    from .codec import VAECodec
+
+AdapterSet = tuple[tuple[str, float], ...]
+"""(LoRA file as an absolute path, scale) pairs, sorted by file; () is the bare model."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A family's text conditioning, one row per condition: named tensors that share their first
+    dimension (SD: hidden_states; SDXL: hidden_states, pooled, time_ids), and the adapter set each row
+    runs with (an index into `adapter_sets`; None: every row on the bare model).
+
+    Rows select, concatenate and zero like the rows of one tensor, so guidance, chunking and LoRA
+    grouping never look inside."""
+
+    tensors: dict[str, torch.Tensor]
+    adapter_index: torch.Tensor | None = None  # (E,) long, on the CPU
+    adapter_sets: tuple[AdapterSet, ...] = ((),)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, rows) -> Conditioning:
+        """The rows `rows` selects (an int list, a slice or an index tensor), as a tensor's rows would be."""
+        cpu_rows = rows.cpu() if isinstance(rows, torch.Tensor) else rows
+        index = None if self.adapter_index is None else self.adapter_index[cpu_rows]
+        device = next(iter(self.tensors.values())).device
+        tensor_rows = rows.to(device) if isinstance(rows, torch.Tensor) else rows
+        return Conditioning({name: t[tensor_rows] for name, t in self.tensors.items()}, index, self.adapter_sets)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    @classmethod
+    def cat(cls, parts: list[Conditioning]) -> Conditioning:
+        """The rows of every part, in order (conditions encoded in groups, e.g. one per LoRA set)."""
+        return cls({name: torch.cat([p.tensors[name] for p in parts]) for name in parts[0].tensors})
+
+    def zeroed(self, rows: frozenset[int], names: tuple[str, ...]) -> Conditioning:
+        """These rows of the tensors `names` set to zeros (SDXL's force_zeros_for_empty_prompt)."""
+        if not rows:
+            return self
+        keep = torch.tensor([i not in rows for i in range(len(self))])
+        out = {}
+        for name, t in self.tensors.items():
+            mask = keep.to(t.device, t.dtype).reshape(-1, *[1] * (t.dim() - 1))
+            out[name] = t * mask if name in names else t
+        return Conditioning(out, self.adapter_index, self.adapter_sets)
+
+    def with_adapters(self, index: torch.Tensor, sets: list[AdapterSet]) -> Conditioning:
+        return Conditioning(self.tensors, index, tuple(sets))
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        return Conditioning({n: t.to(*args, **kwargs) for n, t in self.tensors.items()}, self.adapter_index,
+                            self.adapter_sets)
+
+
+@dataclass
+class LoadedState:
+    """What a model carries besides its networks: where it came from and how it runs."""
+
+    model_id: str
+    scheduler_config: dict[str, Any]
+    revision: str | None = None
+    few_step_model: bool = False  # distilled to sample in a few steps (SD-Turbo, LCM, ...): loading.is_few_step_model
+    vae_id: str | None = None  # the scene's `vae:`, where it replaced the model's own VAE
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    lora_state: Any = None  # the LoRAs loaded into its networks (models/adapters.py)
+
+
+class Model(ABC):
+    """A model of one family, loaded: its networks, its conditioning, its codec and schedules."""
+
+    facts: ClassVar[Family]
+    denoiser_part: ClassVar[str]  # the network the sampler's samples run through ("unet", "transformer")
+    text_parts: ClassVar[tuple[str, ...]]  # the text encoders, in order (LoRAs adapt them too)
+    network_label: ClassVar[str] = "UNet"  # what messages call the denoiser
+
+    def __init__(self, state: LoadedState):
+        self.state = state
+
+    # --- where it came from and where it runs ---------------------------------------------------
+
+    @property
+    def family(self) -> str:
+        return self.facts.name
+
+    @property
+    def model_id(self) -> str:
+        return self.state.model_id
+
+    @property
+    def revision(self) -> str | None:
+        return self.state.revision
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def few_step_model(self) -> bool:
+        return self.state.few_step_model
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.state.scheduler_config
+
+    @abstractmethod
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Every network by part name ("unet", "vae", "text_encoder", ...); absent parts left out."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.networks()[self.denoiser_part]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Model:
+        """Move to `device`: every network in `dtype` but the VAE, which stays float32 (fp16 decodes
+        overflow), except a VAE the scene's `vae:` names whose config says `force_upcast: false`
+        (diffusers' mark of a VAE safe in float16, such as madebyollin/sdxl-vae-fp16-fix)."""
+        for name, module in self.networks().items():
+            module_dtype = dtype
+            if name == "vae" and not (self.state.vae_id is not None and getattr(module.config, "force_upcast", True) is False):
+                module_dtype = torch.float32
+            module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+        self.state.device, self.state.dtype = device, dtype
+        return self
+
+    def speed_up(self, compile: bool = False) -> Model:
+        """What measured faster for this family (none by default); `compile`: torch.compile the denoiser."""
+        if compile:
+            self.compile_denoiser()
+        return self
+
+    @abstractmethod
+    def compile_denoiser(self) -> None:
+        """Replace the denoiser with its torch.compile'd self."""
+
+    # --- prompts --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_prompts(self, texts: list[str], view_px: tuple[int, int]) -> Conditioning:
+        """Every text's conditioning, as the family's diffusers pipeline encodes it; view_px: the
+        (height, width) of the pictures the denoiser makes (a view's)."""
+
+    def zeroed_rows(self, texts: list[str], cond: list[int], negative: list[int]) -> frozenset[int]:
+        """The texts whose conditioning the family sets to zeros (SDXL: an empty negative prompt)."""
+        return frozenset()
+
+    zeroed_tensors: ClassVar[tuple[str, ...]] = ()  # which tensors of those rows
+
+    @abstractmethod
+    def random_conditioning(self, count: int, view_px: tuple[int, int], generator: torch.Generator) -> Conditioning:
+        """`count` rows of conditioning of the denoiser's shapes with random values, for views of
+        view_px (the bench's full-size models carry no text encoders)."""
+
+    @abstractmethod
+    def truncation_warnings(self, labelled_texts: list[tuple[str, str]]) -> list[str]:
+        """Name every (label, text) longer than the text encoder's window, and where it is cut."""
+
+    def encode_conditions(self, texts: list[str], adapter_sets: list[AdapterSet], cond: list[int],
+                          negative: list[int], view_px: tuple[int, int]) -> Conditioning:
+        """The conditioning of every condition (texts[i] under adapter_sets[i]): encoded with its set's
+        text-encoder LoRAs on where it has one, then the family's zeroed rows (`zeroed_rows` of the
+        texts used as `cond` and `negative`) zeroed."""
+        from .adapters import encode_by_set
+
+        def encode(group: list[str]) -> Conditioning:
+            return self.encode_prompts(group, view_px)
+
+        conditioning = encode_by_set(self, texts, adapter_sets, encode) if any(adapter_sets) else encode(texts)
+        return conditioning.zeroed(self.zeroed_rows(texts, cond, negative), self.zeroed_tensors)
+
+    # --- the denoiser ----------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latent canvas the sampler fuses on."""
+
+    @property
+    @abstractmethod
+    def native_cells(self) -> int:
+        """The side of the network's native window, in latent cells (views are this size)."""
+
+    @abstractmethod
+    def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """One network call: the float model outputs (B, C, h, w) of B samples, in the schedule's
+        parametrisation (ε or v for SD, the velocity for flow matching)."""
+
+    @abstractmethod
+    def bytes_per_sample(self, view_cells: int) -> int:
+        """Activation memory of one sample over `view_cells` latent cells (an estimate)."""
+
+    def free_bytes(self) -> int | None:
+        """Free memory where the render's tensors live (None where it cannot be told)."""
+        from .device import available_bytes
+
+        return available_bytes(self.device)
+
+    def auto_samples_per_call(self, view_cells: int) -> int:
+        """`max_batch: auto` for views of `view_cells`: what this device runs fastest, in its free memory."""
+        from .batching import auto_samples_per_call
+
+        return auto_samples_per_call(self.device.type, self.bytes_per_sample(view_cells), self.free_bytes())
+
+    def sample_run(self, samples_per_call: int, warn: Callable[[str], None] | None = None):
+        """The network over a step's samples (method.guidance.ModelRun): in calls of at most
+        `samples_per_call`, each LoRA set's rows with that set switched on when LoRAs are loaded."""
+        from .adapters import AdapterRun
+        from .batching import ChunkedRun
+
+        run = ChunkedRun(self.forward, samples_per_call, warn, self.network_label)
+        return AdapterRun(run, self) if self.state.lora_state is not None else run
+
+    # --- schedules and the codec ------------------------------------------------------------------
+
+    @abstractmethod
+    def make_schedule(self, name: str, steps: int, view_hw: tuple[int, int]) -> NoiseSchedule:
+        """Scheduler `name` (one of facts.schedulers) over `steps` steps, for views of view_hw cells
+        (FLUX's dynamic shift reads the view's size), its timesteps set on this model's device."""
+
+    @property
+    @abstractmethod
+    def codec(self) -> VAECodec:
+        """Pixels <-> latents."""
+
+    # --- LoRAs -----------------------------------------------------------------------------------
+
+    def load_loras(self, paths: list[Path], allow_pickle: bool = False) -> None:
+        """Load these LoRA files (those not loaded yet) as adapters, all switched off; LoraError for a
+        file that is no LoRA of this model."""
+        from .adapters import load_loras
+
+        load_loras(self, paths, allow_pickle)
+
+    @abstractmethod
+    def load_lora(self, state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Inject a LoRA file's tensors into the denoiser and the text encoders as peft adapter
+        `adapter_name`, through the family's diffusers conversion; returns the converted state. Raises
+        ValueError (or diffusers' errors) for a file of another shape."""
+
+    def lora_mismatch(self, converted: dict[str, torch.Tensor]) -> str | None:
+        """Why a LoRA whose layers do not all fit is probably another family's, or None."""
+        return None
+
+    @property
+    def shape_label(self) -> str:
+        """What the model is, for a LoRA's error message ("SD 2.x-shaped")."""
+        return f"{self.facts.label}-shaped"
+
+
+def family_class(family: Family) -> type[Model]:
+    """The class of a family's models (models/<family.module>.py)."""
+    return getattr(importlib.import_module(f"{__package__}.{family.module}"), family.class_name)
