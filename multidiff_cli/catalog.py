@@ -44,6 +44,7 @@ SCHEDULER_NAMES = tuple(dict.fromkeys([*DIFFUSION_SCHEDULERS, *FLOW_SCHEDULERS])
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # weights that can run code when loaded: --allow-pickle only
 SAFE_SUFFIXES = (".safetensors",)
+CELL_PX = 8  # pixels per latent cell: every family's VAE downsamples by 8 (a family may say otherwise)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # a single-file model (A1111/ComfyUI layout)
 
 
@@ -62,7 +63,7 @@ class Family:
     schedulers: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=lambda: DIFFUSION_SCHEDULERS)
     default_scheduler: str = "ddim"
     default_guidance: float = 7.5
-    cell_px: int = 8  # pixels per latent cell (the VAE's downsampling)
+    cell_px: int = CELL_PX  # pixels per latent cell (the VAE's downsampling)
     align_px: int = 8  # canvases and views are whole multiples of this (FLUX packs 2x2 cells: 16)
 
     @property
@@ -91,6 +92,12 @@ TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
 BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl"}
 TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM}  # each family's tiny model (smoke, tests)
+# Hub models whose family is known before they are downloaded (their model_index.json says the same).
+HUB_FAMILIES: dict[str, str] = {
+    DEFAULT_MODEL: "sd", "stabilityai/stable-diffusion-2-1-base": "sd", "stabilityai/stable-diffusion-2-1": "sd",
+    "stabilityai/sd-turbo": "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/sdxl-turbo": "sdxl",
+}
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -176,5 +183,7 @@ def detect_family(model: str) -> Family | None:
         return family_of_checkpoint(path)
     if looks_like_hub_id(model):
         folder = cached_folder(model)
-        return family_of_folder(folder) if folder is not None else None
+        if folder is not None:
+            return family_of_folder(folder)
+        return FAMILIES[HUB_FAMILIES[model]] if model in HUB_FAMILIES else None
     return None

@@ -61,6 +61,12 @@ class RenderError(MultidiffError):
     """The render itself failed (NaN latents, out of GPU memory, ...)."""
 
 
+class PictureError(MultidiffError, ValueError):
+    """An input picture (init image, mask, keep mask) that cannot be used; the message names the file and why."""
+
+    exit_code = 2
+
+
 class MetadataError(MultidiffError):
     """A PNG given as input is missing, unreadable, or holds no (or a malformed) multidiff record."""
 

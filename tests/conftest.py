@@ -224,8 +224,6 @@ def unet_doubles():
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the batch loads a model; the list of attempted loads (empty if none)."""
-    import multidiff_cli.run.batch as batch_module
-
     calls = []
 
     def refuse(*args, **kwargs):

@@ -1,7 +1,10 @@
-"""The folder tree is the architecture: imports flow one way, cli -> run -> output -> (scene, models) -> method."""
+"""The folder tree is the architecture: imports flow one way, cli -> bench -> run -> output -> (scene, models)
+-> method, with catalog and errors shared by all; run/ talks to a model family's protocol only; the CLI
+parses, calls and prints."""
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "multidiff_cli"
 
-# Lower layers never import higher ones. errors and the package root are shared by every layer.
+# Lower layers never import higher ones. The shared modules (errors, the torch-free catalog of families,
+# the package root) import nothing but each other.
 LAYERS = {
     "method": 0,
     "scene": 1,
@@ -18,15 +22,16 @@ LAYERS = {
     "output": 2,
     "run": 3,
     "bench": 4,
-    "smoke": 4,
-    "bench_peer": 5,
-    "gpu_check": 6,
-    "cli": 7,
-    "__main__": 8,
+    "cli": 5,
+    "__main__": 6,
 }
-SHARED = {"errors", "__init__"}
-# What the paper's code must never see: files, YAML, tokenizers, the command line.
-METHOD_FORBIDDEN = {"yaml", "typer", "rich", "pydantic", "PIL", "transformers"}
+SHARED = {"errors", "catalog", "__init__"}
+# What the paper's code must never see: files, YAML, tokenizers, the command line, a model library.
+METHOD_FORBIDDEN = {"yaml", "typer", "rich", "pydantic", "PIL", "numpy", "transformers", "diffusers", "peft",
+                    "huggingface_hub", "safetensors", "accelerate"}
+# What the CLI may call: the run layer (and the bench's), what prints, and the shared modules.
+CLI_MAY_IMPORT = {"run", "bench", "output", "cli", *SHARED}
+PRINTERS = {"say", "print_path", "echo", "print"}  # say(...), typer.echo(...), out.print(...)
 
 
 def module_name(path: Path) -> str:
@@ -34,12 +39,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under `if TYPE_CHECKING:` (imports for annotations only, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every module this file imports, relative imports resolved (also imports inside functions)."""
+    """Every module this file imports when it runs, relative imports resolved (also imports inside
+    functions; not those for annotations only)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -67,11 +82,15 @@ def internal_imports(module: str) -> set[str]:
     return {name for name in imports_of(MODULES[module]) if name in MODULES and name != module}
 
 
+def modules_of(layer: str) -> list[str]:
+    return sorted(m for m in MODULES if layer_of(m) == layer)
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_flow_down_the_layers(module):
     layer = layer_of(module)
     if layer in SHARED:
-        assert all(layer_of(name) in SHARED for name in internal_imports(module)), "errors/__init__ import no layer"
+        assert all(layer_of(name) in SHARED for name in internal_imports(module)), "shared modules import no layer"
         return
     assert layer in LAYERS, f"{module}: a new top-level module needs a place in LAYERS"
     for name in internal_imports(module):
@@ -99,24 +118,65 @@ def test_no_import_cycles():
         visit(module, [])
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) == "method"))
-def test_the_method_sees_no_files_yaml_tokenizers_or_cli(module):
+@pytest.mark.parametrize("module", modules_of("method"))
+def test_the_method_sees_no_files_yaml_tokenizers_cli_or_model_library(module):
     outside = {name.split(".")[0] for name in imports_of(MODULES[module])}
     assert not outside & METHOD_FORBIDDEN
 
 
-def test_cli_only_parses_calls_and_prints():
-    assert len((PACKAGE / "cli.py").read_text().splitlines()) <= 300
-    assert "import torch" not in (PACKAGE / "cli.py").read_text()
+@pytest.mark.parametrize("module", modules_of("run"))
+def test_run_talks_to_the_model_protocol_and_nothing_below_it(module):
+    below = {name for name in internal_imports(module) if layer_of(name) == "models" and name != "multidiff_cli.models"}
+    assert not below, f"{module} imports {below}: run/ imports the models package (models/__init__.py) only"
+
+
+@pytest.mark.parametrize("module", modules_of("run"))
+def test_run_never_says_a_familys_name(module):
+    from multidiff_cli.catalog import FAMILIES
+
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in FAMILIES}
+    assert not named, f"{module} names the families {named}: ask the model (its protocol, its facts) instead"
+
+
+def test_every_family_is_a_module_with_one_concrete_class_of_the_protocol():
+    from multidiff_cli.catalog import FAMILIES
+    from multidiff_cli.models.family import Model, family_class
+
+    for family in FAMILIES.values():
+        assert (PACKAGE / "models" / f"{family.module}.py").is_file(), family.name
+        cls = family_class(family)
+        assert issubclass(cls, Model) and not inspect.isabstract(cls), f"{cls.__name__} leaves protocol methods out"
+        assert cls.facts is family
+
+
+@pytest.mark.parametrize("module", modules_of("cli"))
+def test_the_cli_parses_calls_and_prints(module):
+    """The CLI imports what it calls (run/, the bench) and what prints (output/), never a model, a scene or the
+    method; it imports no torch; and a loop among its commands only prints."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    reached = {layer_of(name) for name in internal_imports(module)}
+    assert reached <= CLI_MAY_IMPORT, f"{module} reaches {reached - CLI_MAY_IMPORT}: call run/ instead"
+    assert not any(name.split(".")[0] == "torch" for name in imports_of(MODULES[module]))
+    if module != "multidiff_cli.cli.app":
+        return  # the edge (errors to lines, plain help) is plumbing, not commands
+    for loop in (node for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While))):
+        calls = [node for node in ast.walk(ast.Module(body=loop.body, type_ignores=[])) if isinstance(node, ast.Call)]
+        names = {call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "") for call in calls}
+        assert names <= PRINTERS, f"{module}:{loop.lineno}: a loop that does more than print ({names - PRINTERS})"
 
 
 def test_validate_and_preview_paths_never_import_torch(tmp_path):
+    """The one no-torch check: the CLI, scene loading, layout drawing, PNG records, the catalog of families
+    and the models package itself load without torch (validate and preview stay fast)."""
     code = (
         "import sys\n"
-        "from multidiff_cli import cli\n"
+        "from multidiff_cli import cli, catalog, models\n"
+        "from multidiff_cli.run import workflow\n"
         "from multidiff_cli.scene import load_scene\n"
         "from multidiff_cli.output.preview import draw_layout\n"
         "from multidiff_cli.output.png import read_metadata\n"
+        "catalog.detect_family('tiny-random')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

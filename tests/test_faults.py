@@ -589,7 +589,8 @@ def test_pickle_weights_load_with_allow_pickle(write_scene, tmp_path, pickle_mod
     assert result.exit_code == 0 and result.exception is None, result.output
     assert result.stdout.strip() == str(out_dir / "scene-3.png")
     assert pngs(out_dir) == ["scene-3.png"]
-    assert read_metadata(out_dir / "scene-3.png")["model"] == str(pickle_model)
+    recorded = read_metadata(out_dir / "scene-3.png")["model"]  # relative to the picture's folder
+    assert (out_dir / recorded).resolve() == Path(pickle_model).resolve() and not Path(recorded).is_absolute()
 
 
 class LogRecords(logging.Handler):

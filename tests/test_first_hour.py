@@ -105,31 +105,37 @@ def test_overwrite_and_o_replace_only_the_named_file(scene, tmp_path):
     assert (out / "my_scene-7.png").stat().st_mtime_ns != stamp  # only --overwrite touched it
 
 
+def read_png_text(path) -> str:
+    """Every text chunk of a PNG, joined."""
+    with Image.open(path) as image:
+        return "\n".join(image.text.values())
+
+
 def test_a_changed_mask_is_recorded_warned_and_not_skipped(scene, tmp_path):
     out = tmp_path / "outputs"
     render(scene, "--output-dir", out)
-    record = read_metadata(out / "my_scene-7.png")
-    assert list(record["inputs"]) == ["masks/sofa.png"] and record["inputs"]["masks/sofa.png"].startswith("sha256:")
+    record = read_metadata(out / "my_scene-7.png")  # the mask as the picture's folder reaches it
+    assert list(record["inputs"]) == ["../masks/sofa.png"] and record["inputs"]["../masks/sofa.png"].startswith("sha256:")
     skipped = render(scene, "--output-dir", out, "--skip-existing")
     assert "skipped" in skipped.stderr and not (out / "my_scene-7-2.png").exists()
 
     write_mask(tmp_path / "masks" / "sofa.png", box=(0, 0, 48, 64))
     again = render(out / "my_scene-7.png", "--output-dir", out)
-    assert "warning: my_scene-7.png: masks/sofa.png changed since my_scene-7.png was rendered" in again.stderr
+    assert "warning: my_scene-7.png: ../masks/sofa.png changed since my_scene-7.png was rendered" in again.stderr
     resumed = render(scene, "--output-dir", out, "--skip-existing")
     assert "skipped" not in resumed.stderr  # the earlier picture was made from the old mask
     assert resumed.stdout.strip() == str(out / "my_scene-7-2.png")
 
 
-def test_a_relative_model_folder_is_recorded_absolutely(tmp_path, scene):
+def test_a_model_folder_is_recorded_relative_to_the_picture_and_renders_again_from_anywhere(tmp_path, scene):
     from multidiff_cli.models.random_weights import build_tiny_random, save_model
 
     save_model(build_tiny_random(), tmp_path / "localmodel")
     made = run("render", scene, "--model", "./localmodel", "-q", "--output-dir", "out", cwd=tmp_path)
     assert made.exit_code == 0, made.output
     record = read_metadata(tmp_path / "out" / "my_scene-7.png")
-    assert record["scene"]["model"] == str((tmp_path / "localmodel").resolve())
-    assert record["model_given"] == "./localmodel"
+    assert record["scene"]["model"] == record["model"] == "../localmodel"  # no absolute path in a picture
+    assert str(tmp_path) not in read_png_text(tmp_path / "out" / "my_scene-7.png")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     again = run("render", tmp_path / "out" / "my_scene-7.png", "-q", "-o", "again.png", cwd=elsewhere)

@@ -324,16 +324,17 @@ def test_cli_render_records_each_lora_and_warns_when_one_changed(loras, write_sc
     out = tmp_path / "out" / "street.png"
     result = cli("render", str(scene_path), "--model", "tiny-random", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
-    record = read_metadata(out)
-    assert record["scene"]["loras"] == [{"path": f"loras/{film.name}", "scale": 0.6}]
-    assert record["scene"]["regions"][0]["loras"] == [{"path": f"loras/{alice.name}", "scale": 0.9}]
+    record = read_metadata(out)  # paths relative to the picture's folder, out/
+    assert record["scene"]["loras"] == [{"path": f"../loras/{film.name}", "scale": 0.6}]
+    assert record["scene"]["regions"][0]["loras"] == [{"path": f"../loras/{alice.name}", "scale": 0.9}]
     assert "loras" not in record["scene"]["regions"][1]
-    assert set(record["inputs"]) == {f"loras/{film.name}", f"loras/{alice.name}"}
+    assert set(record["inputs"]) == {f"../loras/{film.name}", f"../loras/{alice.name}"}
     assert all(digest.startswith("sha256:") for digest in record["inputs"].values())
 
     shown = cli("inspect", str(out)).stdout
-    assert f"regions[0] (a woman with red hair): loras/{alice.name} x0.9 sha256:" in shown
-    assert f"every prompt: loras/{film.name} x0.6 sha256:" in shown
+    assert f"regions[0] (a woman with red hair): ../loras/{alice.name} x0.9 sha256:" in shown
+    assert f"every prompt: ../loras/{film.name} x0.6 sha256:" in shown
+    assert f"# ../loras/{alice.name} -> {(tmp_path / 'loras' / alice.name).resolve()}" in shown  # as found here
 
     write_lora(alice, lora_layers(fresh_model(), seed=9), "kohya")
     again = cli("render", str(out), "--model", "tiny-random", "--output-dir", str(tmp_path / "again"), "-q")
@@ -402,13 +403,13 @@ def test_the_two_character_example_scene_is_valid_once_its_loras_are_there(tmp_p
 
 
 def test_inspect_save_scene_rewrites_lora_paths_for_the_new_folder(tmp_path):
-    from multidiff_cli.output.report import scene_for_folder
+    from multidiff_cli.scene.paths import rebase_paths
 
-    record = {"scene_dir": str(tmp_path / "scenes"), "scene": {
+    recorded = {
         "prompt": "a", "loras": [{"path": "loras/film.safetensors", "scale": 0.6}],
         "regions": [{"prompt": "b", "box": [0, 0, 8, 8], "loras": [{"path": "loras/alice.safetensors", "scale": 1.0}]}],
-    }}
-    scene = scene_for_folder(record, tmp_path / "out" / "x.png", tmp_path / "elsewhere")
+    }
+    scene = rebase_paths(recorded, tmp_path / "scenes", tmp_path / "elsewhere")
     assert scene["loras"] == [{"path": "../scenes/loras/film.safetensors", "scale": 0.6}]
     assert scene["regions"][0]["loras"] == [{"path": "../scenes/loras/alice.safetensors", "scale": 1.0}]
 

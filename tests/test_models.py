@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from multidiff_cli.errors import ModelNotFound, UsageError
-from multidiff_cli.catalog import SCHEDULER_NAMES
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.models.device import pick_device, pick_dtype
 from multidiff_cli.models.loading import load_model

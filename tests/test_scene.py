@@ -198,8 +198,8 @@ def test_mask_paths_resolve_against_the_scene_folder_not_the_cwd(scene_file, sce
     scene = load_scene(scene_file("prompt: x\nregions:\n  - prompt: a window\n    mask: masks/left.png\n"))
     assert Path.cwd() != scene_dir
     assert scene.base_dir == scene_dir.resolve()
-    assert scene.mask_path(scene.regions[0]) == scene_dir.resolve() / "masks" / "left.png"
-    assert scene.mask_path(scene.regions[0]).is_file()
+    assert scene.path_of(scene.regions[0].mask) == scene_dir.resolve() / "masks" / "left.png"
+    assert scene.path_of(scene.regions[0].mask).is_file()
 
 
 @pytest.mark.parametrize("steps, bootstrap", [(50, 10), (20, 4), (1, 0), (3, 1), (8, 2), (13, 3), (1000, 200)])

@@ -341,7 +341,7 @@ def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_ren
     out = tmp_path / "fixed.png"
     result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    assert read_metadata(out)["scene"]["vae"] == str(tmp_path / "vae-fix")
+    assert read_metadata(out)["scene"]["vae"] == "vae-fix"  # relative to the picture's folder, tmp_path
 
 
 # --- G. memory: UNet samples per call and the estimate fit SDXL's UNet ------------------------------------

@@ -214,7 +214,7 @@ def test_cli_renders_an_sdxl_region_lora_and_records_it(tmp_path):
                                       "--output-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     record = read_metadata(tmp_path / "out" / "scene-1.png")
-    assert record["scene"]["regions"][0]["loras"] == [{"path": "style.safetensors", "scale": 0.7}]
+    assert record["scene"]["regions"][0]["loras"] == [{"path": "../style.safetensors", "scale": 0.7}]
     assert any(path.endswith("style.safetensors") for path in record["inputs"])
 
 

@@ -12,7 +12,6 @@ from multidiff_cli.cli import app
 from multidiff_cli.errors import TooLarge
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run import batch as batch_module
 from multidiff_cli.run import render as render_module
 from multidiff_cli.run.memory import check_memory, estimate_bytes
 from multidiff_cli.run.render import plan_render
@@ -150,11 +149,11 @@ def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_ski
     scene = write_scene("prompt: p\ninit_image: pic.png\nstrength: 0.5\nkeep: keep.png\nsteps: 2\nseed: 4\n")
     out = tmp_path / "out"
     assert run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out).exit_code == 0
-    record = read_metadata(out / "scene-4.png")
-    assert record["scene"]["init_image"] == "pic.png" and record["scene"]["strength"] == 0.5
-    assert record["scene"]["keep"] == "keep.png" and (record["scene"]["width"], record["scene"]["height"]) == (128, 96)
-    assert record["init_image"]["path"] == "pic.png" and (record["init_image"]["width"], record["init_image"]["height"]) == (128, 96)
-    assert record["init_image"]["sha256"] == record["inputs"]["pic.png"] and "keep.png" in record["inputs"]
+    record = read_metadata(out / "scene-4.png")  # its paths are relative to the picture's folder, out/
+    assert record["scene"]["init_image"] == "../pic.png" and record["scene"]["strength"] == 0.5
+    assert record["scene"]["keep"] == "../keep.png" and (record["scene"]["width"], record["scene"]["height"]) == (128, 96)
+    assert record["init_image"]["path"] == "../pic.png" and (record["init_image"]["width"], record["init_image"]["height"]) == (128, 96)
+    assert record["init_image"]["sha256"] == record["inputs"]["../pic.png"] and "../keep.png" in record["inputs"]
     assert "Denoising strength: 0.5" in Image.open(out / "scene-4.png").text["parameters"]
     saved = run("inspect", out / "scene-4.png", "--save-scene", tmp_path / "elsewhere" / "again.yaml")
     assert saved.exit_code == 0 and "init_image:" in saved.stdout
@@ -166,7 +165,7 @@ def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_ski
     picture(tmp_path / "pic.png", (128, 96), seed=1)  # the picture changes
     rerender = run("render", out / "scene-4.png", "--model", "tiny-random", "-q", "--output-dir", out)
     assert rerender.exit_code == 0
-    assert "warning: scene-4.png: pic.png changed since scene-4.png was rendered" in rerender.output
+    assert "warning: scene-4.png: ../pic.png changed since scene-4.png was rendered" in rerender.output
     resumed = run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
     assert "skipped" not in resumed.output and "scene-4-2.png" in files_in(out)
 

@@ -224,12 +224,14 @@ def test_init_writes_a_valid_scene_with_every_default(tmp_path):
     assert (scene.few_step, scene.tiled_decode, scene.guidance_scale) == ("auto", "auto", 7.5)
     assert scene.negative_prompt == "" and scene.style == "" and scene.seed is None and scene.model is None
     assert scene.max_batch is None and len(scene.regions) == 1
-    # Every key the file sets is a default: the scene is what the schema gives for prompt + regions alone.
+    # Every key the file sets is a default: the scene is what the schema and the default model's family
+    # (SD) give for prompt + regions alone.
     bare = load_scene(path).model_dump()
     text = yaml.safe_load(path.read_text())
+    from multidiff_cli.catalog import SD
     from multidiff_cli.scene import Scene
 
-    assert Scene.model_validate({"prompt": text["prompt"], "regions": text["regions"]}).model_dump() == bare
+    assert Scene.model_validate({"prompt": text["prompt"], "regions": text["regions"]}).for_family(SD).model_dump() == bare
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path):
@@ -533,7 +535,7 @@ def test_render_a_mask_scene_png_again_from_another_folder(tmp_path, monkeypatch
     first_dir = tmp_path / "out"
     assert render(scene, "--output-dir", first_dir).exit_code == 0
     first = first_dir / "masked-3.png"
-    assert Path(read_metadata(first)["scene_dir"]) == scenes.resolve()
+    assert read_metadata(first)["scene"]["regions"][0]["mask"] == "../scenes/masks/left.png"  # from the picture
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -542,20 +544,20 @@ def test_render_a_mask_scene_png_again_from_another_folder(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     again = elsewhere / "again" / "masked-3-again.png"
     assert pixels(again) == pixels(first)
-    assert Path(read_metadata(again)["scene_dir"]) == scenes.resolve()
+    assert read_metadata(again)["scene"]["regions"][0]["mask"] == "../../scenes/masks/left.png"
 
 
-def test_render_again_falls_back_to_the_png_folder_when_scene_dir_is_gone(tmp_path, monkeypatch):
-    scenes = tmp_path / "scenes"
+def test_a_picture_moved_with_its_inputs_renders_again_from_its_new_place(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    scenes = project / "scenes"
     write_castle_mask(scenes)
     scene = scenes / "wide.yaml"
     scene.write_text(SMALL.replace("box: [16, 16, 80, 64]", "mask: masks/castle.png"))
-    out_dir = tmp_path / "out"
+    out_dir = project / "out"
     assert render(scene, "--output-dir", out_dir).exit_code == 0
-    first = out_dir / "wide-3.png"
-    shutil.copytree(scenes / "masks", out_dir / "masks")  # the masks travel with the picture
-    shutil.rmtree(scenes)
+    moved = shutil.move(project, tmp_path / "moved")  # another machine, another owner: the layout travels whole
     monkeypatch.chdir(tmp_path)
+    first = Path(moved) / "out" / "wide-3.png"
     result = run("render", first, "--output-dir", tmp_path / "again", "-q")
     assert result.exit_code == 0, result.output
     assert pixels(tmp_path / "again" / "wide-3-again.png") == pixels(first)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..catalog import BUILT_IN, FAMILIES, SCHEDULER_NAMES, SD2_RANDOM
+from ..catalog import BUILT_IN, FAMILIES, SD2_RANDOM
 from ..errors import UsageError
 from ..method.guidance import Prompts, guided_denoiser
 from ..method.sampler import bootstrap_inputs, multidiffusion, step_requests

@@ -11,9 +11,9 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from ..errors import MultidiffError, UsageError
+from ..errors import UsageError
 from ..output import OUTPUT_DIR
-from ..output.console import ProgressDisplay, err, error_lines, out, print_path, print_summary, say
+from ..output.console import ProgressDisplay, err, out, print_path, print_summary, say
 from ..run import UPSCALE_SCALE, UPSCALE_STRENGTH
 from .edge import PlainHelpCommand as _Command
 from .edge import env_device as _env_device
@@ -139,21 +139,11 @@ def upscale(
 def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs "
                                                  "made by multidiff (their recorded scene).")) -> None:
     """Check scenes without loading a model: schema, mask files, sizes. Exit 0 if all are valid, else 2."""
-    from ..run.plan import load_source
-    from ..scene import scene_warnings
+    from ..run.workflow import validate_sources
 
-    bad = False
-    for path in scenes:
-        try:
-            loaded = load_source(path)
-        except MultidiffError as exc:
-            say(error_lines(exc))
-            bad = True
-            continue
-        scene, count = loaded.scene, len(loaded.scene.regions)
-        say(loaded.notes + scene_warnings(scene), prefix=f"{path}: warning: ")
-        out.print(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})", markup=False)
-    if bad:
+    lines = validate_sources(scenes, env_model())
+    _print(lines)
+    if lines.failed:
         raise typer.Exit(2)
 
 
@@ -165,15 +155,11 @@ def preview(
 ) -> None:
     """Draw the scene's layout (regions in colour, labelled, a numbered legend), without loading any model."""
     with _user_errors():
-        from ..output.png import write_png
-        from ..output.preview import draw_layout
-        from ..run.plan import free_path, load_source
-        from ..scene import scene_warnings
+        from ..run.workflow import write_layout
 
-        loaded = load_source(scene_path)
-        say(loaded.notes + scene_warnings(loaded.scene), prefix="warning: ")
-        target = output or free_path(OUTPUT_DIR / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
-        print_path(write_png(draw_layout(loaded.scene), target))
+        written, warnings = write_layout(scene_path, output, env_model())
+        say(warnings)
+        print_path(written)
 
 
 @app.command(cls=_Command)
@@ -183,9 +169,9 @@ def init(
 ) -> None:
     """Write a commented starter scene: every key, with its default."""
     with _user_errors():
-        from ..scene.starter import write_starter
+        from ..run.workflow import starter_scene
 
-        print_path(write_starter(path, force))
+        print_path(starter_scene(path, force))
 
 
 @app.command(cls=_Command)
@@ -195,17 +181,12 @@ def inspect(
     save_scene: Optional[Path] = typer.Option(None, "--save-scene", help="Also write the scene as a YAML file "
                                               "here, its mask paths rewritten to work from that folder."),
 ) -> None:
-    """Print what a PNG was rendered from: the resolved scene as YAML, then model, seed, versions."""
+    """Print what a PNG was rendered from: the resolved scene as YAML, the run, the files it names as
+    found from the picture's folder."""
     with _user_errors():
-        import json
+        from ..run.workflow import inspect_picture
 
-        from ..output.png import read_metadata
-        from ..output.report import metadata_text, save_scene_file
-
-        record = read_metadata(image)
-        out.print(json.dumps(record, indent=2, ensure_ascii=False) if as_json else metadata_text(record), markup=False)
-        if save_scene:
-            say([f"scene written to {save_scene_file(record, image, save_scene)}"])
+        _print(inspect_picture(image, as_json, save_scene))
 
 
 @app.command(cls=_Command)
@@ -214,13 +195,16 @@ def models(
 ) -> None:
     """List the models in the local Hugging Face cache, and whether multidiff can load each."""
     with _user_errors():
-        from ..models import cached_models
-        from ..output.report import model_lines
+        from ..run.workflow import cached_model_lines
 
-        found = cached_models(cache_dir)
-        for line in model_lines(found.rows):
-            typer.echo(line)
-        say([f"searched {found.folder}" + ("" if found.rows else ": no diffusers models there")])
+        _print(cached_model_lines(cache_dir), plain=True)
+
+
+def _print(lines, plain: bool = False) -> None:
+    """A run.workflow.Lines: stdout's lines (plain: without rich, for cut and awk), then stderr's."""
+    for line in lines.out:
+        typer.echo(line) if plain else out.print(line, markup=False)
+    say(lines.err)
 
 
 @app.command(cls=_Command)

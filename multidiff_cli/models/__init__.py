@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Model": "family", "Conditioning": "family", "AdapterSet": "family",
+    "Model": "family", "Conditioning": "conditioning", "AdapterSet": "conditioning",
     "load_model": "loading", "cached_models": "loading", "CachedModels": "loading",
     "pick_device": "device", "pick_dtype": "device", "quiet_libraries": "device",
     "adapter_set": "lora_files",

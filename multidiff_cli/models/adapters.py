@@ -17,13 +17,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import LoraError
-from .family import AdapterSet, Conditioning, Model
+from .conditioning import AdapterSet, Conditioning
 from .lora_files import read_lora_file
+
+if TYPE_CHECKING:
+    from .family import Model
 
 _DOWN_KEY = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 

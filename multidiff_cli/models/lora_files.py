@@ -7,7 +7,7 @@ import torch
 
 from ..catalog import PICKLE_SUFFIXES
 from ..errors import LoraError
-from .family import AdapterSet
+from .conditioning import AdapterSet
 
 
 def adapter_set(loras: list[tuple[str, float]]) -> AdapterSet:

@@ -30,25 +30,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def build_metadata(scene: dict[str, Any], *, model: str, revision: str | None, device: str, dtype: str,
-                   seconds: float, scene_file: str | None = None, scene_dir: str | None = None,
-                   inputs: dict[str, str] | None = None, model_given: str | None = None,
+def build_metadata(scene: dict[str, Any], *, family: str, revision: str | None, device: str, dtype: str,
+                   seconds: float, scene_file: str | None = None, inputs: dict[str, str] | None = None,
                    init_image: dict[str, Any] | None = None, unet_batch: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
 
-    scene_file and scene_dir say where the scene came from: mask paths in the scene are relative
-    to scene_dir, which `multidiff render IMAGE.png` uses to render the picture again. inputs:
-    each input file as written in the scene -> its sha256, so a re-render can tell it changed.
-    model_given: the model as the user typed it (a local folder is recorded absolutely). init_image:
+    Every local path in `scene` (masks, init image, LoRAs, a local model) is relative to the picture's
+    own folder, where `multidiff render IMAGE.png` resolves it: a picture holds no absolute path, so
+    sharing it shares no directory layout (A1111's infotext holds none either); hub ids are as given.
+    scene_file: the scene file's name. inputs: each input file as written in the scene -> its sha256,
+    so a re-render can tell it changed. family: the model's family (catalog.FAMILIES). init_image:
     the picture a render started from (path as given, size, sha256), recorded only where there is one.
     unet_batch: {"samples_per_call": N, "auto": whether `max_batch: auto` chose N}."""
     record = ({"init_image": init_image} if init_image else {}) | {
         "scene": scene,
         "scene_file": scene_file,
-        "scene_dir": scene_dir,
         "inputs": inputs or {},
-        "model": model,
-        "model_given": model_given,
+        "model": scene.get("model"),
+        "family": family,
         "revision": revision,
         "scheduler": scene["scheduler"],
         "device": device,
@@ -196,10 +195,19 @@ def _record_problem(record: Any) -> str | None:
         return f"expected a JSON object, got {type(record).__name__}"
     if not isinstance(record.get("scene"), dict):
         return "no `scene` object"
-    for key in ("scene_file", "scene_dir", "model", "model_given", "revision"):
+    for key in ("scene_file", "scene_dir", "model", "model_given", "family", "revision"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"`{key}` is not text"
     inputs = record.get("inputs", {})
     if not isinstance(inputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()):
         return "`inputs` is not a map of file paths to hashes"
     return None
+
+
+def record_base_dir(record: dict[str, Any], image: Path) -> Path:
+    """The folder a PNG record's paths are relative to: the picture's own; for a record written before
+    records held no absolute path, its `scene_dir` where that folder still exists."""
+    old = record.get("scene_dir")
+    if old and Path(old).is_dir():
+        return Path(old)
+    return Path(image).resolve().parent

@@ -44,7 +44,7 @@ def region_pixels(scene: Scene, index: int, size_wh: tuple[int, int]) -> np.ndar
         x0, y0, x1, y1 = region.box
         ys, xs = np.arange(height)[:, None] + 0.5, np.arange(width)[None, :] + 0.5
         return (xs >= x0 * sx) & (xs < x1 * sx) & (ys >= y0 * sy) & (ys < y1 * sy)
-    return grid.resize_nearest(grid.read_mask_image(scene.mask_path(region)), (height, width))
+    return grid.resize_nearest(grid.read_mask_image(scene.path_of(region.mask)), (height, width))
 
 
 def draw_layout(scene: Scene) -> Image.Image:

@@ -1,12 +1,14 @@
 """What the commands print: tables and summaries (rich), kept out of cli.py's command logic."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.table import Table
+
+from ..scene.paths import named_files, rebase_paths
+from .png import record_base_dir, write_atomic
 
 GIB = 2**30
 
@@ -100,8 +102,9 @@ def peer_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def metadata_text(record: dict[str, Any]) -> str:
-    """A PNG's multidiff record for people: the scene as YAML (ready to save and edit), then the run."""
+def metadata_text(record: dict[str, Any], image: Path) -> str:
+    """A PNG's multidiff record for people: the scene as YAML (ready to save and edit), then the run, the
+    files it names as this machine resolves them from the picture's folder, and its LoRAs."""
     scene = yaml.safe_dump(record["scene"], sort_keys=False, allow_unicode=True, default_flow_style=None).rstrip()
     run = {
         "model": record.get("model"),
@@ -113,14 +116,20 @@ def metadata_text(record: dict[str, Any]) -> str:
         "render_seconds": record.get("render_seconds"),
         "unet_samples_per_call": unet_batch_text(record.get("unet_batch")),
         "created": record.get("created"),
+        "family": record.get("family"),
         "scene_file": record.get("scene_file"),
-        "scene_dir": record.get("scene_dir"),
         "versions": record.get("versions"),
     }
+    if record.get("scene_dir"):  # a record written before pictures held no absolute path
+        run["scene_dir"] = record["scene_dir"]
     if record.get("init_image"):  # the picture it started from: path, size, sha256
         run["init_image"] = record["init_image"]
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
     text = f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
+    files = named_files(record["scene"], record_base_dir(record, image))
+    if files:
+        text += "\n\n# files (as written -> where this machine finds them)\n" + "\n".join(
+            f"# {name} -> {path}{'' if path.exists() else ' (missing)'}" for name, path in files)
     loras = lora_lines(record)
     return text + ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
         f"# {line}" for line in loras) if loras else "")
@@ -175,40 +184,9 @@ def smoke_table(results, title: str) -> Table:
     return table
 
 
-def scene_for_folder(record: dict[str, Any], image: Path, folder: Path) -> dict[str, Any]:
-    """The PNG's scene with its mask paths (and init image, keep mask and LoRAs) rewritten to work from
-    `folder` (they are relative to the folder of the scene the PNG was rendered from)."""
-    scene_dir = Path(record.get("scene_dir") or Path(image).resolve().parent)
-    scene = dict(record["scene"])
-
-    def moved(path: str) -> str:
-        return os.path.relpath((scene_dir / Path(path).expanduser()).resolve(), Path(folder).resolve())
-
-    def moved_loras(owner: dict) -> dict:
-        loras = owner.get("loras")
-        if not isinstance(loras, list):
-            return owner
-        return {**owner, "loras": [{**lora, "path": moved(lora["path"])} if isinstance(lora, dict) and
-                                   isinstance(lora.get("path"), str) else lora for lora in loras]}
-
-    for key in ("init_image", "keep"):
-        if isinstance(scene.get(key), str) and scene[key] not in ("none", "outside_regions"):
-            scene[key] = moved(scene[key])
-    regions = []
-    for region in scene.get("regions") if isinstance(scene.get("regions"), list) else []:
-        if isinstance(region, dict) and isinstance(region.get("mask"), str):
-            region = {**region, "mask": moved(region["mask"])}
-        regions.append(moved_loras(region) if isinstance(region, dict) else region)
-    if regions:
-        scene["regions"] = regions
-    return moved_loras(scene)
-
-
 def save_scene_file(record: dict[str, Any], image: Path, target: Path) -> Path:
     """Write the PNG's scene as a YAML file at `target`, ready to edit and render from there."""
-    from .png import write_atomic
-
-    scene = scene_for_folder(record, image, Path(target).parent)
+    scene = rebase_paths(record["scene"], record_base_dir(record, image), Path(target).parent)
     text = f"# the scene of {Path(image).name}, written by multidiff inspect --save-scene\n"
     text += yaml.safe_dump(scene, sort_keys=False, allow_unicode=True, default_flow_style=None)
     return write_atomic(Path(target), lambda handle: handle.write(text.encode("utf-8")))

@@ -20,6 +20,8 @@ from ..errors import Interrupted, MultidiffError, RenderError
 from ..output import OUTPUT_DIR
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
+from ..scene import Scene, checked_for
+from ..scene.paths import rebase_name, rebase_paths
 from ..scene.picture import upright_size
 from . import distributed
 from .memory import check_memory
@@ -206,6 +208,7 @@ class Renderer:
         if loading:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         model = self.model(scene.model, scene.model_config_, scene.vae)
+        scene = checked_for(scene, model.facts, job.source.name)  # the family's checks and defaults, if not yet
         if loading and scene.model_config_ and not is_single_file(scene.model):
             self.emit(Event("note", label, text=f"model_config {scene.model_config_} is ignored: it gives the "
                             f"configs of a single-file checkpoint, and {job.model_given or scene.model} is not one"))
@@ -237,12 +240,11 @@ class Renderer:
             raise Interrupted(previews) from None
         for note in result.warnings:
             self.emit(Event("warning", label, text=note))
+        recorded, inputs = recorded_scene(scene, job)
         record = build_metadata(
-            scene.model_dump(mode="json", exclude_none=True),
-            model=model.model_id, revision=model.revision, device=str(self.device),
-            dtype=model.dtype_name, seconds=result.seconds,
-            scene_file=job.scene_file, scene_dir=str(scene.base_dir), inputs=job.inputs, model_given=job.model_given,
-            init_image=init_image_record(job),
+            recorded, family=model.family, revision=model.revision, device=str(self.device),
+            dtype=model.dtype_name, seconds=result.seconds, scene_file=job.scene_file, inputs=inputs,
+            init_image=init_image_record(scene, job.inputs, recorded),
             unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},
         )
         write_png(result.image, job.target, record)
@@ -250,13 +252,21 @@ class Renderer:
             write_gif(frames + [result.image], job.target.with_suffix(".gif"))
 
 
-def init_image_record(job: RenderJob) -> dict[str, Any] | None:
-    """The init image as the PNG records it: its path as given, its size (upright) and sha256."""
-    scene = job.scene
+def recorded_scene(scene: Scene, job: RenderJob) -> tuple[dict[str, Any], dict[str, str]]:
+    """The scene as the job's PNG records it, and its input files' hashes: every local path (masks, init
+    image, LoRAs, a local model) rewritten relative to the picture's folder, where a re-render resolves
+    them (output.png.build_metadata)."""
+    folder = job.target.parent
+    dump = rebase_paths(scene.model_dump(mode="json", exclude_none=True), scene.base_dir, folder)
+    return dump, {rebase_name(name, scene.base_dir, folder): digest for name, digest in job.inputs.items()}
+
+
+def init_image_record(scene: Scene, inputs: dict[str, str], recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """The init image as the PNG records it: its path (as recorded), its size (upright) and sha256."""
     if scene.init_image is None:
         return None
     width, height = upright_size(scene.init_image_path)
-    return {"path": scene.init_image, "width": width, "height": height, "sha256": job.inputs.get(scene.init_image)}
+    return {"path": recorded["init_image"], "width": width, "height": height, "sha256": inputs.get(scene.init_image)}
 
 
 def _model_key(model: str, config: str | None, vae: str | None) -> tuple:
@@ -279,12 +289,12 @@ def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
 def already_rendered(job: RenderJob) -> Path | None:
     """The existing file of this job's name whose metadata records this very render (scene, seed,
     model, and the same input files by hash), or None."""
-    scene = job.scene.model_dump(mode="json", exclude_none=True)
+    scene, inputs = recorded_scene(job.scene, job)
     for path in job.earlier:
         try:
             record = read_metadata(path)
         except MultidiffError:
             continue
-        if record.get("scene") == scene and record.get("inputs", {}) == job.inputs:
+        if record.get("scene") == scene and record.get("inputs", {}) == inputs:
             return path
     return None

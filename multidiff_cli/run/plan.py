@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..catalog import DEFAULT_MODEL
 from ..errors import MultidiffError, UsageError
-from ..output.png import read_metadata
+from ..output.png import read_metadata, record_base_dir
 from ..scene import Scene, load_scene, scene_from_dict, scene_warnings
+from ..scene.paths import local_model
 from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
 SEED_RANGE = 2**32  # random seeds are drawn below this, as A1111 and ComfyUI do: short enough to type
@@ -26,7 +28,7 @@ class RenderJob:
     seed: int
     target: Path
     scene_file: str  # the scene file's name (for a PNG source: the one it was rendered from)
-    model_given: str = ""  # the model as the user typed it (scene.model holds a local folder absolutely)
+    model_given: str = ""  # the model as written (scene.model holds a local folder absolutely), for messages
     inputs: dict[str, str] = field(default_factory=dict)  # input file as written in the scene -> sha256
     earlier: list[Path] = field(default_factory=list)  # existing files of this render's name (--skip-existing)
 
@@ -94,20 +96,20 @@ class Source:
         return self.hashed if self.hashed is not None else input_hashes(self.scene)
 
 
-def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
-    """A scene file, or a PNG rendered by multidiff (its metadata holds the scene)."""
+def load_source(path: Path, overrides: dict[str, Any] | None = None, default_model: str = DEFAULT_MODEL) -> Source:
+    """A scene file, or a PNG rendered by multidiff (its metadata holds the scene; its paths are relative
+    to the picture's folder). default_model: the model of a scene that names none."""
     overrides = overrides or {}
     if path.suffix.lower() != ".png":
-        scene = load_scene(path, overrides)
+        scene = load_scene(path, overrides, default_model)
         return Source(scene, path.name)
     record = read_metadata(path)
-    scene_dir = Path(record.get("scene_dir") or path.resolve().parent)
-    base_dir = scene_dir if scene_dir.is_dir() else path.resolve().parent
+    base_dir = record_base_dir(record, path)
     data = dict(record["scene"])
     steps, bootstrap = data.get("steps"), data.get("bootstrap_steps")
     if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
-    scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides)
+    scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides, default_model=default_model)
     hashes = input_hashes(scene)
     notes = [
         f"{name} changed since {path.name} was rendered (its sha256 differs): this render will differ"
@@ -120,7 +122,7 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None) -> Source:
 def input_files(scene: Scene) -> dict[str, Path]:
     """Every file that shapes the picture (the regions' masks, the init image and its keep mask, the
     LoRAs), as written in the scene -> its path."""
-    files = {region.mask: scene.mask_path(region) for region in scene.regions if region.mask is not None}
+    files = {region.mask: scene.path_of(region.mask) for region in scene.regions if region.mask is not None}
     if scene.init_image is not None:
         files[scene.init_image] = scene.init_image_path
     if scene.keep_mask is not None:
@@ -159,16 +161,22 @@ def free_path(base: Path, taken: set[Path]) -> tuple[Path, list[Path]]:
         number += 1
 
 
-def local_model(model: str) -> str:
-    """A local model folder or single-file checkpoint as an absolute path (so a re-render works from any
-    folder); else as given."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+def model_paths(scene: Scene, overrides: dict[str, Any], default_model: str) -> tuple[dict[str, str | None], list[str]]:
+    """The scene's model, vae and model_config with local paths made absolute (scene.paths.local_model:
+    relative to the scene file; --model and the default model relative to the current folder), and
+    the notes that resolving them gave."""
+    resolved, notes = {}, []
+    for key, value, from_cli in (("model", scene.model or default_model, overrides.get("model") is not None or not scene.model),
+                                 ("vae", scene.vae, False), ("model_config_", scene.model_config_, False)):
+        if value:
+            resolved[key], note = local_model(value, scene.base_dir, from_cli)
+            notes += [note] if note else []
+    return resolved, notes
 
 
 def plan_jobs(
     sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path,
-    rng: random.Random | None = None, default_model: str = "", overwrite: bool = False,
+    rng: random.Random | None = None, default_model: str = DEFAULT_MODEL, overwrite: bool = False,
 ) -> tuple[list[RenderJob], list[Failure], list[tuple[str, str]]]:
     """Every (scene, seed) to render, the sources that failed to load (the rest go on), and what the
     user should hear before rendering: ("note" | "warning", text).
@@ -182,16 +190,15 @@ def plan_jobs(
     jobs, failures, notes, taken = [], [], [], set()
     for source in sources:
         try:
-            loaded = load_source(source, overrides)
+            loaded = load_source(source, overrides, default_model)
         except MultidiffError as exc:
             failures.append(Failure(source.name, exc))
             continue
         scene = loaded.scene
-        notes += [("note", f"{source.name}: {note}") for note in scene.notes]
+        paths, path_notes = model_paths(scene, overrides, default_model)  # once, not per seed
+        notes += [("note", f"{source.name}: {note}") for note in scene.notes + path_notes]
         notes += [("warning", f"{source.name}: {note}") for note in loaded.notes + scene_warnings(scene)]
         model_given = scene.model or default_model
-        paths = {"model": local_model(model_given), "vae": local_model(scene.vae) if scene.vae else None} | (
-            {"model_config_": local_model(scene.model_config_)} if scene.model_config_ else {})  # once, not per seed
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             base = output_dir / f"{Path(loaded.scene_file).stem}-{seed}{'-again' if loaded.from_png else ''}.png"
             if output is not None:

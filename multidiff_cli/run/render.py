@@ -16,7 +16,7 @@ from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
 from ..models import AdapterSet, Model, adapter_set
-from ..scene import Scene, changeable_cells, region_cells
+from ..scene import Scene, changeable_cells, checked_for, region_cells
 from ..scene.picture import load_picture
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
@@ -169,6 +169,7 @@ def render(
     `warn` hears recoveries (a halved batch); `on_stage` hears what is happening ("encoding
     prompts", "decoding") between the steps that `callback` reports."""
     started = time.perf_counter()
+    scene = checked_for(scene, model.facts)  # the family's defaults (scheduler, guidance) where the scene has none
     plan = plan or plan_render(scene, model)
     stage = on_stage or (lambda _what: None)
     device = model.device

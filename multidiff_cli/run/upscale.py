@@ -12,11 +12,11 @@ import yaml
 
 from ..errors import MetadataError, UsageError
 from ..output import OUTPUT_DIR
-from ..output.png import read_metadata, write_atomic
-from ..output.report import scene_for_folder
+from ..output.png import read_metadata, record_base_dir, write_atomic
 from ..scene import scene_from_dict
-from ..scene.load import scale_px
-from ..scene.picture import multiple_of_8, upright_size
+from ..scene.geometry import scale_px
+from ..scene.paths import rebase_paths
+from ..scene.picture import multiple_of_cell, upright_size
 from ..scene.schema import MAX_SEED
 from . import UPSCALE_SCALE, UPSCALE_STRENGTH
 from .plan import SEED_RANGE, free_path
@@ -39,10 +39,10 @@ class UpscaleRequest:
 
 
 def upscale_canvas(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
-    """The picture's size times `scale`, each side rounded to a multiple of 8."""
+    """The picture's size times `scale`, each side rounded to a multiple of the latent cell."""
     if not 1 <= scale <= 16:
         raise UsageError(f"--scale {scale}: expected 1 to 16 (2 doubles width and height)")
-    canvas = tuple(multiple_of_8(side * scale) for side in size_wh)
+    canvas = tuple(multiple_of_cell(side * scale) for side in size_wh)
     if max(canvas) > MAX_CANVAS_PX:
         raise UsageError(f"--scale {scale}: a {size_wh[0]}x{size_wh[1]} picture would become {canvas[0]}x{canvas[1]}, "
                          f"over the largest canvas side, {MAX_CANVAS_PX} px")
@@ -57,7 +57,7 @@ def own_scene(image: Path, folder: Path) -> dict[str, Any] | None:
         record = read_metadata(image)
     except MetadataError:
         return None
-    return scene_for_folder(record, image, folder)
+    return rebase_paths(record["scene"], record_base_dir(record, image), folder)
 
 
 def upscale_scene(request: UpscaleRequest, folder: Path) -> dict[str, Any]:
@@ -109,8 +109,9 @@ def write_upscale_scene(request: UpscaleRequest) -> Path:
     base = request.output.with_suffix(".yaml") if request.output else folder / f"{request.image.stem}-x{request.scale:g}.yaml"
     target = free_path(base, set())[0]
     scene = upscale_scene(request, folder)
-    # a scene that cannot render is not written (checked with the picture's absolute path: `folder` may not exist yet)
-    scene_from_dict({**scene, "init_image": str(request.image.resolve())}, target, base_dir=Path.cwd())
+    # a scene that cannot render is not written: checked where it will be, its paths relative to its folder
+    # (which need not exist yet)
+    scene_from_dict(scene, target, base_dir=folder.resolve())
     text = (f"# an upscale of {request.image.name}, x{request.scale:g}: written by multidiff upscale; edit it and run\n"
             f"# multidiff render {target.name}\n")
     for key, value in scene.items():  # block style, with flow-style boxes

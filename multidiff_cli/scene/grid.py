@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-LATENT_PX = 8  # every SD VAE downsamples by 8
+from ..catalog import CELL_PX
 
-
-def box_cells(box_px, latent_hw: tuple[int, int], scale: int = LATENT_PX) -> np.ndarray:
+def box_cells(box_px, latent_hw: tuple[int, int], scale: int = CELL_PX) -> np.ndarray:
     """Boolean (h, w): the latent cells whose centre lies in the box [x0, y0, x1, y1) (pixels).
 
     The same rule as resizing a pixel mask by cell-centre (nearest) sampling, so a box and the

@@ -13,11 +13,15 @@ KEEP_WORDS = ("none", "outside_regions")  # `keep:` values that are not a mask p
 
 
 def scene_path(base_dir: Path, name: str) -> Path:
-    """A file a scene names, as written there, relative to the scene file's folder (or absolute, or ~)."""
+    """A file a scene names, as written there, relative to the scene file's folder (or absolute, or ~).
+
+    `..` is taken lexically (os.path.normpath), so a path relative to a folder that does not exist yet
+    (an upscale's scene, checked before its output folder is made) still names its file."""
     try:
-        return base_dir / Path(name).expanduser()
+        joined = base_dir / Path(name).expanduser()
     except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
-        return base_dir / name
+        joined = base_dir / name
+    return Path(os.path.normpath(joined))
 
 
 def local_model(name: str, base_dir: Path, from_cli: bool = False) -> tuple[str, str | None]:
@@ -80,3 +84,31 @@ def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[st
 def rebase_name(name: str, from_dir: Path, to_dir: Path) -> str:
     """One path as written in a scene, rewritten from `from_dir` to `to_dir` (the key of a record's input hash)."""
     return os.path.relpath(scene_path(Path(from_dir), name).resolve(), Path(to_dir).resolve())
+
+
+def named_files(scene: dict[str, Any], base_dir: Path) -> list[tuple[str, Path]]:
+    """Every local file a scene (as a dict) names, as written -> resolved from base_dir: masks, the init
+    image and keep mask, LoRAs, and model paths that exist there."""
+    found: list[tuple[str, Path]] = []
+
+    def add(value: Any, only_existing: bool = False) -> None:
+        if isinstance(value, str) and value.strip():
+            path = scene_path(base_dir, value)
+            if not only_existing or path.exists():
+                found.append((value, path.resolve()))
+
+    def add_loras(owner: dict) -> None:
+        for lora in owner.get("loras") or [] if isinstance(owner.get("loras"), list) else []:
+            add(lora.get("path") if isinstance(lora, dict) else lora)
+
+    for key in MODEL_KEYS:
+        add(scene.get(key), only_existing=True)
+    add(scene.get("init_image"))
+    if scene.get("keep") not in (None, *KEEP_WORDS):
+        add(scene.get("keep"))
+    add_loras(scene)
+    for region in scene.get("regions") if isinstance(scene.get("regions"), list) else []:
+        if isinstance(region, dict):
+            add(region.get("mask"))
+            add_loras(region)
+    return list(dict.fromkeys(found))

@@ -9,19 +9,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import MultidiffError
+from ..catalog import CELL_PX
+from ..errors import PictureError
 from . import grid
 
 MIN_IMAGE_PX = 64  # the smallest side the VAE encodes (the smallest canvas)
 ASPECT_TOLERANCE = 0.03  # an init image may differ this much from the canvas's aspect ratio (resized to fit)
 BACKGROUND_RGB = (255, 255, 255)  # transparent pixels are composited on white
 _SWAPPED = {5, 6, 7, 8}  # EXIF orientations that turn the picture a quarter
-
-
-class PictureError(MultidiffError, ValueError):
-    """An init image or keep mask that cannot be used; the message names the file and why."""
-
-    exit_code = 2
 
 
 def open_image(path: Path, what: str) -> Image.Image:
@@ -79,25 +74,25 @@ def load_picture(path: Path, size_wh: tuple[int, int]) -> np.ndarray:
 
 def canvas_from_picture(data: dict[str, Any], path: Path) -> dict[str, int]:
     """width and height for a scene with an init image that leaves them out: the image's size rounded
-    down to a multiple of 8; with one of them given, the other follows the image's aspect ratio."""
+    down to a multiple of the latent cell; with one of them given, the other follows the image's aspect ratio."""
     width, height = upright_size(path)
     has_w, has_h = "width" in data, "height" in data
     if has_w and has_h:
         return {}
     if not has_w and not has_h:
-        return {"width": multiple_of_8(width, down=True), "height": multiple_of_8(height, down=True)}
+        return {"width": multiple_of_cell(width, down=True), "height": multiple_of_cell(height, down=True)}
     given = data["width"] if has_w else data["height"]
     if not isinstance(given, int) or isinstance(given, bool):
         return {}  # validation says why
     if has_w:
-        return {"height": multiple_of_8(given * height / width)}
-    return {"width": multiple_of_8(given * width / height)}
+        return {"height": multiple_of_cell(given * height / width)}
+    return {"width": multiple_of_cell(given * width / height)}
 
 
-def multiple_of_8(value: float, down: bool = False) -> int:
+def multiple_of_cell(value: float, down: bool = False) -> int:
     """value rounded to a multiple of the latent cell (down: floored), at least one cell."""
-    cells = int(value // grid.LATENT_PX) if down else round(value / grid.LATENT_PX)
-    return max(1, cells) * grid.LATENT_PX
+    cells = int(value // CELL_PX) if down else round(value / CELL_PX)
+    return max(1, cells) * CELL_PX
 
 
 def aspect_problem(path: Path, canvas_wh: tuple[int, int]) -> str | None:

@@ -15,13 +15,13 @@ from pydantic import (
     model_validator,
 )
 
-from ..catalog import SCHEDULER_NAMES
-from .grid import LATENT_PX
+from ..catalog import CELL_PX, SCHEDULER_NAMES, Family
+from .paths import KEEP_WORDS, scene_path
 
 MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
 DEFAULT_STRENGTH = 0.8  # with an init image: diffusers' img2img default
-KEEP_CHOICES = ("none", "outside_regions")  # or a mask path
+KEEP_CHOICES = KEEP_WORDS  # or a mask path
 
 
 def _not_blank(text: str) -> str:
@@ -30,10 +30,10 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def _multiple_of_8(value: int) -> int:
-    if value % LATENT_PX:
-        lower = value // LATENT_PX * LATENT_PX
-        raise ValueError(f"must be a multiple of 8 (the VAE's 8x8 latent cells): try {lower or 8}")
+def _whole_cells(value: int) -> int:
+    if value % CELL_PX:
+        lower = value // CELL_PX * CELL_PX
+        raise ValueError(f"must be a multiple of {CELL_PX} (the VAE's {CELL_PX}x{CELL_PX} latent cells): try {lower or CELL_PX}")
     return value
 
 
@@ -48,8 +48,8 @@ def _encodable(text: str) -> str:
 AnyText = Annotated[str, AfterValidator(_encodable)]
 Text = Annotated[str, AfterValidator(_encodable), AfterValidator(_not_blank)]
 Coordinate = Annotated[int, Field(ge=-65536, le=65536)]
-SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_multiple_of_8)]
-StridePx = Annotated[int, Field(ge=8, le=8192), AfterValidator(_multiple_of_8)]
+SizePx = Annotated[int, Field(ge=64, le=8192), AfterValidator(_whole_cells)]
+StridePx = Annotated[int, Field(ge=8, le=8192), AfterValidator(_whole_cells)]
 Guidance = Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)]
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
@@ -119,9 +119,9 @@ class Scene(Strict):
     bootstrap_steps: int | None = Field(
         None, ge=0, le=1000, validate_default=True, description="absent: steps / 5, rounded (10 of 50)"
     )
-    guidance_scale: Guidance = 7.5
+    guidance_scale: Guidance | None = Field(None, description="absent: the model family's (SD, SDXL: 7.5)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    scheduler: SchedulerName = "ddim"
+    scheduler: SchedulerName | None = Field(None, description="absent: the model family's (SD, SDXL: ddim)")
     model: Text | None = None
     model_config_: Text | None = Field(
         None, alias="model_config", description="diffusers folder or hub id with the configs of a single-file `model`"
@@ -150,6 +150,7 @@ class Scene(Strict):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _family: Family | None = PrivateAttr(None)
 
     @field_validator("bootstrap_steps")
     @classmethod
@@ -192,33 +193,44 @@ class Scene(Strict):
         return list(self._notes)
 
     @property
+    def family(self) -> Family | None:
+        """The family of the model this scene renders on, where loading could tell (catalog.detect_family)."""
+        return self._family
+
+    def for_family(self, family: Family) -> Scene:
+        """This scene on a model of `family`: the family's defaults where the scene leaves them out."""
+        update = {key: value for key, value in (("scheduler", family.default_scheduler),
+                                                ("guidance_scale", family.default_guidance))
+                  if getattr(self, key) is None}
+        scene = self.model_copy(update=update)
+        scene._family = family
+        return scene
+
+    @property
+    def cell_px(self) -> int:
+        """Pixels per latent cell: the family's, where it is known."""
+        return self._family.cell_px if self._family is not None else CELL_PX
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.height // LATENT_PX, self.width // LATENT_PX
+        return self.height // self.cell_px, self.width // self.cell_px
 
-
-    def mask_path(self, region: Region) -> Path:
-        return mask_path(self.base_dir, region.mask)
+    def path_of(self, name: str) -> Path:
+        """A file the scene names (a mask, the init image, a LoRA), relative to the scene file's folder."""
+        return scene_path(self.base_dir, name)
 
     @property
     def init_image_path(self) -> Path | None:
-        return None if self.init_image is None else mask_path(self.base_dir, self.init_image)
+        return None if self.init_image is None else self.path_of(self.init_image)
 
     @property
     def keep_mask_path(self) -> Path | None:
-        return None if self.keep_mask is None else mask_path(self.base_dir, self.keep_mask)
+        return None if self.keep_mask is None else self.path_of(self.keep_mask)
 
     def lora_path(self, lora: Lora) -> Path:
-        """A LoRA file, relative to the scene file's folder (like masks)."""
-        return mask_path(self.base_dir, lora.path)
+        return self.path_of(lora.path)
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
         return f"{text}, {self.style}" if self.style.strip() else text
 
-
-def mask_path(base_dir: Path, mask: str) -> Path:
-    """A region's mask file: `mask` as written in the scene, relative to the scene file's folder."""
-    try:
-        return base_dir / Path(mask).expanduser()
-    except RuntimeError:  # ~someone who does not exist: taken literally, reported as missing
-        return base_dir / mask

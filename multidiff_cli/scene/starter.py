@@ -18,10 +18,10 @@ width: 512                     # pixels, a multiple of 8; beyond the model's siz
 height: 512
 steps: 50
 # bootstrap_steps: 10          # absent: steps / 5, rounded; 0 turns bootstrapping off
-guidance_scale: 7.5            # <= 1 turns guidance off (distilled models such as SD-Turbo)
+# guidance_scale: 7.5          # absent: the model family's (SD, SDXL: 7.5); <= 1 turns guidance off (SD-Turbo)
 # seed: 42                     # absent: a random seed, recorded in the PNG
-scheduler: ddim                # ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
-# model: stabilityai/stable-diffusion-2-base   # hub id, local diffusers folder, .safetensors file, or tiny-random
+# scheduler: ddim              # absent: the family's (SD, SDXL: ddim); ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++, dpm++-karras, unipc
+# model: stabilityai/stable-diffusion-2-base   # hub id, diffusers folder or .safetensors file (relative to this file), or tiny-random
 # model_config: stabilityai/stable-diffusion-2-1   # a .safetensors model's configs (folder or hub id)
 # vae: madebyollin/sdxl-vae-fp16-fix  # a diffusers VAE (hub id or folder) instead of the model's own
 view_stride: 64                # pixels between panorama views
