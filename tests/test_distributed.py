@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
-from multidiff_cli.run.distributed import World, device_for, split_jobs, world_from_env
+from multidiff_cli.run.distributed import World, split_jobs, world_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = "prompt: a room\nwidth: 96\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sofa\n    box: [16, 16, 80, 64]\n"
@@ -45,7 +45,6 @@ def test_world_comes_from_the_launcher_s_environment():
     assert world_from_env({}) == World(0, 1, 0)
     world = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (world.rank, world.size, world.local_rank, world.is_main, world.distributed) == (3, 4, 1, False, True)
-    assert device_for(World(), None) is None and device_for(world, "cpu") == "cpu"
 
 
 def run_cli(args, cwd, nproc=None):

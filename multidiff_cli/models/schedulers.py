@@ -8,8 +8,7 @@ from ..catalog import DIFFUSION_SCHEDULERS
 from ..errors import ModelError
 
 # Fusing predictions and stepping once equals the paper's per-prompt step only when a step is
-# affine in the model output (METHOD.md, "Fuse predictions, then step once"): sample clipping and
-# dynamic thresholding are not.
+# affine in the model output (README, *How it works*): sample clipping and dynamic thresholding are not.
 _AFFINE = {"clip_sample": False, "thresholding": False}
 
 

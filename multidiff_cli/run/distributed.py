@@ -75,13 +75,6 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
-def device_for(world: World, asked: str | None) -> str | None:
-    """Each rank on its own GPU (cuda:LOCAL_RANK) unless a device was asked for."""
-    if asked or not world.distributed or not torch.cuda.is_available():
-        return asked
-    return f"cuda:{world.local_rank}"
-
-
 def share_from_main(world: World, value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the batch's random seeds, drawn once)."""
     if not world.distributed:
