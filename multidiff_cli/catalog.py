@@ -92,6 +92,7 @@ TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
 BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl"}
 TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM}  # each family's tiny model (smoke, tests)
+FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM}  # each family's full-size one (gpu-check)
 # Hub models whose family is known before they are downloaded (their model_index.json says the same).
 HUB_FAMILIES: dict[str, str] = {
     DEFAULT_MODEL: "sd", "stabilityai/stable-diffusion-2-1-base": "sd", "stabilityai/stable-diffusion-2-1": "sd",
@@ -137,17 +138,24 @@ def family_of_folder(folder: Path) -> Family | None:
     return SDXL if unet.get("addition_embed_type") == "text_time" and (folder / "text_encoder_2").is_dir() else SD
 
 
-def checkpoint_keys(path: Path) -> list[str]:
-    """The tensor names of a .safetensors file, from its header (no weights read); [] if unreadable."""
+def safetensors_header(path: Path) -> dict | None:
+    """A .safetensors file's header (tensor name -> dtype, shape, offsets; no weights read), or None when
+    the file is no safetensors file (a text file given that name, a truncated download) or unreadable."""
     try:
         with open(path, "rb") as handle:
             size = struct.unpack("<Q", handle.read(8))[0]
             if size > 100_000_000:
-                return []
+                return None
             header = json.loads(handle.read(size))
     except (OSError, ValueError, struct.error):
-        return []
-    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header; [] if it has none."""
+    header = safetensors_header(path) or {}
+    return [key for key in header if key != "__metadata__"]
 
 
 def family_of_checkpoint(path: Path) -> Family | None:

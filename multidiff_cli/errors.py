@@ -78,11 +78,13 @@ class BenchError(MultidiffError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a render. `left`: the files it leaves behind (step previews), so the message is true."""
+    """Ctrl-C during a batch, with what it leaves, so the message is true: `written`, the pictures finished
+    (their paths already printed); `left`, the files of the picture at hand (its step previews, or the
+    picture itself when the interrupt came while its animation was written)."""
 
-    def __init__(self, left: list):
+    def __init__(self, left: list, written: list | None = None, picture=None):
         super().__init__()
-        self.left = left
+        self.left, self.written, self.picture = left, written or [], picture
 
     def __reduce__(self):
-        return type(self), (self.left,)
+        return type(self), (self.left, self.written, self.picture)

@@ -157,7 +157,7 @@ def test_ctrl_c_says_which_step_previews_are_left(scene, tmp_path, monkeypatch):
     monkeypatch.setattr(batch_module, "render", interrupted)
     result = render(scene, "--output-dir", tmp_path / "out", "--preview-every", "1")
     assert result.exit_code == 130
-    assert "interrupted: the picture was not written; 1 step preview remain in" in result.stderr
+    assert "interrupted: the picture at hand was not written; 1 step preview remains in" in result.stderr
     assert (tmp_path / "out" / "my_scene-7.steps" / "step-001.png").exists()
     assert not (tmp_path / "out" / "my_scene-7.png").exists()
     monkeypatch.setattr(batch_module, "render", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -382,5 +382,5 @@ def test_render_warns_about_clipped_boxes_and_stretched_masks(tmp_path):
                     "  - prompt: a lamp\n    mask: masks/wide.png\n")
     result = render(path, "--output-dir", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert "warning: edge.yaml: regions[0].box [-16, 16, 80, 64] extends past the 96x64 canvas: clipped" in result.stderr
-    assert "regions[1].mask masks/wide.png is 200x100 (aspect 2.00) but the canvas is 96x64" in result.stderr
+    assert f"warning: {path}:8: regions[0].box: [-16, 16, 80, 64] extends past the 96x64 canvas: clipped" in result.stderr
+    assert f"warning: {path}:10: regions[1].mask: masks/wide.png is 200x100 (aspect 2.00) but the canvas is 96x64" in result.stderr

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
 from multidiff_cli.errors import SceneError
-from multidiff_cli.scene import Scene, load_scene, scene_warnings
+from multidiff_cli.scene import Scene, load_scene
 
 DEFAULTS = {
     "prompt": "x",
@@ -191,7 +191,7 @@ def test_good_scenes_load(scene_file, text, expected):
     expected = {k: v for k, v in expected.items() if v is not None}
     assert {k: got.get(k) for k in expected} == expected
     assert isinstance(scene.guidance_scale, float)
-    assert not [note for note in scene_warnings(scene) if "extends past" in note]  # nothing clipped
+    assert not [note for note in scene.warnings if "extends past" in note]  # nothing clipped
 
 
 def test_mask_paths_resolve_against_the_scene_folder_not_the_cwd(scene_file, scene_dir):
@@ -438,9 +438,9 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_a_file_line(scene_file
 )
 def test_a_box_past_the_canvas_edge_is_a_warning_not_an_error(scene_file, box, warns):
     scene = load_scene(scene_file(f"prompt: x\nregions:\n  - prompt: a\n    box: {box}\n"))
-    notes = [note for note in scene_warnings(scene) if "extends past" in note]  # (tiny/full boxes warn otherwise)
+    notes = [note for note in scene.warnings if "extends past" in note]  # (tiny/full boxes warn otherwise)
     if warns:
-        assert len(notes) == 1 and notes[0].startswith("regions[0].box") and "extends past the 512x512 canvas" in notes[0]
+        assert len(notes) == 1 and ": regions[0].box: " in notes[0] and "extends past the 512x512 canvas" in notes[0]
     else:
         assert notes == []
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from multidiff_cli.errors import SceneError
-from multidiff_cli.scene import load_scene, scene_from_dict, scene_warnings
+from multidiff_cli.scene import load_scene, scene_from_dict
 
 
 def write(folder: Path, text: str, name: str = "scene.yaml") -> Path:
@@ -134,7 +134,7 @@ def test_a_new_canvas_scales_the_boxes(tmp_path):
     scene = load_scene(write(tmp_path, BOXES), {"width": 256, "height": 256})
     assert [r.box for r in scene.regions] == [[64, 136, 192, 224], [8, 7, 65, 240]]  # halves rounded up
     assert scene.notes == ["boxes scaled from 512x512 to 256x256 with the canvas (--size)"]
-    assert not [w for w in scene_warnings(scene) if "extends past" in w]
+    assert not [w for w in scene.warnings if "extends past" in w]
 
 
 def test_x_scales_with_the_width_and_y_with_the_height(tmp_path):
@@ -199,25 +199,26 @@ def test_a_mask_of_another_aspect_ratio_warns_that_it_is_stretched(tmp_path, mas
     text = (f"prompt: x\nwidth: {canvas[0]}\nheight: {canvas[1]}\nregions:\n"
             "  - prompt: a\n    box: [0, 0, 64, 64]\n  - prompt: b\n    box: [64, 0, 128, 64]\n"
             "  - prompt: c\n    mask: masks/x.png\n")
-    stretched = [w for w in scene_warnings(load_scene(write(tmp_path, text))) if "stretched" in w]
+    stretched = [w for w in load_scene(write(tmp_path, text)).warnings if "stretched" in w]
     assert len(stretched) == warns
     if mask_size == (300, 200):
-        assert stretched == ["regions[2].mask masks/x.png is 300x200 (aspect 1.50) but the canvas is "
-                             "512x512 (aspect 1.00): stretched to fit"]
+        assert stretched == [f"{tmp_path / 'scene.yaml'}:10: regions[2].mask: masks/x.png is 300x200 (aspect 1.50) "
+                             "but the canvas is 512x512 (aspect 1.00): stretched to fit"]  # at the mask's line
 
 
 def test_a_canvas_override_of_another_shape_warns_about_the_masks(tmp_path):
     make_mask(tmp_path / "m.png", (64, 64))
     scene = load_scene(write(tmp_path, "prompt: x\nregions:\n  - prompt: a\n    mask: m.png\n"),
                        {"width": 1024, "height": 512})
-    assert [w for w in scene_warnings(scene) if "stretched" in w] == [
-        "regions[0].mask m.png is 64x64 (aspect 1.00) but the canvas is 1024x512 (aspect 2.00): stretched to fit"
+    assert [w for w in scene.warnings if "stretched" in w] == [
+        f"{tmp_path / 'scene.yaml'}:4: regions[0].mask: m.png is 64x64 (aspect 1.00) but the canvas is 1024x512 "
+        "(aspect 2.00): stretched to fit"
     ]
 
 
 def test_boxes_past_the_edge_still_warn(tmp_path):
     scene = load_scene(write(tmp_path, "prompt: x\nregions:\n  - prompt: a\n    box: [-16, 0, 64, 64]\n"))
-    assert any(w.startswith("regions[0].box") and "clipped" in w for w in scene_warnings(scene))
+    assert any(w.startswith(f"{tmp_path / 'scene.yaml'}:4: regions[0].box:") and "clipped" in w for w in scene.warnings)
 
 
 # --- 4. every problem at once ----------------------------------------------------------------------------------
@@ -280,9 +281,9 @@ def test_loading_a_scene_never_imports_torch(tmp_path):
     make_mask(tmp_path / "m.png", (300, 200))
     good = write(tmp_path, BOXES + "  - prompt: c\n    mask: m.png\n", "good.yaml")
     bad = write(tmp_path, THREE_PROBLEMS, "bad.yaml")
-    code = ("import sys\nfrom multidiff_cli.scene import load_scene, scene_warnings\n"
+    code = ("import sys\nfrom multidiff_cli.scene import load_scene\n"
             "from multidiff_cli.errors import SceneError\n"
-            f"assert scene_warnings(load_scene({str(good)!r}, {{'steps': 2, 'width': 256}}))\n"
+            f"assert load_scene({str(good)!r}, {{'steps': 2, 'width': 256}}).warnings\n"
             f"try:\n    load_scene({str(bad)!r})\nexcept SceneError:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

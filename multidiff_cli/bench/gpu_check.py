@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from ..catalog import SD2_RANDOM
+from ..catalog import FULL_SIZE_MODELS, SD2_RANDOM
 from ..output import OUTPUT_DIR
 from ..output.console import out as console
 from ..run.batch import RunSettings
@@ -54,17 +54,20 @@ def gpu_tests(tests_dir: Path) -> Row:
     return Row("gpu tests", "pytest -m gpu", time.perf_counter() - started, result)
 
 
-def scene_renders(scenes: list[Path], output_dir: Path, steps: int, model: str, device: str, dtype: str,
+def scene_renders(scenes: list[Path], output_dir: Path, steps: int, model: str | None, device: str, dtype: str,
                   compile: bool = False) -> list[Row]:
-    """Every scene rendered in `steps` steps, each picture checked (size, not black, metadata)."""
+    """Every scene rendered in `steps` steps, each picture checked (size, not black, metadata); model None:
+    each scene on the full-size random model of its family."""
     setting = f"{dtype}{' --compile' if compile else ''}, {steps} steps"
     started = time.perf_counter()
     try:
-        results = run_smoke(scenes, output_dir, steps, model, RunSettings(device=device, dtype=dtype, compile=compile))
+        results = run_smoke(scenes, output_dir, steps, model, RunSettings(device=device, dtype=dtype, compile=compile),
+                            family_models=FULL_SIZE_MODELS)
     except Exception as exc:  # one broken configuration must not hide the others' rows
         return [Row("render", setting, time.perf_counter() - started, f"FAILED: {type(exc).__name__}: {exc}")]
     return [
-        Row(f"render {r.scene} {r.size}", setting, r.seconds, "ok" if r.problem is None else f"FAILED: {r.problem}")
+        Row(f"render {r.scene} {r.size}", f"{r.model or '-'}, {setting}", r.seconds,
+            f"skipped: {r.skipped}" if r.skipped else "ok" if r.problem is None else f"FAILED: {r.problem}")
         for r in results
     ]
 
@@ -113,9 +116,10 @@ def sweep_and_peer_rows(config: BenchConfig, in_process: bool = False) -> list[R
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multidiff_cli.gpu_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m multidiff_cli.bench.gpu_check", description=__doc__)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--model", default=SD2_RANDOM, help="the model the scenes render on [sd2-random]")
+    parser.add_argument("--model", default=None, help="the model every scene renders on [each scene on the "
+                        "full-size random model of its family: sd2-random, sdxl-random]")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--steps", type=int, default=2, help="steps per scene render")
     parser.add_argument("--scenes", type=Path, default=Path("scenes"))
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += sweep_and_peer_rows(bench_config(peer_model, args.bench_size, 0, args.bench_steps, 0, "ddim", args.device,
                                                  dtypes[0], False, None))
 
-    table = Table(title=f"gpu-check on {name} ({args.device}), torch {torch.__version__}, model {args.model}")
+    table = Table(title=f"gpu-check on {name} ({args.device}), torch {torch.__version__}, "
+                        f"model {args.model or 'of each scene: its family full-size random'}")
     for column in ("check", "setting", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for row in rows:

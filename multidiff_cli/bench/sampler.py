@@ -24,7 +24,7 @@ from ..method.views import make_views
 from ..method.weights import region_weights
 from ..models.device import pick_device, pick_dtype, quiet_libraries
 from ..models.family import Conditioning, Model
-from ..models.random_weights import bench_model
+from ..models.random_weights import LORA_RANK, bench_model, random_lora
 from ..run.render import largest_view_cells
 from ..scene.grid import box_cells
 from .process import device_name, in_fresh_process, max_rss_bytes, now
@@ -228,27 +228,21 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 
 
 LORA_PATH = "multidiff+loras"
-LORA_RANK = 16  # a common rank for character and style LoRAs (civitai's are mostly 8 to 128)
 
 
 def region_loras(model: Model, prompts: Prompts, conditioning: Conditioning, count: int, folder: Path):
-    """The bench scene with regions 1..count each on a random LoRA of its own (rank LORA_RANK, every
-    attention projection of the denoiser): their conditional and negative texts become conditions of
+    """The bench scene with regions 1..count each on a random LoRA of its own (random_weights.random_lora):
+    their conditional and negative texts become conditions of
     their own, as render's scene_prompts makes them."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(4)
-    projections = [(name, module) for name, module in model.denoiser.named_modules()
-                   if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     files, sets = [], [()] * len(prompts.texts)
     texts, negative = list(prompts.texts), list(prompts.negative)
     rows = list(range(len(texts)))  # each condition's row of `conditioning`
     for region in range(1, count + 1):
         path = folder / f"region{region}.safetensors"
-        save_file({f"{model.denoiser_part}.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.01
-                   for name, linear in projections
-                   for part, shape in (("A", (LORA_RANK, linear.in_features)), ("B", (linear.out_features, LORA_RANK)))},
-                  str(path))
+        save_file(random_lora(model, generator, LORA_RANK), str(path))
         files.append(path)
         lora_set = ((str(path), 1.0),)
         sets[prompts.cond[region]] = lora_set

@@ -136,12 +136,16 @@ def upscale(
 
 
 @app.command(cls=_Command)
-def validate(scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs "
-                                                 "made by multidiff (their recorded scene).")) -> None:
-    """Check scenes without loading a model: schema, mask files, sizes. Exit 0 if all are valid, else 2."""
+def validate(
+    scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs made by "
+                                        "multidiff (their recorded scene)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Pickle LoRAs pass, as render --allow-pickle loads them."),
+) -> None:
+    """Check scenes as render does before loading a model: schema, files (masks, pictures, LoRAs), sizes, what
+    the model's family needs. Exit 0 if all are valid, else 2."""
     from ..run.workflow import validate_sources
 
-    lines = validate_sources(scenes, env_model())
+    lines = validate_sources(scenes, env_model(), allow_pickle)
     _print(lines)
     if lines.failed:
         raise typer.Exit(2)
@@ -209,10 +213,10 @@ def _print(lines, plain: bool = False) -> None:
 
 @app.command(cls=_Command)
 def smoke(
-    scenes_dir: Path = typer.Option(Path("scenes"), "--scenes", help="Folder of scenes to render."),
+    scenes_dir: Path = typer.Option(Path("scenes"), "--scenes", help="Folder of scenes to render (its subfolders too)."),
     steps: int = typer.Option(2, "--steps", min=1, max=50, help="Steps per scene."),
-    model: Optional[str] = typer.Option(None, "--model", help="[default: $MULTIDIFF_MODEL if a folder, else "
-                                        "SD2-base if cached, else tiny-random]"),
+    model: Optional[str] = typer.Option(None, "--model", help="[default: $MULTIDIFF_MODEL if a folder, else each "
+                                        "scene's own model if it is here, else its family's tiny random one]"),
     device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="[default: float16 on CUDA, else float32]"),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
@@ -231,7 +235,9 @@ def smoke(
         settings = RunSettings(**_env_device(device), dtype=dtype, compile=compile_unet)
         with ProgressDisplay(quiet) as display:
             results = run_smoke(scenes, output_dir, steps, chosen, settings, display)
-        out.print(smoke_table(results, f"smoke: {len(scenes)} scenes, {steps} steps, {chosen}"))
+        on = chosen or "each scene's family's model"
+        skipped = sum(bool(result.skipped) for result in results)
+        out.print(smoke_table(results, f"smoke: {len(scenes)} scenes ({skipped} skipped), {steps} steps, {on}"))
         if any(result.problem for result in results):
             raise typer.Exit(1)
 

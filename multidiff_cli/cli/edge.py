@@ -39,13 +39,24 @@ def user_errors():
         say(error_lines(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
-        left = getattr(exc, "left", [])
-        if left:
-            say([f"interrupted: the picture was not written; {len(left)} step preview"
-                 f"{'' if len(left) == 1 else 's'} remain in {left[0].parent}/"])
-        else:
-            say(["interrupted: no partial file was left"])
+        say([interrupted_line(exc)])
         raise typer.Exit(130) from None
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C left, exactly: the pictures written before (their paths were printed), the picture at
+    hand (written, or not), and its step previews."""
+    written, left, picture = getattr(exc, "written", []), getattr(exc, "left", []), getattr(exc, "picture", None)
+    parts = []
+    if written:
+        parts.append(f"{len(written)} picture{'' if len(written) == 1 else 's'} written before (printed above)")
+    if picture is not None:
+        parts.append(f"{picture} was written, its animation was not")
+    elif left:
+        parts.append("the picture at hand was not written")
+    if left:
+        parts.append(f"{len(left)} step preview{' remains' if len(left) == 1 else 's remain'} in {left[0].parent}/")
+    return "interrupted: " + ("; ".join(parts) if parts else "no partial file was left")
 
 
 class PlainHelpCommand(TyperCommand):

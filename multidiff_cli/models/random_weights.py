@@ -264,3 +264,17 @@ def sdxl_scheduler_config() -> dict[str, Any]:
     """The scheduler config SDXL base ships (Euler, SD2-base's betas; SDXL-Turbo's differs in trailing spacing)."""
     return {**sd2_scheduler_config(), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
             "use_karras_sigmas": False}
+
+
+LORA_RANK = 16  # a common rank for character and style LoRAs (civitai's are mostly 8 to 128)
+
+
+def random_lora(model: Model, generator: torch.Generator, rank: int = LORA_RANK, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A LoRA with random weights for `model` in the diffusers/peft layout: every attention projection
+    (to_q, to_k, to_v, to_out.0) of its denoiser, rank `rank` (the bench's region LoRAs; the README's
+    offline LoRA recipe, scripts/random_loras.py)."""
+    projections = [(name, module) for name, module in model.denoiser.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    return {f"{model.denoiser_part}.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * scale
+            for name, linear in projections
+            for part, shape in (("A", (rank, linear.in_features)), ("B", (linear.out_features, rank)))}

@@ -64,15 +64,28 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s", style="progress.data.speed")
 
 
+class _Counted(ProgressColumn):
+    """A column shown only once there is something to count (steps): while a job loads or encodes, its
+    bar pulses beside what is happening, with no `0/?` and no rate."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task):
+        return Text("") if task.total is None else self.column.render(task)
+
+
 class ProgressDisplay:
     """Draws a batch's events on stderr: one bar for the job at hand (loading, encoding, step i/N),
-    notes and failures printed above it. The bar is removed when the batch ends."""
+    notes and failures printed above it. A job's bar is removed when it ends, before its picture's path
+    is printed on stdout, so the path is a line of its own in a terminal too."""
 
     def __init__(self, quiet: bool = False, labelled_failures: bool = False):
         self.quiet, self.labelled_failures = quiet, labelled_failures
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-            console=err, disable=quiet or not err.is_terminal, transient=True,
+            TextColumn("{task.description}"), BarColumn(), _Counted(MofNCompleteColumn()), _Counted(_RateColumn()),
+            _Counted(TimeRemainingColumn()), console=err, disable=quiet or not err.is_terminal, transient=True,
         )
         self.task = None
         self.label = None
@@ -94,21 +107,33 @@ class ProgressDisplay:
             self.label = event.label
             self._bar(event.label, completed=event.step, total=event.steps)
         elif event.kind == "written":
+            self._end_bar()
             print_path(event.path)
         elif event.kind == "skipped":
+            self._end_bar()
             say([f"skipped {event.path}: already rendered"])
         elif event.kind == "failed":
+            self._end_bar()
             say(error_lines(event.failure.error, event.failure.label if self.labelled_failures else None))
         elif event.kind == "warning":
             say([event.text], "warning: ")
         elif event.kind == "note":
             say([event.text], "note: ")
 
+    def _end_bar(self) -> None:
+        """The job's bar off the terminal (transient: its line is cleared), until the next job's first event."""
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+            self.progress.stop()
+
     def _bar(self, description: str, completed: int | None, total: int | None | bool) -> None:
         """Show `description`; completed None and total False keep the bar's count as it is."""
         if self.task is None:
+            self.progress.start()
             self.task = self.progress.add_task(description, total=None)
         if total is False:
             self.progress.update(self.task, description=description)
         else:
             self.progress.update(self.task, description=description, completed=completed, total=total)
+        self.progress.refresh()  # every stage shown, however soon the next comes

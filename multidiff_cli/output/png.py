@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import MetadataError, OutputError, one_line
+from ..scene.schema import styled
 
 METADATA_KEY = "multidiff"  # JSON: everything needed to render the picture again
 PARAMETERS_KEY = "parameters"  # the A1111-style summary other tools (and image sites) read
@@ -62,9 +63,10 @@ def build_metadata(scene: dict[str, Any], *, family: str, revision: str | None, 
 
 
 def a1111_parameters(record: dict[str, Any]) -> str:
-    """The `parameters` text A1111 writes, so image viewers and sites show the prompt and settings."""
+    """The `parameters` text A1111 writes, so image viewers and sites show the prompt and settings: the
+    prompt as it was used (the scene's `style` appended, as it was to every prompt)."""
     scene = record["scene"]
-    lines = [scene["prompt"]]
+    lines = [styled(scene["prompt"], str(scene.get("style") or ""))]
     if scene.get("negative_prompt"):
         lines.append(f"Negative prompt: {scene['negative_prompt']}")
     settings = {

@@ -174,13 +174,15 @@ def model_lines(found: list[tuple[str, str, int, str | None, str]]) -> list[str]
 
 
 def smoke_table(results, title: str) -> Table:
-    """`smoke`'s table: one row per scene, with its size, seconds and verdict."""
+    """`smoke`'s table: one row per scene, with the model it rendered on, its size, seconds and verdict
+    (skipped, and why, for a scene that needs files that are not there)."""
     table = Table(title=title)
-    for column in ("scene", "size", "seconds", "result"):
+    for column in ("scene", "model", "size", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for result in results:
-        verdict = "ok" if result.problem is None else f"FAILED: {result.problem}"
-        table.add_row(result.scene, result.size, f"{result.seconds:.1f}", verdict)
+        verdict = (f"skipped: {result.skipped}" if result.skipped else
+                   "ok" if result.problem is None else f"FAILED: {result.problem}")
+        table.add_row(result.scene, result.model or "-", result.size, f"{result.seconds:.1f}", verdict)
     return table
 
 

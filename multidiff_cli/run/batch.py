@@ -108,7 +108,7 @@ def run_batch(request: BatchRequest, settings: RunSettings, on_event: OnEvent | 
         jobs, load_failures, notes = plan_jobs(
             request.sources, request.overrides, parse_seeds(request.seeds) if request.seeds else None,
             request.output, request.output_dir, rng, default_model=settings.default_model,
-            overwrite=settings.overwrite,
+            overwrite=settings.overwrite, allow_pickle=settings.allow_pickle,
         )
         distributed.barrier(world)  # every rank has picked its file names before any is written
         if world.is_main:
@@ -162,15 +162,28 @@ class Renderer:
         where a rank that raised would leave the others waiting for it)."""
         for folder in sorted({job.target.parent for job in jobs}):
             check_writable(folder)  # before any model is loaded
-        done, failures, skipped = [], [], 0
+        done: list[RenderJob] = []
+        failures: list[Failure] = []
+        try:
+            self._run(jobs, done, failures, contain)
+        except KeyboardInterrupt as exc:  # what the batch wrote before, and what the job at hand leaves
+            written = [job.target for job in done if not job.was_skipped]
+            raise Interrupted(getattr(exc, "left", []), written, getattr(exc, "picture", None)) from None
+        return done, failures, sum(job.was_skipped for job in done)
+
+    def _run(self, jobs: list[RenderJob], done: list[RenderJob], failures: list[Failure], contain: bool) -> None:
         for number, job in enumerate(jobs, 1):
             label = f"[{number}/{len(jobs)}] {job.label}" if len(jobs) > 1 else job.label
-            if self.settings.skip_existing and (done_as := already_rendered(job)):
-                job.target = done_as
-                self.emit(Event("skipped", label, path=job.target))
-                done.append(job)
-                skipped += 1
-                continue
+            if self.settings.skip_existing:
+                done_as, other_inputs = already_rendered(job)
+                if done_as is not None:
+                    job.target, job.was_skipped = done_as, True
+                    self.emit(Event("skipped", label, path=job.target))
+                    done.append(job)
+                    continue
+                for earlier, changed in other_inputs:
+                    self.emit(Event("note", label, text=f"{earlier.name} records this render from other input files "
+                                    f"({', '.join(changed)} changed since): rendering it again as {job.target.name}"))
             try:
                 self._render(job, label)
             except Exception as exc:
@@ -181,9 +194,7 @@ class Renderer:
                 failures.append(failure)
                 self.emit(Event("failed", label, failure=failure))
                 continue
-            self.emit(Event("written", label, path=job.target))
             done.append(job)
-        return done, failures, skipped
 
     def model(self, model: str, config: str | None = None, vae: str | None = None) -> models.Model:
         """Each model (with its configs and `vae:`) loads once per batch; a model that failed to load fails
@@ -248,8 +259,12 @@ class Renderer:
             unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},
         )
         write_png(result.image, job.target, record)
+        self.emit(Event("written", label, path=job.target))  # its path printed the moment it is complete
         if self.settings.animation and frames:
-            write_gif(frames + [result.image], job.target.with_suffix(".gif"))
+            try:
+                write_gif(frames + [result.image], job.target.with_suffix(".gif"))
+            except KeyboardInterrupt:
+                raise Interrupted(previews, picture=job.target) from None
 
 
 def recorded_scene(scene: Scene, job: RenderJob) -> tuple[dict[str, Any], dict[str, str]]:
@@ -286,15 +301,21 @@ def write_grid(written: list[tuple[Path, str]], folder: Path) -> Path:
     return write_png(contact_sheet(pictures), free_path(folder / name, set())[0])
 
 
-def already_rendered(job: RenderJob) -> Path | None:
+def already_rendered(job: RenderJob) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
     """The existing file of this job's name whose metadata records this very render (scene, seed,
-    model, and the same input files by hash), or None."""
+    model, and the same input files by hash), or None; and the files that record the same scene from
+    input files that changed since, each with those files' names (why they are not this render)."""
     scene, inputs = recorded_scene(job.scene, job)
+    other_inputs = []
     for path in job.earlier:
         try:
             record = read_metadata(path)
         except MultidiffError:
             continue
-        if record.get("scene") == scene and record.get("inputs", {}) == inputs:
-            return path
-    return None
+        if record.get("scene") != scene:
+            continue
+        recorded = record.get("inputs", {})
+        if recorded == inputs:
+            return path, []
+        other_inputs.append((path, sorted(name for name in {*recorded, *inputs} if recorded.get(name) != inputs.get(name))))
+    return None, other_inputs

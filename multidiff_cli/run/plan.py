@@ -13,7 +13,7 @@ from typing import Any
 from ..catalog import DEFAULT_MODEL
 from ..errors import MultidiffError, UsageError
 from ..output.png import read_metadata, record_base_dir
-from ..scene import Scene, load_scene, scene_from_dict, scene_warnings
+from ..scene import Scene, load_scene, scene_from_dict
 from ..scene.paths import local_model
 from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
@@ -31,6 +31,7 @@ class RenderJob:
     model_given: str = ""  # the model as written (scene.model holds a local folder absolutely), for messages
     inputs: dict[str, str] = field(default_factory=dict)  # input file as written in the scene -> sha256
     earlier: list[Path] = field(default_factory=list)  # existing files of this render's name (--skip-existing)
+    was_skipped: bool = False  # --skip-existing found it rendered already (target: that file)
 
     @property
     def label(self) -> str:
@@ -96,12 +97,14 @@ class Source:
         return self.hashed if self.hashed is not None else input_hashes(self.scene)
 
 
-def load_source(path: Path, overrides: dict[str, Any] | None = None, default_model: str = DEFAULT_MODEL) -> Source:
+def load_source(path: Path, overrides: dict[str, Any] | None = None, default_model: str = DEFAULT_MODEL,
+                allow_pickle: bool = False) -> Source:
     """A scene file, or a PNG rendered by multidiff (its metadata holds the scene; its paths are relative
-    to the picture's folder). default_model: the model of a scene that names none."""
+    to the picture's folder). default_model: the model of a scene that names none. allow_pickle: pickle
+    LoRAs pass (--allow-pickle)."""
     overrides = overrides or {}
     if path.suffix.lower() != ".png":
-        scene = load_scene(path, overrides, default_model)
+        scene = load_scene(path, overrides, default_model, allow_pickle)
         return Source(scene, path.name)
     record = read_metadata(path)
     base_dir = record_base_dir(record, path)
@@ -109,7 +112,8 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
     steps, bootstrap = data.get("steps"), data.get("bootstrap_steps")
     if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
-    scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides, default_model=default_model)
+    scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides, default_model=default_model,
+                            allow_pickle=allow_pickle)
     hashes = input_hashes(scene)
     notes = [
         f"{name} changed since {path.name} was rendered (its sha256 differs): this render will differ"
@@ -177,6 +181,7 @@ def model_paths(scene: Scene, overrides: dict[str, Any], default_model: str) -> 
 def plan_jobs(
     sources: list[Path], overrides: dict[str, Any], seeds: list[int] | None, output: Path | None, output_dir: Path,
     rng: random.Random | None = None, default_model: str = DEFAULT_MODEL, overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[list[RenderJob], list[Failure], list[tuple[str, str]]]:
     """Every (scene, seed) to render, the sources that failed to load (the rest go on), and what the
     user should hear before rendering: ("note" | "warning", text).
@@ -190,14 +195,14 @@ def plan_jobs(
     jobs, failures, notes, taken = [], [], [], set()
     for source in sources:
         try:
-            loaded = load_source(source, overrides, default_model)
+            loaded = load_source(source, overrides, default_model, allow_pickle)
         except MultidiffError as exc:
             failures.append(Failure(source.name, exc))
             continue
         scene = loaded.scene
         paths, path_notes = model_paths(scene, overrides, default_model)  # once, not per seed
         notes += [("note", f"{source.name}: {note}") for note in scene.notes + path_notes]
-        notes += [("warning", f"{source.name}: {note}") for note in loaded.notes + scene_warnings(scene)]
+        notes += [("warning", f"{source.name}: {note}") for note in loaded.notes] + [("warning", w) for w in scene.warnings]
         model_given = scene.model or default_model
         for seed in seeds or [scene.seed if scene.seed is not None else draw(SEED_RANGE)]:
             base = output_dir / f"{Path(loaded.scene_file).stem}-{seed}{'-again' if loaded.from_png else ''}.png"
@@ -208,6 +213,9 @@ def plan_jobs(
             else:
                 target, earlier = free_path(base, taken)
             if target.resolve() in taken:
+                if output is not None:  # a second picture for the one file -o names
+                    raise UsageError(f"-o/--output {output} is for one picture, but this renders several: use "
+                                     "--output-dir for them")
                 raise UsageError(f"two renders would write the same file ({target}): give them separate --output-dir")
             if target.resolve() == source.resolve():
                 raise UsageError(f"{target}: would replace the PNG being rendered again; name another with -o")
@@ -215,6 +223,6 @@ def plan_jobs(
             resolved = scene.model_copy(update={"seed": seed, **paths})
             jobs.append(RenderJob(source, resolved, seed, target, loaded.scene_file, model_given, loaded.inputs, earlier))
     if output is not None and len(jobs) > 1:
-        raise UsageError("-o/--output names one file, but this renders several pictures: use --output-dir")
+        raise UsageError(f"-o/--output {output} is for one picture, but this renders several: use --output-dir for them")
     return jobs, failures, notes
 

@@ -1,4 +1,5 @@
-"""`multidiff smoke`: render every example scene in a few steps and check each picture (CI on GPU runners)."""
+"""`multidiff smoke`: render every example scene in a few steps, each on a model of its family, and check
+each picture (CI on GPU runners)."""
 from __future__ import annotations
 
 import time
@@ -8,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..catalog import DEFAULT_MODEL, TINY_RANDOM
+from ..catalog import DEFAULT_MODEL, TINY_MODELS, cached_folder, looks_like_hub_id
 from ..errors import MultidiffError, SceneError
 from ..output.console import problem_lines
 from ..output.png import read_metadata
 from .batch import Event, OnEvent, Renderer, RunSettings
-from .plan import plan_jobs
+from ..scene import Scene
+from .plan import load_source, plan_jobs
 
 
 @dataclass
@@ -22,17 +24,27 @@ class SmokeResult:
     size: str
     seconds: float
     problem: str | None  # None: passed
+    model: str = ""
+    skipped: str | None = None  # why the scene was not rendered (it needs files that are not there)
 
 
-def smoke_model(named: str | None = None) -> str:
-    """`named` ($MULTIDIFF_MODEL) if it names a folder, else the default model if it is in the local HF
-    cache, else tiny-random: a smoke run never downloads."""
+def smoke_model(named: str | None = None) -> str | None:
+    """`named` ($MULTIDIFF_MODEL) if it names a folder; else None: each scene renders on a model of its
+    own family that is here (scene_model). A smoke run never downloads."""
     if named and Path(named).expanduser().is_dir():
         return named
-    from huggingface_hub import try_to_load_from_cache
+    return None
 
-    cached = try_to_load_from_cache(DEFAULT_MODEL, "unet/diffusion_pytorch_model.safetensors")
-    return DEFAULT_MODEL if isinstance(cached, str) else TINY_RANDOM
+
+def scene_model(scene: Scene, models: dict[str, str] = TINY_MODELS) -> str:
+    """The model a scene smokes on when none is chosen: its own (or the default) where it is a local folder
+    or file or in the Hugging Face cache, else `models`' model of its family (tiny-random, tiny-sdxl-random)."""
+    own = scene.model or DEFAULT_MODEL
+    path = scene.path_of(own)
+    if path.exists() or (looks_like_hub_id(own) and cached_folder(own) is not None):
+        return str(path) if path.exists() else own
+    family = scene.family.name if scene.family is not None else "sd"
+    return models[family]
 
 
 def check_picture(path: Path, width: int, height: int, seed: int) -> str | None:
@@ -54,14 +66,28 @@ def check_picture(path: Path, width: int, height: int, seed: int) -> str | None:
     return None
 
 
-def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, settings: RunSettings,
-              on_event: OnEvent | None = None) -> list[SmokeResult]:
-    """Render each scene once in `steps` steps and check each picture."""
-    overrides = {"steps": steps, "model": model}  # a scene's bootstrap follows the steps, as in render
-    jobs, load_failures, notes = plan_jobs(scenes, overrides, None, None, output_dir, overwrite=True)
-    results = [SmokeResult(f.label, "-", 0.0, problem_lines(f.error)[0]) for f in load_failures]
-    by_target = {job.target: job for job in jobs}
-    by_label = {job.label: job for job in jobs}
+def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str | None, settings: RunSettings,
+              on_event: OnEvent | None = None, family_models: dict[str, str] = TINY_MODELS) -> list[SmokeResult]:
+    """Render each scene once in `steps` steps and check each picture. model: the one every scene renders
+    on; None: each scene on `scene_model`'s (its family's tiny model where its own is not here). A scene
+    whose LoRA files are not here (they are not shipped) is skipped, and the result says why."""
+    jobs, results = [], []
+    for path in scenes:
+        try:
+            chosen = model or scene_model(load_source(path).scene, family_models)
+        except SceneError as exc:
+            missing = missing_lora_lines(exc)
+            if missing:
+                results.append(SmokeResult(path.name, "-", 0.0, None, skipped=f"needs files that are not here: {missing}"))
+                continue
+            chosen = model or family_models["sd"]  # the render below reports the scene's problem
+        # a scene's bootstrap follows the steps, as in render
+        planned, load_failures, notes = plan_jobs([path], {"steps": steps, "model": chosen}, None, None, output_dir,
+                                                  overwrite=True)
+        results += [SmokeResult(f.label, "-", 0.0, problem_lines(f.error)[0], chosen) for f in load_failures]
+        jobs += [(job, chosen, notes) for job in planned]
+    by_target = {job.target: (job, chosen) for job, chosen, _ in jobs}
+    by_label = {job.label: (job, chosen) for job, chosen, _ in jobs}
     clock = [time.perf_counter()]
 
     def lap() -> float:
@@ -71,25 +97,32 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str, sett
 
     def listen(event: Event) -> None:
         if event.kind == "written":
-            job = by_target[event.path]
+            job, chosen = by_target[event.path]
             problem = check_picture(event.path, job.scene.width, job.scene.height, job.seed)
-            results.append(SmokeResult(job.source.name, f"{job.scene.width}x{job.scene.height}", lap(), problem))
+            results.append(SmokeResult(job.source.name, f"{job.scene.width}x{job.scene.height}", lap(), problem, chosen))
         elif event.kind == "failed":
-            job = by_label[event.failure.label]
+            job, chosen = by_label[event.failure.label]
             size = f"{job.scene.width}x{job.scene.height}"
-            results.append(SmokeResult(job.source.name, size, lap(), problem_lines(event.failure.error)[0]))
+            results.append(SmokeResult(job.source.name, size, lap(), problem_lines(event.failure.error)[0], chosen))
         if on_event is not None:
             on_event(event)
 
-    for kind, text in notes:
+    for kind, text in dict.fromkeys(note for _, _, notes in jobs for note in notes):
         listen(Event(kind, text=text))
     if jobs:
-        Renderer(settings, listen).run(jobs)
+        Renderer(settings, listen).run([job for job, _, _ in jobs])
     return results
 
 
+def missing_lora_lines(error: SceneError) -> str | None:
+    """The missing LoRA files a scene's only problems are, as one text; None if it has other problems."""
+    missing = [line.rsplit("no such file: ", 1)[-1] for line in error.problems if "loras[" in line and "no such file" in line]
+    return ", ".join(missing) if missing and len(missing) == len(error.problems) else None
+
+
 def example_scenes(folder: Path) -> list[Path]:
-    scenes = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    """Every scene file under `folder`, its subfolders included."""
+    scenes = sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")])
     if not scenes:
         raise SceneError([f"{folder}: no scene files (*.yaml) to smoke-test"])
     return scenes

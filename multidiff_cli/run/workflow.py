@@ -12,7 +12,6 @@ from ..output.console import error_lines
 from ..output.png import read_metadata, write_png
 from ..output.preview import draw_layout
 from ..output.report import metadata_text, model_lines, save_scene_file
-from ..scene import scene_warnings
 from ..scene.starter import write_starter
 from .plan import free_path, load_source
 
@@ -26,19 +25,19 @@ class Lines:
     failed: bool = False
 
 
-def validate_sources(paths: list[Path], default_model: str) -> Lines:
+def validate_sources(paths: list[Path], default_model: str, allow_pickle: bool = False) -> Lines:
     """Each scene or PNG checked as `render` would check it before loading the model: an `ok` line each,
     or its problems; warnings and notes on stderr."""
     lines = Lines([], [])
     for path in paths:
         try:
-            loaded = load_source(path, default_model=default_model)
+            loaded = load_source(path, default_model=default_model, allow_pickle=allow_pickle)
         except MultidiffError as exc:
             lines.err += error_lines(exc)
             lines.failed = True
             continue
         scene, count = loaded.scene, len(loaded.scene.regions)
-        lines.err += [f"{path}: warning: {note}" for note in loaded.notes + scene_warnings(scene)]
+        lines.err += [f"warning: {path}: {note}" for note in loaded.notes] + [f"warning: {w}" for w in scene.warnings]
         lines.out.append(f"{path}: ok ({count} region{'' if count == 1 else 's'}, {scene.width}x{scene.height})")
     return lines
 
@@ -47,7 +46,7 @@ def write_layout(path: Path, output: Path | None, default_model: str) -> tuple[P
     """Draw the scene's layout into `output` (default: a free name in the output folder); (the file,
     the scene's warnings)."""
     loaded = load_source(path, default_model=default_model)
-    warnings = [f"warning: {note}" for note in loaded.notes + scene_warnings(loaded.scene)]
+    warnings = [f"warning: {path}: {note}" for note in loaded.notes] + [f"warning: {w}" for w in loaded.scene.warnings]
     target = output or free_path(OUTPUT_DIR / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
     return write_png(draw_layout(loaded.scene), target), warnings
 

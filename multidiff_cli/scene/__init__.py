@@ -3,7 +3,5 @@ from .geometry import changeable_cells, region_cells
 from .load import load_scene, scene_from_dict
 from .schema import Region, Scene
 from .validation import checked_for
-from .warnings import scene_warnings
 
-__all__ = ["Region", "Scene", "changeable_cells", "checked_for", "load_scene", "region_cells", "scene_from_dict",
-           "scene_warnings"]
+__all__ = ["Region", "Scene", "changeable_cells", "checked_for", "load_scene", "region_cells", "scene_from_dict"]

@@ -15,23 +15,26 @@ from .geometry import boxes_following_canvas, canvas_of_picture, is_int
 from .paths import local_model
 from .schema import Scene
 from .validation import check_canvas, check_valid_regions, one_per_value, pydantic_message
+from .warnings import scene_warnings
 from .yamlpos import parse_yaml, report
 
 
-def load_scene(path: Path, overrides: dict[str, Any] | None = None, default_model: str | None = DEFAULT_MODEL) -> Scene:
+def load_scene(path: Path, overrides: dict[str, Any] | None = None, default_model: str | None = DEFAULT_MODEL,
+               allow_pickle: bool = False) -> Scene:
     """Read, parse and validate a scene file; SceneError lists the problems as `file:line: field: message`.
 
     `overrides` (command-line values) replace the file's keys before validation, so defaults
     that depend on them (bootstrap_steps on steps) follow. default_model: the model of a scene that
-    names none (its family's defaults and checks apply)."""
+    names none (its family's defaults and checks apply). allow_pickle: pickle LoRAs pass (--allow-pickle)."""
     path = Path(path)
     data, root = parse_yaml(path)
-    return scene_from_dict(data, path, overrides=overrides, root=root, default_model=default_model)
+    return scene_from_dict(data, path, overrides=overrides, root=root, default_model=default_model,
+                           allow_pickle=allow_pickle)
 
 
 def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = None,
                     overrides: dict[str, Any] | None = None, root: Any = None,
-                    default_model: str | None = DEFAULT_MODEL) -> Scene:
+                    default_model: str | None = DEFAULT_MODEL, allow_pickle: bool = False) -> Scene:
     """Validate a scene given as a dict (a parsed file, or a PNG's metadata); problems are reported
     against `source`, at the lines of the YAML node tree `root` when there is one. What the overrides
     changed beyond their own keys is in the scene's `notes`.
@@ -56,9 +59,10 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     scene._base_dir = base_dir
     scene._notes = notes
     scene._family = family
-    problems = check_canvas(scene)
+    problems = check_canvas(scene, allow_pickle)
     if problems:
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides)))
+    scene._warnings = report(source, root, scene_warnings(scene), from_cli=set(overrides))
     return scene.for_family(family) if family is not None else scene
 
 

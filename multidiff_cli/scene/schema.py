@@ -151,6 +151,7 @@ class Scene(Strict):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _notes: list[str] = PrivateAttr(default_factory=list)
     _family: Family | None = PrivateAttr(None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("bootstrap_steps")
     @classmethod
@@ -193,6 +194,12 @@ class Scene(Strict):
         return list(self._notes)
 
     @property
+    def warnings(self) -> list[str]:
+        """What loading found allowed but probably not meant, one `file:line: field: message` each
+        (scene.warnings.scene_warnings)."""
+        return list(self._warnings)
+
+    @property
     def family(self) -> Family | None:
         """The family of the model this scene renders on, where loading could tell (catalog.detect_family)."""
         return self._family
@@ -232,5 +239,10 @@ class Scene(Strict):
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
-        return f"{text}, {self.style}" if self.style.strip() else text
+        return styled(text, self.style)
+
+
+def styled(text: str, style: str) -> str:
+    """A prompt as it is used: `style` appended, where there is one."""
+    return f"{text}, {style}" if style.strip() else text
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..catalog import CELL_PX, PICKLE_SUFFIXES, SAFE_SUFFIXES, SCHEDULER_NAMES, Family
+from ..catalog import CELL_PX, PICKLE_SUFFIXES, SAFE_SUFFIXES, SCHEDULER_NAMES, Family, safetensors_header
 from ..errors import SceneError
 from . import grid, picture
 from .geometry import canvas_of
@@ -22,14 +22,14 @@ from .yamlpos import field_path
 Problem = tuple[tuple, str]  # (location in the scene, message)
 
 
-def check_canvas(scene: Scene) -> list[Problem]:
+def check_canvas(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     """Checks that need the canvas, the files or the family: boxes on the canvas, mask images readable
     and non-empty, the init image and keep mask, LoRA files, and (where the scene's family is known)
     what its model needs (family_problems)."""
     canvas = (scene.width, scene.height)
     found = (_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions))
     family = family_problems(scene, scene.family) if scene.family is not None else []
-    return family + [problem for problem in found if problem] + _picture_problems(scene) + lora_problems(scene)
+    return family + [problem for problem in found if problem] + _picture_problems(scene) + lora_problems(scene, allow_pickle)
 
 
 def family_problems(scene: Scene, family: Family) -> list[Problem]:
@@ -78,20 +78,31 @@ def _picture_problems(scene: Scene) -> list[Problem]:
     return problems
 
 
-def lora_problems(scene: Scene) -> list[Problem]:
-    """Every LoRA file of the scene and its regions exists and is a weights file."""
+def lora_problems(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
+    """Every LoRA file of the scene and its regions exists and is a weights file render will load: a
+    .safetensors file whose header reads, or a pickle with allow_pickle (what --allow-pickle says)."""
     owners = [(("loras",), scene.loras)] + [(("regions", i, "loras"), r.loras) for i, r in enumerate(scene.regions)]
     problems = []
     for loc, loras in owners:
         for k, lora in enumerate(loras):
-            path = scene.lora_path(lora)
-            if path.suffix.lower() not in (*SAFE_SUFFIXES, *PICKLE_SUFFIXES):
-                problems.append(((*loc, k, "path"), f"{lora.path}: a LoRA is a .safetensors file (or, with "
-                                 f"--allow-pickle, {'/'.join(PICKLE_SUFFIXES)})"))
-            elif not path.is_file():
-                problems.append(((*loc, k, "path"), f"no such file: {path}" if not path.exists()
-                                 else f"{path} is not a file"))
+            problem = _lora_file_problem(scene.lora_path(lora), lora.path, allow_pickle)
+            if problem:
+                problems.append(((*loc, k, "path"), problem))
     return problems
+
+
+def _lora_file_problem(path: Path, name: str, allow_pickle: bool) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix not in (*SAFE_SUFFIXES, *PICKLE_SUFFIXES):
+        return f"{name}: a LoRA is a .safetensors file (or, with --allow-pickle, {'/'.join(PICKLE_SUFFIXES)})"
+    if not path.is_file():
+        return f"no such file: {path}" if not path.exists() else f"{path} is not a file"
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        return (f"{name} is a pickle ({suffix}), which can run code when loaded: use a .safetensors LoRA, or, for a "
+                "file you trust, pass --allow-pickle")
+    if suffix in SAFE_SUFFIXES and safetensors_header(path) is None:
+        return f"{name} is not a safetensors file (its header does not read: a text file, or a download cut short?)"
+    return None
 
 
 def check_valid_regions(data: dict[str, Any], base_dir: Path) -> list[Problem]:

@@ -19,6 +19,10 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise SceneError([f"{path}: is a directory, not a scene file"]) from None
     except OSError as exc:
         raise SceneError([f"{path}: cannot read ({exc.strerror})"]) from None
+    picture = _picture_kind(raw)
+    if picture:
+        raise SceneError([f"{path}: not a scene file or a PNG written by multidiff: it is a {picture} picture "
+                          "(give the scene it was rendered from, or a PNG multidiff wrote)"])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -52,6 +56,17 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     if duplicates:
         raise SceneError([format_problem(path, root, loc, "key appears more than once; keep one") for loc in duplicates])
     return data, root
+
+
+_PICTURE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+                  b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def _picture_kind(raw: bytes) -> str | None:
+    """The kind of picture a file holds, by its first bytes (WebP: RIFF....WEBP), or None."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _PICTURE_MAGIC.items() if raw.startswith(magic)), None)
 
 
 def _unreadable_value(root: yaml.Node) -> tuple[tuple, yaml.Node]:
