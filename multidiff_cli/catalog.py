@@ -58,13 +58,18 @@ class Family:
     module: str  # models/<module>.py holds the family's class
     class_name: str
     pipelines: tuple[str, ...]  # diffusers pipeline classes in model_index.json that mean this family
-    weights: dict[str, str]  # subfolder -> its weights file (safetensors): what a render loads
+    weights: dict[str, str]  # subfolder -> its weights file, a glob (sharded files: "model*.safetensors")
     folders: tuple[str, ...]  # other subfolders a render needs (tokenizers, scheduler)
     schedulers: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=lambda: DIFFUSION_SCHEDULERS)
     default_scheduler: str = "ddim"
     default_guidance: float = 7.5
     cell_px: int = CELL_PX  # pixels per latent cell (the VAE's downsampling)
     align_px: int = 8  # canvases and views are whole multiples of this (FLUX packs 2x2 cells: 16)
+    default_steps: int = 50
+    few_step_steps: int | None = None  # the default steps of the family's few-step models, where it has its own
+    embedded_guidance: bool = False  # guidance_scale is an input of the network (FLUX.1-dev), not CFG
+    cuda_dtype: str = "float16"  # the default dtype on CUDA (FLUX overflows in float16: bfloat16)
+    lora_kinds: tuple[str, ...] = ()  # what a LoRA of this family names that others do not (for messages)
 
     @property
     def scheduler_names(self) -> tuple[str, ...]:
@@ -84,20 +89,34 @@ SDXL = Family(
     weights={**SD.weights, "text_encoder_2": "model.safetensors"},
     folders=("tokenizer", "tokenizer_2", "scheduler"),
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}
+FLUX = Family(
+    name="flux", label="FLUX.1", module="flux", class_name="Flux",
+    pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    weights={"text_encoder": "model.safetensors", "text_encoder_2": "model*.safetensors",
+             "transformer": "diffusion_pytorch_model*.safetensors", "vae": "diffusion_pytorch_model.safetensors"},
+    folders=("tokenizer", "tokenizer_2", "scheduler"),
+    schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=3.5, align_px=16,
+    default_steps=28, few_step_steps=4, embedded_guidance=True, cuda_dtype="bfloat16",
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX)}
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # Built-in models with random weights, built in code (models/random_weights.py): name -> family.
 TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
-BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl"}
-TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM}  # each family's tiny model (smoke, tests)
-FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM}  # each family's full-size one (gpu-check)
+TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, FLUX_RANDOM = "tiny-flux-random", "tiny-flux-schnell-random", "flux-random"
+BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl",
+                            TINY_FLUX_RANDOM: "flux", TINY_FLUX_SCHNELL_RANDOM: "flux", FLUX_RANDOM: "flux"}
+TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM,  # each family's tiny model (smoke, tests)
+                               "flux": TINY_FLUX_RANDOM}
+FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM,  # each family's full-size one (gpu-check)
+                                    "flux": FLUX_RANDOM}
 # Hub models whose family is known before they are downloaded (their model_index.json says the same).
 HUB_FAMILIES: dict[str, str] = {
     DEFAULT_MODEL: "sd", "stabilityai/stable-diffusion-2-1-base": "sd", "stabilityai/stable-diffusion-2-1": "sd",
     "stabilityai/sd-turbo": "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/sdxl-turbo": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux",
 }
 
 
@@ -130,6 +149,9 @@ def family_of_folder(folder: Path) -> Family | None:
     for family in FAMILIES.values():
         if pipeline in family.pipelines:
             return family
+    if (folder / "transformer" / "config.json").exists():
+        transformer = read_json(folder / "transformer" / "config.json").get("_class_name")
+        return FLUX if transformer == "FluxTransformer2DModel" else None
     if pipeline is not None and not (folder / "unet").is_dir():
         return None
     if not (folder / "unet" / "config.json").exists():
@@ -159,10 +181,13 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 
 def family_of_checkpoint(path: Path) -> Family | None:
-    """The family of a single-file checkpoint by its keys (SDXL's carry a second text encoder under
-    `conditioner.embedders.1`); a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
+    """The family of a single-file checkpoint by its keys: FLUX's transformer has `double_blocks` (BFL's
+    layout, or ComfyUI's under `model.diffusion_model.`); SDXL's carry a second text encoder under
+    `conditioner.embedders.1`; a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
     would guess for the configs."""
     keys = checkpoint_keys(path) if path.suffix.lower() == ".safetensors" else []
+    if any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys):
+        return FLUX
     if any(key.startswith("conditioner.embedders.1.") for key in keys):
         return SDXL
     return SD
@@ -177,6 +202,32 @@ def cached_folder(model: str) -> Path | None:
     except Exception:  # not a valid repo id
         return None
     return Path(found).parent if isinstance(found, str) else None
+
+
+# Name fragments of few-step distilled models (loading.is_few_step_model), matched case-insensitively.
+FEW_STEP_MARKERS = ("turbo", "lcm", "lightning", "hyper-sd", "schnell")
+
+
+def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
+    """Whether a model is distilled to sample in a few steps (SD-Turbo, SDXL-Turbo, LCM, SDXL-Lightning,
+    Hyper-SD), where `few_step: auto` turns the few-step stabilisation on.
+
+    Decided from names, since the weights do not say: the model's name (the id's last part), the
+    folder's name (for a hub snapshot, its repo's), and the `_name_or_path` that model_index.json
+    or the scheduler config may carry (a fine-tune saved from SD-Turbo keeps it), each searched for
+    FEW_STEP_MARKERS (case-insensitive); or an LCMScheduler in the scheduler config.
+    """
+    names = [model_id.rstrip("/").rsplit("/", 1)[-1]]  # the name, not the owner or the folders above
+    scheduler: dict = {}
+    if folder is not None:
+        names.append(folder.name)
+        if folder.parent.name == "snapshots":  # models--owner--name/snapshots/<commit>
+            names.append(folder.parent.parent.name.rsplit("--", 1)[-1])
+        model_index, scheduler = (read_json(folder / "model_index.json"),
+                                  read_json(folder / "scheduler" / "scheduler_config.json"))
+        names += [str(config.get("_name_or_path", "")) for config in (model_index, scheduler)]
+    named = any(marker in name.lower().replace("_", "-") for name in names for marker in FEW_STEP_MARKERS)
+    return named or scheduler.get("_class_name") == "LCMScheduler"
 
 
 def detect_family(model: str) -> Family | None:
@@ -195,3 +246,10 @@ def detect_family(model: str) -> Family | None:
             return family_of_folder(folder)
         return FAMILIES[HUB_FAMILIES[model]] if model in HUB_FAMILIES else None
     return None
+
+
+def detect_few_step(model: str) -> bool:
+    """Whether `model` is a few-step distilled one, as far as its names tell before it is loaded."""
+    path = Path(model).expanduser()
+    folder = path if path.is_dir() else cached_folder(model) if looks_like_hub_id(model) else None
+    return is_few_step_model(model, folder)

@@ -26,6 +26,7 @@ DEFAULTS = {
     "steps": 50,
     "bootstrap_steps": 10,  # round(50 / 5)
     "guidance_scale": 7.5,
+    "true_cfg_scale": None,
     "seed": None,
     "scheduler": "ddim",
     "model": None,
@@ -152,6 +153,7 @@ def test_a_minimal_scene_gets_every_default(scene_file):
                 "steps": 30,
                 "bootstrap_steps": 5,
                 "guidance_scale": 9.5,
+                "true_cfg_scale": None,
                 "seed": 1234,
                 "scheduler": "euler-a",
                 "model": "tiny-random",

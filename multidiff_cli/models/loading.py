@@ -8,25 +8,25 @@ from pathlib import Path
 
 import torch
 
-from ..catalog import (BUILT_IN, FAMILIES, PICKLE_SUFFIXES, Family, family_of_folder, is_single_file,
-                       looks_like_hub_id, read_json)
+from ..catalog import (BUILT_IN, FAMILIES, PICKLE_SUFFIXES, Family, family_of_folder, is_few_step_model,
+                       is_single_file, looks_like_hub_id, read_json)
 from ..errors import ModelError, ModelNotFound, UsageError
 from .allocator import keep_freed_memory
 from .device import quiet_libraries
 from .family import LoadedState, Model, family_class
-from .names import FEW_STEP_MARKERS
 from .single_file import load_single_file
 
 # What a render needs from a diffusers folder: configs, tokenizers and safetensors weights only, of
 # the subfolders any family reads. Hub repos also hold pickles, fp16 copies and multi-GB .ckpt files
 # that must not be downloaded.
-_SUBFOLDERS = {name: weights for family in FAMILIES.values() for name, weights in family.weights.items()}
+_SUBFOLDERS = sorted({name for family in FAMILIES.values() for name in family.weights})
 _ALLOW_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     *sorted({f"{name}/*" for family in FAMILIES.values() for name in family.folders if name != "scheduler"}),
     *[f"{name}/config.json" for name in _SUBFOLDERS],
-    *[f"{name}/{weights}" for name, weights in _SUBFOLDERS.items()],
+    *[f"{name}/*.safetensors.index.json" for name in _SUBFOLDERS],  # the shards' index (FLUX's T5 and transformer)
+    *sorted({f"{name}/{weights}" for family in FAMILIES.values() for name, weights in family.weights.items()}),
 ]
 _VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repo (`vae:`), e.g. an fp16 fix
 
@@ -131,28 +131,6 @@ def load_folder(folder: Path, model_id: str, revision: str | None = None, allow_
         return family_class(family).from_folder(folder, state, lambda part: any((folder / part).glob("*.safetensors")))
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelError(f"model {model_id!r}: could not load {folder}: {exc}") from None
-
-
-def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
-    """Whether a model is distilled to sample in a few steps (SD-Turbo, SDXL-Turbo, LCM, SDXL-Lightning,
-    Hyper-SD), where `few_step: auto` turns the few-step stabilisation on.
-
-    Decided from names, since the weights do not say: the model's name (the id's last part), the
-    folder's name (for a hub snapshot, its repo's), and the `_name_or_path` that model_index.json
-    or the scheduler config may carry (a fine-tune saved from SD-Turbo keeps it), each searched for
-    names.FEW_STEP_MARKERS (case-insensitive); or an LCMScheduler in the scheduler config.
-    """
-    names = [model_id.rstrip("/").rsplit("/", 1)[-1]]  # the name, not the owner or the folders above
-    scheduler: dict = {}
-    if folder is not None:
-        names.append(folder.name)
-        if folder.parent.name == "snapshots":  # models--owner--name/snapshots/<commit>
-            names.append(folder.parent.parent.name.rsplit("--", 1)[-1])
-        model_index, scheduler = (read_json(folder / "model_index.json"),
-                                  read_json(folder / "scheduler" / "scheduler_config.json"))
-        names += [str(config.get("_name_or_path", "")) for config in (model_index, scheduler)]
-    named = any(marker in name.lower().replace("_", "-") for name in names for marker in FEW_STEP_MARKERS)
-    return named or scheduler.get("_class_name") == "LCMScheduler"
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,3 @@ opalescent morning evening tonight yesterday today tomorrow ago early late
 
 # What CLIP's pre-tokenizer splits off a word ("gogh's" -> gogh, 's): whole tokens too.
 CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-
-# Name fragments of few-step distilled models (loading.is_few_step_model), matched case-insensitively.
-FEW_STEP_MARKERS = ("turbo", "lcm", "lightning", "hyper-sd")

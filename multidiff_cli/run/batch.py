@@ -219,7 +219,7 @@ class Renderer:
         if loading:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
         model = self.model(scene.model, scene.model_config_, scene.vae)
-        scene = checked_for(scene, model.facts, job.source.name)  # the family's checks and defaults, if not yet
+        scene = checked_for(scene, model.facts, job.source.name, model.few_step_model)  # its family's, if not yet
         if loading and scene.model_config_ and not is_single_file(scene.model):
             self.emit(Event("note", label, text=f"model_config {scene.model_config_} is ignored: it gives the "
                             f"configs of a single-file checkpoint, and {job.model_given or scene.model} is not one"))

@@ -169,7 +169,7 @@ def render(
     `warn` hears recoveries (a halved batch); `on_stage` hears what is happening ("encoding
     prompts", "decoding") between the steps that `callback` reports."""
     started = time.perf_counter()
-    scene = checked_for(scene, model.facts)  # the family's defaults (scheduler, guidance) where the scene has none
+    scene = checked_for(scene, model.facts, few_step=model.few_step_model)  # its family's defaults where it has none
     plan = plan or plan_render(scene, model)
     stage = on_stage or (lambda _what: None)
     device = model.device

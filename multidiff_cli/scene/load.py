@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..catalog import DEFAULT_MODEL, Family, detect_family
+from ..catalog import DEFAULT_MODEL, detect_family, detect_few_step
 from ..errors import SceneError
 from . import picture
 from .geometry import boxes_following_canvas, canvas_of_picture, is_int
 from .paths import local_model
-from .schema import Scene
+from .schema import Scene, family_steps
 from .validation import check_canvas, check_valid_regions, one_per_value, pydantic_message
 from .warnings import scene_warnings
 from .yamlpos import parse_yaml, report
@@ -48,8 +48,9 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
         data = {**data, **canvas_of_picture(data, base_dir)}
     except picture.PictureError as exc:  # an unusable init image is the scene's one problem
         raise SceneError(report(source, root, [(("init_image",), str(exc))])) from None
-    merged, notes, hints = apply_overrides(data, overrides)
-    family = _family(merged, base_dir, from_cli="model" in overrides, default_model=default_model)
+    model = _model(data | overrides, base_dir, from_cli="model" in overrides, default_model=default_model)
+    family, few_step = (detect_family(model), detect_few_step(model)) if model else (None, False)
+    merged, notes, hints = apply_overrides(data, overrides, family_steps(family, few_step) if family else None)
     try:
         scene = Scene.model_validate(merged)
     except ValidationError as exc:
@@ -58,44 +59,45 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides))) from None
     scene._base_dir = base_dir
     scene._notes = notes
-    scene._family = family
+    scene._family, scene._few_step_model = family, few_step
     problems = check_canvas(scene, allow_pickle)
     if problems:
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides)))
     scene._warnings = report(source, root, scene_warnings(scene), from_cli=set(overrides))
-    return scene.for_family(family) if family is not None else scene
+    return scene.for_family(family, few_step) if family is not None else scene
 
 
-def _family(data: dict[str, Any], base_dir: Path, from_cli: bool, default_model: str | None) -> Family | None:
-    """The family of the model the scene renders on (its own, --model's, or the default), if it can be
-    told without loading it."""
+def _model(data: dict[str, Any], base_dir: Path, from_cli: bool, default_model: str | None) -> str | None:
+    """The model the scene renders on (its own, --model's, or the default), resolved as a render resolves
+    it, so its family can be told before it is loaded (catalog.detect_family)."""
     named = data.get("model")
     model = named if isinstance(named, str) and named.strip() else default_model
     if not model:
         return None
-    path, _ = local_model(model, base_dir, from_cli=from_cli or model is default_model)
-    return detect_family(path)
+    return local_model(model, base_dir, from_cli=from_cli or model is default_model)[0]
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict]:
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], default_steps: int | None = None
+                    ) -> tuple[dict[str, Any], list[str], dict]:
     """The data with the overrides over it, and what follows from them: an explicit bootstrap_steps
     scaled with a lower --steps, boxes scaled with a new canvas. Returns (data, notes for the user,
-    hints: loc -> text appended to a problem there, so an error says the command line caused it)."""
+    hints: loc -> text appended to a problem there, so an error says the command line caused it).
+    default_steps: the steps of a scene that gives none (its model family's), where known."""
     notes: list[str] = []
     hints: dict[tuple, str] = {}
     merged = {**data, **overrides}
-    merged.update(_bootstrap_following_steps(data, overrides, notes, hints))
+    merged.update(_bootstrap_following_steps(data, overrides, notes, hints, default_steps))
     merged.update(boxes_following_canvas(data, overrides, notes, hints))
     return merged, notes, hints
 
 
-def _bootstrap_following_steps(data, overrides, notes, hints) -> dict[str, Any]:
+def _bootstrap_following_steps(data, overrides, notes, hints, default_steps) -> dict[str, Any]:
     """--steps below the scene's own bootstrap_steps scales it, keeping the scene's proportion
     (a default bootstrap_steps already follows steps; an explicit --bootstrap-steps wins)."""
     if "steps" not in overrides or "bootstrap_steps" in overrides or "bootstrap_steps" not in data:
         return {}
     new, bootstrap = overrides["steps"], data["bootstrap_steps"]
-    old = data.get("steps", Scene.model_fields["steps"].default)
+    old = data.get("steps", default_steps)
     if not (is_int(new, 1) and is_int(old, 1) and is_int(bootstrap, 0)) or bootstrap <= new:
         return {}
     if bootstrap > old:  # the scene contradicts itself: its own error, whatever --steps says

@@ -115,11 +115,15 @@ class Scene(Strict):
     style: AnyText = Field("", description="appended to every prompt, e.g. 'oil painting, warm light'")
     width: SizePx = 512
     height: SizePx = 512
-    steps: int = Field(50, ge=1, le=1000)
+    steps: int | None = Field(None, ge=1, le=1000, description="absent: the model family's (SD, SDXL: 50; "
+                                                             "FLUX.1: 28, schnell: 4)")
     bootstrap_steps: int | None = Field(
         None, ge=0, le=1000, validate_default=True, description="absent: steps / 5, rounded (10 of 50)"
     )
-    guidance_scale: Guidance | None = Field(None, description="absent: the model family's (SD, SDXL: 7.5)")
+    guidance_scale: Guidance | None = Field(None, description="absent: the model family's (SD, SDXL: 7.5; FLUX.1: "
+                                                               "3.5, its embedded guidance)")
+    true_cfg_scale: Guidance | None = Field(None, description="FLUX.1: classifier-free guidance with the negative "
+                                                              "prompt, as FluxPipeline's true_cfg_scale (> 1 adds a pass)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     scheduler: SchedulerName | None = Field(None, description="absent: the model family's (SD, SDXL: ddim)")
     model: Text | None = None
@@ -151,13 +155,16 @@ class Scene(Strict):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _notes: list[str] = PrivateAttr(default_factory=list)
     _family: Family | None = PrivateAttr(None)
+    _few_step_model: bool = PrivateAttr(False)
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("bootstrap_steps")
     @classmethod
     def _bootstrap_within_steps(cls, value: int | None, info: ValidationInfo) -> int | None:
-        steps = info.data.get("steps")
-        if steps is None:  # steps itself is invalid and already reported
+        if "steps" not in info.data:  # steps itself is invalid and already reported
+            return value
+        steps = info.data["steps"]
+        if steps is None:  # the model family's steps decide it (for_family), and the bound
             return value
         if value is None:
             return round(steps * BOOTSTRAP_FRACTION)
@@ -204,14 +211,22 @@ class Scene(Strict):
         """The family of the model this scene renders on, where loading could tell (catalog.detect_family)."""
         return self._family
 
-    def for_family(self, family: Family) -> Scene:
-        """This scene on a model of `family`: the family's defaults where the scene leaves them out."""
+    def for_family(self, family: Family, few_step: bool = False) -> Scene:
+        """This scene on a model of `family` (a few-step one: few_step): the family's defaults where the
+        scene leaves them out (scheduler, guidance, steps, and bootstrap_steps following the steps)."""
+        steps = self.steps or family_steps(family, few_step)
         update = {key: value for key, value in (("scheduler", family.default_scheduler),
-                                                ("guidance_scale", family.default_guidance))
+                                                ("guidance_scale", family.default_guidance), ("steps", steps),
+                                                ("bootstrap_steps", round(steps * BOOTSTRAP_FRACTION)))
                   if getattr(self, key) is None}
         scene = self.model_copy(update=update)
         scene._family = family
         return scene
+
+    @property
+    def few_step_model(self) -> bool:
+        """Whether the model this scene renders on is a few-step distilled one, as far as its names tell."""
+        return self._few_step_model
 
     @property
     def cell_px(self) -> int:
@@ -240,6 +255,11 @@ class Scene(Strict):
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""
         return styled(text, self.style)
+
+
+def family_steps(family: Family, few_step: bool = False) -> int:
+    """The steps of a scene that gives none, on a model of `family` (its few-step models have their own)."""
+    return family.few_step_steps if few_step and family.few_step_steps else family.default_steps
 
 
 def styled(text: str, style: str) -> str:

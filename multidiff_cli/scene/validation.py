@@ -16,7 +16,7 @@ from ..errors import SceneError
 from . import grid, picture
 from .geometry import canvas_of
 from .paths import scene_path
-from .schema import Lora, Region, Scene
+from .schema import Lora, Region, Scene, family_steps
 from .yamlpos import field_path
 
 Problem = tuple[tuple, str]  # (location in the scene, message)
@@ -28,14 +28,24 @@ def check_canvas(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     what its model needs (family_problems)."""
     canvas = (scene.width, scene.height)
     found = (_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions))
-    family = family_problems(scene, scene.family) if scene.family is not None else []
+    family = family_problems(scene, scene.family, scene.few_step_model) if scene.family is not None else []
     return family + [problem for problem in found if problem] + _picture_problems(scene) + lora_problems(scene, allow_pickle)
 
 
-def family_problems(scene: Scene, family: Family) -> list[Problem]:
+def family_problems(scene: Scene, family: Family, few_step: bool = False) -> list[Problem]:
     """What a model of `family` cannot render: a scheduler it has none of, a canvas or view stride off
-    its alignment (FLUX-style 2x2 packing needs 16 px)."""
+    its alignment (FLUX's 2x2 packing needs 16 px), bootstrap steps past its default steps, a key of
+    another family's (true_cfg_scale), true CFG without a negative prompt."""
     problems = []
+    steps = scene.steps or family_steps(family, few_step)
+    if scene.bootstrap_steps is not None and scene.bootstrap_steps > steps:
+        problems.append((("bootstrap_steps",), f"must be <= steps ({steps}): the {family.label} default steps"))
+    if scene.true_cfg_scale is not None and not family.embedded_guidance:
+        problems.append((("true_cfg_scale",), f"is for models with embedded guidance (FLUX.1); {family.label} models "
+                                              "take guidance_scale, classifier-free guidance itself"))
+    elif scene.true_cfg_scale is not None and scene.true_cfg_scale > 1 and not scene.negative_prompt.strip():
+        problems.append((("true_cfg_scale",), "needs a negative_prompt: true CFG steers away from it (without one, "
+                                              "leave true_cfg_scale out)"))
     if scene.scheduler is not None and scene.scheduler not in family.schedulers:
         problems.append((("scheduler",), f"{family.label} models take {', '.join(family.scheduler_names)}, "
                                          f"not {scene.scheduler!r}"))
@@ -48,13 +58,13 @@ def family_problems(scene: Scene, family: Family) -> list[Problem]:
     return problems
 
 
-def checked_for(scene: Scene, family: Family, source: Path | str = "scene") -> Scene:
-    """The scene for a model of `family` once it is loaded: its defaults filled; SceneError (one line per
-    problem, `source: field: message`) where that family cannot render it."""
-    problems = family_problems(scene, family)
+def checked_for(scene: Scene, family: Family, source: Path | str = "scene", few_step: bool = False) -> Scene:
+    """The scene for a model of `family` (a few-step one: few_step) once it is loaded: its defaults filled;
+    SceneError (one line per problem, `source: field: message`) where that family cannot render it."""
+    problems = family_problems(scene, family, few_step)
     if problems:
         raise SceneError([f"{source}: {field_path(loc)}: {message}" for loc, message in problems])
-    return scene.for_family(family)
+    return scene.for_family(family, few_step)
 
 
 def _picture_problems(scene: Scene) -> list[Problem]:
