@@ -51,15 +51,17 @@ def _choose() -> str:
     return f"choose {' or '.join(reversed(names))} (or leave it unset for the best present)"
 
 
-def pick_dtype(device: torch.device, name: str | None = None, source: str = "--dtype") -> torch.dtype:
-    """`name` if given, else float16 on CUDA and float32 elsewhere.
+def pick_dtype(device: torch.device, name: str | None = None, source: str = "--dtype",
+               cuda_default: str = "float16") -> torch.dtype:
+    """`name` if given, else the model family's CUDA dtype on CUDA (float16; FLUX: bfloat16, where
+    float16 overflows) and float32 elsewhere.
 
     source: where `name` came from, for the error message."""
     if name:
         if name not in DTYPES:
             raise UsageError(f"{source}: {name!r} is not a dtype; choose {DTYPE_CHOICES}")
         return DTYPES[name]
-    return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[cuda_default] if device.type == "cuda" else torch.float32
 
 
 def quiet_libraries() -> None:

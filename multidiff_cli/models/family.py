@@ -143,17 +143,30 @@ class Model(ABC):
         """Name every (label, text) longer than the text encoder's window, and where it is cut."""
 
     def encode_conditions(self, texts: list[str], adapter_sets: list[AdapterSet], cond: list[int],
-                          negative: list[int], view_px: tuple[int, int]) -> Conditioning:
+                          negative: list[int], view_px: tuple[int, int],
+                          guidance: list[float | None] | None = None) -> Conditioning:
         """The conditioning of every condition (texts[i] under adapter_sets[i]): encoded with its set's
         text-encoder LoRAs on where it has one, then the family's zeroed rows (`zeroed_rows` of the
-        texts used as `cond` and `negative`) zeroed."""
+        texts used as `cond` and `negative`) zeroed; where the model embeds guidance, each row's value
+        (guidance[i]) with it."""
         from .adapters import encode_by_set
 
         def encode(group: list[str]) -> Conditioning:
             return self.encode_prompts(group, view_px)
 
         conditioning = encode_by_set(self, texts, adapter_sets, encode) if any(adapter_sets) else encode(texts)
-        return conditioning.zeroed(self.zeroed_rows(texts, cond, negative), self.zeroed_tensors)
+        conditioning = conditioning.zeroed(self.zeroed_rows(texts, cond, negative), self.zeroed_tensors)
+        return self.with_guidance(conditioning, guidance) if self.embedded_guidance and guidance else conditioning
+
+    @property
+    def embedded_guidance(self) -> bool:
+        """Whether guidance_scale is an input of the network (one value per sample), not classifier-free
+        guidance over an unconditional pass (FLUX.1-dev)."""
+        return False
+
+    def with_guidance(self, conditioning: Conditioning, guidance: list[float]) -> Conditioning:
+        """The conditioning with each row's embedded guidance value (families that embed guidance)."""
+        raise NotImplementedError(f"{self.facts.label} models embed no guidance")
 
     # --- the denoiser ----------------------------------------------------------------------------
 
@@ -198,6 +211,13 @@ class Model(ABC):
         return AdapterRun(run, self) if self.state.lora_state is not None else run
 
     # --- schedules and the codec ------------------------------------------------------------------
+
+    def first_step(self, steps: int, strength: float) -> int:
+        """The step an img2img render starts at, as the family's diffusers img2img pipeline counts
+        (SD's: it runs the last int(steps * strength)); at least one step runs."""
+        from ..method.sampler import first_step
+
+        return first_step(steps, strength)
 
     @abstractmethod
     def make_schedule(self, name: str, steps: int, view_hw: tuple[int, int]) -> NoiseSchedule:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..catalog import SD2_RANDOM, SDXL_RANDOM, TINY_RANDOM, TINY_SDXL_RANDOM
+from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, TINY_RANDOM,
+                       TINY_SDXL_RANDOM)
 from .family import LoadedState, Model
 from .names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
 from .sd import SD
@@ -40,15 +41,23 @@ def _clip_config(tokenizer, vocab_size: int, hidden: int, intermediate: int, lay
 
 def build_random(name: str) -> Model:
     """A built-in random model by name (catalog.BUILT_IN); text encoders included, so it renders scenes."""
+    from .random_flux import build_flux_random, build_tiny_flux_random
+
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
-                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True)}
+                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
+                TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
+                FLUX_RANDOM: lambda: build_flux_random(text_encoder=True)}
     return builders[name]()
 
 
 def bench_model(name: str) -> Model:
     """A built-in random model as the bench builds it: without text encoders where it can (full size)."""
+    from .random_flux import build_flux_random, build_tiny_flux_random
+
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: build_sd2_random,
-                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: build_sdxl_random}
+                TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: build_sdxl_random,
+                TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
+                FLUX_RANDOM: build_flux_random}
     return builders[name]()
 
 
@@ -174,20 +183,19 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
-def save_model(model: SD, folder: Path) -> None:
-    """Write an SD or SDXL model as a diffusers folder (safetensors) with its model_index.json, loadable
-    with `--model FOLDER`."""
+def save_model(model: Model, folder: Path) -> None:
+    """Write a model as a diffusers folder (safetensors) with its model_index.json, loadable with
+    `--model FOLDER`."""
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": model.facts.pipelines[0]}
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name).save_pretrained(folder / name)
+    for name, module in model.networks().items():
+        module.save_pretrained(folder / name, safe_serialization=True)
     if isinstance(model, SDXL):
-        model.tokenizer_2.save_pretrained(folder / "tokenizer_2")
-        model.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
         index["force_zeros_for_empty_prompt"] = model.force_zeros_for_empty_prompt
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    model.vae.save_pretrained(folder / "vae", safe_serialization=True)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
 

@@ -2,6 +2,7 @@
 catalog.FLOW_SCHEDULERS), wrapped as the noise schedule the sampler talks to (method/schedule.py)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..catalog import DIFFUSION_SCHEDULERS
@@ -24,5 +25,7 @@ def make_scheduler(name: str, model_config: dict[str, Any],
 
         if not is_scipy_available():
             raise ModelError("scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)")
+    cls = getattr(diffusers, class_name)
     config = {k: v for k, v in model_config.items() if not k.startswith("_")}
-    return getattr(diffusers, class_name).from_config({**config, **overrides, **_AFFINE})
+    affine = {k: v for k, v in _AFFINE.items() if k in inspect.signature(cls.__init__).parameters}  # those it has
+    return cls.from_config({**config, **overrides, **affine})

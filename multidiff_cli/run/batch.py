@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .. import models
-from ..catalog import DEFAULT_MODEL, is_single_file
+from ..catalog import DEFAULT_MODEL, detect_family, is_single_file
 from ..errors import Interrupted, MultidiffError, RenderError
 from ..output import OUTPUT_DIR
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
@@ -152,7 +152,7 @@ class Renderer:
     def __init__(self, settings: RunSettings, emit: OnEvent):
         self.settings, self.emit = settings, emit
         self.device = models.pick_device(settings.device, source=settings.device_source)
-        self.dtype = models.pick_dtype(self.device, settings.dtype)
+        models.pick_dtype(self.device, settings.dtype)  # a wrong --dtype is refused before any work
         self._models: dict[tuple[str, str | None], Any] = {}
 
     def run(self, jobs: list[RenderJob], contain: bool = False) -> tuple[list[RenderJob], list[Failure], int]:
@@ -201,9 +201,12 @@ class Renderer:
         its other jobs at once. config: a single-file model's configs (the scene's model_config)."""
         key = _model_key(model, config, vae)
         if key not in self._models:
+            family = detect_family(model)
+            dtype = models.pick_dtype(self.device, self.settings.dtype,
+                                      cuda_default=family.cuda_dtype if family is not None else "float16")
             try:
                 self._models[key] = models.load_model(
-                    model, self.device, self.dtype, compile=self.settings.compile,
+                    model, self.device, dtype, compile=self.settings.compile,
                     allow_pickle=self.settings.allow_pickle, config=config, vae=vae,
                 )
             except MultidiffError as exc:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..errors import RenderError
 from ..method.guidance import Prompts, guided_denoiser
-from ..method.sampler import StepCallback, first_step, multidiffusion
+from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
@@ -77,21 +77,26 @@ def plan_render(scene: Scene, model: Model) -> RenderPlan:
 
 @dataclass
 class ScenePrompts(Prompts):
-    """Prompts whose conditions are (text, adapter set) pairs: texts[i] runs with the LoRAs adapters[i]
-    (the sampler sees condition indices only, so LoRA sets never share a network sample)."""
+    """Prompts whose conditions are (text, adapter set, embedded guidance) triples: texts[i] runs with the
+    LoRAs adapters[i] and, on a model that embeds guidance, the guidance value embedded[i] (the sampler
+    sees condition indices only, so LoRA sets never share a network sample)."""
 
     adapters: list[AdapterSet] = field(default_factory=list)
+    embedded: list[float | None] = field(default_factory=list)
 
 
-def scene_prompts(scene: Scene) -> ScenePrompts:
-    """Global prompt plus one per region; each distinct (text, LoRA set) is one condition, encoded once.
-    A prompt's conditional and negative text both run with its LoRAs: the scene's, plus its region's."""
-    conditions: list[tuple[str, AdapterSet]] = []
+def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool = False) -> ScenePrompts:
+    """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance) is one condition,
+    encoded once. A prompt's conditional and negative text both run with its LoRAs: the scene's, plus its
+    region's. true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
+    unless above 1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
+    prompt's guidance_scale is embedded in its samples."""
+    conditions: list[tuple[str, AdapterSet, float | None]] = []
 
-    def index(text: str, adapters: AdapterSet) -> int:
-        if (text, adapters) not in conditions:
-            conditions.append((text, adapters))
-        return conditions.index((text, adapters))
+    def index(condition: tuple[str, AdapterSet, float | None]) -> int:
+        if condition not in conditions:
+            conditions.append(condition)
+        return conditions.index(condition)
 
     prompts = ScenePrompts([], [], [], [])
     entries = [("prompt", scene.prompt, None, None, [])] + [
@@ -100,12 +105,15 @@ def scene_prompts(scene: Scene) -> ScenePrompts:
     ]
     for label, text, negative, guidance, loras in entries:
         adapters = adapter_set([(str(scene.lora_path(lora).resolve()), lora.scale) for lora in scene.loras + loras])
+        guidance = scene.guidance_scale if guidance is None else guidance
+        embedded = guidance if embedded_guidance else None
         prompts.labels.append(label)
-        prompts.cond.append(index(scene.full_prompt(text), adapters))
-        prompts.negative.append(index(scene.negative_prompt if negative is None else negative, adapters))
-        prompts.guidance.append(scene.guidance_scale if guidance is None else guidance)
-    prompts.texts[:] = [text for text, _ in conditions]
-    prompts.adapters[:] = [adapters for _, adapters in conditions]
+        prompts.cond.append(index((scene.full_prompt(text), adapters, embedded)))
+        prompts.negative.append(index((scene.negative_prompt if negative is None else negative, adapters, embedded)))
+        prompts.guidance.append((scene.true_cfg_scale or 1.0) if true_cfg else guidance)
+    prompts.texts[:] = [text for text, _, _ in conditions]
+    prompts.adapters[:] = [adapters for _, adapters, _ in conditions]
+    prompts.embedded[:] = [embedded for _, _, embedded in conditions]
     return prompts
 
 
@@ -128,7 +136,8 @@ def encode_conditioning(model: Model, prompts: ScenePrompts, plan: RenderPlan):
     """The conditioning of each distinct condition, as the model's family encodes it for views of the
     plan's size; conditions with LoRAs (prompts.adapters) with their text-encoder LoRAs on."""
     view_px = tuple(cells * model.facts.cell_px for cells in plan.view_hw)
-    return model.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, view_px)
+    return model.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, view_px,
+                                   prompts.embedded)
 
 
 def decode_scene(model: Model, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
@@ -179,13 +188,13 @@ def render(
     noise = torch.randn((1, model.latent_channels, h, w), generator=generator).to(device)
 
     stage("encoding prompts")
-    prompts = scene_prompts(scene)
+    prompts = scene_prompts(scene, model.facts.embedded_guidance, model.embedded_guidance)
     lora_files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
     if lora_files:  # before any sampling: a LoRA that does not fit this model stops the render here
         model.load_loras(lora_files, allow_pickle)
     conditioning = encode_conditioning(model, prompts, plan)
     image_latents = changeable = None
-    start = first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
+    start = model.first_step(scene.steps, scene.strength) if scene.init_image is not None else 0
     if scene.init_image is not None:
         stage("encoding the init image")
         image_latents = picture_latents(scene, model, plan)

@@ -1,0 +1,102 @@
+"""FLUX.1-shaped models with random weights, built in code: `tiny-flux-random` (dev-shaped: guidance
+embedded), `tiny-flux-schnell-random` (schnell-shaped: no guidance embedding, no dynamic shift), and
+`flux-random` (FLUX.1's real width and heads, with fewer blocks: the bench's full-width model)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..catalog import FLUX_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM
+from .family import LoadedState
+from .flux import Flux
+from .names import TOKENIZER_WORDS
+
+T5_SPECIALS = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5's ids 0, 1, 2
+# flux-random: FLUX.1's width (24 heads of 128) and its text and pooled widths, with 2 of its 19 joint blocks
+# and 4 of its 38 single ones (the full depth does not fit a 24 GiB machine in float32): every table says so.
+FULL_WIDTH_BLOCKS = (2, 4)
+FULL_DEPTH_BLOCKS = (19, 38)
+
+
+def t5_tokenizer():
+    """A T5 Unigram tokenizer built in code from (piece, score) pairs: a piece for each of the ~1500 words
+    of tiny-random's tokenizer (names.TOKENIZER_WORDS), likelier than spelling it, and every printable
+    ASCII character, so every text encodes; no sentencepiece model file."""
+    from transformers import T5Tokenizer
+
+    words = [(f"\u2581{word}", -1.0 - i / len(TOKENIZER_WORDS)) for i, word in enumerate(TOKENIZER_WORDS)]
+    characters = [(chr(c), -10.0) for c in range(33, 127)] + [("\u2581", -5.0)]
+    return T5Tokenizer(vocab=T5_SPECIALS + words + characters, extra_ids=0)
+
+
+def flux_scheduler_config(schnell: bool = False) -> dict[str, Any]:
+    """The scheduler config FLUX.1-dev ships (schnell: a fixed shift of 1, no dynamic shifting)."""
+    shift = {"shift": 1.0, "use_dynamic_shifting": False} if schnell else {"shift": 3.0, "use_dynamic_shifting": True}
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15, **shift}
+
+
+def flux_vae(tiny: bool, sample_size: int):
+    """FLUX.1's AutoencoderKL shape (16 latent channels, no quant convs, its scaling and shift factors),
+    with random weights; tiny: 8 channels a level."""
+    from diffusers import AutoencoderKL
+
+    shape = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4} if tiny else {
+        "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16,
+        sample_size=sample_size, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False, **shape,
+    )
+
+
+def build_tiny_flux_random(seed: int = 0, schnell: bool = False, native_px: int = 256) -> Flux:
+    """FLUX.1-shaped components with small random weights (tests, `--model tiny-flux-random`): CLIP and T5
+    text encoders over tokenizers built in code, a two-block FluxTransformer2DModel (one joint, one single)
+    with rotary axes (4, 6, 6), the 16-channel VAE; native window native_px (FLUX.1's is 1024)."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from .random_weights import _TINY_TEXT, _clip_config, tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = tiny_tokenizer(), t5_tokenizer()
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0))
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=not schnell,
+                                             axes_dims_rope=(4, 6, 6))
+        vae = flux_vae(tiny=True, sample_size=native_px)
+    name = TINY_FLUX_SCHNELL_RANDOM if schnell else TINY_FLUX_RANDOM
+    return Flux(tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval(), transformer.eval(), vae.eval(),
+                LoadedState(model_id=name, scheduler_config=flux_scheduler_config(schnell), few_step_model=schnell))
+
+
+def build_flux_random(seed: int = 0, text_encoder: bool = False) -> Flux:
+    """FLUX.1-dev's full width (3072: 24 heads of 128, T5's 4096, CLIP's pooled 768) with FULL_WIDTH_BLOCKS of
+    its blocks and its full-size VAE, random weights. text_encoder: also a CLIP ViT-L-shaped encoder and a
+    one-layer T5 of T5-XXL's width over the built-in tokenizers, so `--model flux-random` renders scenes."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from .random_weights import FULL_VOCAB, _clip_config, tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizers, encoders = (None, None), (None, None)
+        if text_encoder:
+            tokenizers = (tiny_tokenizer(), t5_tokenizer())
+            encoders = (CLIPTextModel(_clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
+                        T5EncoderModel(T5Config(vocab_size=len(tokenizers[1]), d_model=4096, d_kv=64, d_ff=10240,
+                                                num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
+                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval())
+        transformer = FluxTransformer2DModel(num_layers=FULL_WIDTH_BLOCKS[0], num_single_layers=FULL_WIDTH_BLOCKS[1],
+                                             guidance_embeds=True)
+        vae = flux_vae(tiny=False, sample_size=1024)
+    return Flux(tokenizers[0], encoders[0], tokenizers[1], encoders[1], transformer.eval(), vae.eval(),
+                LoadedState(model_id=FLUX_RANDOM, scheduler_config=flux_scheduler_config()))
