@@ -734,7 +734,7 @@ def test_unicode_prompts_render_and_round_trip_through_the_metadata(tmp_path, pr
     assert recorded["style"] == f"《{prompt[:3]}》"
     assert recorded["regions"][0]["prompt"] == f"{prompt} — 区域"
     with Image.open(target) as image:
-        assert image.text["parameters"].splitlines()[0] == prompt
+        assert image.text["parameters"].splitlines()[0] == f"{prompt}, 《{prompt[:3]}》"  # as used: the style appended
     shown = run("inspect", target, "--json")
     assert shown.exit_code == 0 and json.loads(shown.stdout)["scene"]["prompt"] == prompt
 

@@ -72,6 +72,8 @@ def render(
                                    "[default: a free name, <scene>-<seed>-2.png]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Also load pickle weights (.bin, .ckpt, .pt): they can run code."),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Keep the text encoders on the CPU "
+                                           "but while they encode [default: where the weights need it]."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check",
                                          help="Render even when the memory estimate says it will not fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors and output paths."),
@@ -93,7 +95,8 @@ def render(
         request = BatchRequest(sources, overrides, seeds, output, output_dir, grid)
         settings = RunSettings(
             **_env_device(device), dtype=dtype, compile=compile_unet, allow_pickle=allow_pickle,
-            skip_existing=skip_existing, overwrite=overwrite, memory_check=not no_memory_check, preview_every=preview_every,
+            skip_existing=skip_existing, overwrite=overwrite, memory_check=not no_memory_check, offload=offload,
+            preview_every=preview_every,
             animation=animation, default_model=env_model(),
         )
         batch = len(sources) > 1 or bool(seeds)

@@ -10,7 +10,8 @@ from typing import Any
 
 _EXPORTS = {
     "Model": "family", "Conditioning": "conditioning", "AdapterSet": "conditioning",
-    "load_model": "loading", "cached_models": "loading", "CachedModels": "loading",
+    "load_model": "loading", "cached_models": "loading", "CachedModels": "loading", "weights_bytes": "loading",
+    "available_bytes": "device",
     "pick_device": "device", "pick_dtype": "device", "quiet_libraries": "device",
     "adapter_set": "lora_files",
     "build_random": "random_weights",

@@ -89,8 +89,8 @@ def _load_one(model: Model, path: Path, name: str, allow_pickle: bool) -> None:
             _delete(model, name)
             raise LoraError(f"LoRA {path}: not a LoRA for this model ({model.model_id}, "
                             f"{model.shape_label}): {_reason(exc, name, report)}") from None
-    for module in _modules(model):
-        module.to(model.device, model.dtype).requires_grad_(False)
+    for module in _modules(model):  # the new LoRA weights where their module is (an offloaded text encoder: the CPU)
+        module.to(next(module.parameters()).device, model.dtype).requires_grad_(False)
 
 
 def _reason(exc: Exception, name: str, report: list[str]) -> str:

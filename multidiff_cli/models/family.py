@@ -16,6 +16,7 @@ sampler (STYLE.md, *Families and noise schedules*). What a family provides:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class LoadedState:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     lora_state: Any = None  # the LoRAs loaded into its networks (models/adapters.py)
+    offload: bool = False  # the text encoders wait on the CPU between renders (Model.to)
 
 
 class Model(ABC):
@@ -52,6 +54,8 @@ class Model(ABC):
     denoiser_part: ClassVar[str]  # the network the sampler's samples run through ("unet", "transformer")
     text_parts: ClassVar[tuple[str, ...]]  # the text encoders, in order (LoRAs adapt them too)
     network_label: ClassVar[str] = "UNet"  # what messages call the denoiser
+    single_file_pipeline: ClassVar[str]  # the diffusers pipeline class whose from_single_file reads its checkpoints
+    single_file_kwargs: ClassVar[dict] = {}  # what that call takes besides the file and configs
 
     def __init__(self, state: LoadedState):
         self.state = state
@@ -98,17 +102,40 @@ class Model(ABC):
     def denoiser(self) -> torch.nn.Module:
         return self.networks()[self.denoiser_part]
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> Model:
+    def to(self, device: torch.device, dtype: torch.dtype, offload: bool = False) -> Model:
         """Move to `device`: every network in `dtype` but the VAE, which stays float32 (fp16 decodes
         overflow), except a VAE the scene's `vae:` names whose config says `force_upcast: false`
-        (diffusers' mark of a VAE safe in float16, such as madebyollin/sdxl-vae-fp16-fix)."""
+        (diffusers' mark of a VAE safe in float16, such as madebyollin/sdxl-vae-fp16-fix).
+
+        offload: the text encoders wait on the CPU and visit `device` only while they encode a render's
+        prompts (`encoding`): the device then holds the denoiser and the VAE, and the text encoders
+        only at the start of each render."""
         for name, module in self.networks().items():
             module_dtype = dtype
             if name == "vae" and not (self.state.vae_id is not None and getattr(module.config, "force_upcast", True) is False):
                 module_dtype = torch.float32
-            module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
-        self.state.device, self.state.dtype = device, dtype
+            home = torch.device("cpu") if offload and name in self.text_parts else device
+            module.to(device=home, dtype=module_dtype).eval().requires_grad_(False)
+        self.state.device, self.state.dtype, self.state.offload = device, dtype, offload and device.type != "cpu"
         return self
+
+    @contextlib.contextmanager
+    def encoding(self):
+        """The text encoders on the device for the prompts of a render, and back on the CPU after, when
+        they are offloaded (`to(offload=True)`)."""
+        if not self.state.offload:
+            yield
+            return
+        parts = [module for name, module in self.networks().items() if name in self.text_parts]
+        for module in parts:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in parts:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def speed_up(self, compile: bool = False) -> Model:
         """What measured faster for this family (none by default); `compile`: torch.compile the denoiser."""
@@ -154,7 +181,8 @@ class Model(ABC):
         def encode(group: list[str]) -> Conditioning:
             return self.encode_prompts(group, view_px)
 
-        conditioning = encode_by_set(self, texts, adapter_sets, encode) if any(adapter_sets) else encode(texts)
+        with self.encoding():
+            conditioning = encode_by_set(self, texts, adapter_sets, encode) if any(adapter_sets) else encode(texts)
         conditioning = conditioning.zeroed(self.zeroed_rows(texts, cond, negative), self.zeroed_tensors)
         return self.with_guidance(conditioning, guidance) if self.embedded_guidance and guidance else conditioning
 

@@ -66,7 +66,8 @@ class Flux(Model):
     denoiser_part: ClassVar[str] = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     network_label: ClassVar[str] = "transformer"
-    single_file_pipeline: ClassVar[str] = "FluxPipeline"
+    single_file_pipeline: ClassVar[str] = "FluxPipeline"  # a BFL/ComfyUI file holds the transformer (and maybe more)
+    single_file_kwargs: ClassVar[dict] = {}
     lora_pipeline: ClassVar[str] = "FluxPipeline"
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, state: LoadedState):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..catalog import (BUILT_IN, FAMILIES, PICKLE_SUFFIXES, Family, family_of_folder, is_few_step_model,
-                       is_single_file, looks_like_hub_id, read_json)
+from ..catalog import (BUILT_IN, FAMILIES, PICKLE_SUFFIXES, Family, cached_folder, family_of_folder,
+                       is_few_step_model, is_single_file, looks_like_hub_id, read_json, safetensors_header)
 from ..errors import ModelError, ModelNotFound, UsageError
 from .allocator import keep_freed_memory
 from .device import quiet_libraries
@@ -35,13 +35,15 @@ def load_model(
     model: str, device: torch.device, dtype: torch.dtype, compile: bool = False, allow_pickle: bool = False,
     config: str | None = None,
     vae: str | None = None,
+    offload: bool = False,
 ) -> Model:
     """Load `model` (its family detected from model_index.json or the checkpoint's keys) onto `device`.
 
     allow_pickle: also load pickle (.bin, .ckpt) weights, which can run code when loaded: only for
     models you trust, and only when asked for explicitly. config: for a single-file checkpoint, a
     diffusers folder or hub id with its configs (the scene's `model_config`).
-    vae: a diffusers VAE (folder or hub id) to use instead of the model's own (the scene's `vae:`)."""
+    vae: a diffusers VAE (folder or hub id) to use instead of the model's own (the scene's `vae:`).
+    offload: the text encoders wait on the CPU, on the device only while they encode (Model.to)."""
     quiet_libraries()
     if model in BUILT_IN:
         from .random_weights import build_random
@@ -57,7 +59,37 @@ def load_model(
         loaded.vae, loaded.state.vae_id = load_vae(vae, allow_pickle), vae
     if device.type == "cpu":
         keep_freed_memory()
-    return loaded.to(device, dtype).speed_up(compile)
+    return loaded.to(device, dtype, offload).speed_up(compile)
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1,
+                  "U8": 1, "BOOL": 1}
+
+
+def weights_bytes(model: str, dtype: torch.dtype) -> dict[str, int] | None:
+    """What a model's weights take on the device in `dtype`, per part ("transformer", "text_encoder_2",
+    ...; a single file: "checkpoint"), read from its safetensors headers before anything loads; None
+    where that cannot be told (a hub id not downloaded, a built-in model, pickles)."""
+    path = Path(model).expanduser()
+    folder = path if path.is_dir() else cached_folder(model) if looks_like_hub_id(model) else None
+    files = ({part: sorted((folder / part).glob("*.safetensors")) for part in _SUBFOLDERS if (folder / part).is_dir()}
+             if folder is not None else {"checkpoint": [path]} if path.suffix == ".safetensors" and path.is_file() else {})
+    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    sizes = {}
+    for part, paths in files.items():
+        total = 0
+        for file in paths:
+            header = safetensors_header(file) or {}
+            for name, tensor in header.items():
+                if name != "__metadata__" and isinstance(tensor, dict):
+                    count = 1
+                    for dim in tensor.get("shape", []):
+                        count *= dim
+                    total += count * (element if tensor.get("dtype", "F32").startswith(("F", "BF")) else
+                                      _ELEMENT_BYTES.get(tensor.get("dtype"), 4))
+        if total:
+            sizes[part] = total
+    return sizes or None
 
 
 def load_vae(vae: str, allow_pickle: bool = False):

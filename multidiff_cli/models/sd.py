@@ -78,6 +78,8 @@ class SD(Model):
         )
 
     single_file_pipeline: ClassVar[str] = "StableDiffusionPipeline"  # diffusers' class that reads its checkpoints
+    single_file_kwargs: ClassVar[dict] = {"safety_checker": None, "feature_extractor": None,
+                                          "requires_safety_checker": False}
 
     @classmethod
     def from_pipeline(cls, pipe, state: LoadedState) -> SD:

@@ -59,6 +59,7 @@ class SDXL(SD):
         )
 
     single_file_pipeline: ClassVar[str] = "StableDiffusionXLPipeline"
+    single_file_kwargs: ClassVar[dict] = {}
 
     @classmethod
     def from_pipeline(cls, pipe, state: LoadedState) -> SDXL:

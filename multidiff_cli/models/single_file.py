@@ -28,8 +28,7 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
     try:
         pipe = getattr(diffusers, cls.single_file_pipeline).from_single_file(
             str(path), config=str(config_folder) if config_folder is not None and config_folder.is_dir() else config,
-            local_files_only=constants.HF_HUB_OFFLINE, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
+            local_files_only=constants.HF_HUB_OFFLINE, **cls.single_file_kwargs,
         )
     except (OSError, ValueError, EnvironmentError) as exc:
         raise _no_config(path, model_id, config, exc) from None

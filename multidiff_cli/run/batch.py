@@ -16,8 +16,9 @@ from PIL import Image
 
 from .. import models
 from ..catalog import DEFAULT_MODEL, detect_family, is_single_file
-from ..errors import Interrupted, MultidiffError, RenderError
+from ..errors import Interrupted, MultidiffError, RenderError, TooLarge
 from ..output import OUTPUT_DIR
+from ..output.report import size_text
 from ..output.png import build_metadata, check_writable, read_metadata, write_gif, write_png
 from ..output.preview import contact_sheet
 from ..scene import Scene, checked_for
@@ -41,6 +42,7 @@ class RunSettings:
     skip_existing: bool = False
     overwrite: bool = False  # replace <scene>-<seed>.png rather than pick a free name
     memory_check: bool = True
+    offload: bool | None = None  # text encoders on the CPU between renders; None: where the weights need it
     preview_every: int | None = None
     animation: bool = False
     default_model: str = DEFAULT_MODEL  # for scenes that name none
@@ -196,7 +198,7 @@ class Renderer:
                 continue
             done.append(job)
 
-    def model(self, model: str, config: str | None = None, vae: str | None = None) -> models.Model:
+    def model(self, model: str, config: str | None = None, vae: str | None = None, label: str = "") -> models.Model:
         """Each model (with its configs and `vae:`) loads once per batch; a model that failed to load fails
         its other jobs at once. config: a single-file model's configs (the scene's model_config)."""
         key = _model_key(model, config, vae)
@@ -205,9 +207,10 @@ class Renderer:
             dtype = models.pick_dtype(self.device, self.settings.dtype,
                                       cuda_default=family.cuda_dtype if family is not None else "float16")
             try:
+                offload = self._offload(model, dtype, label)
                 self._models[key] = models.load_model(
                     model, self.device, dtype, compile=self.settings.compile,
-                    allow_pickle=self.settings.allow_pickle, config=config, vae=vae,
+                    allow_pickle=self.settings.allow_pickle, config=config, vae=vae, offload=offload,
                 )
             except MultidiffError as exc:
                 self._models[key] = exc
@@ -216,12 +219,37 @@ class Renderer:
             raise found
         return found
 
+    def _offload(self, model: str, dtype, label: str) -> bool:
+        """Whether the text encoders wait on the CPU (--offload; auto: where the weights would not fit the
+        device's free memory with them, and do without). A model whose weights cannot fit is refused
+        here, before anything loads (TooLarge, exit 2), unless --no-memory-check."""
+        asked = self.settings.offload
+        sizes = models.weights_bytes(model, dtype) if self.settings.memory_check else None
+        free = models.available_bytes(self.device) if sizes else None
+        if not sizes or free is None:
+            return bool(asked)
+        text = sum(size for part, size in sizes.items() if part.startswith("text_encoder"))
+        total = sum(sizes.values())
+        offload = asked if asked is not None else (self.device.type != "cpu" and total > 0.9 * free and
+                                                    total - text <= 0.9 * free)
+        if offload and asked is None:
+            self.emit(Event("note", label, text=f"the text encoders wait on the CPU between renders (--offload): "
+                            f"with them the weights take {size_text(total)}, {size_text(free)} is free"))
+        need = total - text if offload and self.device.type != "cpu" else total
+        if need > 0.9 * free:
+            dtype_name = str(dtype).removeprefix("torch.")
+            advice = "--dtype bfloat16 (half of float32)" if dtype_name == "float32" else "a device with more memory"
+            raise TooLarge(f"{model}'s weights take about {size_text(need)} in {dtype_name}, but {self.device} has "
+                           f"{size_text(free)} free: use {advice}"
+                           f"{'' if offload or not text else ', or --offload'}; --no-memory-check loads anyway")
+        return offload
+
     def _render(self, job: RenderJob, label: str) -> None:
         scene = job.scene
         loading = _model_key(scene.model, scene.model_config_, scene.vae) not in self._models
         if loading:
             self.emit(Event("stage", label, text=f"loading {job.model_given or scene.model}"))
-        model = self.model(scene.model, scene.model_config_, scene.vae)
+        model = self.model(scene.model, scene.model_config_, scene.vae, label)
         scene = checked_for(scene, model.facts, job.source.name, model.few_step_model)  # its family's, if not yet
         if loading and scene.model_config_ and not is_single_file(scene.model):
             self.emit(Event("note", label, text=f"model_config {scene.model_config_} is ignored: it gives the "
