@@ -111,6 +111,18 @@ TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM,  # e
                                "flux": TINY_FLUX_RANDOM}
 FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM,  # each family's full-size one (gpu-check)
                                     "flux": FLUX_RANDOM}
+# flux-random: FLUX.1's width (24 heads of 128), text and pooled widths, with fewer of its (joint, single) blocks:
+# the full depth (19, 38) does not fit a 24 GiB machine in float32. Every table that shows it says so.
+FLUX_RANDOM_BLOCKS, FLUX_BLOCKS = (2, 4), (19, 38)
+BUILT_IN_NOTES: dict[str, str] = {
+    FLUX_RANDOM: f"FLUX.1's width, {FLUX_RANDOM_BLOCKS[0]} of {FLUX_BLOCKS[0]} joint and {FLUX_RANDOM_BLOCKS[1]} of "
+                 f"{FLUX_BLOCKS[1]} single blocks",
+}
+
+
+def model_label(model: str) -> str:
+    """A model's name for tables, with what a built-in random model is not of the real one's."""
+    return f"{model} ({BUILT_IN_NOTES[model]})" if model in BUILT_IN_NOTES else model
 # Hub models whose family is known before they are downloaded (their model_index.json says the same).
 HUB_FAMILIES: dict[str, str] = {
     DEFAULT_MODEL: "sd", "stabilityai/stable-diffusion-2-1-base": "sd", "stabilityai/stable-diffusion-2-1": "sd",

@@ -95,7 +95,7 @@ def test_metadata_and_inspect_show_the_samples_per_call(write_scene, tmp_path):
         assert batch["auto"] is auto and (batch["samples_per_call"] == 3 or auto) and batch["samples_per_call"] >= 1
         shown = CliRunner().invoke(app, ["inspect", str(out)]).stdout
         label = "auto" if auto else "max_batch"
-        assert f"unet_samples_per_call: {batch['samples_per_call']} ({label})" in shown
+        assert f"samples_per_call: {batch['samples_per_call']} ({label})" in shown
 
 
 def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(tmp_path):

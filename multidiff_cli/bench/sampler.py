@@ -41,7 +41,7 @@ class BenchConfig:
     regions: int = 3
     steps: int = 4
     bootstrap_steps: int = 0
-    scheduler: str = "ddim"
+    scheduler: str = "ddim"  # bench_config sets the model family's
     guidance_scale: float = 7.5
     device: str = "cpu"
     dtype: str = "float32"
@@ -69,13 +69,15 @@ class PathResult:
     unet_batch: dict[str, Any] = field(default_factory=dict)  # samples_per_call, and whether auto chose it
 
 
-def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int, scheduler: str,
-                 device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
+def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int,
+                 scheduler: str | None, device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
                  device_source: str = "--device", loras: int = 0) -> BenchConfig:
-    """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere."""
+    """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere;
+    the model family's scheduler, guidance and CUDA dtype."""
     if model not in BENCH_MODELS:
         raise UsageError(f"--model: the bench builds its own random model: {', '.join(BENCH_MODELS)}, not {model!r}")
     family = FAMILIES[BUILT_IN[model]]
+    scheduler = scheduler or family.default_scheduler
     if scheduler not in family.scheduler_names:
         raise UsageError(f"--scheduler: {family.label} models take {', '.join(family.scheduler_names)}, not {scheduler!r}")
     torch_device = pick_device(device, source=device_source)
@@ -90,7 +92,8 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
         raise UsageError(f"--loras: at most --regions ({regions}): each LoRA belongs to one region")
     return BenchConfig(
         model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
-        device=str(torch_device), dtype=str(pick_dtype(torch_device, dtype)).removeprefix("torch."),
+        guidance_scale=family.default_guidance, device=str(torch_device),
+        dtype=str(pick_dtype(torch_device, dtype, cuda_default=family.cuda_dtype)).removeprefix("torch."),
         compile=compile, max_batch=max_batch, loras=loras,
     )
 
@@ -112,23 +115,27 @@ def bench_scene(config: BenchConfig, model: Model, view_px: tuple[int, int]):
     width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
     weights = region_weights([torch.from_numpy(box_cells(b, latent_hw)) for b in boxes], latent_hw)
+    embedded = model.facts.embedded_guidance  # FLUX.1: guidance is an input of the network, no CFG pass
     prompts = Prompts(
         texts=[f"text {i}" for i in range(config.regions + 2)],
         cond=list(range(config.regions + 1)),
         negative=[config.regions + 1] * (config.regions + 1),
-        guidance=[config.guidance_scale] * (config.regions + 1),
+        guidance=[1.0 if embedded else config.guidance_scale] * (config.regions + 1),
     )
     conditioning = model.random_conditioning(len(prompts.texts), view_px, torch.Generator().manual_seed(1))
+    if model.embedded_guidance:
+        conditioning = model.with_guidance(conditioning, [config.guidance_scale] * len(prompts.texts))
     return weights, prompts, conditioning
 
 
 def authors_loop(noise, schedule, run, weights, prompts, conditioning, bootstrap_steps, backgrounds, generator):
     """The authors' region_based.py, generalised: every prompt its own unconditional and conditional
-    sample and its own schedule step (a schedule copy each, for multistep solvers), then the
-    mask-weighted average of the stepped latents."""
+    sample (conditional only, without guidance: FLUX.1-dev) and its own schedule step (a schedule copy
+    each, for multistep solvers), then the mask-weighted average of the stepped latents."""
     count = weights.shape[0]
     schedules = [copy.deepcopy(schedule) for _ in range(count)]
-    texts = conditioning[prompts.negative + prompts.cond]
+    guided = max(prompts.guidance) > 1
+    texts = conditioning[prompts.negative + prompts.cond] if guided else conditioning[prompts.cond]
     x = schedule.initial(noise)
     for i, t in enumerate(schedule.timesteps):
         inputs = x.expand(count, *x.shape[1:])
@@ -136,10 +143,12 @@ def authors_loop(noise, schedule, run, weights, prompts, conditioning, bootstrap
             noised = schedule.noised(backgrounds[i].expand(count - 1, *x.shape[1:]), noise, i)
             inputs = torch.cat([x, bootstrap_inputs(x, weights[1:], noised)])
         scaled = schedule.model_input(inputs, i)
-        out = run(torch.cat([scaled, scaled]), t, texts)
-        uncond, cond = out.chunk(2)
-        guidance = torch.tensor(prompts.guidance, device=x.device).reshape(-1, 1, 1, 1)
-        eps = uncond + guidance * (cond - uncond)
+        if guided:
+            uncond, cond = run(torch.cat([scaled, scaled]), t, texts).chunk(2)
+            guidance = torch.tensor(prompts.guidance, device=x.device).reshape(-1, 1, 1, 1)
+            eps = uncond + guidance * (cond - uncond)
+        else:
+            eps = run(scaled, t, texts)
         state = generator.get_state()
         stepped = []
         for p in range(count):
@@ -186,7 +195,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
             inputs, requests, _, _ = step_requests(noise, weights, views)
             guided_denoiser(run, conditioning, prompts)(inputs, t0, requests)
         else:
-            run(noise.expand(2 * weights.shape[0], *noise.shape[1:]), t0, conditioning[prompts.negative + prompts.cond])
+            rows = prompts.negative + prompts.cond if max(prompts.guidance) > 1 else prompts.cond
+            run(noise.expand(len(rows), *noise.shape[1:]), t0, conditioning[rows])
     timer = _UNetTimer(run, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -247,13 +247,15 @@ def smoke(
 
 @app.command(cls=_Command)
 def bench(
-    model: str = typer.Option("sd2-random", "--model", help="sd2-random, sdxl-random (full size), tiny(-sdxl)-random."),
+    model: str = typer.Option("sd2-random", "--model", help="sd2-random, sdxl-random (full size), flux-random (FLUX.1's "
+                              "width, fewer blocks), tiny-random, tiny-sdxl-random, tiny-flux-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
     bootstrap_steps: int = typer.Option(0, "--bootstrap-steps", min=0, help="Bootstrap steps (all prompts' passes differ)."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="Scheduler name, as in scenes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler name, as in scenes "
+                                            "[default: the model family's]."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu [default: the best present]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: as render]."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),

@@ -7,16 +7,12 @@ from typing import Any
 
 import torch
 
-from ..catalog import FLUX_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM
+from ..catalog import FLUX_RANDOM, FLUX_RANDOM_BLOCKS, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM
 from .family import LoadedState
 from .flux import Flux
 from .names import TOKENIZER_WORDS
 
 T5_SPECIALS = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5's ids 0, 1, 2
-# flux-random: FLUX.1's width (24 heads of 128) and its text and pooled widths, with 2 of its 19 joint blocks
-# and 4 of its 38 single ones (the full depth does not fit a 24 GiB machine in float32): every table says so.
-FULL_WIDTH_BLOCKS = (2, 4)
-FULL_DEPTH_BLOCKS = (19, 38)
 
 
 def t5_tokenizer():
@@ -78,7 +74,7 @@ def build_tiny_flux_random(seed: int = 0, schnell: bool = False, native_px: int 
 
 
 def build_flux_random(seed: int = 0, text_encoder: bool = False) -> Flux:
-    """FLUX.1-dev's full width (3072: 24 heads of 128, T5's 4096, CLIP's pooled 768) with FULL_WIDTH_BLOCKS of
+    """FLUX.1-dev's full width (3072: 24 heads of 128, T5's 4096, CLIP's pooled 768) with FLUX_RANDOM_BLOCKS of
     its blocks and its full-size VAE, random weights. text_encoder: also a CLIP ViT-L-shaped encoder and a
     one-layer T5 of T5-XXL's width over the built-in tokenizers, so `--model flux-random` renders scenes."""
     from diffusers import FluxTransformer2DModel
@@ -95,7 +91,7 @@ def build_flux_random(seed: int = 0, text_encoder: bool = False) -> Flux:
                         T5EncoderModel(T5Config(vocab_size=len(tokenizers[1]), d_model=4096, d_kv=64, d_ff=10240,
                                                 num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
                                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval())
-        transformer = FluxTransformer2DModel(num_layers=FULL_WIDTH_BLOCKS[0], num_single_layers=FULL_WIDTH_BLOCKS[1],
+        transformer = FluxTransformer2DModel(num_layers=FLUX_RANDOM_BLOCKS[0], num_single_layers=FLUX_RANDOM_BLOCKS[1],
                                              guidance_embeds=True)
         vae = flux_vae(tiny=False, sample_size=1024)
     return Flux(tokenizers[0], encoders[0], tokenizers[1], encoders[1], transformer.eval(), vae.eval(),

@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 from rich.table import Table
 
+from ..catalog import model_label
 from ..scene.paths import named_files, rebase_paths
 from .png import record_base_dir, write_atomic
 
@@ -21,11 +22,11 @@ def size_text(size_bytes: float) -> str:
 def bench_table(report: dict[str, Any]) -> Table:
     config = report["config"]
     table = Table(title=(
-        f"{config['model']} {config['size_px']}x{config['size_px']}, {config['regions']} regions, "
+        f"{model_label(config['model'])} {config['size_px']}x{config['size_px']}, {config['regions']} regions, "
         f"{config['steps']} steps ({config['bootstrap_steps']} bootstrap), {config['scheduler']}, "
         f"{config['dtype']} on {config['device']} ({report['device_name']}, {report['torch_threads']} threads)"
     ))
-    for column in ("path", "UNet samples/step", "samples/call", "s/step", "sampling s", "non-UNet share", "peak memory"):
+    for column in ("path", "samples/step", "samples/call", "s/step", "sampling s", "non-network share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
     labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
               "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRA{'' if config.get('loras', 0) == 1 else 's'}"}
@@ -56,9 +57,9 @@ def bench_summary(report: dict[str, Any]) -> str:
 
 def sweep_table(report: dict[str, Any]) -> Table:
     config = report["config"]
-    table = Table(title=f"multidiff, {config['model']}, height {config['size_px']}, {config['regions']} regions, "
+    table = Table(title=f"multidiff, {model_label(config['model'])}, height {config['size_px']}, {config['regions']} regions, "
                         f"{config['steps']} steps, {config['dtype']} on {config['device']}")
-    for column in ("width px", "views", "UNet samples/step", "s/step", "peak memory"):
+    for column in ("width px", "views", "samples/step", "s/step", "peak memory"):
         table.add_column(column, justify="right")
     for row in report["widths"]:
         table.add_row(str(row["width_px"]), str(row["views"]), f"{row['unet_samples_per_step']:.1f}",
@@ -114,7 +115,7 @@ def metadata_text(record: dict[str, Any], image: Path) -> str:
         "device": record.get("device"),
         "dtype": record.get("dtype"),
         "render_seconds": record.get("render_seconds"),
-        "unet_samples_per_call": unet_batch_text(record.get("unet_batch")),
+        "samples_per_call": unet_batch_text(record.get("unet_batch")),
         "created": record.get("created"),
         "family": record.get("family"),
         "scene_file": record.get("scene_file"),
