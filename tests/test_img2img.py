@@ -2,8 +2,6 @@
 from a noised picture against a per-prompt reference loop, the picture's canvas, files and metadata."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from multidiff_cli.run import render as render_module
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
 from multidiff_cli.scene.grid import box_cells
+from reference import reference_multidiffusion
 
 SIZE_PX = 64  # 8x8 latent cells: one view, fast
 STEPS, STRENGTH, GUIDANCE = 6, 0.5, 7.5
@@ -118,28 +117,6 @@ def per_request(inputs, t, requests):
     return torch.stack([prompt_eps(p, inputs[i]) for i, p in requests])
 
 
-def reference_from_picture(scheduler_name, image, noise, weights, start, bootstrap_steps, backgrounds):
-    """The paper as written, started from the picture noised to the first step run: each prompt steps its
-    own scheduler copy, then the steps are averaged by W; bootstrapping counts from the first step run."""
-    scheduler = make_scheduler(scheduler_name, sd2_scheduler_config())
-    scheduler.set_timesteps(STEPS)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
-    timesteps = scheduler.timesteps[start:]
-    x = scheduler.add_noise(image, noise, timesteps[:1])
-    copies = [copy.deepcopy(scheduler) for _ in range(weights.shape[0])]
-    for i, t in enumerate(timesteps):
-        noised = [copies[0].add_noise(bg.expand_as(x), noise, t.reshape(1)) for bg in backgrounds[min(i, len(backgrounds) - 1)]]
-        stepped = []
-        for p, own in enumerate(copies):
-            inp = x
-            if p > 0 and i < bootstrap_steps:
-                inp = weights[p] * x + (1 - weights[p]) * noised[p - 1]
-            stepped.append(own.step(prompt_eps(p, own.scale_model_input(inp, t)), t, inp).prev_sample)
-        x = (weights * torch.cat(stepped)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
-    return x
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
 def test_regions_over_a_picture_equal_the_per_prompt_reference_loop(scheduler, assert_close_batched):
     weights = region_weights([box_cells(b, (H, W)) for b in BOXES], (H, W))
@@ -148,11 +125,18 @@ def test_regions_over_a_picture_equal_the_per_prompt_reference_loop(scheduler, a
     backgrounds = torch.randn((2, len(BOXES), 4, 1, 1), generator=torch.Generator().manual_seed(3))
     start = first_step(STEPS, STRENGTH)
     assert start == 3
-    fused_scheduler = make_scheduler(scheduler, sd2_scheduler_config())
-    fused_scheduler.set_timesteps(STEPS)
-    fused = multidiffusion(noise, DiffusionSchedule(fused_scheduler), per_request, weights, bootstrap_steps=2, backgrounds=backgrounds,
+
+    def schedule():
+        built = make_scheduler(scheduler, sd2_scheduler_config())
+        built.set_timesteps(STEPS)
+        return DiffusionSchedule(built)
+
+    fused = multidiffusion(noise, schedule(), per_request, weights, bootstrap_steps=2, backgrounds=backgrounds,
                            start_step=start, init_latents=image)
-    reference = reference_from_picture(scheduler, image, noise, weights, start, 2, backgrounds)
+    # the paper as written, started from the picture noised to the first step run; bootstrapping counts from it
+    reference = reference_multidiffusion(lambda p, x, t: prompt_eps(p, x), noise, schedule(), weights,
+                                         bootstrap_steps=2, backgrounds=backgrounds, start_step=start,
+                                         init_latents=image)
     assert_close_batched(fused, reference, steps=STEPS - start)
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from multidiff_cli.errors import LoraError
 from multidiff_cli.method.guidance import guided_denoiser
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.sampler import fuse_views
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.views import full_view
@@ -21,6 +22,7 @@ from multidiff_cli.models.adapters import load_loras
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
+from reference import guided, reference_multidiffusion
 
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
@@ -143,28 +145,27 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
     scene = load_scene(write_scene(REGION_SCENE.format(alice=alice.name)))
     ours = render(scene, model, seed=3).latents
 
-    # the oracle: two models, one with the LoRA loaded by diffusers' own pipeline, one bare
-    bare, with_lora = fresh_model(), fresh_model()
-    pipe = pipeline(with_lora)
-    pipe.load_lora_weights(str(alice), adapter_name="alice")
-    pipe.set_adapters(["alice"], [0.9])
-    per_prompt = [(with_lora if p == 1 else bare, text) for p, text in
-                  enumerate(["a street", "a woman with red hair", "a man"])]
-    weights = scene_weights(scene)
-    scheduler = make_scheduler("ddim", bare.scheduler_config)
-    scheduler.set_timesteps(2)
-    x = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
+    # the oracle: the reference loop over two models, one with the LoRA loaded by diffusers' own pipeline, one
+    # bare; each prompt encoded by its pipeline's encode_prompt, its own UNet calls and its own step
+    bare, with_lora = pipeline(fresh_model()), pipeline(fresh_model())
+    with_lora.load_lora_weights(str(alice), adapter_name="alice")
+    with_lora.set_adapters(["alice"], [0.9])
+    pipes = [bare, with_lora, bare]
     with torch.inference_mode():
-        for t in scheduler.timesteps:
-            eps = []
-            for components, text in per_prompt:
-                cond, uncond = components.encode_prompts([text], (512, 512)).get("hidden_states"), components.encode_prompts(["blurry"], (512, 512)).get("hidden_states")
-                c = components.unet(x, t, encoder_hidden_states=cond).sample
-                u = components.unet(x, t, encoder_hidden_states=uncond).sample
-                eps.append(u + 7.5 * (c - u))
-            fused = (weights * torch.cat(eps)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
-            x = scheduler.step(fused, t, x).prev_sample
-    assert_close_batched(ours, x, guidance=7.5, steps=2)
+        encoded = [pipe.encode_prompt(text, torch.device("cpu"), 1, True, negative_prompt="blurry")
+                   for pipe, text in zip(pipes, ["a street", "a woman with red hair", "a man"])]
+
+        def model_output(p, x, t):
+            cond, uncond = encoded[p]
+            unet = pipes[p].unet
+            return guided(unet(x, t, encoder_hidden_states=uncond).sample,
+                          unet(x, t, encoder_hidden_states=cond).sample, 7.5)
+
+        schedule = DiffusionSchedule(make_scheduler("ddim", bare.scheduler.config))
+        schedule.set_timesteps(2)
+        noise = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
+        reference = reference_multidiffusion(model_output, noise, schedule, scene_weights(scene))
+    assert_close_batched(ours, reference, guidance=7.5, steps=2)
 
 
 def one_step(components, scene, samples_per_call=1):

@@ -1,9 +1,6 @@
 """The fused sampler against a plain, obviously-correct per-prompt reference loop (the paper's Eq. 5)."""
 from __future__ import annotations
 
-import copy
-import inspect
-
 import pytest
 import torch
 
@@ -14,6 +11,7 @@ from multidiff_cli.method.views import full_view
 from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
 from multidiff_cli.scene.grid import box_cells
+from reference import reference_multidiffusion
 
 H, W = 12, 20  # latent cells: non-square, so x and y cannot be swapped unnoticed
 BOXES = [(0, 0, 64, 96), (48, 16, 160, 64), (96, 56, 152, 96)]  # pixels; the first two overlap
@@ -21,34 +19,6 @@ BOXES = [(0, 0, 64, 96), (48, 16, 160, 64), (96, 56, 152, 96)]  # pixels; the fi
 
 def weights_for(boxes=BOXES):
     return region_weights([box_cells(b, (H, W)) for b in boxes], (H, W))
-
-
-def reference_loop(eps_of, noise, scheduler, weights, bootstrap_steps, backgrounds, per_prompt_schedulers, generator=None):
-    """The paper as written: each prompt takes its own scheduler step, then the steps are averaged by W.
-
-    eps_of(p, x): prompt p's model output on x."""
-    prompts = weights.shape[0]
-    schedulers = [copy.deepcopy(scheduler) for _ in range(prompts)] if per_prompt_schedulers else [scheduler] * prompts
-    state = generator.get_state() if generator is not None else None
-    x = noise * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
-        stepped = []
-        for p in range(prompts):
-            inp = x
-            if p > 0 and i < bootstrap_steps:
-                bg = scheduler.add_noise(backgrounds[i, p - 1].expand_as(x), noise, t.reshape(1))
-                inp = weights[p] * x + (1 - weights[p]) * bg
-            eps = eps_of(p, schedulers[p].scale_model_input(inp, t))
-            kwargs = {}
-            if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
-                # every prompt's step draws the same noise, as the one fused step does
-                generator.set_state(state)
-                kwargs["generator"] = generator
-            stepped.append(schedulers[p].step(eps, t, inp, **kwargs).prev_sample)
-        state = generator.get_state() if generator is not None else None
-        stacked = torch.cat(stepped)
-        x = (weights * stacked).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
-    return x
 
 
 def scheduler_for(name: str, steps: int, prediction_type: str = "epsilon"):
@@ -68,9 +38,9 @@ def test_fused_step_equals_per_prompt_steps_ddim(bootstrap_steps, prediction_typ
         noise, DiffusionSchedule(scheduler_for("ddim", 8, prediction_type)), per_request_denoiser, weights,
         bootstrap_steps=bootstrap_steps, backgrounds=backgrounds,
     )
-    reference = reference_loop(
-        prompt_eps, noise, scheduler_for("ddim", 8, prediction_type), weights, bootstrap_steps, backgrounds,
-        per_prompt_schedulers=False,
+    reference = reference_multidiffusion(
+        lambda p, x, t: prompt_eps(p, x), noise, DiffusionSchedule(scheduler_for("ddim", 8, prediction_type)), weights,
+        bootstrap_steps=bootstrap_steps, backgrounds=backgrounds,
     )
     assert_close_batched(fused, reference, steps=8)  # fusing before or after the affine step: another order
 
@@ -85,11 +55,10 @@ def test_one_scheduler_state_equals_per_prompt_copies(name, prompt_eps, per_requ
         noise, DiffusionSchedule(scheduler_for(name, 6)), per_request_denoiser, weights, bootstrap_steps=2, backgrounds=backgrounds,
         generator=torch.Generator().manual_seed(4),
     )
-    scheduler = scheduler_for(name, 6)
-    order = scheduler.order  # Heun visits each step twice; bootstrapping counts steps
-    reference = reference_loop(
-        prompt_eps, noise, scheduler, weights, 2 * order, backgrounds.repeat_interleave(order, 0),
-        per_prompt_schedulers=True, generator=torch.Generator().manual_seed(4),
+    scheduler = scheduler_for(name, 6)  # Heun visits each step twice: len(timesteps) counts evaluations
+    reference = reference_multidiffusion(
+        lambda p, x, t: prompt_eps(p, x), noise, DiffusionSchedule(scheduler), weights, bootstrap_steps=2,
+        backgrounds=backgrounds, generator=torch.Generator().manual_seed(4),
     )
     assert_close_batched(fused, reference, steps=len(scheduler.timesteps))
 
@@ -230,14 +199,15 @@ def test_centering_lets_each_region_see_the_frame_centre():
 
 
 def test_per_step_weights_are_used_step_by_step():
-    """(steps, P, 1, h, w) weights: step i fuses with its own set."""
+    """(steps, P, 1, h, w) weights: step i asks only for the prompts with weight in its own set, and fuses
+    with that set."""
     all_global = region_weights([torch.zeros(H, W)], (H, W))
     all_region = region_weights([torch.ones(H, W)], (H, W))
     per_step = torch.stack([all_global, all_region, all_region])
-    calls = []
+    requested = []
 
     def constant(inputs, t, requests):
-        calls.append(len(calls))
+        requested.append([p for _, p in requests])
         return torch.stack([torch.full(inputs.shape[1:], 1.0 if p == 0 else -1.0) for _, p in requests])
 
     scheduler = scheduler_for("ddim", 3)
@@ -245,4 +215,5 @@ def test_per_step_weights_are_used_step_by_step():
     original = scheduler.step
     scheduler.step = lambda eps, t, x, **kw: fused.append(float(eps.mean())) or original(eps, t, x, **kw)
     multidiffusion(torch.zeros(1, 4, H, W), DiffusionSchedule(scheduler), constant, per_step)
+    assert requested == [[0], [1], [1]]  # step 0: the global prompt alone has weight; then the region alone
     assert fused == [1.0, -1.0, -1.0]

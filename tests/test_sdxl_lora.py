@@ -4,8 +4,6 @@ a scene LoRA renders as diffusers' StableDiffusionXLPipeline with that LoRA, and
 equals a per-prompt loop with the LoRA on that prompt alone."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,6 +11,7 @@ from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
 from multidiff_cli.errors import LoraError
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.models.device import quiet_libraries
 from multidiff_cli.models.adapters import _tuner_layers, load_loras
@@ -20,6 +19,7 @@ from multidiff_cli.models.random_weights import build_tiny_sdxl_random
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import render, scene_weights
 from multidiff_cli.scene import load_scene
+from reference import guided, reference_multidiffusion
 
 CPU = torch.device("cpu")
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
@@ -172,26 +172,25 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
     with_lora.load_lora_weights(str(alice), adapter_name="alice")
     with_lora.set_adapters(["alice"], [0.9])
     prompts = [(bare, "a street"), (with_lora, "a woman with red hair"), (bare, "a man")]
-    scheduler = make_scheduler("ddim", bare.scheduler.config)
-    scheduler.set_timesteps(2)
-    schedulers = [copy.deepcopy(scheduler) for _ in prompts]
+    schedule = DiffusionSchedule(make_scheduler("ddim", bare.scheduler.config))
+    schedule.set_timesteps(2)
     # the canvas is smaller than the UNet's 128 px window: one view, conditioned as a whole 64x96 picture
     ids = bare._get_add_time_ids((64, 96), (0, 0), (64, 96), torch.float32,
                                  text_encoder_projection_dim=bare.text_encoder_2.config.projection_dim)
-    weights = scene_weights(scene)
-    x = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
+    noise = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
     with torch.inference_mode():
         encoded = [pipe.encode_prompt(text, device=CPU, negative_prompt=negative or None) for pipe, text in prompts]
-        for t in scheduler.timesteps:
-            stepped = []
-            for p, ((pipe, _), (cond, uncond, pooled, uncond_pooled)) in enumerate(zip(prompts, encoded)):
-                def eps(hidden, text_embeds):
-                    return pipe.unet(x, t, encoder_hidden_states=hidden,
-                                     added_cond_kwargs={"text_embeds": text_embeds, "time_ids": ids}).sample
 
-                e_c, e_u = eps(cond, pooled), eps(uncond, uncond_pooled)
-                stepped.append(schedulers[p].step(e_u + 6.0 * (e_c - e_u), t, x).prev_sample)
-            x = (weights * torch.cat(stepped)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
+        def model_output(p, x, t):
+            (pipe, _), (cond, uncond, pooled, uncond_pooled) = prompts[p], encoded[p]
+
+            def eps(hidden, text_embeds):
+                return pipe.unet(x, t, encoder_hidden_states=hidden,
+                                 added_cond_kwargs={"text_embeds": text_embeds, "time_ids": ids}).sample
+
+            return guided(eps(uncond, uncond_pooled), eps(cond, pooled), 6.0)
+
+        x = reference_multidiffusion(model_output, noise, schedule, scene_weights(scene))
     assert_close_batched(ours, x, guidance=6.0, steps=2)
 
 

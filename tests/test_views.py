@@ -7,12 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multidiff_cli.method.schedule import DiffusionSchedule
-from multidiff_cli.method.sampler import bootstrap_inputs, multidiffusion
+from multidiff_cli.method.sampler import multidiffusion
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.views import axis_starts, make_views
 from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
 from multidiff_cli.scene.grid import box_cells
+from reference import reference_multidiffusion
 
 
 @settings(max_examples=300, deadline=None)
@@ -67,49 +68,27 @@ H, W = 16, 48  # latent cells; windows of 16 at stride 8 -> 5 views
 BOXES = [(0, 0, 96, 128), (160, 32, 320, 96), (288, 0, 384, 128)]
 
 
-def reference_views_loop(eps_of, noise, scheduler, weights, views, bootstrap_steps, backgrounds):
-    """The paper's panorama equation as written: every (view, prompt) takes its own scheduler step
-    on its crop, and each canvas cell averages the stepped crops that cover it, by prompt weight.
-
-    eps_of(p, x): prompt p's model output on x."""
-    x = noise * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
-        boot = None
-        if i < bootstrap_steps:
-            noised = scheduler.add_noise(backgrounds[i].expand(3, *x.shape[1:]), noise.expand(3, *x.shape[1:]), t.reshape(1))
-            boot = bootstrap_inputs(x, weights[1:], noised)
-        value, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-        for view in views:
-            for p in range(weights.shape[0]):
-                w = view.crop(weights[p])
-                if not w.any():
-                    continue
-                inp = view.crop(x)[0] if boot is None or p == 0 else view.crop(boot[p - 1])
-                eps = eps_of(p, scheduler.scale_model_input(inp, t))
-                stepped = scheduler.step(eps[None], t, inp[None]).prev_sample[0]
-                view.add_to(value[0], w * stepped)
-                view.add_to(count[0], w)
-        x = value / count
-    return x
-
-
 @pytest.mark.parametrize("bootstrap_steps", [0, 2])
 @pytest.mark.parametrize("wrap", [False, True])
-def test_fused_views_equal_a_per_view_per_prompt_reference_loop(bootstrap_steps, wrap, prompt_eps, per_request_denoiser,
-                                                               assert_close_batched):
+@pytest.mark.parametrize("name", ["ddim", "dpm++"])
+def test_fused_views_equal_a_per_view_per_prompt_reference_loop(bootstrap_steps, wrap, name, prompt_eps,
+                                                               per_request_denoiser, assert_close_batched):
+    """Every (view, prompt) its own schedule copy in the reference: a multistep solver's one state over the
+    fused canvas holds too (diffusers' panorama pipeline keeps a copy per view instead)."""
     weights = region_weights([box_cells(b, (H, W)) for b in BOXES], (H, W))
     views = make_views((H, W), 16, 8, wrap)
     noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(0))
     backgrounds = torch.randn((2, 3, 4, 1, 1), generator=torch.Generator().manual_seed(1))
 
     def scheduler():
-        s = make_scheduler("ddim", sd2_scheduler_config())
+        s = make_scheduler(name, sd2_scheduler_config())
         s.set_timesteps(6)
         return s
 
     fused = multidiffusion(noise, DiffusionSchedule(scheduler()), per_request_denoiser, weights, views=views,
                            bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
-    reference = reference_views_loop(prompt_eps, noise, scheduler(), weights, views, bootstrap_steps, backgrounds)
+    reference = reference_multidiffusion(lambda p, x, t: prompt_eps(p, x), noise, DiffusionSchedule(scheduler()), weights,
+                                         views=views, bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
     assert_close_batched(fused, reference, steps=6)  # fusing before or after the affine step: another order
 
 
