@@ -184,6 +184,9 @@ class SD(Model):
         return converted
 
     def lora_mismatch(self, converted):
+        if any(key.startswith("transformer.") or "double_blocks" in key or "single_transformer_blocks" in key
+               for key in converted):
+            return "it names a transformer's blocks (double_blocks, single_transformer_blocks): a FLUX LoRA?"
         if any(key.startswith("text_encoder_2.") for key in converted):
             return ("it has layers for a second text encoder (text_encoder_2), which SDXL models have and this one "
                     "does not: an SDXL LoRA?")

@@ -115,7 +115,8 @@ class SDXL(SD):
         return getattr(diffusers, self.lora_pipeline).lora_state_dict(state, unet_config=self.unet.config)
 
     def lora_mismatch(self, converted):
-        return None
+        hint = super().lora_mismatch(converted)
+        return hint if hint and "FLUX" in hint else None
 
     @property
     def shape_label(self) -> str:
