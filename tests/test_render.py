@@ -6,8 +6,11 @@ import torch
 
 from multidiff_cli.errors import RenderError
 from multidiff_cli.method.guidance import guided_denoiser
-from multidiff_cli.run.render import render, scene_prompts
+from multidiff_cli.method.schedule import DiffusionSchedule
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
+from reference import guided, reference_multidiffusion
 
 SCENE = """
 prompt: a living room
@@ -104,12 +107,42 @@ def test_same_seed_same_picture_other_seed_other_picture(tiny, scene):
     assert not torch.equal(first.latents, other.latents)
 
 
-@pytest.mark.parametrize("bootstrap", [0, 4])
-def test_bootstrap_zero_and_all_steps_render(tiny, write_scene, bootstrap):
+@pytest.mark.parametrize("bootstrap", [0, 4], ids=["no-step", "every-step"])
+def test_bootstrap_zero_and_all_steps_equal_the_reference_loop(tiny, write_scene, monkeypatch, unet_doubles, bootstrap,
+                                                               assert_close_batched):
+    """bootstrap_steps 0 is the plain loop (one latent shared by every prompt: 4 samples a step); bootstrap_steps
+    = steps bootstraps every step (every prompt its own latent: 4 conditional + 3 unconditional samples a step);
+    both give the latents of the reference loop, started from render's noise and backgrounds."""
     scene = load_scene(write_scene(SCENE.format(steps=4, bootstrap=bootstrap)))
-    result = render(scene, tiny, seed=0)
-    assert torch.isfinite(result.latents).all()
-    assert result.latents.shape == (1, 4, 12, 16)
+    unet = tiny.unet
+    counting = unet_doubles.Counting(unet)
+    monkeypatch.setattr(tiny, "unet", counting)
+    ours = render(scene, tiny, seed=0).latents
+    assert counting.samples == 4 * (7 if bootstrap else 4)
+
+    from diffusers import StableDiffusionPipeline
+
+    prompts = scene_prompts(scene)
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=make_scheduler("ddim", tiny.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    generator = torch.Generator("cpu").manual_seed(0)  # render's draws: the noise, then the backgrounds
+    noise = torch.randn((1, 4, 12, 16), generator=generator)
+    backgrounds = tiny.codec.background_latents(generator, bootstrap, 3) if bootstrap else None
+    schedule = DiffusionSchedule(make_scheduler("ddim", tiny.scheduler_config))
+    schedule.set_timesteps(4)
+    with torch.inference_mode():
+        encoded = [pipe.encode_prompt(prompts.texts[c], torch.device("cpu"), 1, True, negative_prompt=prompts.texts[n])
+                   for c, n in zip(prompts.cond, prompts.negative)]
+
+        def model_output(p, x, t):
+            cond, uncond = encoded[p]
+            return guided(unet(x, t, encoder_hidden_states=uncond).sample, unet(x, t, encoder_hidden_states=cond).sample,
+                          prompts.guidance[p])
+
+        reference = reference_multidiffusion(model_output, noise, schedule, scene_weights(scene),
+                                             bootstrap_steps=bootstrap, backgrounds=backgrounds)
+    assert_close_batched(ours, reference, guidance=7.5, steps=4)
 
 
 def test_bootstrapping_changes_the_picture(tiny, write_scene):

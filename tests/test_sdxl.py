@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multidiff_cli.cli import app
+from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.models import sdxl as sdxl_module
 from multidiff_cli.catalog import family_of_folder
@@ -23,6 +24,7 @@ from multidiff_cli.models.sdxl import time_ids
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render
 from multidiff_cli.scene import load_scene
+from reference import guided, reference_multidiffusion
 
 CPU = torch.device("cpu")
 NATIVE_PX = 128  # the tiny SDXL's native size here: 16 latent cells, so small canvases make panoramas
@@ -116,8 +118,9 @@ regions:
 
 
 def reference_loop(xl, scene, seed: int) -> torch.Tensor:
-    """The authors' region loop on SDXL: every prompt encoded by diffusers' own encode_prompt, its own
-    unconditional and conditional UNet call and its own scheduler step, then the mask-weighted mean."""
+    """The authors' region loop on SDXL (the tests' reference loop): every prompt encoded by diffusers' own
+    encode_prompt, its own unconditional and conditional UNet call and its own schedule step, then the
+    mask-weighted mean."""
     from multidiff_cli.scene.grid import box_cells
 
     h, w = scene.latent_hw
@@ -127,33 +130,27 @@ def reference_loop(xl, scene, seed: int) -> torch.Tensor:
     masks = torch.stack([torch.from_numpy(box_cells(r.box, (h, w))).float()[None] for r in scene.regions])
     weights = torch.cat([(1 - masks.sum(0, keepdim=True)).clamp(min=0), masks])
     scheduler = make_scheduler(scene.scheduler, xl.scheduler_config)
-    scheduler.set_timesteps(scene.steps)
+    schedule = DiffusionSchedule(scheduler)
+    schedule.set_timesteps(scene.steps)
     pipe = pipeline(xl, scheduler)
     ids = pipe._get_add_time_ids((scene.height, scene.width), (0, 0), (scene.height, scene.width), torch.float32,
                                  text_encoder_projection_dim=xl.text_encoder_2.config.projection_dim)
     prompts = [(scene.prompt, scene.guidance_scale)] + [(r.prompt, r.guidance_scale or scene.guidance_scale)
                                                         for r in scene.regions]
-    schedulers = [copy.deepcopy(scheduler) for _ in prompts]
-    x = noise * scheduler.init_noise_sigma
     with torch.inference_mode():
         encoded = [pipe.encode_prompt(text, device=CPU, negative_prompt=scene.negative_prompt) for text, _ in prompts]
-        for i, t in enumerate(scheduler.timesteps):
-            stepped = []
-            for p, ((_, guidance), (cond, uncond, pooled, uncond_pooled)) in enumerate(zip(prompts, encoded)):
-                xp = x
-                if p and i < scene.bootstrap_steps:
-                    background = scheduler.add_noise(backgrounds[i, p - 1].expand_as(x), noise, t.reshape(1))
-                    xp = masks[p - 1] * x + (1 - masks[p - 1]) * background
-                scaled = scheduler.scale_model_input(xp, t)
 
-                def eps(hidden, text_embeds):
-                    return xl.unet(scaled, t, encoder_hidden_states=hidden,
-                                   added_cond_kwargs={"text_embeds": text_embeds, "time_ids": ids}).sample
+        def model_output(p, x, t):
+            cond, uncond, pooled, uncond_pooled = encoded[p]
 
-                e_c, e_u = eps(cond, pooled), eps(uncond, uncond_pooled)
-                stepped.append(schedulers[p].step(e_u + guidance * (e_c - e_u), t, xp).prev_sample)
-            x = (weights * torch.cat(stepped)).sum(0, keepdim=True) / weights.sum(0, keepdim=True)
-    return x
+            def eps(hidden, text_embeds):
+                return xl.unet(x, t, encoder_hidden_states=hidden,
+                               added_cond_kwargs={"text_embeds": text_embeds, "time_ids": ids}).sample
+
+            return guided(eps(uncond, uncond_pooled), eps(cond, pooled), prompts[p][1])
+
+        return reference_multidiffusion(model_output, noise, schedule, weights, bootstrap_steps=scene.bootstrap_steps,
+                                        backgrounds=backgrounds)
 
 
 def test_a_region_scene_equals_the_per_prompt_reference_loop(xl, write_scene, assert_close_batched):

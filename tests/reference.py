@@ -1,0 +1,90 @@
+"""The one reference MultiDiffusion loop of the tests: the paper's Eq. 5 (regions) and Eq. 7 (views) as
+written, the oracle for the fused sampler (method/sampler.py) of every family and schedule.
+
+Per step, every (view, prompt) pair whose prompt has weight inside the view takes its own step: its own
+copy of the noise schedule (so a multistep solver keeps that pair's own history), on its own crop of
+the latent (inside a bootstrapping step, the prompt's own bootstrapped latent), with its own guided
+model output; then every canvas cell is the weighted mean of the stepped crops that cover it, each
+weighted by its prompt's weight there. No batching, no fusion before the step, no shared state.
+
+It talks to the noise-schedule protocol only (method/schedule.py: DiffusionSchedule, FlowSchedule), so
+the same loop serves diffusion and flow matching. Imported by the test modules (`from reference import
+reference_multidiffusion`): a plain module beside conftest.py, not a test module.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from multidiff_cli.method.views import View, full_view
+
+ModelOutput = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""model_output(p, x, t) -> prompt p's (guided) model output (1, C, h, w) on x (1, C, h, w), which is
+already as the network sees it (NoiseSchedule.model_input), at timestep t."""
+
+
+def reference_multidiffusion(
+    model_output: ModelOutput,
+    noise: torch.Tensor,
+    schedule,
+    weights: torch.Tensor,
+    *,
+    views: list[View] | None = None,
+    bootstrap_steps: int = 0,
+    backgrounds: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    start_step: int = 0,
+    init_latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MultiDiffusion, step each prompt then average: the final latents (1, C, H, W).
+
+    noise: the initial unit noise (1, C, H, W), also what bootstrapping backgrounds are noised with.
+    schedule: a NoiseSchedule with its timesteps set and never stepped (this loop steps copies of it).
+    weights: (P, 1, H, W), prompt 0 the global one. views: default the whole canvas.
+    backgrounds: (bootstrap_steps, P - 1, C, 1|H, 1|W) clean flat colours, one per step and region;
+        during the first `bootstrap_steps` steps run, region p sees x inside its mask and its background,
+        noised to the evaluation's level, outside.
+    generator: for stochastic steps (one view only): every prompt's step draws the same noise, as the
+        sampler's single step on the whole canvas does.
+    start_step, init_latents: img2img: the picture's latents noised to the first evaluation run.
+    """
+    views = views or [full_view(tuple(noise.shape[-2:]))]
+    if generator is not None and len(views) > 1:
+        raise ValueError("stochastic steps draw noise of their input's shape: one view only")
+    order = schedule.order
+    first = start_step * order
+    if init_latents is None:
+        x = schedule.initial(noise)
+    else:
+        schedule.begin_at(first)
+        x = schedule.noised(init_latents, noise, first)
+    own = {(v, p): copy.deepcopy(schedule)
+           for v, view in enumerate(views) for p in range(weights.shape[0]) if view.crop(weights[p]).any()}
+
+    for index in range(first, len(schedule.timesteps)):
+        step = (index - first) // order
+        t = schedule.timesteps[index]
+        state = None if generator is None else generator.get_state()
+        total = torch.zeros_like(x)
+        count = torch.zeros_like(x[:, :1])
+        for (v, p), schedule_p in own.items():
+            view, x_p = views[v], x
+            if p > 0 and step < bootstrap_steps:
+                background = schedule_p.noised(backgrounds[step, p - 1].expand_as(x), noise, index)
+                x_p = weights[p] * x + (1 - weights[p]) * background
+            crop = view.crop(x_p)
+            if generator is not None:
+                generator.set_state(state)
+            stepped, _ = schedule_p.step(model_output(p, schedule_p.model_input(crop, index), t), index, crop, generator)
+            weight = view.crop(weights[p])
+            view.add_to(total[0], weight * stepped[0])
+            view.add_to(count[0], weight)
+        x = torch.where(count > 0, total / count, torch.zeros_like(total))
+    return x
+
+
+def guided(unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance as diffusers' pipelines apply it: none at a scale of 1 or less."""
+    return unconditional + guidance * (conditional - unconditional) if guidance > 1 else conditional
