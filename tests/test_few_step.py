@@ -71,15 +71,6 @@ def test_even_a_tiny_mask_keeps_its_core_at_pure_noise(box_mask):
     assert torch.equal(weights[0, 1, 0], tiny_box)
 
 
-def test_noise_levels_fall_from_almost_one_to_small():
-    scheduler = make_scheduler("ddim", turbo_config())  # trailing: t = 999, 749, 499, 249
-    scheduler.set_timesteps(4)
-    levels = DiffusionSchedule(scheduler).noise_levels()
-    alphas = scheduler.alphas_cumprod
-    assert torch.equal(levels, (1 - alphas[[999, 749, 499, 249]]).sqrt())
-    assert torch.all(levels[1:] < levels[:-1]) and 0.99 < levels[0] < 1
-
-
 @pytest.mark.parametrize(
     ("steps", "few_step_model", "setting", "on"),
     [(4, True, "auto", True), (50, True, "auto", True), (4, False, "auto", False), (50, False, "true", True),
