@@ -98,19 +98,31 @@ FLUX = Family(
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=3.5, align_px=16,
     default_steps=28, few_step_steps=4, embedded_guidance=True, cuda_dtype="bfloat16",
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX)}
+SD3 = Family(
+    name="sd3", label="SD3.5", module="sd3", class_name="SD3",
+    pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    weights={"text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors",
+             "text_encoder_3": "model*.safetensors", "transformer": "diffusion_pytorch_model*.safetensors",
+             "vae": "diffusion_pytorch_model.safetensors"},
+    folders=("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"),
+    schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=7.0, align_px=16,
+    default_steps=28, few_step_steps=4, cuda_dtype="bfloat16",
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # Built-in models with random weights, built in code (models/random_weights.py): name -> family.
 TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
 TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, FLUX_RANDOM = "tiny-flux-random", "tiny-flux-schnell-random", "flux-random"
+TINY_SD3_RANDOM, SD3_RANDOM = "tiny-sd3-random", "sd3-random"
 BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl",
-                            TINY_FLUX_RANDOM: "flux", TINY_FLUX_SCHNELL_RANDOM: "flux", FLUX_RANDOM: "flux"}
+                            TINY_FLUX_RANDOM: "flux", TINY_FLUX_SCHNELL_RANDOM: "flux", FLUX_RANDOM: "flux",
+                            TINY_SD3_RANDOM: "sd3", SD3_RANDOM: "sd3"}
 TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM,  # each family's tiny model (smoke, tests)
-                               "flux": TINY_FLUX_RANDOM}
+                               "flux": TINY_FLUX_RANDOM, "sd3": TINY_SD3_RANDOM}
 FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM,  # each family's full-size one (gpu-check)
-                                    "flux": FLUX_RANDOM}
+                                    "flux": FLUX_RANDOM, "sd3": SD3_RANDOM}
 # flux-random: FLUX.1's width (24 heads of 128), text and pooled widths, with fewer of its (joint, single) blocks:
 # the full depth (19, 38) does not fit a 24 GiB machine in float32. Every table that shows it says so.
 FLUX_RANDOM_BLOCKS, FLUX_BLOCKS = (2, 4), (19, 38)
@@ -129,6 +141,8 @@ HUB_FAMILIES: dict[str, str] = {
     "stabilityai/sd-turbo": "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/sdxl-turbo": "sdxl",
     "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3", "stabilityai/stable-diffusion-3.5-large": "sd3",
+    "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
 }
 
 
@@ -163,7 +177,7 @@ def family_of_folder(folder: Path) -> Family | None:
             return family
     if (folder / "transformer" / "config.json").exists():
         transformer = read_json(folder / "transformer" / "config.json").get("_class_name")
-        return FLUX if transformer == "FluxTransformer2DModel" else None
+        return {"FluxTransformer2DModel": FLUX, "SD3Transformer2DModel": SD3}.get(transformer)
     if pipeline is not None and not (folder / "unet").is_dir():
         return None
     if not (folder / "unet" / "config.json").exists():
@@ -200,6 +214,8 @@ def family_of_checkpoint(path: Path) -> Family | None:
     keys = checkpoint_keys(path) if path.suffix.lower() == ".safetensors" else []
     if any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys):
         return FLUX
+    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in keys):  # SD3's MMDiT
+        return SD3
     if any(key.startswith("conditioner.embedders.1.") for key in keys):
         return SDXL
     return SD

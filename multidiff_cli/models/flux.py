@@ -37,6 +37,12 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
+def flow_first_step(steps: int, strength: float) -> int:
+    """The step a flow img2img pipeline (FLUX's, SD3's) starts at: int(steps - steps * strength) (strength
+    0.6 of 4 steps runs 3, where SD's pipeline runs 2); at least one step runs."""
+    return min(steps - 1, int(max(steps - steps * strength, 0)))
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch of cells one token, as FluxPipeline packs them."""
     b, c, h, w = latents.shape
@@ -204,9 +210,7 @@ class Flux(Model):
         return schedule
 
     def first_step(self, steps: int, strength: float) -> int:
-        """FluxImg2ImgPipeline's count: it starts at int(steps - steps * strength) (strength 0.6 of 4 steps
-        runs 3, where SD's pipeline runs 2); at least one step runs."""
-        return min(steps - 1, int(max(steps - steps * strength, 0)))
+        return flow_first_step(steps, strength)
 
     @property
     def codec(self) -> VAECodec:

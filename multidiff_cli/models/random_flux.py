@@ -1,6 +1,6 @@
-"""FLUX.1-shaped models with random weights, built in code: `tiny-flux-random` (dev-shaped: guidance
-embedded), `tiny-flux-schnell-random` (schnell-shaped: no guidance embedding, no dynamic shift), and
-`flux-random` (FLUX.1's real width and heads, with fewer blocks: the bench's full-width model)."""
+"""Flow-matching transformers with random weights, built in code. FLUX.1: `tiny-flux-random` (dev-shaped:
+guidance embedded), `tiny-flux-schnell-random` (schnell-shaped), `flux-random` (FLUX.1's width, fewer blocks: the
+bench's full-width model). SD3.5: `tiny-sd3-random` and `sd3-random` (SD3.5-medium's transformer shape)."""
 from __future__ import annotations
 
 from typing import Any
@@ -96,3 +96,71 @@ def build_flux_random(seed: int = 0, text_encoder: bool = False) -> Flux:
         vae = flux_vae(tiny=False, sample_size=1024)
     return Flux(tokenizers[0], encoders[0], tokenizers[1], encoders[1], transformer.eval(), vae.eval(),
                 LoadedState(model_id=FLUX_RANDOM, scheduler_config=flux_scheduler_config()))
+
+
+def sd3_scheduler_config() -> dict[str, Any]:
+    """The scheduler config SD3.5 ships: flow matching with a static shift of 3."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def build_tiny_sd3_random(seed: int = 0, native_px: int = 256, t5: bool = True):
+    """SD3.5-shaped components with small random weights (tests, `--model tiny-sd3-random`): two CLIP
+    encoders with projections (16 wide: side by side they fill T5's 32), T5, a two-layer
+    SD3Transformer2DModel patchifying 2x2 cells, the 16-channel VAE with SD3's factors."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ..catalog import TINY_SD3_RANDOM
+    from .random_weights import _clip_config, tiny_tokenizer
+    from .sd3 import SD3
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer(), t5_tokenizer()
+        clip = dict(hidden=16, intermediate=32, layers=2, heads=2)
+        text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, len(tokenizer), **clip))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, len(tokenizer_2), **clip))
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0)) if t5 else None
+        transformer = SD3Transformer2DModel(sample_size=native_px // 8, patch_size=2, in_channels=16, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                            caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
+                                            pos_embed_max_size=native_px // 8)
+        vae = flux_vae(tiny=True, sample_size=native_px)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
+    return SD3(tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval(), tokenizer_3 if t5 else None,
+               None if text_encoder_3 is None else text_encoder_3.eval(), transformer.eval(), vae.eval(),
+               LoadedState(model_id=TINY_SD3_RANDOM, scheduler_config=sd3_scheduler_config()))
+
+
+def build_sd3_random(seed: int = 0, text_encoder: bool = False):
+    """SD3.5-medium's transformer shape (24 layers of 24 heads of 64, 1536 wide; 2.5 B parameters) and its
+    full-size VAE with random weights: the real model's compute. text_encoder: also CLIP ViT-L- and
+    bigG-shaped encoders and a one-layer T5 of T5-XXL's width, so `--model sd3-random` renders scenes."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ..catalog import SD3_RANDOM
+    from .random_weights import FULL_VOCAB, _clip_config, tiny_tokenizer
+    from .sd3 import SD3
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizers, encoders = (None, None, None), (None, None, None)
+        if text_encoder:
+            tokenizers = (tiny_tokenizer(), tiny_tokenizer(), t5_tokenizer())
+            encoders = (CLIPTextModelWithProjection(_clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
+                        CLIPTextModelWithProjection(_clip_config(tokenizers[1], FULL_VOCAB, 1280, 5120, 32, 20)).eval(),
+                        T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=4096, d_kv=64, d_ff=10240,
+                                                num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
+                                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval())
+        transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                            caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                            pos_embed_max_size=384, qk_norm="rms_norm",
+                                            dual_attention_layers=tuple(range(13)))
+        vae = flux_vae(tiny=False, sample_size=1024)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
+    return SD3(tokenizers[0], encoders[0], tokenizers[1], encoders[1], tokenizers[2], encoders[2], transformer.eval(),
+               vae.eval(), LoadedState(model_id=SD3_RANDOM, scheduler_config=sd3_scheduler_config()))

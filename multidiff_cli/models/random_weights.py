@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, TINY_RANDOM,
-                       TINY_SDXL_RANDOM)
+from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SD3_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM,
+                       TINY_RANDOM, TINY_SD3_RANDOM, TINY_SDXL_RANDOM)
 from .family import LoadedState, Model
 from .names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
 from .sd import SD
@@ -41,9 +41,10 @@ def _clip_config(tokenizer, vocab_size: int, hidden: int, intermediate: int, lay
 
 def build_random(name: str) -> Model:
     """A built-in random model by name (catalog.BUILT_IN); text encoders included, so it renders scenes."""
-    from .random_flux import build_flux_random, build_tiny_flux_random
+    from .random_flux import build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
+                TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: lambda: build_sd3_random(text_encoder=True),
                 TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
                 TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
                 FLUX_RANDOM: lambda: build_flux_random(text_encoder=True)}
@@ -52,9 +53,10 @@ def build_random(name: str) -> Model:
 
 def bench_model(name: str) -> Model:
     """A built-in random model as the bench builds it: without text encoders where it can (full size)."""
-    from .random_flux import build_flux_random, build_tiny_flux_random
+    from .random_flux import build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: build_sd2_random,
+                TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: build_sd3_random,
                 TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: build_sdxl_random,
                 TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
                 FLUX_RANDOM: build_flux_random}
