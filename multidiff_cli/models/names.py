@@ -2,7 +2,7 @@
 whole tokens, and the name fragments that mark a few-step (distilled) model."""
 from __future__ import annotations
 
-# Whole-word tokens of tiny-random's tokenizer (random_weights.tiny_tokenizer): everyday English and
+# Whole-word tokens of tiny-random's tokenizer (random_text.tiny_tokenizer): everyday English and
 # the words of image prompts, including every word of the shipped scenes (scenes/*.yaml), so a
 # prompt costs about as many tokens as in SD2's CLIP BPE (one per common word). Lowercase ASCII.
 TOKENIZER_WORDS = tuple(sorted(set("""

@@ -54,12 +54,12 @@ def build_tiny_flux_random(seed: int = 0, schnell: bool = False, native_px: int 
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from .random_weights import _TINY_TEXT, _clip_config, tiny_tokenizer
+    from .random_text import TINY_TEXT, clip_config, tiny_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = tiny_tokenizer(), t5_tokenizer()
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        text_encoder = CLIPTextModel(clip_config(tokenizer, len(tokenizer), **TINY_TEXT))
         text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                  num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
                                                  eos_token_id=1, decoder_start_token_id=0))
@@ -80,14 +80,14 @@ def build_flux_random(seed: int = 0, text_encoder: bool = False) -> Flux:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from .random_weights import FULL_VOCAB, _clip_config, tiny_tokenizer
+    from .random_text import FULL_VOCAB, clip_config, tiny_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizers, encoders = (None, None), (None, None)
         if text_encoder:
             tokenizers = (tiny_tokenizer(), t5_tokenizer())
-            encoders = (CLIPTextModel(_clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
+            encoders = (CLIPTextModel(clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
                         T5EncoderModel(T5Config(vocab_size=len(tokenizers[1]), d_model=4096, d_kv=64, d_ff=10240,
                                                 num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
                                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval())
@@ -111,15 +111,15 @@ def build_tiny_sd3_random(seed: int = 0, native_px: int = 256, t5: bool = True):
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from ..catalog import TINY_SD3_RANDOM
-    from .random_weights import _clip_config, tiny_tokenizer
+    from .random_text import clip_config, tiny_tokenizer
     from .sd3 import SD3
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer(), t5_tokenizer()
         clip = dict(hidden=16, intermediate=32, layers=2, heads=2)
-        text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, len(tokenizer), **clip))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, len(tokenizer_2), **clip))
+        text_encoder = CLIPTextModelWithProjection(clip_config(tokenizer, len(tokenizer), **clip))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, len(tokenizer_2), **clip))
         text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                  num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
                                                  eos_token_id=1, decoder_start_token_id=0)) if t5 else None
@@ -142,7 +142,7 @@ def build_sd3_random(seed: int = 0, text_encoder: bool = False):
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from ..catalog import SD3_RANDOM
-    from .random_weights import FULL_VOCAB, _clip_config, tiny_tokenizer
+    from .random_text import FULL_VOCAB, clip_config, tiny_tokenizer
     from .sd3 import SD3
 
     with torch.random.fork_rng(devices=[]):
@@ -150,8 +150,8 @@ def build_sd3_random(seed: int = 0, text_encoder: bool = False):
         tokenizers, encoders = (None, None, None), (None, None, None)
         if text_encoder:
             tokenizers = (tiny_tokenizer(), tiny_tokenizer(), t5_tokenizer())
-            encoders = (CLIPTextModelWithProjection(_clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
-                        CLIPTextModelWithProjection(_clip_config(tokenizers[1], FULL_VOCAB, 1280, 5120, 32, 20)).eval(),
+            encoders = (CLIPTextModelWithProjection(clip_config(tokenizers[0], FULL_VOCAB, 768, 3072, 12, 12)).eval(),
+                        CLIPTextModelWithProjection(clip_config(tokenizers[1], FULL_VOCAB, 1280, 5120, 32, 20)).eval(),
                         T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=4096, d_kv=64, d_ff=10240,
                                                 num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
                                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval())

@@ -4,7 +4,6 @@ SDXL counterparts `tiny-sdxl-random` and `sdxl-random`."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SD3_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM,
                        TINY_RANDOM, TINY_SD3_RANDOM, TINY_SDXL_RANDOM)
 from .family import LoadedState, Model
-from .names import CLIP_CONTRACTIONS, TOKENIZER_WORDS
+from .random_text import FULL_VOCAB, TINY_TEXT, clip_config, tiny_tokenizer
 from .sd import SD
 from .sdxl import SDXL
 
@@ -24,19 +23,6 @@ _TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), la
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                   attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
-_TINY_TEXT = dict(hidden=32, intermediate=64, layers=2, heads=4)  # the tiny CLIP text encoders' shape
-FULL_VOCAB = 49408  # CLIP's vocabulary: the full-size encoders' embedding tables (the tokenizer is tiny-random's)
-
-
-def _clip_config(tokenizer, vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int):
-    """A CLIP text encoder's config over `tokenizer`'s special tokens, projection as wide as its hidden states."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def build_random(name: str) -> Model:
@@ -76,7 +62,7 @@ def build_tiny_random(seed: int = 0) -> SD:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer()
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        text_encoder = CLIPTextModel(clip_config(tokenizer, len(tokenizer), **TINY_TEXT))
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=32, **_TINY_UNET)
         vae = random_vae(tiny=True, sample_size=512)
     return SD(tokenizer=tokenizer, text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
@@ -94,7 +80,7 @@ def build_sd2_random(seed: int = 0, text_encoder: bool = False) -> SD:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer() if text_encoder else None
-        encoder = CLIPTextModel(_clip_config(tokenizer, FULL_VOCAB, 1024, 4096, 23, 16)).eval() if text_encoder else None
+        encoder = CLIPTextModel(clip_config(tokenizer, FULL_VOCAB, 1024, 4096, 23, 16)).eval() if text_encoder else None
         unet = UNet2DConditionModel(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
@@ -138,53 +124,6 @@ def sd2_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
-def tiny_tokenizer():
-    """A CLIP BPE tokenizer built in code: one token for each of ~1500 common English words
-    (names.TOKENIZER_WORDS), pieces for any other word, one token per punctuation mark, so a prompt
-    costs about as many tokens as in SD2's own 49408-token CLIP tokenizer (a byte-level tokenizer
-    without merges made 78 tokens of a 17-word prompt and warned of truncation).
-
-    The vocabulary is byte-level (every text encodes), plus every ending and beginning of a listed
-    word. The merges, lowest rank first (BPE merges the lowest-ranked adjacent pair, repeatedly):
-    1. endings, built right to left: (c, rest</w>) for every ending c+rest of a listed word. Only
-       a word's last symbol ends in </w>, so only the pair at the word's end can be one of these,
-       and for a listed word it always is until the word is one token, whatever else the table holds.
-    2. beginnings, built left to right, longest first: pieces for the rest of an unlisted word
-       ("harb" + "ours</w>"). Ranked after every ending, so they never interrupt step 1.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for char in _bytes_to_unicode():
-            vocab[char + suffix] = len(vocab)
-    words = TOKENIZER_WORDS + CLIP_CONTRACTIONS
-    endings = {(w[i], w[i + 1:] + "</w>"): w[i:] + "</w>" for w in words for i in range(len(w) - 1)}
-    beginnings = {(w[:i - 1], w[i - 1]): w[:i] for w in words for i in range(2, len(w))}
-    starts = Counter(w[:2] for w in words)  # among beginnings of one length, the commonest word starts first
-    merges = sorted(endings, key=lambda pair: (len(endings[pair]), endings[pair])) + sorted(
-        beginnings, key=lambda pair: (-len(beginnings[pair]), -starts[beginnings[pair][:2]], beginnings[pair])
-    )
-    for pair in merges:
-        vocab.setdefault(endings.get(pair) or beginnings[pair], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The printable stand-ins byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def save_model(model: Model, folder: Path) -> None:
     """Write a model as a diffusers folder (safetensors) with its model_index.json, loadable with
     `--model FOLDER`."""
@@ -215,8 +154,8 @@ def build_tiny_sdxl_random(seed: int = 0, sample_size: int = 64) -> SDXL:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, len(tokenizer), **_TINY_TEXT))
+        text_encoder = CLIPTextModel(clip_config(tokenizer, len(tokenizer), **TINY_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer, len(tokenizer), **TINY_TEXT))
         unet = UNet2DConditionModel(
             sample_size=sample_size,
             transformer_layers_per_block=(1, 2),
@@ -248,8 +187,8 @@ def build_sdxl_random(seed: int = 0, text_encoder: bool = False) -> SDXL:
         tokenizer_2 = tiny_tokenizer() if text_encoder else None
         encoders = (None, None)
         if text_encoder:
-            encoders = (CLIPTextModel(_clip_config(tokenizer, FULL_VOCAB, 768, 4 * 768, 12, 12)).eval(),
-                        CLIPTextModelWithProjection(_clip_config(tokenizer, FULL_VOCAB, 1280, 4 * 1280, 32, 20)).eval())
+            encoders = (CLIPTextModel(clip_config(tokenizer, FULL_VOCAB, 768, 4 * 768, 12, 12)).eval(),
+                        CLIPTextModelWithProjection(clip_config(tokenizer, FULL_VOCAB, 1280, 4 * 1280, 32, 20)).eval())
         unet = UNet2DConditionModel(
             sample_size=128,
             block_out_channels=(320, 640, 1280),
