@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..catalog import DEFAULT_MODEL, TINY_MODELS, cached_folder, looks_like_hub_id
+from ..catalog import DEFAULT_MODEL, TINY_MODELS, cached_folder, detect_family, looks_like_hub_id
 from ..errors import MultidiffError, SceneError
 from ..output.console import problem_lines
 from ..output.png import read_metadata
@@ -43,8 +43,8 @@ def scene_model(scene: Scene, models: dict[str, str] = TINY_MODELS) -> str:
     path = scene.path_of(own)
     if path.exists() or (looks_like_hub_id(own) and cached_folder(own) is not None):
         return str(path) if path.exists() else own
-    family = scene.family.name if scene.family is not None else "sd"
-    return models[family]
+    family = scene.family or detect_family(DEFAULT_MODEL)
+    return models[family.name]
 
 
 def check_picture(path: Path, width: int, height: int, seed: int) -> str | None:
@@ -74,13 +74,14 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str | Non
     jobs, results = [], []
     for path in scenes:
         try:
-            chosen = model or scene_model(load_source(path).scene, family_models)
+            scene = load_source(path).scene  # first: a scene whose LoRAs are not here is skipped on any model
+            chosen = model or scene_model(scene, family_models)
         except SceneError as exc:
             missing = missing_lora_lines(exc)
             if missing:
                 results.append(SmokeResult(path.name, "-", 0.0, None, skipped=f"needs files that are not here: {missing}"))
                 continue
-            chosen = model or family_models["sd"]  # the render below reports the scene's problem
+            chosen = model or family_models[detect_family(DEFAULT_MODEL).name]  # the render reports the problem
         # a scene's bootstrap follows the steps, as in render
         planned, load_failures, notes = plan_jobs([path], {"steps": steps, "model": chosen}, None, None, output_dir,
                                                   overwrite=True)
