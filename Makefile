@@ -9,7 +9,7 @@ SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
 
-.PHONY: install render test bench smoke gpu-check clean
+.PHONY: install render test test-fast bench smoke gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ render: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+# The inner loop: everything but the tests marked slow (subprocesses, torchrun, bench, whole-CLI panoramas)
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 smoke: install
 	$(BIN)/multidiff smoke $(ARGS)

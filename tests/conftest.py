@@ -1,10 +1,13 @@
-"""Shared fixtures: no network, CPU only, a tiny random SD2-shaped model built once, and the test
-doubles and helpers more than one test module uses (test modules never import each other)."""
+"""Shared fixtures: no network, CPU only; the tiny random SD2- and SDXL-shaped models and their saved
+folders, built once a session; the command line in this process; and the test doubles and helpers more
+than one test module uses (test modules never import each other; the reference MultiDiffusion loop is
+tests/reference.py)."""
 from __future__ import annotations
 
 import os
 import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,98 @@ def tiny():
     from multidiff_cli.models.random_weights import build_tiny_random
 
     return build_tiny_random().to(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl():
+    """The built-in tiny SDXL components with a 128 px native window (16 latent cells, so small canvases make
+    panoramas), on the CPU (float32). Treat as read-only."""
+    from multidiff_cli.models.random_weights import build_tiny_sdxl_random
+
+    return build_tiny_sdxl_random(sample_size=16).to(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """`tiny-random` saved as a diffusers folder (safetensors), loadable with --model FOLDER. Read-only:
+    copy it (shutil.copytree) to change it."""
+    from multidiff_cli.models.random_weights import build_tiny_random, save_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
+    save_model(build_tiny_random(), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_folder(tmp_path_factory):
+    """The tiny SDXL of `tiny_xl` saved as a diffusers folder whose name says nothing of SDXL. Read-only."""
+    from multidiff_cli.models.random_weights import build_tiny_sdxl_random, save_model
+
+    folder = tmp_path_factory.mktemp("models") / "plain-model"
+    save_model(build_tiny_sdxl_random(sample_size=16), folder)
+    return folder
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+class Cli:
+    """The `multidiff` command run in this process (typer's CliRunner; stdout and stderr apart)."""
+
+    def __call__(self, *args, cwd: Path | None = None):
+        """cli("validate", path, ...) -> click's Result; arguments are str()'d; cwd: run from that folder."""
+        from typer.testing import CliRunner
+
+        from multidiff_cli.cli import app
+
+        old = Path.cwd()
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            return CliRunner().invoke(app, [str(a) for a in args])
+        finally:
+            os.chdir(old)
+
+    def render(self, *args, cwd: Path | None = None):
+        """`multidiff render ARGS --model tiny-random -q`."""
+        return self("render", *args, "--model", "tiny-random", "-q", cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    """cli(*args) runs `multidiff ARGS`; cli.render(*args) renders with tiny-random, quietly."""
+    return Cli()
+
+
+@pytest.fixture
+def sofa_scene(tmp_path) -> Path:
+    """tmp_path/my_scene.yaml: 96x64, 2 steps, seed 7, one region from the mask PNG masks/sofa.png."""
+    from PIL import Image
+
+    (tmp_path / "masks").mkdir()
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (16, 16, 80, 64))
+    mask.save(tmp_path / "masks" / "sofa.png")
+    path = tmp_path / "my_scene.yaml"
+    path.write_text("prompt: a room\nwidth: 96\nheight: 64\nsteps: 2\nseed: 7\nregions:\n"
+                    "  - prompt: a sofa\n    mask: masks/sofa.png\n")
+    return path
+
+
+@pytest.fixture
+def render_calls(monkeypatch):
+    """Spy on multidiff_cli.run.batch.render: the seeds actually rendered, in order."""
+    import multidiff_cli.run.batch as batch_module
+
+    seeds = []
+    real = batch_module.render
+
+    def spy(scene, model, seed, *args, **kwargs):
+        seeds.append(seed)
+        return real(scene, model, seed, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "render", spy)
+    return seeds
 
 
 @pytest.fixture

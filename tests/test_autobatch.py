@@ -1,16 +1,12 @@
 """`max_batch: auto`: UNet samples per call chosen per device and view size, recorded, and never changing
-the picture beyond rounding; the bench's batch-size sweep and its diffusers panorama peer (times never asserted)."""
+the picture beyond rounding (the bench's batch-size sweep: tests/test_bench.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from multidiff_cli.bench.sampler import BenchConfig
-from multidiff_cli.bench.peer import peer_row
-from multidiff_cli.cli import app
 from multidiff_cli.models.batching import (
     CPU_CALL_BYTES, FALLBACK_SAMPLES_PER_CALL, MAX_SAMPLES_PER_CALL, auto_samples_per_call, call_bounds,
 )
@@ -85,45 +81,17 @@ def test_auto_renders_the_picture_of_a_fixed_batch_up_to_rounding(tiny, write_sc
     assert_close_batched(auto.latents, one.latents, guidance=7.5, steps=2)
 
 
-def test_metadata_and_inspect_show_the_samples_per_call(write_scene, tmp_path):
+def test_metadata_and_inspect_show_the_samples_per_call(cli, write_scene, tmp_path):
     scene = write_scene("prompt: p\nwidth: 64\nheight: 64\nsteps: 1\n")
     for extra, auto in (([], True), (["--max-batch", "3"], False)):
         out = tmp_path / f"{auto}.png"
-        result = CliRunner().invoke(app, ["render", str(scene), "--model", "tiny-random", "-o", str(out), "-q", *extra])
+        result = cli("render", str(scene), "--model", "tiny-random", "-o", str(out), "-q", *extra)
         assert result.exit_code == 0, result.output
         batch = read_metadata(out)["unet_batch"]
         assert batch["auto"] is auto and (batch["samples_per_call"] == 3 or auto) and batch["samples_per_call"] >= 1
-        shown = CliRunner().invoke(app, ["inspect", str(out)]).stdout
+        shown = cli("inspect", str(out)).stdout
         label = "auto" if auto else "max_batch"
         assert f"samples_per_call: {batch['samples_per_call']} ({label})" in shown
-
-
-def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(tmp_path):
-    out = tmp_path / "sweep.json"
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--device", "cpu",
-                                      "--batch-sizes", "1,3", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "auto picks" in result.stdout
-    sweep = json.loads(out.read_text())["batch_sweep"]
-    assert [row["batch_size"] for row in sweep["rows"]] == [1, 3] and sweep["view_hw"] == [8, 8]
-    assert all(len(row["runs"]) == 2 and row["seconds_per_sample"] == min(row["runs"]) for row in sweep["rows"])
-    assert sweep["auto_samples_per_call"] >= 1
-
-
-def test_bench_rejects_bad_batch_sizes():
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--batch-sizes", "2,x"])
-    assert result.exit_code == 2 and "--batch-sizes" in result.stderr
-
-
-def test_peer_row_matches_diffusers_panorama_pipeline_up_to_rounding():
-    """The peer row's own code path: the same picture as diffusers' StableDiffusionPanoramaPipeline."""
-    report = peer_row(BenchConfig(model="tiny-random", size_px=64, width_px=576, steps=1), in_process=True)
-    assert {path["views"] for path in report["paths"].values()} == {2}  # a 72-cell-wide canvas: 2 views, 8 apart
-    assert report["paths"]["panorama pipeline"]["samples_per_call"] == 2
-    assert report["max_pixel_difference"] <= 1  # float32 rounding, then 8-bit rounding
-    assert report["time_ratio"] > 0
-    for path in report["paths"].values():  # the UNet's and the decoder's shares of the whole render
-        assert 0 < path["unet_seconds"] < path["seconds"] and 0 < path["decode_seconds"] < path["seconds"]
 
 
 def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
@@ -141,26 +109,3 @@ def test_the_cpu_decoder_runs_channels_last_and_decodes_the_same_picture():
     assert np.abs(np.asarray(components.codec.decode(latents)).astype(int) - before).max() <= 1
 
 
-@pytest.mark.parametrize("options, says", [
-    (["--peer"], "--peer runs SD-shaped models (tiny-random, sd2-random): diffusers' panorama pipeline, the peer, "
-                 "is SD's; not tiny-sdxl-random"),
-    (["--batch-sizes", "1,2"], "--batch-sizes runs SD-shaped models (tiny-random, sd2-random): its UNet calls give "
-                               "SD's text conditioning alone; not tiny-sdxl-random"),
-    (["--batch-sizes", "1", "--peer"], "--batch-sizes and --peer run SD-shaped models (tiny-random, sd2-random): its "
-                                       "UNet calls give SD's text conditioning alone; diffusers' panorama pipeline, "
-                                       "the peer, is SD's; not tiny-sdxl-random"),
-])
-def test_peer_and_sweep_refuse_sdxl_models_in_one_line_with_their_own_reason(options, says):
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-sdxl-random", *options])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {says}"
-
-
-def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():
-    import os
-
-    from multidiff_cli.bench.sampler import in_fresh_process
-    from multidiff_cli.errors import BenchError
-
-    with pytest.raises(BenchError, match="bench _exit died with exit code 3"):
-        in_fresh_process(os._exit, 3)

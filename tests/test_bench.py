@@ -1,4 +1,5 @@
-"""The benchmark runs on the tiny model and reports every figure (timings are never asserted)."""
+"""The benchmark runs on the tiny model and reports every figure: its paths, the width and batch-size sweeps,
+its diffusers panorama peer, LoRAs; refusals in one line (timings are never asserted)."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,9 @@ import json
 import pytest
 
 import torch
-from typer.testing import CliRunner
 
+from multidiff_cli.bench.peer import peer_row
 from multidiff_cli.bench.sampler import BenchConfig, run_bench
-from multidiff_cli.cli import app
 
 PATH_FIELDS = {
     "unet_samples_per_step", "seconds_per_step", "sampling_seconds", "non_unet_share", "peak_memory_bytes",
@@ -17,10 +17,11 @@ PATH_FIELDS = {
 }
 
 
-def test_bench_command_writes_json_with_every_field(tmp_path, guided_atol):
+@pytest.mark.slow
+def test_bench_command_writes_json_with_every_field(cli, tmp_path, guided_atol):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--steps", "3",
-                                      "--regions", "3", "--device", "cpu", "--json", str(out)])
+    result = cli("bench", "--model", "tiny-random", "--size", "64", "--steps", "3",
+                                      "--regions", "3", "--device", "cpu", "--json", str(out))
     assert result.exit_code == 0, result.output
     assert "multidiff / reference" in result.stdout
     report = json.loads(out.read_text())
@@ -44,8 +45,8 @@ def test_bench_paths_agree_with_bootstrapping_and_a_multistep_scheduler(guided_a
     assert report["paths"]["multidiff"]["unet_samples_per_step"] == (8 + 5 + 5) / 3
 
 
-def test_bench_rejects_a_model_it_cannot_build():
-    result = CliRunner().invoke(app, ["bench", "--model", "stabilityai/stable-diffusion-2-base"])
+def test_bench_rejects_a_model_it_cannot_build(cli):
+    result = cli("bench", "--model", "stabilityai/stable-diffusion-2-base")
     assert result.exit_code == 2
     assert all(name in result.stderr for name in ("sd2-random", "sdxl-random", "tiny-random", "tiny-sdxl-random"))
 
@@ -57,10 +58,11 @@ def test_the_bench_runs_sdxl_shapes_with_pooled_embeds_and_time_ids(guided_atol)
     assert report["unet_samples_ratio"] == 5 / 8
 
 
-def test_width_sweep_reports_views_and_samples_growing_with_width(tmp_path):
+@pytest.mark.slow
+def test_width_sweep_reports_views_and_samples_growing_with_width(cli, tmp_path):
     out = tmp_path / "sweep.json"
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny-random", "--size", "64", "--steps", "2",
-                                      "--regions", "1", "--device", "cpu", "--widths", "256,640", "--json", str(out)])
+    result = cli("bench", "--model", "tiny-random", "--size", "64", "--steps", "2",
+                                      "--regions", "1", "--device", "cpu", "--widths", "256,640", "--json", str(out))
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["widths"]
     assert [(r["width_px"], r["views"]) for r in rows] == [(256, 1), (640, 3)]
@@ -79,3 +81,61 @@ def test_bench_loras_times_region_loras_against_none(model):
     assert report["paths"]["multidiff+loras"]["unet_samples_per_step"] == 6
     assert report["paths"]["multidiff+loras"]["lora_switch_seconds_per_step"] > 0
     assert report["relative_difference"] > 0  # the LoRA changes the picture
+
+
+# --- the batch-size sweep and the diffusers panorama peer ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(cli, tmp_path):
+    out = tmp_path / "sweep.json"
+    result = cli("bench", "--model", "tiny-random", "--size", "64", "--device", "cpu",
+                                      "--batch-sizes", "1,3", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "auto picks" in result.stdout
+    sweep = json.loads(out.read_text())["batch_sweep"]
+    assert [row["batch_size"] for row in sweep["rows"]] == [1, 3] and sweep["view_hw"] == [8, 8]
+    assert all(len(row["runs"]) == 2 and row["seconds_per_sample"] == min(row["runs"]) for row in sweep["rows"])
+    assert sweep["auto_samples_per_call"] >= 1
+
+
+def test_bench_rejects_bad_batch_sizes(cli):
+    result = cli("bench", "--model", "tiny-random", "--batch-sizes", "2,x")
+    assert result.exit_code == 2 and "--batch-sizes" in result.stderr
+
+
+def test_peer_row_matches_diffusers_panorama_pipeline_up_to_rounding():
+    """The peer row's own code path: the same picture as diffusers' StableDiffusionPanoramaPipeline."""
+    report = peer_row(BenchConfig(model="tiny-random", size_px=64, width_px=576, steps=1), in_process=True)
+    assert {path["views"] for path in report["paths"].values()} == {2}  # a 72-cell-wide canvas: 2 views, 8 apart
+    assert report["paths"]["panorama pipeline"]["samples_per_call"] == 2
+    assert report["max_pixel_difference"] <= 1  # float32 rounding, then 8-bit rounding
+    assert report["time_ratio"] > 0
+    for path in report["paths"].values():  # the UNet's and the decoder's shares of the whole render
+        assert 0 < path["unet_seconds"] < path["seconds"] and 0 < path["decode_seconds"] < path["seconds"]
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--peer"], "--peer runs SD-shaped models (tiny-random, sd2-random): diffusers' panorama pipeline, the peer, "
+                 "is SD's; not tiny-sdxl-random"),
+    (["--batch-sizes", "1,2"], "--batch-sizes runs SD-shaped models (tiny-random, sd2-random): its UNet calls give "
+                               "SD's text conditioning alone; not tiny-sdxl-random"),
+    (["--batch-sizes", "1", "--peer"], "--batch-sizes and --peer run SD-shaped models (tiny-random, sd2-random): its "
+                                       "UNet calls give SD's text conditioning alone; diffusers' panorama pipeline, "
+                                       "the peer, is SD's; not tiny-sdxl-random"),
+])
+def test_peer_and_sweep_refuse_sdxl_models_in_one_line_with_their_own_reason(cli, options, says):
+    result = cli("bench", "--model", "tiny-sdxl-random", *options)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {says}"
+
+
+@pytest.mark.slow
+def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():
+    import os
+
+    from multidiff_cli.bench.sampler import in_fresh_process
+    from multidiff_cli.errors import BenchError
+
+    with pytest.raises(BenchError, match="bench _exit died with exit code 3"):
+        in_fresh_process(os._exit, 3)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.run.distributed import World, split_jobs, world_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +53,7 @@ def run_cli(args, cwd, nproc=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(tmp_path):
     (tmp_path / "room.yaml").write_text(SCENE)
     args = ["room.yaml", "--seeds", "0-3", "--model", "tiny-random", "-q", "--device", "cpu", "--grid"]
@@ -73,6 +72,7 @@ def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(
     assert (tmp_path / "two" / "room-grid.png").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_random_seeds_are_the_same_on_every_rank(tmp_path):
     (tmp_path / "room.yaml").write_text(SCENE)
     (tmp_path / "hall.yaml").write_text(SCENE.replace("a room", "a hall"))
@@ -83,8 +83,7 @@ def test_torchrun_random_seeds_are_the_same_on_every_rank(tmp_path):
     assert len(list((tmp_path / "out").glob("hall-*.png"))) == 1
 
 
-def smoke(*args):
-    return CliRunner().invoke(app, ["smoke", "--model", "tiny-random", "--steps", "1", "-q", *args])
+SMOKE = ("smoke", "--model", "tiny-random", "--steps", "1", "-q")
 
 
 @pytest.fixture
@@ -96,10 +95,10 @@ def small_scenes(tmp_path):
     return folder
 
 
-def test_smoke_renders_and_checks_every_scene(small_scenes, tmp_path):
+def test_smoke_renders_and_checks_every_scene(cli, small_scenes, tmp_path):
     from multidiff_cli.output.png import read_metadata
 
-    result = smoke("--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
+    result = cli(*SMOKE, "--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     assert "a.yaml" in result.stdout and "b.yaml" in result.stdout and "128x64" in result.stdout
     assert result.stdout.count(" ok ") == 2
@@ -109,17 +108,18 @@ def test_smoke_renders_and_checks_every_scene(small_scenes, tmp_path):
     assert [p.stem.split("-", 1)[1] for p in written] == [str(read_metadata(p)["scene"]["seed"]) for p in written]
 
 
-def test_smoke_fails_when_a_scene_is_broken(small_scenes, tmp_path):
+def test_smoke_fails_when_a_scene_is_broken(cli, small_scenes, tmp_path):
     (small_scenes / "c.yaml").write_text(SCENE.replace("box: [16, 16, 80, 64]", "box: [16, 16]"))
-    result = smoke("--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
+    result = cli(*SMOKE, "--scenes", str(small_scenes), "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 1
     assert "FAILED" in result.stdout and "c.yaml" in result.stdout
     assert result.stdout.count(" ok ") == 2  # the others still ran
 
 
-def test_smoke_passes_on_every_example_scene(tmp_path):
+@pytest.mark.slow
+def test_smoke_passes_on_every_example_scene(cli, tmp_path):
     """Every example scene (panoramas too) passes `multidiff smoke` on tiny-random."""
-    result = smoke("--scenes", str(ROOT / "scenes"), "--output-dir", str(tmp_path))
+    result = cli(*SMOKE, "--scenes", str(ROOT / "scenes"), "--output-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert result.stdout.count(" ok ") == len(list((ROOT / "scenes").glob("*.yaml")))
 
@@ -135,3 +135,31 @@ def test_a_black_picture_fails_the_check(tmp_path):
     write_png(Image.new("RGB", (96, 64)), tmp_path / "b2.png", record)
     assert check_picture(tmp_path / "b2.png", 96, 64, 0) == "the picture is black"
     assert "expected 128x64" in check_picture(tmp_path / "b2.png", 128, 64, 0)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank_and_rank_0_names_the_failed_job(tmp_path):
+    (tmp_path / "room.yaml").write_text(SCENE)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "import multidiff_cli.run.batch as b\n"
+        "real = b.render\n"
+        "def render(scene, *args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('boom on rank 1')\n"
+        "    return real(scene, *args, **kwargs)\n"
+        "b.render = render\n"
+        "from multidiff_cli.cli import main\n"
+        "sys.argv = ['multidiff', 'render', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MULTIDIFF_DEVICE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           "room.yaml", "--seeds", "0-1", "--model", "tiny-random", "-q", "--device", "cpu", "--output-dir", "out"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rendered 1 of 2" in done.stderr
+    assert "failed: room.yaml seed 1: RuntimeError: boom on rank 1" in done.stderr, done.stderr
+    assert (tmp_path / "out" / "room-0.png").exists() and not (tmp_path / "out" / "room-1.png").exists()

@@ -1,8 +1,12 @@
-"""The few-step path: distilled models (SD-Turbo-style config), quantized masks, mask-centering."""
+"""The few-step path: distilled models (SD-Turbo-style config) and how they are known (by name, by their
+configs), quantized masks, mask-centering."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +14,13 @@ import torch
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.weights import gaussian_blur, quantized_weights, region_weights
-from multidiff_cli.models.random_weights import build_tiny_random, sd2_scheduler_config
+from multidiff_cli.models.family import LoadedState
+from multidiff_cli.models.loading import is_few_step_model, load_folder, load_model
+from multidiff_cli.models.random_weights import TINY_RANDOM, build_tiny_random, sd2_scheduler_config
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
 
+CPU = torch.device("cpu")
 H, W = 16, 24
 TURBO = """\
 prompt: a harbour at dusk
@@ -118,3 +125,64 @@ def test_four_step_turbo_render_bootstraps_one_step_with_centering(turbo, write_
     assert counting.samples == 3 * 4
     off = render(load_scene(write_scene(TURBO.format(steps=4, scheduler="euler") + "few_step: false\n")), turbo, seed=0)
     assert not torch.equal(on.latents, off.latents)
+
+
+# --- few-step (distilled) models, known by name and configs --------------------------------------------
+
+
+@pytest.mark.parametrize("model_id, few_step", [
+    ("me/sd-turbo-copy", True),
+    ("me/SDXL-Turbo", True),
+    ("me/my-LCM_dreamshaper", True),
+    ("me/sdxl-lightning-4step", True),
+    ("me/Hyper-SD15", True),
+    ("me/hyper_sd", True),
+    ("./models/sd-turbo", True),
+    (TINY_RANDOM, False),
+    ("sd2-random", False),
+    ("me/stable-diffusion-2-base", False),
+    ("me/turbine-painter", False),
+    ("/home/lcm-user/models/plain-sd", False),  # only the model's own name counts, not the folders above
+])
+def test_few_step_models_are_known_by_name(model_id, few_step):
+    assert is_few_step_model(model_id) is few_step
+
+
+def write_configs(folder: Path, model_index=None, scheduler=None) -> Path:
+    (folder / "scheduler").mkdir(parents=True)
+    if model_index is not None:
+        (folder / "model_index.json").write_text(json.dumps(model_index))
+    if scheduler is not None:
+        text = scheduler if isinstance(scheduler, str) else json.dumps(scheduler)
+        (folder / "scheduler" / "scheduler_config.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("model_index, scheduler, few_step", [
+    (None, None, False),
+    ({"_class_name": "StableDiffusionPipeline"}, {"_class_name": "DDIMScheduler"}, False),
+    ({"_name_or_path": "me/sd-turbo"}, None, True),
+    (None, {"_class_name": "EulerDiscreteScheduler", "_name_or_path": "me/SDXL-Lightning"}, True),
+    (None, {"_class_name": "LCMScheduler"}, True),
+    (["not", "an", "object"], "{broken json", False),
+])
+def test_few_step_models_are_known_by_their_configs(tmp_path, model_index, scheduler, few_step):
+    folder = write_configs(tmp_path / "plain", model_index, scheduler)
+    assert is_few_step_model(str(folder), folder) is few_step
+
+
+def test_a_hub_snapshot_is_known_by_its_repo_name(tmp_path):
+    snapshot = write_configs(tmp_path / "hub" / "models--me--sd-turbo" / "snapshots" / ("f" * 40))
+    assert is_few_step_model(str(snapshot), snapshot)
+    other = write_configs(tmp_path / "hub" / "models--lcm-fans--plain-sd" / "snapshots" / ("f" * 40))
+    assert not is_few_step_model(str(other), other)
+
+
+def test_loading_sets_few_step_model(tiny_folder, tmp_path):
+    assert LoadedState(model_id="x", scheduler_config={}).few_step_model is False
+    assert load_model(TINY_RANDOM, CPU, torch.float32).few_step_model is False
+    assert load_folder(tiny_folder, model_id=str(tiny_folder)).few_step_model is False
+    turbo = shutil.copytree(tiny_folder, tmp_path / "tiny-turbo")
+    assert load_folder(turbo, model_id=str(turbo)).few_step_model is True
+    lcm = shutil.copytree(tiny_folder, tmp_path / "tiny-lcm-free")  # a name says so, the scheduler need not
+    assert load_model(str(lcm), CPU, torch.float32).few_step_model is True

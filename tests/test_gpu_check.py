@@ -27,8 +27,8 @@ def test_gpu_check_renders_every_scene_per_dtype_and_reports_one_table(tmp_path,
     rows = json.loads(report.read_text())["rows"]
     assert code == 0, printed
     assert [(row["check"], row["setting"]) for row in rows] == [
-        ("render living_room.yaml 512x512", "float32, 1 steps"),
-        ("render living_room.yaml 512x512", "bfloat16, 1 steps"),
+        ("render living_room.yaml 512x512", "tiny-random, float32, 1 steps"),
+        ("render living_room.yaml 512x512", "tiny-random, bfloat16, 1 steps"),
     ]
     assert all(row["result"] == "ok" for row in rows)
     assert "2 passed, 0 failed" in printed

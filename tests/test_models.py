@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from multidiff_cli.errors import ModelNotFound, UsageError
+from multidiff_cli.errors import ModelError, ModelNotFound, UsageError
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.models.device import pick_device, pick_dtype
-from multidiff_cli.models.loading import load_model
+from multidiff_cli.models.loading import load_folder, load_model
 from multidiff_cli.models.random_weights import build_tiny_random, save_model, sd2_scheduler_config
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
 
 CPU = torch.device("cpu")
 SMALL = "prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nbootstrap_steps: 1\nregions:\n  - prompt: a sofa\n    box: [0, 0, 32, 64]\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
-    save_model(build_tiny_random(), folder)
-    return folder
 
 
 def test_a_saved_folder_loads_back_identical(tiny_folder, tiny, write_scene):
@@ -196,3 +190,26 @@ def test_free_cpu_memory_is_read_after_giving_back_what_this_process_kept(monkey
     monkeypatch.setattr(device_module, "release_freed_memory", lambda: calls.append("release"))
     free = device_module.available_bytes(CPU)
     assert calls == ["release"] and (free is None or free > 0)
+
+
+def test_a_broken_scheduler_config_is_a_model_error(tiny_folder, tmp_path):
+    broken = shutil.copytree(tiny_folder, tmp_path / "broken")
+    (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="could not load"):
+        load_folder(broken, model_id=str(broken))
+
+
+@pytest.mark.parametrize("value, quiet", [("", True), ("0", True), ("false", True), ("1", False), ("yes", False)])
+def test_multidiff_debug_0_keeps_the_libraries_quiet(monkeypatch, value, quiet):
+    from transformers.utils import logging as transformers_logging
+
+    from multidiff_cli.models.device import quiet_libraries
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    try:
+        monkeypatch.setenv("MULTIDIFF_DEBUG", value)
+        quiet_libraries()
+        assert (transformers_logging.get_verbosity() == transformers_logging.ERROR) == quiet
+    finally:
+        transformers_logging.set_verbosity(level)

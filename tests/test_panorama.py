@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run import render as render_module
 from multidiff_cli.models.codec import VAECodec
@@ -24,13 +22,14 @@ def test_views_follow_the_model_window_and_the_scene_stride(tiny, write_scene):
     assert [(v.height, v.width) for v in plan_render(small, tiny).views] == [(24, 32)]  # smaller than a view
 
 
-def test_a_512x2048_panorama_with_regions_renders_from_the_cli(write_scene, tmp_path):
+@pytest.mark.slow
+def test_a_512x2048_panorama_with_regions_renders_from_the_cli(cli, write_scene, tmp_path):
     scene = write_scene(
         "prompt: hills\nwidth: 2048\nheight: 512\nsteps: 2\nregions:\n"
         "  - prompt: a castle\n    box: [96, 64, 608, 448]\n  - prompt: a lake\n    box: [1344, 256, 1952, 512]\n"
     )
     out = tmp_path / "pano.png"
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", "tiny-random", "-o", str(out), "-q"])
+    result = cli("render", str(scene), "--model", "tiny-random", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert image.size == (2048, 512)

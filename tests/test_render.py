@@ -151,14 +151,6 @@ def test_bootstrapping_changes_the_picture(tiny, write_scene):
     assert not torch.equal(plain.latents, booted.latents)
 
 
-def test_a_prompt_over_77_tokens_is_named_in_a_warning(tiny, write_scene):
-    long = " ".join(["red"] * 100)  # 100 tokens or more, however the tokenizer splits it
-    scene = load_scene(write_scene(f"prompt: {long}\nwidth: 64\nheight: 64\nsteps: 1\n"))
-    result = render(scene, tiny, seed=0)
-    assert len(result.warnings) == 1 and result.warnings[0].startswith("prompt is ")
-    assert "cut after" in result.warnings[0]
-
-
 def test_max_batch_splits_calls_without_changing_the_result(tiny, scene, unet_doubles, assert_close_batched):
     prompts = scene_prompts(scene)
     embeddings = tiny.encode_prompts(prompts.texts, (512, 512)).get("hidden_states")

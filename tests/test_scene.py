@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.errors import SceneError
 from multidiff_cli.scene import Scene, load_scene
 
@@ -326,7 +324,7 @@ def time_limit(seconds: float):
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs SIGALRM")
-def test_an_alias_bomb_is_refused_quickly(scene_file):
+def test_an_alias_bomb_is_refused_quickly(cli, scene_file):
     """10**9 strings if expanded, in unknown keys and in fields that are validated (regions, style)."""
     lines = ["prompt: x", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
@@ -335,7 +333,7 @@ def test_an_alias_bomb_is_refused_quickly(scene_file):
         problems = problems_of(path)
     assert all(problem.startswith(f"{path}:") for problem in problems), problems
     assert {"regions[0]", "style"} <= {split_problem(path, problem)[1] for problem in problems}
-    result = CliRunner().invoke(app, ["validate", str(path)])
+    result = cli("validate", str(path))
     assert result.exit_code == 2 and result.stderr.splitlines() == problems, result.output
 
 
@@ -476,11 +474,11 @@ def test_full_prompt_appends_the_style(style, expected):
         pytest.param(b"prompt: caf\xe9\n", [], "{path}:1: ", "not UTF-8", id="latin-1"),
     ],
 )
-def test_render_of_a_bad_scene_exits_2_with_the_line_and_no_traceback(
+def test_render_of_a_bad_scene_exits_2_with_the_line_and_no_traceback(cli, 
     scene_file, no_model_load, content, args, line_start, text
 ):
     path = scene_file(content)
-    result = CliRunner().invoke(app, ["render", str(path), *args])
+    result = cli("render", str(path), *args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert no_model_load == []  # a bad scene fails before any model is touched

@@ -2,8 +2,6 @@
 problem of a scene reported at once. Pure scene tests: YAML files and small PNGs, no model, no torch."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -272,18 +270,3 @@ def test_problems_from_the_command_line_and_the_file_come_together(tmp_path):
     assert len(problems) == 2
     assert problems[0].startswith(f"{path}: steps: ") and "command line" in problems[0]
     assert problems[1].startswith(f"{path}:4: regions[0].mask: no such file")
-
-
-# --- the scene package stays free of torch ---------------------------------------------------------------------
-
-
-def test_loading_a_scene_never_imports_torch(tmp_path):
-    make_mask(tmp_path / "m.png", (300, 200))
-    good = write(tmp_path, BOXES + "  - prompt: c\n    mask: m.png\n", "good.yaml")
-    bad = write(tmp_path, THREE_PROBLEMS, "bad.yaml")
-    code = ("import sys\nfrom multidiff_cli.scene import load_scene\n"
-            "from multidiff_cli.errors import SceneError\n"
-            f"assert load_scene({str(good)!r}, {{'steps': 2, 'width': 256}}).warnings\n"
-            f"try:\n    load_scene({str(bad)!r})\nexcept SceneError:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True)

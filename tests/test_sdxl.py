@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import types
 
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.models import sdxl as sdxl_module
 from multidiff_cli.catalog import family_of_folder
 from multidiff_cli.models.loading import cached_models, load_model
-from multidiff_cli.models.random_weights import build_tiny_sdxl_random, save_model
+from multidiff_cli.models.random_weights import build_tiny_sdxl_random
 from multidiff_cli.models.sd import unet_bytes_per_sample
 from multidiff_cli.models.sdxl import time_ids
 from multidiff_cli.output.png import read_metadata
@@ -35,21 +34,6 @@ def replaced(model, **parts):
     out = copy.copy(model)
     out.__dict__.update(parts)
     return out
-
-
-
-@pytest.fixture(scope="module")
-def xl():
-    """A tiny SDXL on the CPU, float32, native 128 px. Treat as read-only."""
-    return build_tiny_sdxl_random(sample_size=NATIVE_PX // 8).to(CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
-    """The tiny SDXL saved as a diffusers folder whose name says nothing of SDXL."""
-    folder = tmp_path_factory.mktemp("models") / "plain-model"
-    save_model(build_tiny_sdxl_random(sample_size=NATIVE_PX // 8), folder)
-    return folder
 
 
 def pipeline(xl, scheduler):
@@ -72,13 +56,13 @@ def initial_noise(seed: int, latent_hw) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"], ids=["zeros", "negative"])
-def test_a_plain_scene_equals_diffusers_sdxl_pipeline(xl, write_scene, scheduler, negative, assert_close_batched):
+def test_a_plain_scene_equals_diffusers_sdxl_pipeline(tiny_xl, write_scene, scheduler, negative, assert_close_batched):
     scene = load_scene(write_scene(
         f"prompt: a red sofa in a room\nnegative_prompt: '{negative}'\nwidth: 96\nheight: 64\nsteps: 3\n"
         f"guidance_scale: 5.0\nscheduler: {scheduler}\nseed: 7\n"
     ))
-    ours = render(scene, xl, seed=7).latents
-    pipe = pipeline(xl, make_scheduler(scheduler, xl.scheduler_config))
+    ours = render(scene, tiny_xl, seed=7).latents
+    pipe = pipeline(tiny_xl, make_scheduler(scheduler, tiny_xl.scheduler_config))
     with torch.inference_mode():
         theirs = pipe(
             "a red sofa in a room", negative_prompt=negative or None, height=64, width=96, num_inference_steps=3,
@@ -87,11 +71,11 @@ def test_a_plain_scene_equals_diffusers_sdxl_pipeline(xl, write_scene, scheduler
     assert_close_batched(ours, theirs, guidance=5.0, steps=3)
 
 
-def test_the_zeros_rule_changes_the_picture(xl, write_scene):
+def test_the_zeros_rule_changes_the_picture(tiny_xl, write_scene):
     """An empty negative prompt is zeros on a force_zeros_for_empty_prompt model, an encoded "" otherwise."""
     scene = load_scene(write_scene("prompt: a red sofa\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\n"))
-    zeros = render(scene, xl, seed=1).latents
-    encoded = render(scene, replaced(xl, force_zeros_for_empty_prompt=False), seed=1).latents
+    zeros = render(scene, tiny_xl, seed=1).latents
+    encoded = render(scene, replaced(tiny_xl, force_zeros_for_empty_prompt=False), seed=1).latents
     assert not torch.allclose(zeros, encoded)
 
 
@@ -153,10 +137,10 @@ def reference_loop(xl, scene, seed: int) -> torch.Tensor:
                                         backgrounds=backgrounds)
 
 
-def test_a_region_scene_equals_the_per_prompt_reference_loop(xl, write_scene, assert_close_batched):
+def test_a_region_scene_equals_the_per_prompt_reference_loop(tiny_xl, write_scene, assert_close_batched):
     scene = load_scene(write_scene(REGIONS))
-    ours = render(scene, xl, seed=11).latents
-    assert_close_batched(ours, reference_loop(xl, scene, 11), guidance=6.0, steps=3)
+    ours = render(scene, tiny_xl, seed=11).latents
+    assert_close_batched(ours, reference_loop(tiny_xl, scene, 11), guidance=6.0, steps=3)
 
 
 # --- C. the shared unconditional sample -------------------------------------------------------------------
@@ -164,13 +148,13 @@ def test_a_region_scene_equals_the_per_prompt_reference_loop(xl, write_scene, as
 
 @pytest.mark.parametrize("guidance, per_step", [(6.0, 2 + 2), (1.0, 2 + 1), (0.0, 2 + 1)])
 def test_n_regions_cost_n_plus_2_samples_and_none_unconditional_without_guidance(
-    xl, write_scene, unet_doubles, guidance, per_step
+    tiny_xl, write_scene, unet_doubles, guidance, per_step
 ):
     scene = load_scene(write_scene(REGIONS.replace("bootstrap_steps: 1", "bootstrap_steps: 0")
                                    .replace("guidance_scale: 6.0", f"guidance_scale: {guidance}")
                                    .replace("    guidance_scale: 3.0\n", "")))
-    counting = unet_doubles.Counting(xl.unet)
-    render(scene, replaced(xl, unet=counting), seed=0)
+    counting = unet_doubles.Counting(tiny_xl.unet)
+    render(scene, replaced(tiny_xl, unet=counting), seed=0)
     assert counting.sizes == [per_step] * scene.steps  # 2 regions: N+2 with guidance, N+1 without
 
 
@@ -193,7 +177,7 @@ def recorded_time_ids(monkeypatch):
 
 @pytest.mark.parametrize("wrap", ["none", "horizontal"])
 def test_sdxl_panoramas_render_from_the_cli_with_whole_picture_time_ids_per_view(
-    xl_folder, write_scene, tmp_path, recorded_time_ids, wrap
+    cli, tiny_xl_folder, write_scene, tmp_path, recorded_time_ids, wrap
 ):
     mask = tmp_path / "lake.png"
     Image.new("L", (32, 12)).save(mask)
@@ -206,8 +190,8 @@ def test_sdxl_panoramas_render_from_the_cli_with_whole_picture_time_ids_per_view
         "regions:\n  - prompt: a castle\n    box: [16, 32, 96, 128]\n  - prompt: a lake\n    mask: lake.png\n"
     )
     out = tmp_path / "pano.png"
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "-o", str(out), "-q",
-                                      "--preview-every", "1"])
+    result = cli("render", str(scene), "--model", str(tiny_xl_folder), "-o", str(out), "-q",
+                                      "--preview-every", "1")
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert image.size == (320, 128)
@@ -217,35 +201,34 @@ def test_sdxl_panoramas_render_from_the_cli_with_whole_picture_time_ids_per_view
     assert set(recorded_time_ids) == {tuple(time_ids((NATIVE_PX, NATIVE_PX)))} == {(128, 128, 0, 0, 128, 128)}
 
 
-def test_an_sdxl_batch_renders_and_a_png_renders_again_identically(xl_folder, write_scene, tmp_path):
+def test_an_sdxl_batch_renders_and_a_png_renders_again_identically(cli, tiny_xl_folder, write_scene, tmp_path):
     scene = write_scene("prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nregions:\n"
                         "  - prompt: a sofa\n    box: [0, 32, 64, 64]\n", name="room.yaml")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "--seeds", "0-1", "--grid",
-                                      "--output-dir", str(out), "-q"])
+    result = cli("render", str(scene), "--model", str(tiny_xl_folder), "--seeds", "0-1", "--grid",
+                                      "--output-dir", str(out), "-q")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("*.png")) == ["room-0.png", "room-1.png", "room-grid.png"]
-    again = CliRunner().invoke(app, ["render", str(out / "room-1.png"), "--output-dir", str(out), "-q"])
+    again = cli("render", str(out / "room-1.png"), "--output-dir", str(out), "-q")
     assert again.exit_code == 0, again.output
     with Image.open(out / "room-1.png") as first, Image.open(out / "room-1-again.png") as second:
         assert first.tobytes() == second.tobytes()
 
 
-def test_a_canvas_smaller_than_a_view_is_conditioned_on_its_own_size(xl, write_scene, recorded_time_ids):
+def test_a_canvas_smaller_than_a_view_is_conditioned_on_its_own_size(tiny_xl, write_scene, recorded_time_ids):
     scene = load_scene(write_scene("prompt: p\nwidth: 96\nheight: 64\nsteps: 1\n"))
-    assert [(v.height, v.width) for v in plan_render(scene, xl).views] == [(8, 12)]
-    render(scene, xl, seed=0)
+    assert [(v.height, v.width) for v in plan_render(scene, tiny_xl).views] == [(8, 12)]
+    render(scene, tiny_xl, seed=0)
     assert set(recorded_time_ids) == {(64, 96, 0, 0, 64, 96)}  # (height, width): what diffusers' pipeline sets
 
 
 # --- E. loading: the family from the folder; SD2 unchanged ------------------------------------------------
 
 
-def test_loading_picks_the_family_from_the_folder_not_its_name(xl_folder, tiny, tmp_path, write_scene):
-    sd_named_xl = tmp_path / "my-sdxl-model"
-    save_model(tiny, sd_named_xl)
-    assert (family_of_folder(xl_folder).name, family_of_folder(sd_named_xl).name) == ("sdxl", "sd")
-    loaded = load_model(str(xl_folder), CPU, torch.float32)
+def test_loading_picks_the_family_from_the_folder_not_its_name(tiny_xl_folder, tiny_folder, tmp_path, write_scene):
+    sd_named_xl = shutil.copytree(tiny_folder, tmp_path / "my-sdxl-model")
+    assert (family_of_folder(tiny_xl_folder).name, family_of_folder(sd_named_xl).name) == ("sdxl", "sd")
+    loaded = load_model(str(tiny_xl_folder), CPU, torch.float32)
     assert loaded.family == "sdxl" and loaded.force_zeros_for_empty_prompt is True
     assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert load_model(str(sd_named_xl), CPU, torch.float32).family == "sd"
@@ -255,33 +238,27 @@ def test_loading_picks_the_family_from_the_folder_not_its_name(xl_folder, tiny, 
     assert torch.equal(render(scene, loaded, seed=3).latents, render(scene, built, seed=3).latents)
 
 
-def test_force_zeros_is_read_from_model_index(xl_folder, tmp_path):
+def test_force_zeros_is_read_from_model_index(tiny_xl_folder, tmp_path):
     folder = tmp_path / "no-zeros"
-    import shutil
-
-    shutil.copytree(xl_folder, folder)
+    shutil.copytree(tiny_xl_folder, folder)
     (folder / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
     assert load_model(str(folder), CPU, torch.float32).force_zeros_for_empty_prompt is False
 
 
-def test_an_sdxl_folder_without_its_second_text_encoder_weights_is_named(xl_folder, tmp_path):
-    import shutil
-
+def test_an_sdxl_folder_without_its_second_text_encoder_weights_is_named(tiny_xl_folder, tmp_path):
     from multidiff_cli.errors import ModelError
 
     folder = tmp_path / "broken"
-    shutil.copytree(xl_folder, folder)
+    shutil.copytree(tiny_xl_folder, folder)
     for weights in (folder / "text_encoder_2").glob("*.safetensors"):
         weights.unlink()
     with pytest.raises(ModelError, match="text_encoder_2"):
         load_model(str(folder), CPU, torch.float32)
 
 
-def test_models_lists_the_family(xl_folder, tmp_path):
-    import shutil
-
+def test_models_lists_the_family(tiny_xl_folder, tmp_path):
     snapshot = tmp_path / "hub" / "models--me--tiny-xl" / "snapshots" / ("e" * 40)
-    shutil.copytree(xl_folder, snapshot)
+    shutil.copytree(tiny_xl_folder, snapshot)
     refs = tmp_path / "hub" / "models--me--tiny-xl" / "refs"
     refs.mkdir()
     (refs / "main").write_text("e" * 40)
@@ -308,12 +285,10 @@ def test_sd2_renders_exactly_as_before(tiny, write_scene, guided_atol):
 # --- F. SDXL-Turbo and `vae:` -----------------------------------------------------------------------------
 
 
-def test_sdxl_turbo_takes_the_few_step_path_without_unconditional_samples(xl_folder, tmp_path, write_scene,
+def test_sdxl_turbo_takes_the_few_step_path_without_unconditional_samples(tiny_xl_folder, tmp_path, write_scene,
                                                                           unet_doubles):
-    import shutil
-
     turbo = tmp_path / "tiny-sdxl-turbo"
-    shutil.copytree(xl_folder, turbo)
+    shutil.copytree(tiny_xl_folder, turbo)
     components = load_model(str(turbo), CPU, torch.float32)
     assert components.few_step_model and components.family == "sdxl"
     scene = load_scene(write_scene(REGIONS.replace("steps: 3\nbootstrap_steps: 1", "steps: 2")
@@ -325,18 +300,18 @@ def test_sdxl_turbo_takes_the_few_step_path_without_unconditional_samples(xl_fol
     assert counting.samples == 2 * 3  # one per prompt per step
 
 
-def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_render_dtype(xl_folder, tmp_path,
+def test_a_vae_key_replaces_the_model_s_vae_and_an_fp16_safe_one_runs_in_the_render_dtype(cli, tiny_xl_folder, tmp_path,
                                                                                         write_scene):
     vae = build_tiny_sdxl_random(seed=5, sample_size=NATIVE_PX // 8).vae
     vae.register_to_config(force_upcast=False)
     vae.save_pretrained(tmp_path / "vae-fix", safe_serialization=True)
-    own = load_model(str(xl_folder), CPU, torch.bfloat16)
-    fixed = load_model(str(xl_folder), CPU, torch.bfloat16, vae=str(tmp_path / "vae-fix"))
+    own = load_model(str(tiny_xl_folder), CPU, torch.bfloat16)
+    fixed = load_model(str(tiny_xl_folder), CPU, torch.bfloat16, vae=str(tmp_path / "vae-fix"))
     assert own.vae.dtype == torch.float32 and own.state.vae_id is None
     assert fixed.vae.dtype == torch.bfloat16 and fixed.state.vae_id == str(tmp_path / "vae-fix")
     scene = write_scene(f"prompt: p\nwidth: 64\nheight: 64\nsteps: 1\nvae: {tmp_path / 'vae-fix'}\n")
     out = tmp_path / "fixed.png"
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", str(xl_folder), "-o", str(out), "-q"])
+    result = cli("render", str(scene), "--model", str(tiny_xl_folder), "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
     assert read_metadata(out)["scene"]["vae"] == "vae-fix"  # relative to the picture's folder, tmp_path
 
@@ -358,13 +333,11 @@ def test_sdxl_calls_follow_auto_with_sd2_s_activations_per_sample_as_the_bound(w
     assert plan_render(explicit, components).samples_per_call == 2
 
 
-def test_an_sdxl_unet_without_a_second_text_encoder_is_named(xl_folder, tmp_path):
-    import shutil
-
+def test_an_sdxl_unet_without_a_second_text_encoder_is_named(tiny_xl_folder, tmp_path):
     from multidiff_cli.errors import ModelNotFound
 
     folder = tmp_path / "half"
-    shutil.copytree(xl_folder, folder, ignore=shutil.ignore_patterns("text_encoder_2"))
+    shutil.copytree(tiny_xl_folder, folder, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(ModelNotFound, match="text_encoder_2/config.json"):
         load_model(str(folder), CPU, torch.float32)
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.errors import LoraError
 from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.schedulers import make_scheduler
@@ -204,13 +202,13 @@ def test_an_sd_lora_on_an_sdxl_model_names_the_file_and_the_family(tmp_path):
         load_loras(fresh_xl(), [path])
 
 
-def test_cli_renders_an_sdxl_region_lora_and_records_it(tmp_path):
+def test_cli_renders_an_sdxl_region_lora_and_records_it(cli, tmp_path):
     write_lora(tmp_path / "style.safetensors", lora_layers(build_tiny_sdxl_random(), seed=4), "kohya")
     scene = tmp_path / "scene.yaml"
     scene.write_text("prompt: a room\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\nregions:\n"
                      "  - prompt: a lamp\n    box: [0, 0, 32, 64]\n    loras: [{path: style.safetensors, scale: 0.7}]\n")
-    result = CliRunner().invoke(app, ["render", str(scene), "--model", "tiny-sdxl-random", "-q",
-                                      "--output-dir", str(tmp_path / "out")])
+    result = cli("render", str(scene), "--model", "tiny-sdxl-random", "-q",
+                                      "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     record = read_metadata(tmp_path / "out" / "scene-1.png")
     assert record["scene"]["regions"][0]["loras"] == [{"path": "../style.safetensors", "scale": 0.7}]

@@ -7,9 +7,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.models.random_weights import build_tiny_random, save_model
 
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -67,15 +65,12 @@ def checkpoint(tmp_path_factory, ldm_unet_key):
 SCENE = "prompt: a red sofa\nwidth: 64\nheight: 64\nsteps: 2\nseed: 3\nregions:\n  - prompt: a lamp\n    box: [0, 0, 32, 64]\n"
 
 
-def render(*args):
-    return CliRunner().invoke(app, ["render", *args, "-q"])
-
-
-def test_a_single_file_checkpoint_renders_as_its_diffusers_folder(checkpoint, write_scene, tmp_path):
+@pytest.mark.slow
+def test_a_single_file_checkpoint_renders_as_its_diffusers_folder(cli, checkpoint, write_scene, tmp_path):
     folder, single = checkpoint
     scene = write_scene(SCENE + f"model_config: {folder}\n")
-    from_folder = render(str(scene), "--model", str(folder), "-o", str(tmp_path / "folder.png"))
-    from_file = render(str(scene), "--model", str(single), "-o", str(tmp_path / "file.png"))
+    from_folder = cli("render", "-q", str(scene), "--model", str(folder), "-o", str(tmp_path / "folder.png"))
+    from_file = cli("render", "-q", str(scene), "--model", str(single), "-o", str(tmp_path / "file.png"))
     assert from_folder.exit_code == 0, from_folder.output
     assert from_file.exit_code == 0, from_file.output
     ignored = f"model_config {folder} is ignored: it gives the configs of a single-file checkpoint, and {folder}"
@@ -86,21 +81,21 @@ def test_a_single_file_checkpoint_renders_as_its_diffusers_folder(checkpoint, wr
         assert a.tobytes() == b.tobytes()
 
 
-def test_a_single_file_without_configs_offline_says_how_to_get_them(checkpoint, write_scene, tmp_path, monkeypatch):
+def test_a_single_file_without_configs_offline_says_how_to_get_them(cli, checkpoint, write_scene, tmp_path, monkeypatch):
     _, single = checkpoint
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    result = render(str(write_scene(SCENE)), "--model", str(single), "--output-dir", str(tmp_path / "out"))
+    result = cli("render", "-q", str(write_scene(SCENE)), "--model", str(single), "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 1
     assert "model_config:" in result.stderr and "hf download" in result.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_a_ckpt_checkpoint_is_refused_without_allow_pickle(checkpoint, write_scene, tmp_path):
+def test_a_ckpt_checkpoint_is_refused_without_allow_pickle(cli, checkpoint, write_scene, tmp_path):
     folder, single = checkpoint
     pickled = tmp_path / "tiny.ckpt"
     from safetensors.torch import load_file
 
     torch.save({"state_dict": load_file(str(single))}, pickled)
-    result = render(str(write_scene(SCENE + f"model_config: {folder}\n")), "--model", str(pickled),
+    result = cli("render", "-q", str(write_scene(SCENE + f"model_config: {folder}\n")), "--model", str(pickled),
                     "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 1 and "--allow-pickle" in result.stderr

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from multidiff_cli.cli import app
 from multidiff_cli.errors import TooLarge
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.output.png import read_metadata
@@ -18,10 +16,6 @@ from multidiff_cli.run.render import plan_render
 from multidiff_cli.run.upscale import UpscaleRequest, write_upscale_scene
 from multidiff_cli.scene import load_scene
 from multidiff_cli.scene.picture import load_picture
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def picture(path, size=(256, 192), mode="RGB", colour=None, seed=0):
@@ -99,20 +93,20 @@ BAD = [
 
 
 @pytest.mark.parametrize("lines,message", BAD, ids=[message.split(":")[0] + str(i) for i, (_, message) in enumerate(BAD)])
-def test_a_bad_picture_input_is_one_line_exit_2_and_writes_nothing(lines, message, write_scene, tmp_path, no_model_load):
+def test_a_bad_picture_input_is_one_line_exit_2_and_writes_nothing(cli, lines, message, write_scene, tmp_path, no_model_load):
     bad_files(tmp_path)
     scene = write_scene(f"prompt: p\nsteps: 2\n{lines}\n")
-    result = run("render", scene, "--model", "tiny-random", "-q", "--output-dir", tmp_path / "out")
+    result = cli("render", scene, "--model", "tiny-random", "-q", "--output-dir", tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
 
 
-def test_a_decompression_bomb_is_refused(write_scene, tmp_path, monkeypatch, no_model_load):
+def test_a_decompression_bomb_is_refused(cli, write_scene, tmp_path, monkeypatch, no_model_load):
     picture(tmp_path / "pic.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256 * 192 // 4)  # Pillow's limit, lowered to this picture
-    result = run("render", write_scene("prompt: p\ninit_image: pic.png\n"), "-q", "--output-dir", tmp_path / "out")
+    result = cli("render", write_scene("prompt: p\ninit_image: pic.png\n"), "-q", "--output-dir", tmp_path / "out")
     assert result.exit_code == 2 and "refused, too many pixels" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
 
@@ -125,11 +119,11 @@ def test_a_decompression_bomb_is_refused(write_scene, tmp_path, monkeypatch, no_
     (["big.png", "--prompt", "p", "--scale", "16"], "640x480 picture would become 10240x7680, over the largest"),
     (["pic.png", "--prompt", "p", "-o", "out/up.jpg"], "must name a .png file"),
 ])
-def test_a_bad_upscale_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path, monkeypatch, no_model_load):
+def test_a_bad_upscale_is_one_line_exit_2_and_writes_nothing(cli, args, message, tmp_path, monkeypatch, no_model_load):
     monkeypatch.chdir(tmp_path)
     picture(tmp_path / "pic.png")
     picture(tmp_path / "big.png", (640, 480), colour=(0, 0, 0))
-    result = run("upscale", *args, "-q", "--output-dir", "out")
+    result = cli("upscale", *args, "-q", "--output-dir", "out")
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
     assert files_in(tmp_path / "out") == []
@@ -138,7 +132,7 @@ def test_a_bad_upscale_is_one_line_exit_2_and_writes_nothing(args, message, tmp_
 # --- metadata, re-renders, previews ------------------------------------------------------------------------------
 
 
-def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_skipped(write_scene, tmp_path, tiny,
+def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_skipped(cli, write_scene, tmp_path, tiny,
                                                                                      monkeypatch):
     monkeypatch.setattr("multidiff_cli.models.loading.load_model", lambda *args, **kwargs: tiny)
     picture(tmp_path / "pic.png", (128, 96))
@@ -148,32 +142,32 @@ def test_metadata_records_the_picture_and_a_changed_picture_warns_and_is_not_ski
     mask.save(tmp_path / "keep.png")
     scene = write_scene("prompt: p\ninit_image: pic.png\nstrength: 0.5\nkeep: keep.png\nsteps: 2\nseed: 4\n")
     out = tmp_path / "out"
-    assert run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out).exit_code == 0
+    assert cli("render", scene, "--model", "tiny-random", "-q", "--output-dir", out).exit_code == 0
     record = read_metadata(out / "scene-4.png")  # its paths are relative to the picture's folder, out/
     assert record["scene"]["init_image"] == "../pic.png" and record["scene"]["strength"] == 0.5
     assert record["scene"]["keep"] == "../keep.png" and (record["scene"]["width"], record["scene"]["height"]) == (128, 96)
     assert record["init_image"]["path"] == "../pic.png" and (record["init_image"]["width"], record["init_image"]["height"]) == (128, 96)
     assert record["init_image"]["sha256"] == record["inputs"]["../pic.png"] and "../keep.png" in record["inputs"]
     assert "Denoising strength: 0.5" in Image.open(out / "scene-4.png").text["parameters"]
-    saved = run("inspect", out / "scene-4.png", "--save-scene", tmp_path / "elsewhere" / "again.yaml")
+    saved = cli("inspect", out / "scene-4.png", "--save-scene", tmp_path / "elsewhere" / "again.yaml")
     assert saved.exit_code == 0 and "init_image:" in saved.stdout
     moved = load_scene(tmp_path / "elsewhere" / "again.yaml")  # paths rewritten to work from its folder
     assert (moved.init_image, moved.keep) == ("../pic.png", "../keep.png")
-    again = run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
+    again = cli("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
     assert "skipped" in again.output and files_in(out) == ["scene-4.png"]
 
     picture(tmp_path / "pic.png", (128, 96), seed=1)  # the picture changes
-    rerender = run("render", out / "scene-4.png", "--model", "tiny-random", "-q", "--output-dir", out)
+    rerender = cli("render", out / "scene-4.png", "--model", "tiny-random", "-q", "--output-dir", out)
     assert rerender.exit_code == 0
     assert "warning: scene-4.png: ../pic.png changed since scene-4.png was rendered" in rerender.output
-    resumed = run("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
+    resumed = cli("render", scene, "--model", "tiny-random", "-q", "--output-dir", out, "--skip-existing")
     assert "skipped" not in resumed.output and "scene-4-2.png" in files_in(out)
 
 
-def test_preview_draws_the_init_image_under_the_boxes(write_scene, tmp_path):
+def test_preview_draws_the_init_image_under_the_boxes(cli, write_scene, tmp_path):
     picture(tmp_path / "pic.png", (128, 96), colour=(200, 40, 10))
     scene = write_scene("prompt: p\ninit_image: pic.png\nregions:\n  - prompt: a boat\n    box: [64, 48, 128, 96]\n")
-    result = run("preview", scene, "-o", tmp_path / "layout.png")
+    result = cli("preview", scene, "-o", tmp_path / "layout.png")
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "layout.png") as layout:
         assert layout.getpixel((10, 10)) == (200, 40, 10)  # the picture, outside the box
@@ -223,11 +217,11 @@ def small_window(monkeypatch):
     return views
 
 
-def test_an_upscale_of_a_256x192_picture_renders_512x384_with_views_and_can_be_run_again(tmp_path, monkeypatch,
+def test_an_upscale_of_a_256x192_picture_renders_512x384_with_views_and_can_be_run_again(cli, tmp_path, monkeypatch,
                                                                                            small_window):
     monkeypatch.chdir(tmp_path)
     picture(tmp_path / "harbour.png")
-    result = run("upscale", "harbour.png", "--scale", "2", "--prompt", "a harbour", "--strength", "0.5",
+    result = cli("upscale", "harbour.png", "--scale", "2", "--prompt", "a harbour", "--strength", "0.5",
                  "--steps", "2", "--seed", "7", "--model", "tiny-random", "-q")
     assert result.exit_code == 0, result.output
     assert result.stdout.split() == ["outputs/harbour-x2-7.png", "outputs/harbour-x2.yaml"]
@@ -248,15 +242,33 @@ def test_an_upscale_of_a_256x192_picture_renders_512x384_with_views_and_can_be_r
     assert (rescene.init_image, rescene.strength, rescene.keep, rescene.bootstrap_steps) == ("harbour-x2-7.png", 0.3, "none", 0)
 
 
-def test_an_upscale_keeps_a_multidiff_png_s_regions_scaled(tmp_path, write_scene, tiny, monkeypatch):
+def test_an_upscale_keeps_a_multidiff_png_s_regions_scaled(cli, tmp_path, write_scene, tiny, monkeypatch):
     monkeypatch.setattr("multidiff_cli.models.loading.load_model", lambda *args, **kwargs: tiny)
     picture(tmp_path / "pic.png", (128, 96))
     scene = write_scene("prompt: p\ninit_image: pic.png\nsteps: 2\nseed: 1\nregions:\n  - prompt: a boat\n"
                         "    box: [8, 16, 64, 48]\n")
-    assert run("render", scene, "-q", "--model", "tiny-random", "-o", tmp_path / "boat.png").exit_code == 0
+    assert cli("render", scene, "-q", "--model", "tiny-random", "-o", tmp_path / "boat.png").exit_code == 0
     upscaled = load_scene(write_upscale_scene(UpscaleRequest(tmp_path / "boat.png", scale=2, output_dir=tmp_path / "up")))
     assert [(r.prompt, r.box) for r in upscaled.regions] == [("a boat", [16, 32, 128, 96])]
     assert upscaled.init_image == "../boat.png" and upscaled.seed is not None  # a seed, so it renders the same again
     replaced = write_upscale_scene(UpscaleRequest(tmp_path / "boat.png", prompt="a ship", output_dir=tmp_path / "up"))
     assert replaced.name == "boat-x2-2.yaml"  # never replaces the scene written before
     assert (load_scene(replaced).prompt, load_scene(replaced).regions) == ("a ship", [])
+
+
+def test_an_upscale_of_a_picture_whose_scene_uses_a_mask_file_renders_from_any_folder(cli, sofa_scene, tmp_path):
+    """The trial's failure: the upscale scene names the mask relative to its own folder, and every check
+    reads it from there, whatever the current folder (here neither the scene's nor the output's)."""
+    assert cli.render(sofa_scene.name, "--output-dir", "outputs", cwd=tmp_path).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cli("upscale", "../outputs/my_scene-7.png", "--scale", "2", "--steps", "1", "--model", "tiny-random",
+                 "-q", cwd=elsewhere)
+    assert result.exit_code == 0, result.output
+    png, yaml_path = (elsewhere / line for line in result.stdout.split())  # into ./outputs, as render writes
+    assert yaml_path == elsewhere / "outputs" / "my_scene-7-x2.yaml" and png.parent == yaml_path.parent
+    upscaled = load_scene(yaml_path)
+    assert upscaled.regions[0].mask == "../../masks/sofa.png"  # relative to the upscale scene's folder
+    assert upscaled.path_of(upscaled.regions[0].mask) == tmp_path / "masks" / "sofa.png"
+    with Image.open(png) as image:
+        assert image.size == (192, 128)
