@@ -183,3 +183,69 @@ def test_validate_and_preview_of_a_scene_file_hash_no_input_file(cli, sofa_scene
     monkeypatch.setattr(plan_module, "input_hashes", refuse)
     assert cli("validate", sofa_scene).exit_code == 0
     assert cli("preview", sofa_scene, "-o", tmp_path / "layout.png").exit_code == 0
+
+
+def test_a_warning_names_its_line_and_reads_the_same_from_validate_preview_and_render(cli, write_scene, tmp_path):
+    path = write_scene("prompt: p\nwidth: 64\nheight: 64\nsteps: 1\nregions:\n  - prompt: a speck\n    box: [0, 0, 8, 8]\n")
+    said = f"warning: {path}:6: regions[0]: covers 1.6% of the canvas"
+    checked = cli("validate", path)
+    drawn = cli("preview", path, "-o", tmp_path / "layout.png")
+    rendered = cli.render(path, "-o", tmp_path / "picture.png")
+    assert [checked.exit_code, drawn.exit_code, rendered.exit_code] == [0, 0, 0], rendered.output
+    assert said not in checked.stderr  # 1.6% is over 1%: no warning at all
+    small = write_scene("prompt: p\nwidth: 128\nheight: 128\nsteps: 1\nregions:\n  - prompt: a speck\n"
+                        "    box: [0, 0, 8, 8]\n", name="small.yaml")
+    warning = f"warning: {small}:6: regions[0]: covers 0.4% of the canvas (under 1%): it may be ignored"
+    said = [cli("validate", small).stderr, cli("preview", small, "-o", tmp_path / "l2.png").stderr,
+            cli.render(small, "-o", tmp_path / "p2.png").stderr]
+    assert [[line for line in text.splitlines() if line.startswith("warning:")] for text in said] == [[warning]] * 3
+
+
+@pytest.mark.parametrize("width, share", [(512, "0.024%"), (256, "0.098%"), (1024, "0.0061%")])
+def test_a_tiny_box_s_share_is_printed_as_it_is_not_as_zero(cli, write_scene, width, share):
+    """Under 0.1% a share keeps two figures: an 8x8 box on 512x512 is 0.024%, never 0.0%."""
+    path = write_scene(f"prompt: p\nwidth: {width}\nheight: {width}\nregions:\n  - prompt: a dot\n    box: [0, 0, 8, 8]\n")
+    checked = cli("validate", path)
+    assert checked.exit_code == 0
+    assert f"regions[0]: covers {share} of the canvas (under 1%)" in checked.stderr
+
+
+# --- validate is as strict as render, without a model ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("fake.pt", None, "loras[0].path: no such file"),
+    ("film.pt", b"\x80\x04pickled", "film.pt is a pickle (.pt), which can run code when loaded"),
+    ("text.safetensors", b"hello, I am a text file\n", "text.safetensors is not a safetensors file"),
+    ("cut.safetensors", b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":", "cut.safetensors is not a safetensors file"),
+], ids=["missing", "pickle", "text", "cut-short"])
+def test_validate_refuses_a_lora_render_would_refuse_without_loading_a_model(cli, write_scene, tmp_path, no_model_load,
+                                                                             name, content, said):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    path = write_scene(f"prompt: p\nwidth: 64\nheight: 64\nloras: [{name}]\n")
+    checked = cli("validate", path)
+    assert checked.exit_code == 2 and checked.stdout == ""
+    (line,) = checked.stderr.strip().splitlines()
+    assert line.startswith(f"{path}:4: ") and said in line
+    rendered = cli.render(path, "-o", tmp_path / "out.png")
+    assert rendered.exit_code == 2 and said in rendered.stderr  # the same refusal, before any model
+    assert no_model_load == [] and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("picture.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00junk", "{path}: not a scene file or a PNG written by multidiff: "
+                                                            "it is a JPEG picture"),
+    ("other.png", None, "error: {path}: holds no multidiff metadata (only PNGs written by multidiff do)"),
+], ids=["jpeg", "foreign-png"])
+def test_validate_of_a_picture_says_it_is_not_a_scene_or_a_multidiff_png(cli, tmp_path, name, content, said):
+    path = tmp_path / name
+    if content is None:
+        Image.new("RGB", (8, 8)).save(path)
+    else:
+        path.write_bytes(content)
+    checked = cli("validate", path)
+    assert checked.exit_code == 2
+    (line,) = checked.stderr.strip().splitlines()
+    assert line.startswith(said.format(path=path)), line
+    assert "UTF-8" not in line and "Traceback" not in checked.output
