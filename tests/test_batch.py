@@ -121,7 +121,7 @@ def test_batch_with_a_missing_model_exits_1(cli, write_scene, tmp_path):
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        (["--seeds", "0-1", "-o", "one.png"], "--output-dir"),
+        (["--seeds", "0-1", "-o", "one.png"], "-o/--output one.png is for one picture, but this renders several: use --output-dir"),
         (["--seed", "1", "--seeds", "0-1"], "--seed and --seeds"),
         (["--seeds", "3-1"], "backwards"),
         (["--seeds", "a"], "--seeds"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,55 @@ def test_console_script_renders_the_example_scene_offline(tmp_path):
     assert proc.stdout.strip() == str(out)
     with Image.open(out) as image:
         assert image.size == (512, 512)
+
+
+def run_in_a_terminal(args: list[str], cwd: Path, columns: int = 100) -> tuple[int, str]:
+    """Run `python -m multidiff_cli ARGS` with stdout and stderr on one pseudo-terminal, as in a shell:
+    the exit code and everything the terminal received."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color", "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "multidiff_cli", *args], cwd=cwd, env=env,
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    received = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 1 << 16)
+            except OSError:  # the follower side closed: the process is done
+                break
+            if not chunk:
+                break
+            received += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(timeout=60), received.decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_in_a_terminal_the_path_is_a_line_of_its_own_and_loading_shows_no_step_count(tmp_path):
+    """Issue 26: the written path came glued to the finished progress line, and loading read `0/? -- it/s`."""
+    (tmp_path / "room.yaml").write_text(SCENE)
+    code, screen = run_in_a_terminal(["render", "room.yaml", "--model", "tiny-random", "--steps", "2",
+                                      "-o", "room.png"], tmp_path)
+    assert code == 0, screen
+    # what a terminal shows: each \r returns to the line's start, ESC[2K clears it, colours are not text
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).split("\r")[-1] for line in screen.split("\r\n")]
+    assert lines[-2:] == ["room.png", ""], lines[-3:]  # on its own line, and the last thing printed
+    loading = [part for part in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).split("\r") if "loading" in part]
+    assert loading and all("0/?" not in part and "it/s" not in part for part in loading), loading[:2]
+    assert "room.yaml seed" in loading[0] and "loading tiny-random" in loading[0]
+    assert (tmp_path / "room.png").exists()
 
 
 def main_lines(monkeypatch, capsys, *args) -> tuple[int, list[str]]:

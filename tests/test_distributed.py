@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from multidiff_cli.run.distributed import World, split_jobs, world_from_env
+from multidiff_cli.output.png import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = "prompt: a room\nwidth: 96\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sofa\n    box: [16, 16, 80, 64]\n"
@@ -114,6 +115,26 @@ def test_smoke_fails_when_a_scene_is_broken(cli, small_scenes, tmp_path):
     assert result.exit_code == 1
     assert "FAILED" in result.stdout and "c.yaml" in result.stdout
     assert result.stdout.count(" ok ") == 2  # the others still ran
+
+
+def test_smoke_renders_each_scene_on_its_family_s_tiny_model_and_lists_what_it_skipped(cli, tmp_path):
+    """Without --model an SDXL scene is smoked on tiny-sdxl-random (the SDXL path), an SD one on tiny-random,
+    and a scene whose LoRA file is not here is listed as skipped, with the file it needs."""
+    folder = tmp_path / "scenes"
+    (folder / "lora").mkdir(parents=True)
+    (folder / "a.yaml").write_text(SCENE)
+    (folder / "xl.yaml").write_text("model: stabilityai/stable-diffusion-xl-base-1.0\n" + SCENE)
+    (folder / "lora" / "two.yaml").write_text(SCENE + "loras: [alice.safetensors]\n")
+    result = cli("smoke", "--steps", "1", "-q", "--scenes", str(folder), "--output-dir", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("│")}
+    assert rows["a.yaml"][0] == "tiny-random" and rows["a.yaml"][-1] == "ok"
+    assert rows["xl.yaml"][0] == "tiny-sdxl-random" and rows["xl.yaml"][-1] == "ok"
+    assert rows["two.yaml"][-1].startswith("skipped: needs files that are not here:")
+    assert "lora/alice.safetensors" in "".join(result.stdout.split())  # the cell may wrap in a narrow table
+    assert "3 scenes (1 skipped)" in result.stdout
+    assert read_metadata(next((tmp_path / "out").glob("xl-*.png")))["family"] == "sdxl"
 
 
 @pytest.mark.slow

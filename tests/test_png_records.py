@@ -237,7 +237,9 @@ def test_a_changed_mask_is_recorded_warned_and_not_skipped(cli, sofa_scene, tmp_
     again = cli.render(out / "my_scene-7.png", "--output-dir", out)
     assert "warning: my_scene-7.png: ../masks/sofa.png changed since my_scene-7.png was rendered" in again.stderr
     resumed = cli.render(sofa_scene, "--output-dir", out, "--skip-existing")
-    assert "skipped" not in resumed.stderr  # the earlier picture was made from the old mask
+    assert "skipped" not in resumed.stderr  # the earlier picture was made from the old mask, and a note says so
+    assert ("my_scene-7.png records this render from other input files (../masks/sofa.png changed since): "
+            "rendering it again as my_scene-7-2.png") in resumed.stderr
     assert resumed.stdout.strip() == str(out / "my_scene-7-2.png")
 
 
