@@ -203,11 +203,15 @@ def test_diffusion_noise_levels_fall_from_almost_one_to_small():
     assert torch.all(levels[1:] < levels[:-1]) and 0.99 < levels[0] < 1
 
 
-@pytest.mark.xfail(strict=True, reason="catalog.FLOW_SCHEDULERS builds DPM-Solver++ and UniPC from the model's config "
-                                       "as it is: a flow model's scheduler_config.json names its shift `shift` "
-                                       "(SD3, FLUX), which these classes ignore (they read `flow_shift`, default 1.0), "
-                                       "so `dpm++`/`unipc` on a flow model would run an unshifted schedule")
 @pytest.mark.parametrize("name", ["dpm++", "unipc"])
 def test_every_flow_scheduler_takes_the_model_s_shift(name):
+    """A flow model's scheduler_config.json names its shift `shift` (FlowMatchEuler's word); DPM-Solver++ and
+    UniPC read `flow_shift`: built from the model's config they run the model's shifted sigmas."""
     config = {"num_train_timesteps": 1000, "shift": 3.0}  # SD3's scheduler config, as its folder has it
-    assert make_scheduler(name, config, FLOW_SCHEDULERS).config.flow_shift == 3.0
+    scheduler = make_scheduler(name, config, FLOW_SCHEDULERS)
+    assert scheduler.config.flow_shift == 3.0
+    unshifted = make_scheduler(name, {**config, "shift": 1.0}, FLOW_SCHEDULERS)
+    for each in (scheduler, unshifted):
+        each.set_timesteps(4)
+    plain = unshifted.sigmas[:-1].double()
+    assert torch.allclose(scheduler.sigmas[:-1].double(), 3 * plain / (1 + 2 * plain), atol=1e-6)

@@ -27,5 +27,10 @@ def make_scheduler(name: str, model_config: dict[str, Any],
             raise ModelError("scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)")
     cls = getattr(diffusers, class_name)
     config = {k: v for k, v in model_config.items() if not k.startswith("_")}
-    affine = {k: v for k, v in _AFFINE.items() if k in inspect.signature(cls.__init__).parameters}  # those it has
+    parameters = inspect.signature(cls.__init__).parameters
+    if "flow_shift" in parameters and "shift" in config and "flow_shift" not in config:
+        # a flow model's scheduler_config.json (FlowMatchEuler's) names its static shift `shift`; DPM-Solver++
+        # and UniPC read `flow_shift` (default 1.0) and would otherwise run an unshifted schedule
+        config["flow_shift"] = config.pop("shift")
+    affine = {k: v for k, v in _AFFINE.items() if k in parameters}  # those it has
     return cls.from_config({**config, **overrides, **affine})
