@@ -9,7 +9,7 @@ SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
 
-.PHONY: install render test test-fast bench smoke gpu-check clean
+.PHONY: install render test test-fast bench smoke gpu-check edit clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ test: install
 # The inner loop: everything but the tests marked slow (subprocesses, torchrun, bench, whole-CLI panoramas)
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# The live editor (the [edit] extra) on a copy of the example scene, so the tracked one stays as it is:
+#   make edit MODEL=tiny-random   (ARGS="--port 8765 --no-browser" ...)
+EDIT_SCENE ?= outputs/edit/$(notdir $(SCENE))
+edit: install
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -e ".[edit,test]"
+	@test -e $(EDIT_SCENE) || { mkdir -p $(dir $(EDIT_SCENE)) && cp $(SCENE) $(EDIT_SCENE); }
+	$(BIN)/multidiff edit $(EDIT_SCENE) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 smoke: install
 	$(BIN)/multidiff smoke $(ARGS)

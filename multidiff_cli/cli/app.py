@@ -207,6 +207,34 @@ def models(
         _print(cached_model_lines(cache_dir), plain=True)
 
 
+@app.command(cls=_Command)
+def edit(
+    scene: Path = typer.Argument(..., metavar="SCENE|NEW.yaml|IMAGE.png", help="The scene file to edit (a new one "
+                                 "starts from the starter scene; a PNG's scene is written to a new file beside it)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The preview's model, loaded once [default: the "
+                                        "scene's, else $MULTIDIFF_MODEL, else SD2-base]."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 [default: a free one]."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL only; do not open a browser."),
+    preview_steps: Optional[int] = typer.Option(None, "--preview-steps", min=1, max=1000, help="Steps of the live "
+                                                "preview [default: the scene's on few-step models, else 4]."),
+    device: Optional[str] = typer.Option(None, "--device", help="[default: $MULTIDIFF_DEVICE, else the best present]"),
+) -> None:
+    """Place regions with the mouse in the browser and watch a preview form; every valid change is written to
+    the scene file at once (its comments kept). Needs the editor extra: pip install 'multidiff[edit]'."""
+    with _user_errors():
+        from ..run.batch import RunSettings
+
+        try:
+            from ..edit import EditRequest, run_editor
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in ("starlette", "uvicorn", "ruamel", "anyio", "h11"):
+                raise
+            raise UsageError("multidiff edit needs the editor extra: pip install 'multidiff[edit]'") from None
+        settings = RunSettings(**_env_device(device), default_model=env_model())
+        run_editor(EditRequest(scene, model, port, not no_browser, preview_steps), settings,
+                   lambda line: say([line]))
+
+
 def _print(lines, plain: bool = False) -> None:
     """A run.workflow.Lines: stdout's lines (plain: without rich, for cut and awk), then stderr's."""
     for line in lines.out:
