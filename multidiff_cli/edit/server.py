@@ -104,15 +104,20 @@ def create_app(editor: Editor, token: str, port: int, tell: Callable[[str], None
 
     async def events(request: Request) -> Response:
         """Server-sent events: the preview's pictures, files changed on disk, the full render's progress.
-        ?until=final|cancelled|... ends the stream after the first event of that kind (for scripts and tests)."""
+        ?until=final,cancelled,... ends the stream after the first event of one of those kinds, ?seconds=N after
+        N seconds (for scripts and tests)."""
         until = set(filter(None, request.query_params.get("until", "").split(",")))
+        try:
+            seconds = float(request.query_params.get("seconds", "inf"))
+        except ValueError:
+            return _refusal(400, "seconds: a number")
         queue = editor.broker.subscribe()
 
         async def stream():
             try:
-                waited = 0.0
+                waited, ends = 0.0, asyncio.get_running_loop().time() + seconds
                 yield ": multidiff edit\n\n"
-                while True:
+                while asyncio.get_running_loop().time() < ends:
                     try:
                         event = await asyncio.wait_for(queue.get(), POLL_S)
                     except asyncio.TimeoutError:
