@@ -67,6 +67,10 @@ class Family:
     align_px: int = 8  # canvases and views are whole multiples of this (FLUX packs 2x2 cells: 16)
     default_steps: int = 50
     few_step_steps: int | None = None  # the default steps of the family's few-step models, where it has its own
+    few_step_guidance: float | None = None  # the default guidance_scale of those models, where it is their own
+    # What the sampler's scale s (uncond + s * (cond - uncond)) is for the scene's guidance_scale g: g + cfg_offset.
+    # Z-Image's pipeline guides as cond + g * (cond - uncond): its g is s - 1, and a scene says Z-Image's g.
+    cfg_offset: float = 0.0
     embedded_guidance: bool = False  # guidance_scale is an input of the network (FLUX.1-dev), not CFG
     cuda_dtype: str = "float16"  # the default dtype on CUDA (FLUX overflows in float16: bfloat16)
     lora_kinds: tuple[str, ...] = ()  # what a LoRA of this family names that others do not (for messages)
@@ -108,7 +112,16 @@ SD3 = Family(
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=7.0, align_px=16,
     default_steps=28, few_step_steps=4, cuda_dtype="bfloat16",
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
+ZIMAGE = Family(
+    name="zimage", label="Z-Image", module="zimage", class_name="ZImage",
+    pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
+    weights={"text_encoder": "model*.safetensors", "transformer": "diffusion_pytorch_model*.safetensors",
+             "vae": "diffusion_pytorch_model.safetensors"},
+    folders=("tokenizer", "scheduler"),
+    schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=4.0, align_px=16,
+    default_steps=50, few_step_steps=9, few_step_guidance=0.0, cfg_offset=1.0, cuda_dtype="bfloat16",
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3, ZIMAGE)}
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # Built-in models with random weights, built in code (models/random_weights.py): name -> family.
@@ -116,19 +129,25 @@ TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
 TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, FLUX_RANDOM = "tiny-flux-random", "tiny-flux-schnell-random", "flux-random"
 TINY_SD3_RANDOM, SD3_RANDOM = "tiny-sd3-random", "sd3-random"
+TINY_ZIMAGE_RANDOM, TINY_ZIMAGE_TURBO_RANDOM, ZIMAGE_RANDOM = "tiny-zimage-random", "tiny-zimage-turbo-random", "zimage-random"
 BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl",
                             TINY_FLUX_RANDOM: "flux", TINY_FLUX_SCHNELL_RANDOM: "flux", FLUX_RANDOM: "flux",
-                            TINY_SD3_RANDOM: "sd3", SD3_RANDOM: "sd3"}
+                            TINY_SD3_RANDOM: "sd3", SD3_RANDOM: "sd3", TINY_ZIMAGE_RANDOM: "zimage",
+                            TINY_ZIMAGE_TURBO_RANDOM: "zimage", ZIMAGE_RANDOM: "zimage"}
 TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM,  # each family's tiny model (smoke, tests)
-                               "flux": TINY_FLUX_RANDOM, "sd3": TINY_SD3_RANDOM}
+                               "flux": TINY_FLUX_RANDOM, "sd3": TINY_SD3_RANDOM, "zimage": TINY_ZIMAGE_RANDOM}
 FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM,  # each family's full-size one (gpu-check)
-                                    "flux": FLUX_RANDOM, "sd3": SD3_RANDOM}
+                                    "flux": FLUX_RANDOM, "sd3": SD3_RANDOM, "zimage": ZIMAGE_RANDOM}
 # flux-random: FLUX.1's width (24 heads of 128), text and pooled widths, with fewer of its (joint, single) blocks:
 # the full depth (19, 38) does not fit a 24 GiB machine in float32. Every table that shows it says so.
 FLUX_RANDOM_BLOCKS, FLUX_BLOCKS = (2, 4), (19, 38)
+# zimage-random: Z-Image's width (30 heads of 128) and Qwen3-4B's text width, with ZIMAGE_RANDOM_LAYERS of its 30
+# main layers (its two refiners of two each kept), for the same reason.
+ZIMAGE_RANDOM_LAYERS, ZIMAGE_LAYERS = 4, 30
 BUILT_IN_NOTES: dict[str, str] = {
     FLUX_RANDOM: f"FLUX.1's width, {FLUX_RANDOM_BLOCKS[0]} of {FLUX_BLOCKS[0]} joint and {FLUX_RANDOM_BLOCKS[1]} of "
                  f"{FLUX_BLOCKS[1]} single blocks",
+    ZIMAGE_RANDOM: f"Z-Image's width, {ZIMAGE_RANDOM_LAYERS} of its {ZIMAGE_LAYERS} layers",
 }
 
 
@@ -143,6 +162,7 @@ HUB_FAMILIES: dict[str, str] = {
     "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux",
     "stabilityai/stable-diffusion-3.5-medium": "sd3", "stabilityai/stable-diffusion-3.5-large": "sd3",
     "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
+    "Tongyi-MAI/Z-Image-Turbo": "zimage", "Tongyi-MAI/Z-Image": "zimage",
 }
 
 
@@ -177,7 +197,8 @@ def family_of_folder(folder: Path) -> Family | None:
             return family
     if (folder / "transformer" / "config.json").exists():
         transformer = read_json(folder / "transformer" / "config.json").get("_class_name")
-        return {"FluxTransformer2DModel": FLUX, "SD3Transformer2DModel": SD3}.get(transformer)
+        return {"FluxTransformer2DModel": FLUX, "SD3Transformer2DModel": SD3,
+                "ZImageTransformer2DModel": ZIMAGE}.get(transformer)
     if pipeline is not None and not (folder / "unet").is_dir():
         return None
     if not (folder / "unet" / "config.json").exists():
@@ -209,13 +230,15 @@ def checkpoint_keys(path: Path) -> list[str]:
 def family_of_checkpoint(path: Path) -> Family | None:
     """The family of a single-file checkpoint by its keys: FLUX's transformer has `double_blocks` (BFL's
     layout, or ComfyUI's under `model.diffusion_model.`); SDXL's carry a second text encoder under
-    `conditioner.embedders.1`; a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
+    `conditioner.embedders.1`; SD3's and Z-Image's by their transformers' first keys; a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
     would guess for the configs."""
     keys = checkpoint_keys(path) if path.suffix.lower() == ".safetensors" else []
     if any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys):
         return FLUX
     if any(key.startswith("model.diffusion_model.joint_blocks.") for key in keys):  # SD3's MMDiT
         return SD3
+    if {"layers.0.adaLN_modulation.0.weight", "model.diffusion_model.layers.0.adaLN_modulation.0.weight"} & set(keys):
+        return ZIMAGE  # Z-Image's single-stream transformer, by the key diffusers' single-file loading tells it by
     if any(key.startswith("conditioner.embedders.1.") for key in keys):
         return SDXL
     return SD

@@ -1,6 +1,7 @@
 """Flow-matching transformers with random weights, built in code. FLUX.1: `tiny-flux-random` (dev-shaped:
 guidance embedded), `tiny-flux-schnell-random` (schnell-shaped), `flux-random` (FLUX.1's width, fewer blocks: the
-bench's full-width model). SD3.5: `tiny-sd3-random` and `sd3-random` (SD3.5-medium's transformer shape)."""
+bench's full-width model). SD3.5: `tiny-sd3-random` and `sd3-random` (SD3.5-medium's transformer shape).
+Z-Image: `tiny-zimage-random`, `tiny-zimage-turbo-random` and `zimage-random` (Z-Image's width, fewer layers)."""
 from __future__ import annotations
 
 from typing import Any
@@ -164,3 +165,70 @@ def build_sd3_random(seed: int = 0, text_encoder: bool = False):
         vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
     return SD3(tokenizers[0], encoders[0], tokenizers[1], encoders[1], tokenizers[2], encoders[2], transformer.eval(),
                vae.eval(), LoadedState(model_id=SD3_RANDOM, scheduler_config=sd3_scheduler_config()))
+
+
+def zimage_scheduler_config() -> dict[str, Any]:
+    """The scheduler config Z-Image-Turbo ships: flow matching with a static shift of 3."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+            "use_dynamic_shifting": False}
+
+
+def qwen3_encoder(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int):
+    """A Qwen3 text encoder (the decoder stack without its LM head, as Z-Image and FLUX.2 klein use it)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return Qwen3Model(config).eval()
+
+
+def build_tiny_zimage_random(seed: int = 0, native_px: int = 256, turbo: bool = False):
+    """Z-Image-shaped components with small random weights (tests, `--model tiny-zimage-random`): a two-layer
+    Qwen3 over a Qwen2 BPE tokenizer with Qwen3's chat template, a ZImageTransformer2DModel of 2 layers (and
+    one of each refiner), 32 wide, patchifying 2x2 cells, the 16-channel VAE with FLUX.1's factors.
+    turbo: `tiny-zimage-turbo-random`, a few-step model as Z-Image-Turbo is (9 steps, no guidance by default);
+    else the base model's stand-in (50 steps, guidance 4), the same weights."""
+    from diffusers import ZImageTransformer2DModel
+
+    from ..catalog import TINY_ZIMAGE_RANDOM, TINY_ZIMAGE_TURBO_RANDOM
+    from .random_text import qwen_tokenizer
+    from .zimage import ZImage
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = qwen_tokenizer()
+        text_encoder = qwen3_encoder(tokenizer, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, head_dim=8)
+        transformer = ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                               n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 4, 4],
+                                               axes_lens=[1024, 256, 256])
+        vae = flux_vae(tiny=True, sample_size=native_px)
+    return ZImage(tokenizer, text_encoder, transformer.eval(), vae.eval(),
+                  LoadedState(model_id=TINY_ZIMAGE_TURBO_RANDOM if turbo else TINY_ZIMAGE_RANDOM,
+                              scheduler_config=zimage_scheduler_config(), few_step_model=turbo))
+
+
+def build_zimage_random(seed: int = 0, text_encoder: bool = False):
+    """Z-Image's transformer width (3840: 30 heads of 128, Qwen3-4B's 2560-wide captions) with
+    ZIMAGE_RANDOM_LAYERS of its 30 main layers and its refiners, and the full-size VAE: a step's cost per
+    layer as the real model's. text_encoder: also a one-layer Qwen3 of Qwen3-4B's width, so `--model
+    zimage-random` renders scenes."""
+    from diffusers import ZImageTransformer2DModel
+
+    from ..catalog import ZIMAGE_RANDOM, ZIMAGE_RANDOM_LAYERS
+    from .random_text import qwen_tokenizer
+    from .zimage import ZImage
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = encoder = None
+        if text_encoder:
+            tokenizer = qwen_tokenizer()
+            encoder = qwen3_encoder(tokenizer, hidden=2560, intermediate=9728, layers=2, heads=32, kv_heads=8,
+                                    head_dim=128)
+        transformer = ZImageTransformer2DModel(in_channels=16, dim=3840, n_layers=ZIMAGE_RANDOM_LAYERS,
+                                               n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560)
+        vae = flux_vae(tiny=False, sample_size=1024)
+    return ZImage(tokenizer, encoder, transformer.eval(), vae.eval(),
+                  LoadedState(model_id=ZIMAGE_RANDOM, scheduler_config=zimage_scheduler_config()))

@@ -66,3 +66,40 @@ def bytes_to_unicode() -> list[str]:
             chars.append(chr(256 + extra))
             extra += 1
     return chars
+
+
+# Qwen3's chat template, as much of it as a prompt's single user turn uses (ZImagePipeline and Flux2KleinPipeline
+# format every prompt so): turns between <|im_start|> and <|im_end|>, the assistant's turn opened, and an empty
+# think block when thinking is turned off.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer built in code, with Qwen3's chat template: the 256 byte symbols,
+    then for each listed word (names.TOKENIZER_WORDS) after a space ("Ġ") the merges that build it left
+    to right, shorter pieces first, so a listed word is one token and any other text still encodes."""
+    from transformers import Qwen2Tokenizer
+
+    chars = bytes_to_unicode()
+    vocab = {char: i for i, char in enumerate(chars)}
+    space = chars[ord(" ")]
+    pieces = {}
+    for word in TOKENIZER_WORDS:  # after a space only: chains of bare words would cut into these
+        text = space + word
+        for i in range(2, len(text) + 1):
+            pieces.setdefault((text[: i - 1], text[i - 1]), text[:i])
+    merges = sorted(pieces, key=lambda pair: (len(pieces[pair]), pieces[pair]))
+    for pair in merges:
+        vocab.setdefault(pieces[pair], len(vocab))
+    for special in QWEN_SPECIALS:
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges,
+                               additional_special_tokens=list(QWEN_SPECIALS[1:]))
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SD3_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM,
-                       TINY_RANDOM, TINY_SD3_RANDOM, TINY_SDXL_RANDOM)
+                       TINY_RANDOM, TINY_SD3_RANDOM, TINY_SDXL_RANDOM, TINY_ZIMAGE_RANDOM, TINY_ZIMAGE_TURBO_RANDOM,
+                       ZIMAGE_RANDOM)
 from .family import LoadedState, Model
 from .random_text import FULL_VOCAB, TINY_TEXT, clip_config, tiny_tokenizer
 from .sd import SD
@@ -27,9 +28,12 @@ _TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), la
 
 def build_random(name: str) -> Model:
     """A built-in random model by name (catalog.BUILT_IN); text encoders included, so it renders scenes."""
-    from .random_flux import build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random
+    from .random_flux import (build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random,
+                              build_tiny_zimage_random, build_zimage_random)
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
+                TINY_ZIMAGE_RANDOM: build_tiny_zimage_random, ZIMAGE_RANDOM: lambda: build_zimage_random(text_encoder=True),
+                TINY_ZIMAGE_TURBO_RANDOM: lambda: build_tiny_zimage_random(turbo=True),
                 TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: lambda: build_sd3_random(text_encoder=True),
                 TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: lambda: build_sdxl_random(text_encoder=True),
                 TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
@@ -39,9 +43,12 @@ def build_random(name: str) -> Model:
 
 def bench_model(name: str) -> Model:
     """A built-in random model as the bench builds it: without text encoders where it can (full size)."""
-    from .random_flux import build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random
+    from .random_flux import (build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random,
+                              build_tiny_zimage_random, build_zimage_random)
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: build_sd2_random,
+                TINY_ZIMAGE_RANDOM: build_tiny_zimage_random, ZIMAGE_RANDOM: build_zimage_random,
+                TINY_ZIMAGE_TURBO_RANDOM: lambda: build_tiny_zimage_random(turbo=True),
                 TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: build_sd3_random,
                 TINY_SDXL_RANDOM: build_tiny_sdxl_random, SDXL_RANDOM: build_sdxl_random,
                 TINY_FLUX_RANDOM: build_tiny_flux_random, TINY_FLUX_SCHNELL_RANDOM: lambda: build_tiny_flux_random(schnell=True),
@@ -129,7 +136,7 @@ def save_model(model: Model, folder: Path) -> None:
     `--model FOLDER`."""
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": model.facts.pipelines[0]}
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         if getattr(model, name, None) is not None:
             getattr(model, name).save_pretrained(folder / name)
     for name, module in model.networks().items():

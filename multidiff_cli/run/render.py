@@ -85,12 +85,14 @@ class ScenePrompts(Prompts):
     embedded: list[float | None] = field(default_factory=list)
 
 
-def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool = False) -> ScenePrompts:
+def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool = False,
+                  cfg_offset: float = 0.0) -> ScenePrompts:
     """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance) is one condition,
     encoded once. A prompt's conditional and negative text both run with its LoRAs: the scene's, plus its
     region's. true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
     unless above 1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
-    prompt's guidance_scale is embedded in its samples."""
+    prompt's guidance_scale is embedded in its samples. cfg_offset (the family's, Z-Image: 1): the sampler's
+    scale is guidance_scale + cfg_offset, for a family whose pipeline counts guidance from the conditional."""
     conditions: list[tuple[str, AdapterSet, float | None]] = []
 
     def index(condition: tuple[str, AdapterSet, float | None]) -> int:
@@ -110,7 +112,7 @@ def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool 
         prompts.labels.append(label)
         prompts.cond.append(index((scene.full_prompt(text), adapters, embedded)))
         prompts.negative.append(index((scene.negative_prompt if negative is None else negative, adapters, embedded)))
-        prompts.guidance.append((scene.true_cfg_scale or 1.0) if true_cfg else guidance)
+        prompts.guidance.append((scene.true_cfg_scale or 1.0) if true_cfg else guidance + cfg_offset)
     prompts.texts[:] = [text for text, _, _ in conditions]
     prompts.adapters[:] = [adapters for _, adapters, _ in conditions]
     prompts.embedded[:] = [embedded for _, _, embedded in conditions]
@@ -188,7 +190,7 @@ def render(
     noise = torch.randn((1, model.latent_channels, h, w), generator=generator).to(device)
 
     stage("encoding prompts")
-    prompts = scene_prompts(scene, model.facts.embedded_guidance, model.embedded_guidance)
+    prompts = scene_prompts(scene, model.facts.embedded_guidance, model.embedded_guidance, model.facts.cfg_offset)
     lora_files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
     if lora_files:  # before any sampling: a LoRA that does not fit this model stops the render here
         model.load_loras(lora_files, allow_pickle)

@@ -213,10 +213,12 @@ class Scene(Strict):
 
     def for_family(self, family: Family, few_step: bool = False) -> Scene:
         """This scene on a model of `family` (a few-step one: few_step): the family's defaults where the
-        scene leaves them out (scheduler, guidance, steps, and bootstrap_steps following the steps)."""
+        scene leaves them out (scheduler, guidance, steps, and bootstrap_steps following the steps; a
+        few-step model's own steps and guidance where the family has them: Z-Image-Turbo's 9 and 0)."""
         steps = self.steps or family_steps(family, few_step)
+        guidance = family.few_step_guidance if few_step and family.few_step_guidance is not None else family.default_guidance
         update = {key: value for key, value in (("scheduler", family.default_scheduler),
-                                                ("guidance_scale", family.default_guidance), ("steps", steps),
+                                                ("guidance_scale", guidance), ("steps", steps),
                                                 ("bootstrap_steps", round(steps * BOOTSTRAP_FRACTION)))
                   if getattr(self, key) is None}
         scene = self.model_copy(update=update)
