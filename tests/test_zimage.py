@@ -294,6 +294,40 @@ def test_samples_per_step(request, write_scene, variant, extra, per_step):
     assert samples_per_step(calls) == per_step
 
 
+# --- pictures: ZImageImg2ImgPipeline ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def picture_file(tmp_path, monkeypatch):
+    """pic.png (random pixels) in tmp_path; the pipeline encodes it to its latents' mean, as the render does."""
+    import diffusers.pipelines.z_image.pipeline_z_image_img2img as img2img
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "pic.png")
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda output, generator=None, sample_mode="sample":
+                        output.latent_dist.mode())
+    return tmp_path / "pic.png"
+
+
+def test_img2img_equals_diffusers_zimage_img2img_pipeline(zimage, write_scene, picture_file, assert_close_batched):
+    """strength 0.6 of 4 steps runs 3, from the picture's latents with the VAE's shift factor, noised with the
+    flow formula, as ZImageImg2ImgPipeline counts and noises them."""
+    import diffusers
+
+    scene = scene_of(write_scene, zimage, "prompt: a harbour\ninit_image: pic.png\nwidth: 64\nheight: 64\n"
+                                          "strength: 0.6\nsteps: 4\nguidance_scale: 2.0\nseed: 4\n")
+    with transformer_calls(zimage) as calls:
+        ours = render(scene, zimage, seed=4)
+    assert len(samples_per_step(calls)) == 3
+    pipe = diffusers.ZImageImg2ImgPipeline(**zimage_pipeline(zimage).components)
+    pipe.set_progress_bar_config(disable=True)
+    with Image.open(picture_file) as image, torch.inference_mode():
+        theirs = pipe("a harbour", image=image.convert("RGB"), height=64, width=64, strength=0.6,
+                      num_inference_steps=4, guidance_scale=2.0, generator=seed_generator(4),
+                      output_type="latent").images
+    assert_close_batched(ours.latents, theirs, guidance=3.0, steps=3)
+
+
 # --- loading, records, the command line -------------------------------------------------------------------------
 
 
