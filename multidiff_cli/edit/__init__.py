@@ -78,9 +78,10 @@ def run_editor(request: EditRequest, settings: RunSettings, tell: Callable[[str]
     port = sock.getsockname()[1]
     token = secrets.token_urlsafe(24)
     url = f"http://{HOST}:{port}/?token={token}"
-    config = uvicorn.Config(create_app(editor, token, port, tell), log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server: uvicorn.Server | None = None
+    app = create_app(editor, token, port, tell, closing=lambda: server is not None and server.should_exit)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=2))
     tell(f"editing {scene_file} at {url}")
     tell("every valid change is saved to the file at once; Ctrl-C stops the editor")
     editor.start()

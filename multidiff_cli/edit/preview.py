@@ -65,6 +65,10 @@ class Cancelled(Exception):
     """A newer change came: this preview stops at its next step."""
 
 
+def steps_text(steps: int) -> str:
+    return f"{steps} step{'' if steps == 1 else 's'}"
+
+
 def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
@@ -152,7 +156,8 @@ class Previewer:
         """The scene file planned as `render` plans it (its model resolved, a seed chosen)."""
         if self.model_name is None:  # the session's model: --model, else the scene's as it is at the first preview
             jobs, failures, _ = plan_jobs([self.scene_file], {"model": self.model_asked}, None, None, output_dir,
-                                          random.Random(self.seed), default_model=self.settings.default_model)
+                                          random.Random(self.seed), default_model=self.settings.default_model,
+                                          allow_pickle=self.settings.allow_pickle)
             if failures:
                 raise failures[0].error
             self.model_name = jobs[0].scene.model
@@ -196,7 +201,7 @@ class Previewer:
         if self._cancelled(generation):
             self.broker.publish({"kind": "cancelled", **about})
             return
-        self.broker.publish({"kind": "state", "text": f"preview: {scene.steps} steps on {self.model_name}"}, keep="state")
+        self.broker.publish({"kind": "state", "text": f"preview: {steps_text(scene.steps)} on {self.model_name}"}, keep="state")
 
         def on_step(i: int, n: int, latents, denoised) -> None:
             if self._cancelled(generation):

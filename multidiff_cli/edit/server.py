@@ -73,8 +73,10 @@ def allowed_hosts(port: int) -> set[str]:
     return {f"{HOST}:{port}", f"localhost:{port}"} | ({HOST, "localhost"} if port == 80 else set())
 
 
-def create_app(editor: Editor, token: str, port: int, tell: Callable[[str], None] | None = None) -> Guard:
-    """The editor's ASGI app for `editor`, answering on 127.0.0.1:`port` with `token`."""
+def create_app(editor: Editor, token: str, port: int, tell: Callable[[str], None] | None = None,
+               closing: Callable[[], bool] = lambda: False) -> Guard:
+    """The editor's ASGI app for `editor`, answering on 127.0.0.1:`port` with `token`. closing(): true once
+    the server stops (Ctrl-C), so open event streams end rather than hold it up."""
     tell = tell or (lambda _line: None)
 
     async def page(request: Request) -> Response:
@@ -117,7 +119,7 @@ def create_app(editor: Editor, token: str, port: int, tell: Callable[[str], None
             try:
                 waited, ends = 0.0, asyncio.get_running_loop().time() + seconds
                 yield ": multidiff edit\n\n"
-                while asyncio.get_running_loop().time() < ends:
+                while asyncio.get_running_loop().time() < ends and not closing():
                     try:
                         event = await asyncio.wait_for(queue.get(), POLL_S)
                     except asyncio.TimeoutError:

@@ -235,6 +235,7 @@ function fillFields() {
 }
 
 function edited(input) {
+  if (!scene) { status("the file does not read as a scene: fix it in a text editor", "bad"); return; }
   const parts = pathOf(input.dataset.field);
   const key = parts.pop();
   let owner = scene;
@@ -387,7 +388,7 @@ function listen() {
   const events = new EventSource(`api/events?token=${encodeURIComponent(token)}`);
   const on = (kind, handle) => events.addEventListener(kind, message => handle(JSON.parse(message.data)));
   on("step", event => { $("#picture").src = event.image; previewState(`preview: step ${event.step}/${event.steps}`); });
-  on("final", event => { $("#picture").src = event.image; previewState(`preview: ${event.steps} steps on ${event.model}, seed ${event.seed}`); });
+  on("final", event => { $("#picture").src = event.image; previewState(`preview: ${event.steps} step${event.steps === 1 ? "" : "s"} on ${event.model}, seed ${event.seed}`); });
   on("state", event => previewState(event.text));
   on("off", event => previewState(event.reason, true));
   on("problem", event => previewState(event.lines.join(" "), true));
