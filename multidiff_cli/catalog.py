@@ -9,6 +9,7 @@ model_base.py).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,17 @@ ZIMAGE = Family(
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=4.0, align_px=16,
     default_steps=50, few_step_steps=9, few_step_guidance=0.0, cfg_offset=1.0, cuda_dtype="bfloat16",
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3, ZIMAGE)}
+FLUX2 = Family(
+    name="flux2", label="FLUX.2 klein", module="flux2", class_name="Flux2Klein",
+    pipelines=("Flux2KleinPipeline",),
+    weights={"text_encoder": "model*.safetensors", "transformer": "diffusion_pytorch_model*.safetensors",
+             "vae": "diffusion_pytorch_model.safetensors"},
+    folders=("tokenizer", "scheduler"),
+    # the canvas is klein's patchified latent space: one cell per 2x2 patch of the VAE's 8 px cells (models/flux2.py)
+    schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=4.0, cell_px=16, align_px=16,
+    default_steps=50, few_step_steps=4, few_step_guidance=1.0, cuda_dtype="bfloat16",
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3, ZIMAGE, FLUX2)}
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 # Built-in models with random weights, built in code (models/random_weights.py): name -> family.
@@ -130,24 +141,32 @@ TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"
 TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM, FLUX_RANDOM = "tiny-flux-random", "tiny-flux-schnell-random", "flux-random"
 TINY_SD3_RANDOM, SD3_RANDOM = "tiny-sd3-random", "sd3-random"
 TINY_ZIMAGE_RANDOM, TINY_ZIMAGE_TURBO_RANDOM, ZIMAGE_RANDOM = "tiny-zimage-random", "tiny-zimage-turbo-random", "zimage-random"
+TINY_KLEIN_RANDOM, TINY_KLEIN_BASE_RANDOM, KLEIN_RANDOM = "tiny-flux2-klein-random", "tiny-flux2-klein-base-random", "flux2-klein-random"
 BUILT_IN: dict[str, str] = {TINY_RANDOM: "sd", SD2_RANDOM: "sd", TINY_SDXL_RANDOM: "sdxl", SDXL_RANDOM: "sdxl",
                             TINY_FLUX_RANDOM: "flux", TINY_FLUX_SCHNELL_RANDOM: "flux", FLUX_RANDOM: "flux",
                             TINY_SD3_RANDOM: "sd3", SD3_RANDOM: "sd3", TINY_ZIMAGE_RANDOM: "zimage",
-                            TINY_ZIMAGE_TURBO_RANDOM: "zimage", ZIMAGE_RANDOM: "zimage"}
+                            TINY_ZIMAGE_TURBO_RANDOM: "zimage", ZIMAGE_RANDOM: "zimage", TINY_KLEIN_RANDOM: "flux2",
+                            TINY_KLEIN_BASE_RANDOM: "flux2", KLEIN_RANDOM: "flux2"}
 TINY_MODELS: dict[str, str] = {"sd": TINY_RANDOM, "sdxl": TINY_SDXL_RANDOM,  # each family's tiny model (smoke, tests)
-                               "flux": TINY_FLUX_RANDOM, "sd3": TINY_SD3_RANDOM, "zimage": TINY_ZIMAGE_RANDOM}
+                               "flux": TINY_FLUX_RANDOM, "sd3": TINY_SD3_RANDOM, "zimage": TINY_ZIMAGE_RANDOM,
+                               "flux2": TINY_KLEIN_RANDOM}
 FULL_SIZE_MODELS: dict[str, str] = {"sd": SD2_RANDOM, "sdxl": SDXL_RANDOM,  # each family's full-size one (gpu-check)
-                                    "flux": FLUX_RANDOM, "sd3": SD3_RANDOM, "zimage": ZIMAGE_RANDOM}
+                                    "flux": FLUX_RANDOM, "sd3": SD3_RANDOM, "zimage": ZIMAGE_RANDOM,
+                                    "flux2": KLEIN_RANDOM}
 # flux-random: FLUX.1's width (24 heads of 128), text and pooled widths, with fewer of its (joint, single) blocks:
 # the full depth (19, 38) does not fit a 24 GiB machine in float32. Every table that shows it says so.
 FLUX_RANDOM_BLOCKS, FLUX_BLOCKS = (2, 4), (19, 38)
 # zimage-random: Z-Image's width (30 heads of 128) and Qwen3-4B's text width, with ZIMAGE_RANDOM_LAYERS of its 30
 # main layers (its two refiners of two each kept), for the same reason.
 ZIMAGE_RANDOM_LAYERS, ZIMAGE_LAYERS = 4, 30
+# flux2-klein-random: FLUX.2 klein 4B's width (24 heads of 128, Qwen3-4B's three 2560-wide layers) with fewer blocks.
+KLEIN_RANDOM_BLOCKS, KLEIN_BLOCKS = (2, 4), (5, 20)
 BUILT_IN_NOTES: dict[str, str] = {
     FLUX_RANDOM: f"FLUX.1's width, {FLUX_RANDOM_BLOCKS[0]} of {FLUX_BLOCKS[0]} joint and {FLUX_RANDOM_BLOCKS[1]} of "
                  f"{FLUX_BLOCKS[1]} single blocks",
     ZIMAGE_RANDOM: f"Z-Image's width, {ZIMAGE_RANDOM_LAYERS} of its {ZIMAGE_LAYERS} layers",
+    KLEIN_RANDOM: f"FLUX.2 klein 4B's width, {KLEIN_RANDOM_BLOCKS[0]} of {KLEIN_BLOCKS[0]} double and "
+                  f"{KLEIN_RANDOM_BLOCKS[1]} of {KLEIN_BLOCKS[1]} single blocks",
 }
 
 
@@ -163,6 +182,8 @@ HUB_FAMILIES: dict[str, str] = {
     "stabilityai/stable-diffusion-3.5-medium": "sd3", "stabilityai/stable-diffusion-3.5-large": "sd3",
     "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
     "Tongyi-MAI/Z-Image-Turbo": "zimage", "Tongyi-MAI/Z-Image": "zimage",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2", "black-forest-labs/FLUX.2-klein-9B": "flux2",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2", "black-forest-labs/FLUX.2-klein-base-9B": "flux2",
 }
 
 
@@ -257,6 +278,8 @@ def cached_folder(model: str) -> Path | None:
 
 # Name fragments of few-step distilled models (loading.is_few_step_model), matched case-insensitively.
 FEW_STEP_MARKERS = ("turbo", "lcm", "lightning", "hyper-sd", "schnell")
+# FLUX.2 klein's distilled models are the ones not named "-base-" (FLUX.2-klein-4B, not FLUX.2-klein-base-4B).
+FEW_STEP_PATTERN = re.compile("|".join([*map(re.escape, FEW_STEP_MARKERS), r"klein-(?!base)"]))
 
 
 def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
@@ -266,10 +289,12 @@ def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
     Decided from names, since the weights do not say: the model's name (the id's last part), the
     folder's name (for a hub snapshot, its repo's), and the `_name_or_path` that model_index.json
     or the scheduler config may carry (a fine-tune saved from SD-Turbo keeps it), each searched for
-    FEW_STEP_MARKERS (case-insensitive); or an LCMScheduler in the scheduler config.
+    FEW_STEP_MARKERS (case-insensitive; a FLUX.2 klein not named "base"); or an LCMScheduler in the
+    scheduler config, or `is_distilled` in model_index.json (Flux2KleinPipeline's mark).
     """
     names = [model_id.rstrip("/").rsplit("/", 1)[-1]]  # the name, not the owner or the folders above
     scheduler: dict = {}
+    model_index: dict = {}
     if folder is not None:
         names.append(folder.name)
         if folder.parent.name == "snapshots":  # models--owner--name/snapshots/<commit>
@@ -277,8 +302,8 @@ def is_few_step_model(model_id: str, folder: Path | None = None) -> bool:
         model_index, scheduler = (read_json(folder / "model_index.json"),
                                   read_json(folder / "scheduler" / "scheduler_config.json"))
         names += [str(config.get("_name_or_path", "")) for config in (model_index, scheduler)]
-    named = any(marker in name.lower().replace("_", "-") for name in names for marker in FEW_STEP_MARKERS)
-    return named or scheduler.get("_class_name") == "LCMScheduler"
+    named = any(FEW_STEP_PATTERN.search(name.lower().replace("_", "-")) for name in names)
+    return named or scheduler.get("_class_name") == "LCMScheduler" or model_index.get("is_distilled") is True
 
 
 def detect_family(model: str) -> Family | None:

@@ -30,11 +30,11 @@ def test_there_are_example_scenes_of_every_kind():
     assert any(scene.get("wrap") == "horizontal" for scene in raw) and any("init_image" in scene for scene in raw)
 
 
-def cells_of_box(box, latent_hw) -> np.ndarray:
+def cells_of_box(box, latent_hw, cell_px: int = CELL_PX) -> np.ndarray:
     """The cells whose centre lies in [x0, x1) x [y0, y1), cell by cell."""
     x0, y0, x1, y1 = box
     h, w = latent_hw
-    return np.array([[x0 <= (c + 0.5) * CELL_PX < x1 and y0 <= (r + 0.5) * CELL_PX < y1 for c in range(w)]
+    return np.array([[x0 <= (c + 0.5) * cell_px < x1 and y0 <= (r + 0.5) * cell_px < y1 for c in range(w)]
                      for r in range(h)])
 
 
@@ -63,16 +63,17 @@ def test_an_example_scene_validates_cleanly_and_lands_where_its_yaml_says(path, 
         picture = path.parent / raw["init_image"]
         assert picture.is_file()
         with Image.open(picture) as image:
-            assert (scene.width, scene.height) == (image.width // CELL_PX * CELL_PX, image.height // CELL_PX * CELL_PX)
+            cell = scene.cell_px
+            assert (scene.width, scene.height) == (image.width // cell * cell, image.height // cell * cell)
     assert (scene.width, scene.height) == (raw.get("width", scene.width), raw.get("height", scene.height))
     assert scene.prompt == raw["prompt"] and len(scene.regions) == regions
 
-    latent_hw = (scene.height // CELL_PX, scene.width // CELL_PX)
+    latent_hw = scene.latent_hw  # the family's cells (FLUX.2 klein's are 16 px patches)
     covered = np.zeros(latent_hw, dtype=bool)
     for i, region in enumerate(raw.get("regions", [])):
         assert scene.regions[i].prompt == region["prompt"]
         if "box" in region:
-            expected = cells_of_box(region["box"], latent_hw)
+            expected = cells_of_box(region["box"], latent_hw, scene.cell_px)
         else:
             mask = path.parent / region["mask"]
             assert mask.is_file(), mask

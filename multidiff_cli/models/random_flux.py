@@ -1,7 +1,8 @@
 """Flow-matching transformers with random weights, built in code. FLUX.1: `tiny-flux-random` (dev-shaped:
 guidance embedded), `tiny-flux-schnell-random` (schnell-shaped), `flux-random` (FLUX.1's width, fewer blocks: the
 bench's full-width model). SD3.5: `tiny-sd3-random` and `sd3-random` (SD3.5-medium's transformer shape).
-Z-Image: `tiny-zimage-random`, `tiny-zimage-turbo-random` and `zimage-random` (Z-Image's width, fewer layers)."""
+Z-Image: `tiny-zimage-random`, `tiny-zimage-turbo-random` and `zimage-random` (Z-Image's width, fewer layers).
+FLUX.2 klein: `tiny-flux2-klein-random` (distilled), `tiny-flux2-klein-base-random` and `flux2-klein-random`."""
 from __future__ import annotations
 
 from typing import Any
@@ -232,3 +233,83 @@ def build_zimage_random(seed: int = 0, text_encoder: bool = False):
         vae = flux_vae(tiny=False, sample_size=1024)
     return ZImage(tokenizer, encoder, transformer.eval(), vae.eval(),
                   LoadedState(model_id=ZIMAGE_RANDOM, scheduler_config=zimage_scheduler_config()))
+
+
+def klein_scheduler_config() -> dict[str, Any]:
+    """The scheduler config FLUX.2 klein ships: flow matching, its shift dynamic (the pipeline's empirical mu)."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+            "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096, "time_shift_type": "exponential"}
+
+
+def klein_vae(tiny: bool, sample_size: int, seed_generator: torch.Generator):
+    """AutoencoderKLFlux2 (32 latent channels) with batch-norm running statistics that are not the identity, so
+    the patch normalisation is exercised: each of the 128 patch channels its own mean and variance."""
+    from diffusers import AutoencoderKLFlux2
+
+    shape = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4} if tiny else {}
+    vae = AutoencoderKLFlux2(latent_channels=32, sample_size=sample_size, **shape)
+    channels = vae.bn.running_mean.shape[0]
+    vae.bn.running_mean.copy_(torch.randn(channels, generator=seed_generator) * 0.2)
+    vae.bn.running_var.copy_(torch.rand(channels, generator=seed_generator) + 0.5)
+    return vae.eval()
+
+
+def qwen3_causal(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int):
+    """A Qwen3ForCausalLM (FLUX.2 klein's text encoder class; only its hidden states are read)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_klein_random(seed: int = 0, native_px: int = 256, distilled: bool = True):
+    """FLUX.2-klein-shaped components with small random weights (tests, `--model tiny-flux2-klein-random`): a
+    28-layer Qwen3 16 wide (klein reads layers 9, 18 and 27), a Flux2Transformer2DModel of one double and one
+    single block over 128-channel patch tokens, the 32-channel VAE with non-trivial batch-norm statistics.
+    distilled: as FLUX.2-klein-4B (4 steps, no guidance); else `tiny-flux2-klein-base-random` (CFG, 50 steps)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from ..catalog import TINY_KLEIN_BASE_RANDOM, TINY_KLEIN_RANDOM
+    from .flux2 import Flux2Klein
+    from .random_text import qwen_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = qwen_tokenizer()
+        text_encoder = qwen3_causal(tokenizer, hidden=16, intermediate=32, layers=28, heads=2, kv_heads=1, head_dim=8)
+        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                              axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        vae = klein_vae(True, native_px, torch.Generator().manual_seed(seed))
+    name = TINY_KLEIN_RANDOM if distilled else TINY_KLEIN_BASE_RANDOM
+    return Flux2Klein(tokenizer, text_encoder, transformer.eval(), vae,
+                      LoadedState(model_id=name, scheduler_config=klein_scheduler_config(), few_step_model=distilled))
+
+
+def build_klein_random(seed: int = 0, text_encoder: bool = False):
+    """FLUX.2 klein 4B's transformer width (24 heads of 128, 7680-wide text: three of Qwen3-4B's 2560-wide layers)
+    with KLEIN_RANDOM_BLOCKS of its (5, 20) blocks and the full-size VAE. text_encoder: also a 28-layer Qwen3 of
+    Qwen3-4B's width (its MLPs narrowed), so `--model flux2-klein-random` renders scenes."""
+    from diffusers import Flux2Transformer2DModel
+
+    from ..catalog import KLEIN_RANDOM, KLEIN_RANDOM_BLOCKS
+    from .flux2 import Flux2Klein
+    from .random_text import qwen_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = encoder = None
+        if text_encoder:
+            tokenizer = qwen_tokenizer()
+            encoder = qwen3_causal(tokenizer, hidden=2560, intermediate=256, layers=28, heads=32, kv_heads=8,
+                                   head_dim=128)
+        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=KLEIN_RANDOM_BLOCKS[0],
+                                              num_single_layers=KLEIN_RANDOM_BLOCKS[1], attention_head_dim=128,
+                                              num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+        vae = klein_vae(False, 1024, torch.Generator().manual_seed(seed))
+    return Flux2Klein(tokenizer, encoder, transformer.eval(), vae,
+                      LoadedState(model_id=KLEIN_RANDOM, scheduler_config=klein_scheduler_config(), few_step_model=True))

@@ -11,7 +11,7 @@ import torch
 
 from ..catalog import (FLUX_RANDOM, SD2_RANDOM, SD3_RANDOM, SDXL_RANDOM, TINY_FLUX_RANDOM, TINY_FLUX_SCHNELL_RANDOM,
                        TINY_RANDOM, TINY_SD3_RANDOM, TINY_SDXL_RANDOM, TINY_ZIMAGE_RANDOM, TINY_ZIMAGE_TURBO_RANDOM,
-                       ZIMAGE_RANDOM)
+                       ZIMAGE_RANDOM, KLEIN_RANDOM, TINY_KLEIN_BASE_RANDOM, TINY_KLEIN_RANDOM)
 from .family import LoadedState, Model
 from .random_text import FULL_VOCAB, TINY_TEXT, clip_config, tiny_tokenizer
 from .sd import SD
@@ -29,9 +29,12 @@ _TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), la
 def build_random(name: str) -> Model:
     """A built-in random model by name (catalog.BUILT_IN); text encoders included, so it renders scenes."""
     from .random_flux import (build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random,
-                              build_tiny_zimage_random, build_zimage_random)
+                              build_klein_random, build_tiny_klein_random, build_tiny_zimage_random,
+                              build_zimage_random)
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: lambda: build_sd2_random(text_encoder=True),
+                TINY_KLEIN_RANDOM: build_tiny_klein_random, KLEIN_RANDOM: lambda: build_klein_random(text_encoder=True),
+                TINY_KLEIN_BASE_RANDOM: lambda: build_tiny_klein_random(distilled=False),
                 TINY_ZIMAGE_RANDOM: build_tiny_zimage_random, ZIMAGE_RANDOM: lambda: build_zimage_random(text_encoder=True),
                 TINY_ZIMAGE_TURBO_RANDOM: lambda: build_tiny_zimage_random(turbo=True),
                 TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: lambda: build_sd3_random(text_encoder=True),
@@ -44,9 +47,12 @@ def build_random(name: str) -> Model:
 def bench_model(name: str) -> Model:
     """A built-in random model as the bench builds it: without text encoders where it can (full size)."""
     from .random_flux import (build_flux_random, build_sd3_random, build_tiny_flux_random, build_tiny_sd3_random,
-                              build_tiny_zimage_random, build_zimage_random)
+                              build_klein_random, build_tiny_klein_random, build_tiny_zimage_random,
+                              build_zimage_random)
 
     builders = {TINY_RANDOM: build_tiny_random, SD2_RANDOM: build_sd2_random,
+                TINY_KLEIN_RANDOM: build_tiny_klein_random, KLEIN_RANDOM: build_klein_random,
+                TINY_KLEIN_BASE_RANDOM: lambda: build_tiny_klein_random(distilled=False),
                 TINY_ZIMAGE_RANDOM: build_tiny_zimage_random, ZIMAGE_RANDOM: build_zimage_random,
                 TINY_ZIMAGE_TURBO_RANDOM: lambda: build_tiny_zimage_random(turbo=True),
                 TINY_SD3_RANDOM: build_tiny_sd3_random, SD3_RANDOM: build_sd3_random,

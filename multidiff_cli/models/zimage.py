@@ -29,11 +29,11 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default: the chat-formatted prompt
 TRANSFORMER_MULTIPLICITY = 24  # live tensors per token and width, per sample (an estimate, unmeasured)
 
 
-def chat_prompts(tokenizer, texts: list[str]) -> list[str]:
+def chat_prompts(tokenizer, texts: list[str], thinking: bool = True) -> list[str]:
     """Each text as ZImagePipeline hands it to Qwen3: one user turn of the tokenizer's chat template, the
-    assistant's turn opened (thinking enabled, so no empty think block)."""
+    assistant's turn opened (thinking enabled, so no empty think block; FLUX.2 klein turns it off)."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=True) for text in texts]
+                                          add_generation_prompt=True, enable_thinking=thinking) for text in texts]
 
 
 class ZImage(Model):
