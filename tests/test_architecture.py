@@ -22,6 +22,7 @@ LAYERS = {
     "output": 2,
     "run": 3,
     "bench": 4,
+    "edit": 4,  # the browser editor: a server over run/ and scene/, beside the bench
     "cli": 5,
     "__main__": 6,
 }
@@ -30,7 +31,7 @@ SHARED = {"errors", "catalog", "__init__"}
 METHOD_FORBIDDEN = {"yaml", "typer", "rich", "pydantic", "PIL", "numpy", "transformers", "diffusers", "peft",
                     "huggingface_hub", "safetensors", "accelerate"}
 # What the CLI may call: the run layer (and the bench's), what prints, and the shared modules.
-CLI_MAY_IMPORT = {"run", "bench", "output", "cli", *SHARED}
+CLI_MAY_IMPORT = {"run", "bench", "edit", "output", "cli", *SHARED}
 PRINTERS = {"say", "print_path", "echo", "print"}  # say(...), typer.echo(...), out.print(...)
 
 
