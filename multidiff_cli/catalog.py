@@ -75,6 +75,8 @@ class Family:
     embedded_guidance: bool = False  # guidance_scale is an input of the network (FLUX.1-dev), not CFG
     cuda_dtype: str = "float16"  # the default dtype on CUDA (FLUX overflows in float16: bfloat16)
     lora_kinds: tuple[str, ...] = ()  # what a LoRA of this family names that others do not (for messages)
+    native_px: int = 512  # its models' usual native window (a model's own is read from its config at render)
+    window_align_px: int = 64  # region windows' sides are whole multiples: SD's UNet halves the latent 3 times
 
     @property
     def scheduler_names(self) -> tuple[str, ...]:
@@ -92,7 +94,7 @@ SDXL = Family(
     name="sdxl", label="SDXL", module="sdxl", class_name="SDXL",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     weights={**SD.weights, "text_encoder_2": "model.safetensors"},
-    folders=("tokenizer", "tokenizer_2", "scheduler"),
+    folders=("tokenizer", "tokenizer_2", "scheduler"), native_px=1024,
 )
 FLUX = Family(
     name="flux", label="FLUX.1", module="flux", class_name="Flux",
@@ -102,6 +104,7 @@ FLUX = Family(
     folders=("tokenizer", "tokenizer_2", "scheduler"),
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=3.5, align_px=16,
     default_steps=28, few_step_steps=4, embedded_guidance=True, cuda_dtype="bfloat16",
+    native_px=1024, window_align_px=16,
 )
 SD3 = Family(
     name="sd3", label="SD3.5", module="sd3", class_name="SD3",
@@ -112,6 +115,7 @@ SD3 = Family(
     folders=("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"),
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=7.0, align_px=16,
     default_steps=28, few_step_steps=4, cuda_dtype="bfloat16",
+    native_px=1024, window_align_px=16,
 )
 ZIMAGE = Family(
     name="zimage", label="Z-Image", module="zimage", class_name="ZImage",
@@ -121,6 +125,7 @@ ZIMAGE = Family(
     folders=("tokenizer", "scheduler"),
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=4.0, align_px=16,
     default_steps=50, few_step_steps=9, few_step_guidance=0.0, cfg_offset=1.0, cuda_dtype="bfloat16",
+    native_px=1024, window_align_px=16,
 )
 FLUX2 = Family(
     name="flux2", label="FLUX.2 klein", module="flux2", class_name="Flux2Klein",
@@ -131,6 +136,7 @@ FLUX2 = Family(
     # the canvas is klein's patchified latent space: one cell per 2x2 patch of the VAE's 8 px cells (models/flux2.py)
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=4.0, cell_px=16, align_px=16,
     default_steps=50, few_step_steps=4, few_step_guidance=1.0, cuda_dtype="bfloat16",
+    native_px=1024, window_align_px=16,
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3, ZIMAGE, FLUX2)}
 

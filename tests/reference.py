@@ -37,6 +37,7 @@ def reference_multidiffusion(
     generator: torch.Generator | None = None,
     start_step: int = 0,
     init_latents: torch.Tensor | None = None,
+    windows: dict[int, list[View]] | None = None,
 ) -> torch.Tensor:
     """MultiDiffusion, step each prompt then average: the final latents (1, C, H, W).
 
@@ -49,6 +50,8 @@ def reference_multidiffusion(
     generator: for stochastic steps (one view only): every prompt's step draws the same noise, as the
         sampler's single step on the whole canvas does.
     start_step, init_latents: img2img: the picture's latents noised to the first evaluation run.
+    windows: region windows: prompt p in it steps on its own views windows[p] (crops of their own size),
+        not on `views`, and is averaged in by its weights there like any view.
     """
     views = views or [full_view(tuple(noise.shape[-2:]))]
     if generator is not None and len(views) > 1:
@@ -60,8 +63,11 @@ def reference_multidiffusion(
     else:
         schedule.begin_at(first)
         x = schedule.noised(init_latents, noise, first)
-    own = {(v, p): copy.deepcopy(schedule)
-           for v, view in enumerate(views) for p in range(weights.shape[0]) if view.crop(weights[p]).any()}
+    windows = windows or {}
+    pairs = [(view, p) for view in views for p in range(weights.shape[0]) if p not in windows]
+    pairs += [(view, p) for p, own_views in windows.items() for view in own_views]
+    views = [view for view, _ in pairs]
+    own = {(v, p): copy.deepcopy(schedule) for v, (view, p) in enumerate(pairs) if view.crop(weights[p]).any()}
 
     for index in range(first, len(schedule.timesteps)):
         step = (index - first) // order

@@ -193,7 +193,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         t0 = schedule.timesteps[0]
         if path == "multidiff":
             inputs, requests, _, _ = step_requests(noise, weights, views)
-            guided_denoiser(run, conditioning, prompts)(inputs, t0, requests)
+            guided_denoiser(run, conditioning, prompts)(torch.stack(inputs), t0, requests)
         else:
             rows = prompts.negative + prompts.cond if max(prompts.guidance) > 1 else prompts.cond
             run(noise.expand(len(rows), *noise.shape[1:]), t0, conditioning[rows])

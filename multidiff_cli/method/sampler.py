@@ -38,11 +38,11 @@ def fuse_views(predictions: torch.Tensor, requests: list[Request], request_views
     """MultiDiffusion, Eq. 5 and 7: per canvas pixel, the weighted mean of every (view, prompt) prediction
     that covers it, each weighted by its prompt's weight there.
 
-    predictions (J, C, hv, wv); weights (P, 1, H, W) -> (1, C, H, W). Where all weights are 0 the
-    result is 0.
+    predictions (J, C, hv, wv), or J tensors (C, hv, wv) of their views' sizes; weights (P, 1, H, W) ->
+    (1, C, H, W). Where all weights are 0 the result is 0.
     """
     height, width = weights.shape[-2:]
-    fused = predictions.new_zeros((1, predictions.shape[1], height, width))
+    fused = predictions[0].new_zeros((1, predictions[0].shape[0], height, width))
     total = weights.new_zeros((1, 1, height, width))
     for prediction, (_, prompt), view in zip(predictions, requests, request_views):
         weight = view.crop(weights[prompt])
@@ -59,21 +59,37 @@ def bootstrap_inputs(x: torch.Tensor, region_masks: torch.Tensor, backgrounds: t
     return region_masks * x + (1 - region_masks) * backgrounds
 
 
-def active_prompts(weights: torch.Tensor, views: list[View]) -> list[list[int]]:
-    """For every view, the prompts with weight inside it (the others would be fused with weight 0)."""
-    return [[p for p in range(weights.shape[0]) if view.crop(weights[p]).any()] for view in views]
+PromptViews = dict[int, list[View]]
+"""Region windows: prompt -> the views it runs on instead of the canvas's (its window, a view of its own size)."""
+
+
+def active_prompts(weights: torch.Tensor, views: list[View], windows: PromptViews | None = None) -> list[list[int]]:
+    """For every view, the prompts with weight inside it (the others would be fused with weight 0); a prompt
+    with windows of its own is active in those only (`windowed_views`), never in the canvas's views."""
+    windows = windows or {}
+    return [[p for p in range(weights.shape[0]) if p not in windows and view.crop(weights[p]).any()] for view in views]
+
+
+def windowed_views(views: list[View], windows: PromptViews | None) -> tuple[list[View], list[list[int]]]:
+    """The canvas's views, then every window, with the prompts that run in each: what `step_requests` walks."""
+    windows = windows or {}
+    extra = [(view, [prompt]) for prompt, own in sorted(windows.items()) for view in own]
+    return [*views, *(view for view, _ in extra)], [prompts for _, prompts in extra]
 
 
 def step_requests(x, weights, views, bootstrap=None, center=False, active=None):
     """The inputs and requests of one step: for every view, each prompt with weight inside it.
 
     bootstrap: (N, C, H, W) bootstrapped region latents, or None outside bootstrapping, when
-    every prompt of a view shares the view's crop of x. active: active_prompts(weights, views),
-    if already known. Returns inputs (M, C, hv, wv), requests, each request's view, and each request's
-    centering roll (or None).
+    every prompt of a view shares the view's crop of x. active: per view, the prompts that run in it
+    (default active_prompts(weights, views)). Returns inputs (a list of (C, hv, wv), views of different
+    sizes when regions have windows), requests, each request's view, and each request's centering roll
+    (or None).
     """
     inputs, requests, request_views, rolls = [], [], [], []
     for view, active_here in zip(views, active if active is not None else active_prompts(weights, views)):
+        if not active_here:
+            continue
         inputs.append(view.crop(x)[0])
         shared = len(inputs) - 1
         for prompt in active_here:
@@ -90,7 +106,25 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None):
             requests.append((index, prompt))
             request_views.append(view)
             rolls.append(roll)
-    return torch.stack(inputs), requests, request_views, rolls
+    return inputs, requests, request_views, rolls
+
+
+def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], t: torch.Tensor,
+                    requests: list[Request]) -> list[torch.Tensor]:
+    """The denoiser over inputs of one size at a time (views of the canvas, and each size of window): one call
+    per size, its requests renumbered; every request's prediction, in order. model_input(stacked inputs)."""
+    sizes: dict[tuple[int, ...], list[int]] = {}
+    for i, tensor in enumerate(inputs):
+        sizes.setdefault(tuple(tensor.shape), []).append(i)
+    predictions: list[torch.Tensor | None] = [None] * len(requests)
+    for members in sizes.values():
+        local = {global_index: k for k, global_index in enumerate(members)}
+        order = [r for r, (i, _) in enumerate(requests) if i in local]
+        out = denoise(model_input(torch.stack([inputs[i] for i in members])), t,
+                      [(local[requests[r][0]], requests[r][1]) for r in order])
+        for r, prediction in zip(order, out):
+            predictions[r] = prediction
+    return predictions
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
@@ -110,11 +144,11 @@ def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
     return shifts
 
 
-def unroll(predictions: torch.Tensor, rolls: list[tuple[int, int] | None]) -> torch.Tensor:
+def unroll(predictions, rolls: list[tuple[int, int] | None]):
     """Shift centred predictions back where their regions are."""
     if not any(rolls):
         return predictions
-    return torch.stack([p if r is None else torch.roll(p, (-r[0], -r[1]), dims=(-2, -1)) for p, r in zip(predictions, rolls)])
+    return [p if r is None else torch.roll(p, (-r[0], -r[1]), dims=(-2, -1)) for p, r in zip(predictions, rolls)]
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -144,6 +178,7 @@ def multidiffusion(
     weights: torch.Tensor,
     *,
     views: list[View] | None = None,
+    windows: PromptViews | None = None,
     bootstrap_steps: int = 0,
     backgrounds: torch.Tensor | None = None,
     center_regions: bool = False,
@@ -163,6 +198,8 @@ def multidiffusion(
     weights: (P, 1, h, w), index 0 the global prompt, 1..N the regions (weights.region_weights);
         or (steps, P, 1, h, w), one set per step (weights.quantized_weights).
     views: windows covering the canvas (views.make_views); default: the whole canvas as one.
+    windows: region windows: a prompt that has some runs on those views only (its window around its region,
+        a view of its own size), fused by its weights there like any view (Eq. 7); the others on `views`.
     bootstrap_steps: the first steps in which regions are denoised against flat backgrounds.
     backgrounds: clean flat-colour latents, (bootstrap_steps, N, C, h|1, w|1): one per step and
         region, noised here to each step's level by the schedule.
@@ -184,6 +221,7 @@ def multidiffusion(
     if bootstrapping and (backgrounds is None or backgrounds.shape[0] < bootstrap_steps):
         raise ValueError("bootstrap_steps > 0 needs one background latent per bootstrap step and region")
     views = views or [full_view(tuple(noise.shape[-2:]))]
+    all_views, window_prompts = windowed_views(views, windows)
 
     if (init_latents is None and start_step) or ((known_latents is None) != (changeable is None)):
         raise ValueError("start_step > 0 needs init_latents, and changeable needs known_latents (and back)")
@@ -199,15 +237,18 @@ def multidiffusion(
         weights_index = min(start_step + step, weights.shape[0] - 1) if per_step else 0
         step_weights = weights[weights_index] if per_step else weights
         if weights_index not in active:
-            active[weights_index] = active_prompts(step_weights, views)
+            in_windows = [[p for p in prompts if view.crop(step_weights[p]).any()]
+                          for view, prompts in zip(all_views[len(views):], window_prompts)]
+            active[weights_index] = active_prompts(step_weights, views, windows) + in_windows
         bootstrap = None
         if bootstrapping and step < bootstrap_steps:
             noised = schedule.noised(backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), index)
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
         inputs, requests, request_views, rolls = step_requests(
-            x, step_weights, views, bootstrap, center_regions, active[weights_index]
+            x, step_weights, all_views, bootstrap, center_regions, active[weights_index]
         )
-        predictions = unroll(denoise(schedule.model_input(inputs, index), schedule.timesteps[index], requests), rolls)
+        predictions = unroll(denoise_by_size(denoise, lambda batch: schedule.model_input(batch, index), inputs,
+                                             schedule.timesteps[index], requests), rolls)
         fused = fuse_views(predictions, requests, request_views, step_weights)
         x, denoised = schedule.step(fused, index, x, generator)
         if changeable is not None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # views are plain numbers until a tensor is cropped: validate and preview plan them without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class View:
     wrap: bool = False
 
     def columns(self, device=None) -> torch.Tensor:
+        import torch
+
         cols = torch.arange(self.left, self.left + self.width, device=device)
         return cols % self.canvas_width if self.wrap else cols
 
@@ -66,3 +70,4 @@ def make_views(latent_hw: tuple[int, int], window: int, stride: int, wrap: bool 
 def full_view(latent_hw: tuple[int, int]) -> View:
     """The whole canvas as one view."""
     return View(0, 0, latent_hw[0], latent_hw[1], latent_hw[1])
+

@@ -33,7 +33,8 @@ def package_versions() -> dict[str, str]:
 
 def build_metadata(scene: dict[str, Any], *, family: str, revision: str | None, device: str, dtype: str,
                    seconds: float, scene_file: str | None = None, inputs: dict[str, str] | None = None,
-                   init_image: dict[str, Any] | None = None, unet_batch: dict[str, Any] | None = None) -> dict[str, Any]:
+                   init_image: dict[str, Any] | None = None, unet_batch: dict[str, Any] | None = None,
+                   windows: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record stored in the PNG: the resolved scene (defaults, seed and model filled) and the run.
 
     Every local path in `scene` (masks, init image, LoRAs, a local model) is relative to the picture's
@@ -42,7 +43,8 @@ def build_metadata(scene: dict[str, Any], *, family: str, revision: str | None, 
     scene_file: the scene file's name. inputs: each input file as written in the scene -> its sha256,
     so a re-render can tell it changed. family: the model's family (catalog.FAMILIES). init_image:
     the picture a render started from (path as given, size, sha256), recorded only where there is one.
-    unet_batch: {"samples_per_call": N, "auto": whether `max_batch: auto` chose N}."""
+    unet_batch: {"samples_per_call": N, "auto": whether `max_batch: auto` chose N}. windows: the region windows
+    the render ran (run.batch.windows_record), where it had any: the scene's keys decide them, this shows them."""
     record = ({"init_image": init_image} if init_image else {}) | {
         "scene": scene,
         "scene_file": scene_file,
@@ -59,6 +61,8 @@ def build_metadata(scene: dict[str, Any], *, family: str, revision: str | None, 
     }
     if unet_batch is not None:
         record["unet_batch"] = unet_batch
+    if windows is not None:
+        record["windows"] = windows
     return record
 
 

@@ -47,9 +47,10 @@ def region_pixels(scene: Scene, index: int, size_wh: tuple[int, int]) -> np.ndar
     return grid.resize_nearest(grid.read_mask_image(scene.path_of(region.mask)), (height, width))
 
 
-def draw_layout(scene: Scene) -> Image.Image:
+def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | None = None) -> Image.Image:
     """The canvas with every region filled in its own translucent colour and numbered, and beside it
-    a legend: the canvas size, the global prompt, and each number's prompt in full (wrapped, never cut)."""
+    a legend: the canvas size, the global prompt, and each number's prompt in full (wrapped, never cut).
+    windows: region index -> its window [x0, y0, x1, y1] in pixels, drawn as a dashed outline in its colour."""
     scale = min(1.0, MAX_SIDE_PX / max(scene.width, scene.height))
     width, height = max(1, round(scene.width * scale)), max(1, round(scene.height * scale))
     canvas = np.empty((height, width, 3), dtype=np.float64)
@@ -85,6 +86,9 @@ def draw_layout(scene: Scene) -> Image.Image:
         box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
         draw.rectangle(box, outline=region_colour(i), width=2)
         draw.text((box[0] + 5, box[1] + 4), str(i + 1), fill=TEXT_RGB, font=number_font)
+    for i, (x0, y0, x1, y1) in sorted((windows or {}).items()):
+        dashed_rectangle(draw, (round(x0 * scale), round(y0 * scale), round(x1 * scale) - 1, round(y1 * scale) - 1),
+                         region_colour(i))
     y = LEGEND_PAD_PX
     for index, lines in entries:
         x = width + LEGEND_PAD_PX
@@ -95,6 +99,22 @@ def draw_layout(scene: Scene) -> Image.Image:
             y += line_h
         y += 6
     return picture
+
+
+DASH_PX = 8
+
+
+def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour, width: int = 2) -> None:
+    """A rectangle outline of DASH_PX dashes and gaps (a region's window, around its filled shape)."""
+    x0, y0, x1, y1 = box
+    for start in range(x0, x1 + 1, 2 * DASH_PX):
+        end = min(start + DASH_PX, x1)
+        draw.line((start, y0, end, y0), fill=colour, width=width)
+        draw.line((start, y1, end, y1), fill=colour, width=width)
+    for start in range(y0, y1 + 1, 2 * DASH_PX):
+        end = min(start + DASH_PX, y1)
+        draw.line((x0, start, x0, end), fill=colour, width=width)
+        draw.line((x1, start, x1, end), fill=colour, width=width)
 
 
 def lora_text(loras, lead: str = "") -> str:

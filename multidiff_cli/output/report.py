@@ -125,6 +125,12 @@ def metadata_text(record: dict[str, Any], image: Path) -> str:
         run["scene_dir"] = record["scene_dir"]
     if record.get("init_image"):  # the picture it started from: path, size, sha256
         run["init_image"] = record["init_image"]
+    if record.get("windows"):  # region windows: each window in pixels, and the regions' cells a step
+        windows = record["windows"]
+        run["region_windows"] = {name: f"{box} px" for name, box in windows["boxes"].items()}
+        ratio = windows["region_cells_per_step"] / max(1, windows["without_windows"])
+        run["region_cells_per_step"] = (f"{windows['region_cells_per_step']} latent cells "
+                                        f"({ratio:.2f}x of {windows['without_windows']} without windows)")
     run_text = yaml.safe_dump(run, sort_keys=False, allow_unicode=True).rstrip()
     text = f"# scene\n{scene}\n\n# run\n" + "\n".join(f"# {line}" for line in run_text.splitlines())
     files = named_files(record["scene"], record_base_dir(record, image))

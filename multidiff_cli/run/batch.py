@@ -288,6 +288,7 @@ class Renderer:
             dtype=model.dtype_name, seconds=result.seconds, scene_file=job.scene_file, inputs=inputs,
             init_image=init_image_record(scene, job.inputs, recorded),
             unet_batch={"samples_per_call": plan.samples_per_call, "auto": plan.auto_batch},
+            windows=windows_record(plan, scene.cell_px),
         )
         write_png(result.image, job.target, record)
         self.emit(Event("written", label, path=job.target))  # its path printed the moment it is complete
@@ -350,3 +351,14 @@ def already_rendered(job: RenderJob) -> tuple[Path | None, list[tuple[Path, list
             return path, []
         other_inputs.append((path, sorted(name for name in {*recorded, *inputs} if recorded.get(name) != inputs.get(name))))
     return None, other_inputs
+
+
+def windows_record(plan, cell_px: int) -> dict | None:
+    """The region windows a render ran, for its record: each windowed region's [x0, y0, x1, y1] in pixels, and the
+    regions' latent cells per step with the windows and without (None without windows)."""
+    if not plan.windows:
+        return None
+    boxes = {f"regions[{p - 1}]": [v.left * cell_px, v.top * cell_px, (v.left + v.width) * cell_px,
+                                   (v.top + v.height) * cell_px] for p, v in sorted(plan.windows.items())}
+    windowed, canvas = plan.region_cells
+    return {"boxes": boxes, "region_cells_per_step": windowed, "without_windows": canvas}

@@ -17,6 +17,7 @@ from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
 from ..models import AdapterSet, Model, adapter_set
 from ..scene import Scene, changeable_cells, checked_for, region_cells
+from ..scene.geometry import region_windows, views_cost
 from ..scene.picture import load_picture
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
@@ -33,6 +34,10 @@ class RenderPlan:
     wrap: bool
     few_step: bool  # StreamMultiDiffusion's quantized masks and mask-centering bootstrapping
     auto_batch: bool = False  # samples_per_call chosen by `max_batch: auto` for this device and view size
+    windows: dict[int, View] = field(default_factory=dict)  # region windows: prompt index -> its window
+    # latent cells the regions' prompts run on per step (each sample's area): with the windows, and with every
+    # region on the canvas views it touches (what region_windows: false costs)
+    region_cells: tuple[int, int] = (0, 0)
 
     @property
     def view_cells(self) -> int:
@@ -65,6 +70,11 @@ def plan_render(scene: Scene, model: Model) -> RenderPlan:
     tiled = scene.width * scene.height > TILED_DECODE_PX if scene.tiled_decode == "auto" else scene.tiled_decode
     views = make_views(scene.latent_hw, model.native_cells, stride, wrap=wrap)
     auto = scene.max_batch in (None, "auto")
+    boxes = [(v.top, v.left, v.height, v.width) for v in views]
+    windows = region_windows(scene, model.native_cells, model.facts.window_align_px, boxes)
+    canvas_costs = [views_cost(region_cells(scene, i), boxes) for i in range(len(scene.regions))]
+    windowed = sum(windows[i + 1][2] * windows[i + 1][3] if i + 1 in windows else cost
+                   for i, cost in enumerate(canvas_costs))
     return RenderPlan(
         views=views,
         samples_per_call=model.auto_samples_per_call(largest_view_cells(views)) if auto else scene.max_batch,
@@ -72,6 +82,8 @@ def plan_render(scene: Scene, model: Model) -> RenderPlan:
         wrap=wrap,
         few_step=model.few_step_model if scene.few_step == "auto" else scene.few_step,
         auto_batch=auto,
+        windows={p: View(top, left, h, w, scene.latent_hw[1]) for p, (top, left, h, w) in windows.items()},
+        region_cells=(windowed, sum(canvas_costs)),
     )
 
 
@@ -218,6 +230,7 @@ def render(
             guided_denoiser(run, conditioning, prompts),
             weights,
             views=plan.views,
+            windows={p: [window] for p, window in plan.windows.items()},
             bootstrap_steps=bootstrap_steps,
             backgrounds=backgrounds,
             center_regions=plan.few_step,

@@ -48,7 +48,22 @@ def write_layout(path: Path, output: Path | None, default_model: str) -> tuple[P
     loaded = load_source(path, default_model=default_model)
     warnings = [f"warning: {path}: {note}" for note in loaded.notes] + [f"warning: {w}" for w in loaded.scene.warnings]
     target = output or free_path(OUTPUT_DIR / f"{Path(loaded.scene_file).stem}-layout.png", set())[0]
-    return write_png(draw_layout(loaded.scene), target), warnings
+    return write_png(draw_layout(loaded.scene, layout_windows(loaded.scene)), target), warnings
+
+
+def layout_windows(scene) -> dict[int, tuple[int, int, int, int]]:
+    """The region windows a render would run, in pixels, for the scene's family's usual native window (a
+    model whose own differs, SD 2.1's 768 px, may window differently: its PNG's record says what it ran)."""
+    from ..catalog import DEFAULT_MODEL, detect_family
+    from ..method.views import make_views
+    from ..scene.geometry import region_windows
+
+    family = scene.family or detect_family(DEFAULT_MODEL)
+    cell = scene.cell_px
+    native = family.native_px // cell
+    views = make_views(scene.latent_hw, native, max(1, scene.view_stride // cell), wrap=scene.wrap == "horizontal")
+    windows = region_windows(scene, native, family.window_align_px, [(v.top, v.left, v.height, v.width) for v in views])
+    return {p - 1: (left * cell, top * cell, (left + w) * cell, (top + h) * cell) for p, (top, left, h, w) in windows.items()}
 
 
 def starter_scene(path: Path, force: bool) -> Path:

@@ -2,6 +2,7 @@
 cells each region and `keep` cover (numpy and Pillow only)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,78 @@ def region_cells(scene: Scene, index: int) -> np.ndarray:
     if region.box is not None:
         return grid.box_cells(region.box, scene.latent_hw, scene.cell_px)
     return grid.resize_nearest(grid.read_mask_image(scene.path_of(region.mask)), scene.latent_hw)
+
+
+# --- region windows ---------------------------------------------------------------------------------------
+
+MIN_CONTEXT_PX = 32  # a window's margin around its region is at least this, whatever window_context says
+AUTO_SHARE = 0.5  # region_windows: auto windows a region whose window costs at most this share of its canvas views
+Window = tuple[int, int, int, int]  # (top, left, height, width) in latent cells
+
+
+def window_span(lo: int, hi: int, length: int, context: float, min_context: int, least: int, align: int) -> tuple[int, int]:
+    """One axis of a region window: the region's cells [lo, hi) grown by `context` of their extent on each side
+    (at least `min_context` cells), at least `least` cells long, rounded up to whole `align` cells, clipped to
+    the canvas' `length`, and centred on the region as far as the canvas allows. Returns (start, size)."""
+    pad = max(math.ceil(context * (hi - lo)), min_context)
+    size = max(hi - lo + 2 * pad, least)
+    size = min(math.ceil(size / align) * align, length)
+    start = round((lo + hi) / 2 - size / 2)
+    return max(0, min(start, length - size)), size
+
+
+def cells_window(cells: np.ndarray, context: float, min_context: int, least: int, align: int) -> Window:
+    """The window around a region's (h, w) boolean cells: its bounding box grown by `window_span` on both axes."""
+    rows, cols = np.nonzero(cells.any(axis=1))[0], np.nonzero(cells.any(axis=0))[0]
+    top, height = window_span(int(rows[0]), int(rows[-1]) + 1, cells.shape[0], context, min_context, least, align)
+    left, width = window_span(int(cols[0]), int(cols[-1]) + 1, cells.shape[1], context, min_context, least, align)
+    return top, left, height, width
+
+
+def box_window(scene: Scene, box: list[int]) -> Window:
+    """A `window: [x0, y0, x1, y1]` in pixels as cells (the cells whose centre it holds, as boxes are read)."""
+    cells = grid.box_cells(box, scene.latent_hw, scene.cell_px)
+    rows, cols = np.nonzero(cells.any(axis=1))[0], np.nonzero(cells.any(axis=0))[0]
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1 - int(rows[0]), int(cols[-1]) + 1 - int(cols[0])
+
+
+def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[Window]) -> dict[int, Window]:
+    """The windows the scene's regions run in, by prompt index (1 = regions[0]); a region not in it runs on the
+    canvas' `views` as the global prompt does.
+
+    A region's `window` decides (absent: the scene's region_windows): canvas, never; a box, that box; true, its
+    cells' bounding box grown by window_context (at least MIN_CONTEXT_PX), at least half the native window,
+    sides whole multiples of align_px, within the canvas; auto, that window where it costs at most AUTO_SHARE
+    of the canvas views the region has weight in. A computed window wider or taller than the native window
+    is no window: the region runs on the canvas' views (a panorama region already runs only where it is)."""
+    cell = scene.cell_px
+    align = max(1, align_px // cell)
+    windows: dict[int, Window] = {}
+    for i, region in enumerate(scene.regions):
+        choice = region.window if region.window is not None else scene.region_windows
+        if choice is False or choice == "canvas":
+            continue
+        cells = region_cells(scene, i)
+        if not cells.any():
+            continue
+        if isinstance(choice, list):
+            windows[i + 1] = box_window(scene, choice)
+            continue
+        window = cells_window(cells, scene.window_context, math.ceil(MIN_CONTEXT_PX / cell), native_cells // 2, align)
+        if window[2] > native_cells or window[3] > native_cells:
+            continue
+        if choice == "auto" and window[2] * window[3] > AUTO_SHARE * views_cost(cells, views):
+            continue
+        windows[i + 1] = window
+    return windows
+
+
+def views_cost(cells: np.ndarray, views: list[Window]) -> int:
+    """The latent cells a prompt with weight in `cells` runs on per step over the canvas' views (those it touches)."""
+    width = cells.shape[1]
+    cost = 0
+    for top, left, height, view_width in views:
+        columns = np.arange(left, left + view_width) % width
+        if cells[top:top + height][:, columns].any():
+            cost += height * view_width
+    return cost

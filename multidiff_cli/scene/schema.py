@@ -20,6 +20,7 @@ from .paths import KEEP_WORDS, scene_path
 
 MAX_SEED = 2**63 - 1  # the largest seed a scene or --seeds may give
 BOOTSTRAP_FRACTION = 0.2  # default bootstrap_steps = steps / 5: 10 of 50, as the scene contract says
+WINDOW_CONTEXT = 0.25  # a region window's margin: a quarter of the region's side (README, Region windows)
 DEFAULT_STRENGTH = 0.8  # with an init image: diffusers' img2img default
 KEEP_CHOICES = KEEP_WORDS  # or a mask path
 
@@ -89,6 +90,17 @@ class Region(Strict):
     negative_prompt: AnyText | None = None
     guidance_scale: Guidance | None = None
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="added on this region's samples only")
+    window: Literal["canvas", "auto"] | list[Coordinate] | None = Field(
+        None, exclude_if=lambda value: value is None, description="where this region's prompt runs: canvas, auto (its box grown by window_context), or "
+                          "[x0, y0, x1, y1] in pixels; absent: the scene's region_windows"
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _window_box(cls, window):
+        if isinstance(window, list) and (len(window) != 4 or window[0] >= window[2] or window[1] >= window[3]):
+            raise ValueError("a window box is [x0, y0, x1, y1] in pixels with x0 < x1 and y0 < y1 (or canvas, auto)")
+        return window
 
     @field_validator("box")
     @classmethod
@@ -150,6 +162,13 @@ class Scene(Strict):
         description="none: all may change; outside_regions: only the regions change; a mask path: white may change",
     )
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="on every prompt's samples")
+    region_windows: bool | Literal["auto"] = Field(
+        False, exclude_if=lambda value: value is False, description="run each region's prompt on a window around it, not the whole canvas; auto: where "
+                           "that saves samples (README, Region windows)"
+    )
+    window_context: float = Field(WINDOW_CONTEXT, ge=0, le=4, allow_inf_nan=False,
+                                  exclude_if=lambda value: value == WINDOW_CONTEXT,
+                                  description="a window's margin around its region, as a share of the region's side")
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

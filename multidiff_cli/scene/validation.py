@@ -27,9 +27,40 @@ def check_canvas(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     and non-empty, the init image and keep mask, LoRA files, and (where the scene's family is known)
     what its model needs (family_problems)."""
     canvas = (scene.width, scene.height)
-    found = (_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions))
+    found = [_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions)]
+    windows = [_window_problem(scene, i) for i, problem in enumerate(found) if problem is None]
     family = family_problems(scene, scene.family, scene.few_step_model) if scene.family is not None else []
-    return family + [problem for problem in found if problem] + _picture_problems(scene) + lora_problems(scene, allow_pickle)
+    return (family + [problem for problem in found + windows if problem] + _picture_problems(scene)
+            + lora_problems(scene, allow_pickle))
+
+
+def _window_problem(scene: Scene, i: int) -> Problem | None:
+    """A region's `window` box must lie on the canvas and hold every cell of its region (its prompt runs there
+    alone: a cell outside would get none of it)."""
+    from .geometry import box_window, region_cells
+
+    window = scene.regions[i].window
+    if not isinstance(window, list):
+        return None
+    x0, y0, x1, y1 = window
+    if x0 < 0 or y0 < 0 or x1 > scene.width or y1 > scene.height:
+        return ("regions", i, "window"), f"window {window} reaches past the {scene.width}x{scene.height} canvas"
+    align = scene.family.align_px if scene.family is not None else scene.cell_px
+    if any(value % align for value in window):
+        label = f"{scene.family.label} models" if scene.family is not None else "the latent cells"
+        return ("regions", i, "window"), f"window {window}: every corner must be a multiple of {align} px for {label}"
+    top, left, height, width = box_window(scene, window) if grid.box_cells(window, scene.latent_hw, scene.cell_px).any() \
+        else (0, 0, 0, 0)
+    cells = region_cells(scene, i)
+    inside = cells.copy()
+    inside[top:top + height, left:left + width] = False
+    if inside.any():
+        rows, cols = inside.any(axis=1).nonzero()[0], inside.any(axis=0).nonzero()[0]
+        cell = scene.cell_px
+        reach = [int(cols[0]) * cell, int(rows[0]) * cell, (int(cols[-1]) + 1) * cell, (int(rows[-1]) + 1) * cell]
+        return ("regions", i, "window"), (f"window {window} does not contain its region (it reaches {reach}): "
+                                          "the region's prompt runs only inside its window")
+    return None
 
 
 def family_problems(scene: Scene, family: Family, few_step: bool = False) -> list[Problem]:

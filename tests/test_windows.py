@@ -1,0 +1,244 @@
+"""Region windows (issue 25): a region's prompt runs only on a window around its region, one more view fused by
+the same equation (the paper's Eq. 7). The sampler against the shared reference loop given the same windows;
+a window that is the whole canvas changes nothing; the cells computed per step are the windows' sums; the
+window's geometry (context, least size, alignment, the canvas, auto); records, inspect, preview; bad windows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multidiff_cli.method.sampler import multidiffusion
+from multidiff_cli.method.schedule import DiffusionSchedule, FlowSchedule
+from multidiff_cli.method.views import View, full_view, make_views
+from multidiff_cli.method.weights import region_weights
+from multidiff_cli.models.random_weights import sd2_scheduler_config
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.output.png import read_metadata
+from multidiff_cli.output.preview import REGION_ALPHA, region_colour
+from multidiff_cli.run.render import plan_render, render
+from multidiff_cli.scene import load_scene
+from multidiff_cli.scene.geometry import region_windows, window_span
+from multidiff_cli.scene.grid import box_cells
+from reference import reference_multidiffusion
+
+H, W = 16, 40  # latent cells
+BOXES = [(16, 16, 80, 96), (200, 32, 272, 112)]  # pixels: two small regions apart
+
+
+def weights_for(boxes=BOXES):
+    return region_weights([box_cells(b, (H, W)) for b in boxes], (H, W))
+
+
+def ddim(steps: int = 6) -> DiffusionSchedule:
+    scheduler = make_scheduler("ddim", sd2_scheduler_config())
+    scheduler.set_timesteps(steps)
+    return DiffusionSchedule(scheduler)
+
+
+def flow(steps: int = 4) -> FlowSchedule:
+    from multidiff_cli.catalog import FLOW_SCHEDULERS
+
+    scheduler = make_scheduler("euler", {"num_train_timesteps": 1000, "shift": 3.0}, FLOW_SCHEDULERS)
+    scheduler.set_timesteps(steps)
+    return FlowSchedule(scheduler)
+
+
+WINDOWS = {1: [View(0, 0, 16, 16, W)], 2: [View(2, 20, 12, 16, W)]}
+
+
+@pytest.mark.parametrize("schedule", [ddim, flow], ids=["ddim", "flow"])
+@pytest.mark.parametrize("bootstrap_steps", [0, 2])
+def test_windows_equal_the_reference_loop_given_the_same_windows(schedule, bootstrap_steps, prompt_eps,
+                                                                 per_request_denoiser, assert_close_batched):
+    """Each region's prediction computed on its window's crop (bootstrapping cropped to it too), fused by its
+    weights inside the window; the global prompt on the canvas' views, as before."""
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(0))
+    backgrounds = torch.randn((2, 2, 4, 1, 1), generator=torch.Generator().manual_seed(1))
+    views = make_views((H, W), 16, 8)
+    ours = multidiffusion(noise, schedule(), per_request_denoiser, weights, views=views, windows=WINDOWS,
+                          bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
+    expected = reference_multidiffusion(lambda p, x, t: prompt_eps(p, x), noise, schedule(), weights, views=views,
+                                        windows=WINDOWS, bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
+    assert_close_batched(ours, expected, steps=6)
+    without = multidiffusion(noise, schedule(), per_request_denoiser, weights, views=views,
+                             bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
+    assert (without - ours).abs().max() > 1e-3  # the stand-in mixes neighbours: a window sees less, and it shows
+
+
+def test_a_window_that_is_the_whole_canvas_changes_nothing(prompt_eps, per_request_denoiser):
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(2))
+    whole = {1: [full_view((H, W))], 2: [full_view((H, W))]}
+    windowed = multidiffusion(noise, ddim(), per_request_denoiser, weights, windows=whole)
+    plain = multidiffusion(noise, ddim(), per_request_denoiser, weights)
+    torch.testing.assert_close(windowed, plain, rtol=0, atol=1e-6)
+
+
+def test_the_cells_computed_per_step_are_the_canvas_views_and_the_windows(prompt_eps):
+    """A counting stand-in: every request's input area, per call. The global prompt on the three canvas views,
+    each region on its window alone; the windows' samples in a call of their own size."""
+    seen: dict[float, int] = {}
+
+    def counting(inputs, t, requests):
+        seen[float(t)] = seen.get(float(t), 0) + sum(inputs[i].shape[-2] * inputs[i].shape[-1] for i, _ in requests)
+        return torch.stack([prompt_eps(p, inputs[i]) for i, p in requests])
+
+    views = make_views((H, W), 16, 12)
+    assert len(views) == 3
+    multidiffusion(torch.zeros((1, 4, H, W)), ddim(2), counting, weights_for(), views=views, windows=WINDOWS)
+    per_step = list(seen.values())
+    global_cells = sum(v.height * v.width for v in views)
+    windows = 16 * 16 + 12 * 16
+    assert per_step == [global_cells + windows] * 2
+    canvas_regions = 2 * 16 * 16 + 16 * 16  # without windows: region 1 in one view, region 2 in two
+    assert global_cells + windows < global_cells + canvas_regions
+
+
+# --- the window's geometry ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lo, hi, length, context, least, align, expected", [
+    (10, 18, 64, 0.25, 0, 1, (6, 16)),  # 8 cells grown by 4 (the 4-cell minimum) each side
+    (10, 18, 64, 1.0, 0, 1, (2, 24)),  # grown by its own length each side
+    (10, 18, 64, 0.25, 32, 1, (0, 32)),  # at least 32 long, clipped at the canvas' start
+    (10, 18, 64, 0.25, 0, 8, (6, 16)),  # already whole multiples of 8
+    (10, 19, 64, 0.25, 0, 8, (2, 24)),  # 17 -> 24: rounded up to whole 8s, centred (start 2.5, rounded)
+    (58, 64, 64, 0.25, 0, 8, (48, 16)),  # at the far edge: shifted inside
+    (0, 60, 64, 0.25, 0, 8, (0, 64)),  # larger than the canvas: the canvas
+])
+def test_window_span(lo, hi, length, context, least, align, expected):
+    assert window_span(lo, hi, length, context, 4, least, align) == expected
+
+
+SCENE = """
+prompt: a wide landscape
+width: 1024
+height: 512
+steps: 2
+{keys}regions:
+  - prompt: a small house
+    box: [64, 256, 192, 384]
+{house}  - prompt: a big sky
+    box: [0, 0, 1024, 200]
+"""
+
+
+def windows_of(write_scene, keys="", house="", native_cells=64):
+    scene = load_scene(write_scene(SCENE.format(keys=keys, house=house)), default_model="tiny-random")
+    views = [(v.top, v.left, v.height, v.width) for v in make_views(scene.latent_hw, native_cells, 8)]
+    return region_windows(scene, native_cells, 64, views)
+
+
+def test_which_regions_get_windows(write_scene):
+    """true: the house's box grown (to half the 512 px native window, 256 px, whole 64 px); the sky, wider than
+    the native window, stays on the canvas' views. auto: the house's window costs a share of the views it
+    touches. false, or `window: canvas`: none. A window box: that box."""
+    assert windows_of(write_scene) == {}
+    assert windows_of(write_scene, "region_windows: true\n") == {1: (24, 0, 32, 32)}
+    assert windows_of(write_scene, "region_windows: auto\n") == {1: (24, 0, 32, 32)}
+    assert windows_of(write_scene, "region_windows: true\n", "    window: canvas\n") == {}
+    assert windows_of(write_scene, "", "    window: [0, 192, 320, 512]\n") == {1: (24, 0, 40, 40)}
+    # grown by twice its side the house's window would be wider than the native window: the canvas' views
+    assert windows_of(write_scene, "region_windows: true\nwindow_context: 2\n") == {}
+    assert windows_of(write_scene, "region_windows: true\nwindow_context: 1\n") == {1: (16, 0, 48, 48)}
+
+
+def test_auto_leaves_a_region_on_the_canvas_where_its_window_would_save_nothing(write_scene):
+    """On a canvas that is one view, a window of half the native window's side is a quarter of that view: auto
+    takes it; a region near the canvas' size gains nothing and keeps the canvas."""
+    scene = load_scene(write_scene("prompt: p\nwidth: 512\nheight: 512\nregion_windows: auto\nregions:\n"
+                                   "  - prompt: a\n    box: [0, 0, 96, 96]\n  - prompt: b\n    box: [32, 32, 480, 480]\n"),
+                       default_model="tiny-random")
+    assert region_windows(scene, 64, 64, [(0, 0, 64, 64)]) == {1: (0, 0, 32, 32)}
+
+
+# --- renders: the same picture without a window, the record, inspect, preview ------------------------------------
+
+SMALL = """
+prompt: a room
+width: 128
+height: 96
+steps: 2
+seed: 5
+{keys}regions:
+  - prompt: a lamp
+    box: [0, 0, 48, 48]
+"""
+
+
+def test_on_a_small_canvas_the_window_is_the_canvas_and_the_picture_is_the_same(tiny, write_scene,
+                                                                                assert_close_batched):
+    """Half of tiny-random's 512 px native window is more than this 128x96 canvas: the window is the canvas,
+    and the render equals the one without windows (its own unconditional sample, so batched rounding)."""
+    windowed = load_scene(write_scene(SMALL.format(keys="region_windows: true\n"), "w.yaml"), default_model=tiny.model_id)
+    plain = load_scene(write_scene(SMALL.format(keys=""), "p.yaml"), default_model=tiny.model_id)
+    plan = plan_render(windowed, tiny)
+    assert {p: (v.top, v.left, v.height, v.width) for p, v in plan.windows.items()} == {1: (0, 0, 12, 16)}
+    assert_close_batched(render(windowed, tiny, seed=5).latents, render(plain, tiny, seed=5).latents,
+                         guidance=7.5, steps=2)
+
+
+WIDE = """
+prompt: a wide landscape
+width: 1024
+height: 256
+steps: 1
+seed: 3
+region_windows: true
+regions:
+  - prompt: a small house
+    box: [64, 128, 192, 256]
+"""
+
+
+@pytest.mark.slow
+def test_the_record_inspect_and_preview_show_the_windows_and_a_re_render_is_exact(cli, write_scene, tmp_path):
+    scene = write_scene(WIDE)
+    out = tmp_path / "wide.png"
+    assert cli.render(scene, "-o", out).exit_code == 0
+    windows = read_metadata(out)["windows"]
+    assert windows["boxes"] == {"regions[0]": [0, 0, 256, 256]}
+    assert windows["region_cells_per_step"] == 32 * 32 < windows["without_windows"]
+    shown = cli("inspect", out)
+    assert "regions[0]: '[0, 0, 256, 256] px'" in shown.stdout and "latent cells" in shown.stdout
+    again = cli.render(out, "-o", tmp_path / "again.png")
+    assert again.exit_code == 0, again.output
+    with Image.open(out) as a, Image.open(tmp_path / "again.png") as b:
+        assert a.tobytes() == b.tobytes()
+    drawn = cli("preview", scene, "-o", tmp_path / "layout.png")
+    assert drawn.exit_code == 0
+    with Image.open(tmp_path / "layout.png") as layout:
+        pixels = np.asarray(layout.convert("RGB")).astype(int)
+    scale = 768 / 1024 if pixels.shape[1] < 1024 + 300 else 1.0  # the layout shrinks wide canvases
+    edge_x = round(256 * scale) - 1
+    column = pixels[: round(256 * scale), edge_x]
+    assert (np.abs(column - np.array(region_colour(0))).sum(axis=1) < 30).sum() > 10  # a dashed line in its colour
+    assert REGION_ALPHA < 1
+
+
+def test_a_window_that_misses_part_of_its_region_is_one_line_and_nothing_written(cli, write_scene, tmp_path):
+    scene = write_scene("prompt: p\nwidth: 256\nheight: 256\nregions:\n  - prompt: a\n    box: [64, 64, 192, 192]\n"
+                        "    window: [0, 0, 128, 256]\n")
+    for command in (("validate", scene), ("render", scene, "--model", "tiny-random", "-o", tmp_path / "x.png")):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line == (f"{scene}:7: regions[0].window: window [0, 0, 128, 256] does not contain its region (it "
+                        "reaches [128, 64, 192, 192]): the region's prompt runs only inside its window")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("window, said", [
+    ("[0, 0, 512, 256]", "reaches past the 256x256 canvas"),
+    ("[0, 0, 200, 200]", "must be a multiple of"),
+    ("[0, 0, 256]", "a window box is [x0, y0, x1, y1]"),
+    ("somewhere", "window"),
+])
+def test_bad_windows(cli, write_scene, window, said):
+    scene = write_scene(f"prompt: p\nwidth: 256\nheight: 256\nmodel: black-forest-labs/FLUX.1-dev\nregions:\n"
+                        f"  - prompt: a\n    box: [64, 64, 192, 192]\n    window: {window}\n")
+    result = cli("validate", scene)
+    assert result.exit_code == 2 and said in result.stderr, result.output
