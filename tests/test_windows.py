@@ -242,3 +242,18 @@ def test_bad_windows(cli, write_scene, window, said):
                         f"  - prompt: a\n    box: [64, 64, 192, 192]\n    window: {window}\n")
     result = cli("validate", scene)
     assert result.exit_code == 2 and said in result.stderr, result.output
+
+
+def test_the_bench_times_windows_against_full_canvas_regions_and_counts_their_cells():
+    """`multidiff bench --windows` adds a path with region windows; what is checked here is its arithmetic (cells
+    and samples), never its seconds. A 1024x256 canvas of 4 regions 256 px wide: each region's window is 384x256 px,
+    where on the canvas each region runs in every 512 px view it touches."""
+    from multidiff_cli.bench.sampler import BenchConfig, run_bench
+
+    report = run_bench(BenchConfig(model="tiny-random", size_px=256, width_px=1024, regions=4, steps=2,
+                                   windows=True), in_process=True)
+    paths = report["paths"]
+    assert list(paths) == ["reference", "multidiff", "multidiff+windows"]
+    assert paths["multidiff+windows"]["cells_per_step"] < paths["multidiff"]["cells_per_step"]
+    assert report["windows"]["cells_ratio"] == pytest.approx(
+        paths["multidiff+windows"]["cells_per_step"] / paths["multidiff"]["cells_per_step"])

@@ -49,6 +49,7 @@ class BenchConfig:
     max_batch: int | None = None
     seed: int = 0
     loras: int = 0  # regions with a LoRA of their own: then multidiff with them against multidiff without
+    windows: bool = False  # also multidiff with region windows (region_windows: true), against both
 
     @property
     def canvas_width(self) -> int:
@@ -67,11 +68,12 @@ class PathResult:
     views: int = 1
     lora_switch_seconds_per_step: float = 0.0  # switching peft adapters between sample groups
     unet_batch: dict[str, Any] = field(default_factory=dict)  # samples_per_call, and whether auto chose it
+    cells_per_step: float = 0.0  # latent cells of every network sample of a step, summed
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int,
                  scheduler: str | None, device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
-                 device_source: str = "--device", loras: int = 0) -> BenchConfig:
+                 device_source: str = "--device", loras: int = 0, windows: bool = False) -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere;
     the model family's scheduler, guidance and CUDA dtype."""
     if model not in BENCH_MODELS:
@@ -94,7 +96,7 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
         model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
         guidance_scale=family.default_guidance, device=str(torch_device),
         dtype=str(pick_dtype(torch_device, dtype, cuda_default=family.cuda_dtype)).removeprefix("torch."),
-        compile=compile, max_batch=max_batch, loras=loras,
+        compile=compile, max_batch=max_batch, loras=loras, windows=windows,
     )
 
 
@@ -184,6 +186,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     samples_per_call = config.max_batch or model.auto_samples_per_call(largest_view_cells(views))
+    windows = bench_windows(weights, model, views) if path == WINDOWS_PATH else {}
+    path = "multidiff" if path == WINDOWS_PATH else path
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:
         prompts, conditioning = region_loras(model, prompts, conditioning, config.loras, Path(lora_dir.name))
@@ -205,7 +209,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         if path == "multidiff":
             latents = multidiffusion(
                 noise, schedule, guided_denoiser(timer, conditioning, prompts), weights,
-                views=views,
+                views=views, windows=windows,
                 bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
                 callback=lambda *_: stamps.append(now(device)),
             )
@@ -216,7 +220,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     torch.save(latents.float().cpu(), latents_file)
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     later = steps[1:] or steps
-    unet_later = timer.seconds[1:] or timer.seconds
+    unet_seconds = list(timer.seconds.values())
+    unet_later = unet_seconds[1:] or unet_seconds
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
     else:
@@ -232,12 +237,33 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         views=len(views) if path == "multidiff" else 1,
         lora_switch_seconds_per_step=getattr(run, "switch_seconds", 0.0) / len(steps),
         unet_batch={"samples_per_call": samples_per_call, "auto": not config.max_batch},
+        cells_per_step=timer.cells / len(steps),
     )
     lora_dir.cleanup()
     return asdict(result)
 
 
 LORA_PATH = "multidiff+loras"
+WINDOWS_PATH = "multidiff+windows"
+
+
+def bench_windows(weights: torch.Tensor, model: Model, views) -> dict[int, list]:
+    """Each bench region's window as `region_windows: true` makes it (scene.geometry.region_windows' rule)."""
+    import math
+
+    from ..method.views import View
+    from ..scene.geometry import MIN_CONTEXT_PX, cells_window
+    from ..scene.schema import WINDOW_CONTEXT
+
+    cell, native = model.facts.cell_px, model.native_cells
+    windows = {}
+    for p in range(1, weights.shape[0]):
+        cells = (weights[p, 0] > 0).cpu().numpy()
+        top, left, height, width = cells_window(cells, WINDOW_CONTEXT, math.ceil(MIN_CONTEXT_PX / cell), native // 2,
+                                                max(1, model.facts.window_align_px // cell))
+        if height <= native and width <= native:
+            windows[p] = [View(top, left, height, width, cells.shape[1])]
+    return windows
 
 
 def region_loras(model: Model, prompts: Prompts, conditioning: Conditioning, count: int, folder: Path):
@@ -270,13 +296,16 @@ class _UNetTimer:
     """Wraps the batched network: counts samples and times each step's network work (synchronised on CUDA)."""
 
     def __init__(self, run, device: torch.device):
-        self.run, self.device, self.samples, self.seconds = run, device, 0, []
+        self.run, self.device, self.samples, self.cells = run, device, 0, 0
+        self.seconds: dict[float, float] = {}  # per step (its timestep): the network's seconds, over its calls
 
     def __call__(self, inputs, t, texts):
         start = now(self.device)
         out = self.run(inputs, t, texts)
-        self.seconds.append(now(self.device) - start)  # both paths make one call per step
+        key = float(t)  # one call a step, or one per input size with region windows
+        self.seconds[key] = self.seconds.get(key, 0.0) + now(self.device) - start
         self.samples += inputs.shape[0]
+        self.cells += inputs.shape[0] * inputs.shape[-2] * inputs.shape[-1]
         return out
 
 
@@ -289,6 +318,8 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     """Run both paths (each in a fresh process unless `in_process`) and compare them."""
     results, latents = {}, {}
     paths = ("multidiff", LORA_PATH) if config.loras else ("reference", "multidiff")
+    if config.windows:
+        paths += (WINDOWS_PATH,)
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             latents_file = str(Path(tmp) / f"{path}.pt")
@@ -297,7 +328,15 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
             latents[path] = torch.load(latents_file)
     ours, theirs = results[paths[1]], results[paths[0]]
     difference = (latents[paths[1]] - latents[paths[0]]).norm() / latents[paths[0]].norm()
-    return {
+    windowed = {}
+    if config.windows:
+        with_windows = results[WINDOWS_PATH]
+        windowed = {"windows": {
+            "step_time_ratio": with_windows["seconds_per_step"] / ours["seconds_per_step"],
+            "step_time_ratio_to_reference": with_windows["seconds_per_step"] / theirs["seconds_per_step"],
+            "cells_ratio": with_windows["cells_per_step"] / ours["cells_per_step"],
+        }}
+    return windowed | {
         "config": asdict(config),
         "device_name": device_name(config.device),
         "torch_threads": torch.get_num_threads(),

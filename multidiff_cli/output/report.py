@@ -29,7 +29,8 @@ def bench_table(report: dict[str, Any]) -> Table:
     for column in ("path", "samples/step", "samples/call", "s/step", "sampling s", "non-network share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
     labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
-              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRA{'' if config.get('loras', 0) == 1 else 's'}"}
+              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRA{'' if config.get('loras', 0) == 1 else 's'}",
+              "multidiff+windows": "multidiff, region windows"}
     for name, p in report["paths"].items():
         table.add_row(
             labels[name], f"{p['unet_samples_per_step']:.2f}", unet_batch_text(p.get("unet_batch")) or "",
@@ -48,11 +49,16 @@ def bench_summary(report: dict[str, Any]) -> str:
             f"{report['unet_samples_ratio']:.3f}; switching LoRAs: {switching * 1000:.1f} ms a step "
             f"({switching / lora['seconds_per_step']:.2%} of a step)"
         )
-    return (
+    text = (
         f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
         f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
         f"final latents' relative difference {report['relative_difference']:.2e}"
     )
+    if "windows" in report:
+        w = report["windows"]
+        text += (f"\nregion windows / full-canvas regions: step time {w['step_time_ratio']:.3f}, latent cells "
+                 f"{w['cells_ratio']:.3f}; against the authors' loop: step time {w['step_time_ratio_to_reference']:.3f}")
+    return text
 
 
 def sweep_table(report: dict[str, Any]) -> Table:
