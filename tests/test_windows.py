@@ -244,6 +244,7 @@ def test_bad_windows(cli, write_scene, window, said):
     assert result.exit_code == 2 and said in result.stderr, result.output
 
 
+@pytest.mark.slow
 def test_the_bench_times_windows_against_full_canvas_regions_and_counts_their_cells():
     """`multidiff bench --windows` adds a path with region windows; what is checked here is its arithmetic (cells
     and samples), never its seconds. A 1024x256 canvas of 4 regions 256 px wide: each region's window is 384x256 px,
