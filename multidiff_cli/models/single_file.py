@@ -1,7 +1,7 @@
-"""Single-file checkpoints (A1111/ComfyUI layout: SD 1.x / 2.x / 2.x-v, SDXL) through diffusers' single-file
-loading. The file holds weights only: the configs (UNet, VAE, text encoder, tokenizer, scheduler)
-come from `model_config` (a diffusers folder or hub id), else from the Hugging Face cache copy of
-the default repo diffusers picks for the checkpoint's architecture."""
+"""Single-file checkpoints (A1111/ComfyUI layout: SD 1.x / 2.x / 2.x-v, SDXL; FLUX.1's BFL/ComfyUI files)
+through diffusers' single-file loading. The file holds weights only: the configs (UNet, VAE, text encoder,
+tokenizer, scheduler) come from `model_config` (a diffusers folder or hub id), else from the Hugging Face
+cache copy of the default repo diffusers picks for the checkpoint's architecture."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,14 +25,33 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
         raise ModelNotFound(f"model_config {config!r}: no such folder, and not a hub id of the form owner/name")
     family = family_of_checkpoint(path)
     cls = family_class(family)
+    configs = str(config_folder) if config_folder is not None and config_folder.is_dir() else config
     try:
-        pipe = getattr(diffusers, cls.single_file_pipeline).from_single_file(
-            str(path), config=str(config_folder) if config_folder is not None and config_folder.is_dir() else config,
-            local_files_only=constants.HF_HUB_OFFLINE, **cls.single_file_kwargs,
-        )
+        pipe = _pipeline(getattr(diffusers, cls.single_file_pipeline), cls, path, configs, constants.HF_HUB_OFFLINE)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise _no_config(path, model_id, config, exc) from None
     return cls.from_pipeline(pipe, LoadedState(model_id=model_id, scheduler_config=dict(pipe.scheduler.config)))
+
+
+def _pipeline(pipeline, cls: type[Model], path: Path, configs: str | None, local_files_only: bool):
+    """diffusers' pipeline of a single file. A file with the denoiser alone (BFL's flux1-dev.safetensors holds
+    the transformer only) makes from_single_file refuse the parts it lacks: then the denoiser comes from the
+    file and every other part from the configs' folder (model_config, else the cached repo of its architecture)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        return pipeline.from_single_file(str(path), config=configs, local_files_only=local_files_only,
+                                         **cls.single_file_kwargs)
+    except SingleFileComponentError as exc:
+        source = configs or _config_repo(path)
+        if source is None:
+            raise ValueError(str(exc).strip().splitlines()[0]) from None
+    _, class_name = pipeline.load_config(source, local_files_only=local_files_only)[cls.denoiser_part]
+    denoiser = getattr(diffusers, class_name).from_single_file(str(path), config=source, subfolder=cls.denoiser_part,
+                                                               local_files_only=local_files_only)
+    return pipeline.from_pretrained(source, local_files_only=local_files_only, **{cls.denoiser_part: denoiser},
+                                    **cls.single_file_kwargs)
 
 
 def _no_config(path: Path, model_id: str, config: str | None, exc: Exception) -> ModelNotFound:

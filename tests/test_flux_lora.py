@@ -1,0 +1,244 @@
+"""FLUX.1's LoRAs, single files and refusals (issue 21): a scene-wide LoRA in the diffusers/peft and kohya layouts
+equals FluxPipeline with diffusers' own load_lora_weights; a region LoRA is exactly separated (outside its region
+the first step's fused prediction is the render's without it, bit for bit); a transformer in BFL's layout (as
+flux1-dev.safetensors ships) loads as a single file and renders as its folder; what FLUX refuses is one line."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from multidiff_cli.models.loading import load_model
+from multidiff_cli.models.random_flux import build_tiny_flux_random
+from multidiff_cli.models.random_weights import save_model
+from multidiff_cli.run.render import render
+from multidiff_cli.scene import load_scene
+
+CPU = torch.device("cpu")
+TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return build_tiny_flux_random()
+
+
+def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
+    return load_scene(write_scene(text, name), default_model=model.model_id)
+
+
+def flux_pipeline(model):
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = diffusers.FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
+                                  vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                  text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+                                  transformer=model.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lora_layers(model, seed: int, rank: int = 2, strength: float = 0.3, text: bool = True):
+    """(part, module, down (rank, in), up (out, rank)) for every attention projection of the transformer (and,
+    with text, of the CLIP encoder's attention)."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [("transformer", TARGETS)] + ([("text_encoder", (".q_proj", ".k_proj", ".v_proj", ".out_proj"))]
+                                          if text else [])
+    layers = []
+    for part, suffixes in parts:
+        for name, linear in sorted(getattr(model, part).named_modules()):
+            if isinstance(linear, torch.nn.Linear) and name.endswith(suffixes):
+                layers.append((part, name, torch.randn((rank, linear.in_features), generator=generator) * strength,
+                               torch.randn((linear.out_features, rank), generator=generator) * strength))
+    return layers
+
+
+def write_lora(path, layers, layout: str):
+    """peft: `<part>.<module>.lora_A/B.weight`; kohya (sd-scripts on diffusers' FLUX names): `lora_transformer_
+    <module_underscored>.lora_down/.lora_up/.alpha`, alpha = rank / 2 and up doubled (the same update)."""
+    tensors = {}
+    for part, name, down, up in layers:
+        if layout == "peft":
+            tensors[f"{part}.{name}.lora_A.weight"] = down
+            tensors[f"{part}.{name}.lora_B.weight"] = up
+        else:
+            key = f"lora_{part}_{name.replace('.', '_')}"
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up * 2
+            tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]) / 2)
+    save_file(tensors, str(path))
+    return path
+
+
+PLAIN = "prompt: a red sofa in a room\nwidth: 96\nheight: 64\nsteps: 2\nseed: 9\nguidance_scale: 4.0\n"
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_a_scene_lora_renders_as_flux_pipeline_with_load_lora_weights(dev, write_scene, tmp_path, layout,
+                                                                     assert_close_batched):
+    (tmp_path / "loras").mkdir()
+    layers = lora_layers(dev, seed=1, text=layout == "peft")
+    style = write_lora(tmp_path / "loras" / "style.safetensors", layers, layout)
+    scene = scene_of(write_scene, dev, PLAIN + "loras:\n  - path: loras/style.safetensors\n    scale: 0.8\n")
+    ours = render(scene, copy.deepcopy(dev), seed=9).latents
+    pipe = flux_pipeline(copy.deepcopy(dev))
+    pipe.load_lora_weights(str(style), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    with torch.inference_mode():
+        packed = pipe("a red sofa in a room", height=64, width=96, num_inference_steps=2, guidance_scale=4.0,
+                      generator=torch.Generator("cpu").manual_seed(9), output_type="latent").images
+    theirs = pipe._unpack_latents(packed, 64, 96, pipe.vae_scale_factor)
+    bare = render(scene.model_copy(update={"loras": []}), dev, seed=9).latents
+    assert (bare - theirs).abs().max() > 100 * (ours - theirs).abs().max()  # the LoRA matters
+    assert_close_batched(ours, theirs, steps=2)
+
+
+REGION = """
+prompt: a street
+width: 96
+height: 64
+steps: 1
+bootstrap_steps: 0
+guidance_scale: 3.0
+max_batch: 1
+regions:
+  - prompt: a woman with red hair
+    box: [0, 0, 48, 64]
+{loras}"""
+
+
+def test_a_region_lora_is_exactly_separated(dev, write_scene, tmp_path):
+    """One sample per call (max_batch 1), so both renders run the same calls on the bare model: where the woman
+    has no weight, the canvas is the render's without her LoRA, bit for bit; inside her box, it differs."""
+    (tmp_path / "loras").mkdir()
+    write_lora(tmp_path / "loras" / "alice.safetensors", lora_layers(dev, seed=2), "peft")
+    with_lora = scene_of(write_scene, dev, REGION.format(
+        loras="    loras:\n      - path: loras/alice.safetensors\n        scale: 0.9\n"), "with.yaml")
+    without = scene_of(write_scene, dev, REGION.format(loras=""), "without.yaml")
+    ours = render(with_lora, copy.deepcopy(dev), seed=5).latents
+    plain = render(without, dev, seed=5).latents
+    outside, inside = (slice(None), slice(None), slice(None), slice(6, None)), (
+        slice(None), slice(None), slice(None), slice(0, 6))
+    assert torch.equal(ours[outside], plain[outside])
+    assert (ours[inside] - plain[inside]).abs().max() > 1e-3
+
+
+# --- refusals: one line, exit 2, nothing written ----------------------------------------------------------------
+
+
+@pytest.fixture
+def sd_lora(tmp_path):
+    """A LoRA of an SD model (diffusers' unet. layers)."""
+    path = tmp_path / "sd_style.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2)},
+              str(path))
+    return path
+
+
+@pytest.mark.parametrize("text, said", [
+    ("prompt: p\nwidth: 72\nheight: 64\n", "width: must be a multiple of 16 for FLUX.1 models: try 64"),
+    ("prompt: p\nwidth: 64\nheight: 64\ntrue_cfg_scale: 3\n", "true_cfg_scale: needs a negative_prompt"),
+    ("prompt: p\nwidth: 64\nheight: 64\nscheduler: ddim\n", "FLUX.1 models take euler, heun, dpm++, unipc"),
+    ("prompt: p\nwidth: 64\nheight: 64\nloras: [sd_style.safetensors]\n", "a LoRA of an SD or SDXL model"),
+], ids=["8-not-16", "true-cfg-without-negative", "ddim", "sd-lora"])
+def test_what_flux_refuses_is_one_line_and_nothing_written(cli, write_scene, tmp_path, sd_lora, text, said):
+    result = cli("render", write_scene(text), "--model", "tiny-flux-random", "-q", "-o", tmp_path / "out.png")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert said in line and "Traceback" not in result.output
+    assert not (tmp_path / "out.png").exists()
+
+
+# --- a single file in BFL's layout --------------------------------------------------------------------------------
+
+
+def bfl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel's weights in Black Forest Labs' own layout (flux1-dev.safetensors): the
+    inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers (q, k and v fused, the final
+    modulation's shift and scale swapped back)."""
+    out, s = {}, dict(state)
+
+    def take(name):
+        return s.pop(name)
+
+    def pair(diffusers_name, bfl_name):
+        for suffix in ("weight", "bias"):
+            out[f"{bfl_name}.{suffix}"] = take(f"{diffusers_name}.{suffix}")
+
+    for old, new in (("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+                     ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+                     ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+                     ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+                     ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+                     ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+                     ("context_embedder", "txt_in"), ("x_embedder", "img_in"), ("proj_out", "final_layer.linear")):
+        pair(old, new)
+    doubles = sorted({int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")})
+    for i in doubles:
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        pair(f"{d}.norm1.linear", f"{b}.img_mod.lin")
+        pair(f"{d}.norm1_context.linear", f"{b}.txt_mod.lin")
+        for suffix in ("weight", "bias"):
+            out[f"{b}.img_attn.qkv.{suffix}"] = torch.cat([take(f"{d}.attn.to_{x}.{suffix}") for x in "qkv"])
+            out[f"{b}.txt_attn.qkv.{suffix}"] = torch.cat([take(f"{d}.attn.add_{x}_proj.{suffix}") for x in "qkv"])
+        for old, new in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                         ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{b}.{new}.scale"] = take(f"{d}.attn.{old}.weight")
+        for old, new in (("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+                         ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
+                         ("attn.to_add_out", "txt_attn.proj")):
+            pair(f"{d}.{old}", f"{b}.{new}")
+    singles = sorted({int(k.split(".")[1]) for k in s if k.startswith("single_transformer_blocks.")})
+    for i in singles:
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        pair(f"{d}.norm.linear", f"{b}.modulation.lin")
+        for suffix in ("weight", "bias"):
+            out[f"{b}.linear1.{suffix}"] = torch.cat([take(f"{d}.attn.to_{x}.{suffix}") for x in "qkv"]
+                                                     + [take(f"{d}.proj_mlp.{suffix}")])
+        out[f"{b}.norm.query_norm.scale"] = take(f"{d}.attn.norm_q.weight")
+        out[f"{b}.norm.key_norm.scale"] = take(f"{d}.attn.norm_k.weight")
+        pair(f"{d}.proj_out", f"{b}.linear2")
+    for suffix in ("weight", "bias"):
+        scale, shift = take(f"norm_out.linear.{suffix}").chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = torch.cat([shift, scale])
+    assert not s, f"unmapped: {sorted(s)[:5]}"
+    return out
+
+
+@pytest.mark.slow
+def test_a_bfl_single_file_loads_and_renders_as_its_folder(tmp_path, write_scene):
+    """diffusers' BFL conversion assumes FLUX.1's width (3072) and MLP ratio, so the file's transformer has them,
+    with one joint and one single block (0.5 B parameters); everything else is tiny-flux-random's. The file
+    holds the transformer alone, as flux1-dev.safetensors does: the other parts come from model_config."""
+    from diffusers import FluxTransformer2DModel
+
+    model = build_tiny_flux_random()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model.transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=128, num_attention_heads=24,
+                                                   joint_attention_dim=32, pooled_projection_dim=32,
+                                                   guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
+    folder = tmp_path / "flux-configs"
+    save_model(model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update({"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "text_encoder_2": ["transformers", "T5EncoderModel"],
+                  "tokenizer_2": ["transformers", "T5TokenizerFast"],
+                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
+    (folder / "model_index.json").write_text(json.dumps(index))
+    single = tmp_path / "flux1-dev.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl_layout(model.transformer.state_dict()).items()}, str(single))
+    loaded = load_model(str(single), CPU, torch.float32, config=str(folder))
+    assert loaded.family == "flux"
+    from_folder = load_model(str(folder), CPU, torch.float32)
+    scene = load_scene(write_scene("prompt: a boat\nwidth: 64\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sail\n"
+                                   "    box: [0, 0, 32, 64]\n"), default_model=str(folder))
+    torch.testing.assert_close(render(scene, loaded, seed=2).latents, render(scene, from_folder, seed=2).latents,
+                               rtol=0, atol=1e-6)
