@@ -242,3 +242,43 @@ def test_a_bfl_single_file_loads_and_renders_as_its_folder(tmp_path, write_scene
                                    "    box: [0, 0, 32, 64]\n"), default_model=str(folder))
     torch.testing.assert_close(render(scene, loaded, seed=2).latents, render(scene, from_folder, seed=2).latents,
                                rtol=0, atol=1e-6)
+
+
+# --- memory: a full-size FLUX in float32 on a 24 GiB machine -----------------------------------------------------
+
+
+def header_only(path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A .safetensors file's header alone (no data): what the memory check reads, the size of FLUX.1's weights
+    without writing 32 GiB."""
+    import struct
+
+    offset, header = 0, {}
+    for name, (dtype, shape) in tensors.items():
+        count = 1
+        for dim in shape:
+            count *= dim
+        size = count * 2
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+
+
+def test_a_full_flux_in_float32_on_a_24_gib_machine_is_one_line_before_anything_loads(cli, write_scene, tmp_path,
+                                                                                      monkeypatch, no_model_load):
+    """11.9 B transformer parameters and T5-XXL's 4.8 B, in bfloat16 files: 63 GiB in float32 against 24 GiB."""
+    folder = tmp_path / "FLUX.1-dev"
+    header_only(folder / "transformer" / "diffusion_pytorch_model.safetensors",
+                {"weight": ("BF16", [11_900_000_000])})
+    header_only(folder / "text_encoder_2" / "model.safetensors", {"weight": ("BF16", [4_760_000_000])})
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    monkeypatch.setattr("multidiff_cli.models.available_bytes", lambda device: 24 * 2**30)
+    scene = write_scene("prompt: p\nwidth: 64\nheight: 64\n")
+    result = cli("render", scene, "--model", str(folder), "--device", "cpu", "--dtype", "float32", "-q",
+                 "-o", tmp_path / "out.png")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (f"error: {folder}'s weights take about 62.06 GiB in float32, but cpu has 24.00 GiB free: use "
+                    "--dtype bfloat16 (half of float32); --no-memory-check loads anyway")
+    assert no_model_load == [] and not (tmp_path / "out.png").exists()

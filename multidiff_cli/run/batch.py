@@ -241,7 +241,8 @@ class Renderer:
             advice = "--dtype bfloat16 (half of float32)" if dtype_name == "float32" else "a device with more memory"
             raise TooLarge(f"{model}'s weights take about {size_text(need)} in {dtype_name}, but {self.device} has "
                            f"{size_text(free)} free: use {advice}"
-                           f"{'' if offload or not text else ', or --offload'}; --no-memory-check loads anyway")
+                           f"{'' if offload or not text or self.device.type == 'cpu' else ', or --offload'}; "
+                           "--no-memory-check loads anyway")  # on the CPU, offloading to it saves nothing
         return offload
 
     def _render(self, job: RenderJob, label: str) -> None:
