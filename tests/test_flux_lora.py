@@ -1,4 +1,4 @@
-"""FLUX.1's LoRAs, single files and refusals (issue 21): a scene-wide LoRA in the diffusers/peft and kohya layouts
+"""FLUX.1's LoRAs, single files and refusals (issue 21): a scene-wide LoRA in the diffusers/peft, kohya and XLabs layouts
 equals FluxPipeline with diffusers' own load_lora_weights; a region LoRA is exactly separated (outside its region
 the first step's fused prediction is the render's without it, bit for bit); a transformer in BFL's layout (as
 flux1-dev.safetensors ships) loads as a single file and renders as its folder; what FLUX refuses is one line."""
@@ -77,12 +77,30 @@ def write_lora(path, layers, layout: str):
 PLAIN = "prompt: a red sofa in a room\nwidth: 96\nheight: 64\nsteps: 2\nseed: 9\nguidance_scale: 4.0\n"
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def xlabs_lora(path, model, seed: int, rank: int = 2, strength: float = 0.3):
+    """XLabs' layout (double_blocks.<i>.processor.qkv_lora1/2 and proj_lora1/2, down/up): one down matrix for q,
+    k and v together, their up matrices stacked."""
+    generator = torch.Generator().manual_seed(seed)
+    inner = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    tensors = {}
+    for i in range(model.transformer.config.num_layers):
+        for name, out in (("qkv_lora1", 3 * inner), ("qkv_lora2", 3 * inner), ("proj_lora1", inner),
+                          ("proj_lora2", inner)):
+            tensors[f"double_blocks.{i}.processor.{name}.down.weight"] = torch.randn((rank, inner), generator=generator) * strength
+            tensors[f"double_blocks.{i}.processor.{name}.up.weight"] = torch.randn((out, rank), generator=generator) * strength
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs"])
 def test_a_scene_lora_renders_as_flux_pipeline_with_load_lora_weights(dev, write_scene, tmp_path, layout,
                                                                      assert_close_batched):
     (tmp_path / "loras").mkdir()
-    layers = lora_layers(dev, seed=1, text=layout == "peft")
-    style = write_lora(tmp_path / "loras" / "style.safetensors", layers, layout)
+    if layout == "xlabs":
+        style = xlabs_lora(tmp_path / "loras" / "style.safetensors", dev, seed=1)
+    else:
+        layers = lora_layers(dev, seed=1, text=layout == "peft")
+        style = write_lora(tmp_path / "loras" / "style.safetensors", layers, layout)
     scene = scene_of(write_scene, dev, PLAIN + "loras:\n  - path: loras/style.safetensors\n    scale: 0.8\n")
     ours = render(scene, copy.deepcopy(dev), seed=9).latents
     pipe = flux_pipeline(copy.deepcopy(dev))

@@ -28,7 +28,7 @@ from .lora_files import read_lora_file
 if TYPE_CHECKING:
     from .family import Model
 
-_DOWN_KEY = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
+_DOWN_KEY = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down|lora\d\.down)\.weight$")  # XLabs: qkv_lora1.down
 
 
 @dataclass
