@@ -529,3 +529,60 @@ def test_models_lists_an_sd3_folder_in_the_cache(cli, sd3_folder, tmp_path):
     result = cli("models", "--cache-dir", tmp_path / "hub")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().split("\t")[3:] == ["sd3", "ok"]
+
+
+def sai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD3Transformer2DModel's weights in Stability's own layout (sd3.5_medium.safetensors, under
+    model.diffusion_model.): the inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers for a
+    transformer without qk norms or dual attention (the last block's context half is pre-only)."""
+    s, out = dict(state), {}
+
+    def pair(old, new):
+        for suffix in ("weight", "bias"):
+            out[f"{new}.{suffix}"] = s.pop(f"{old}.{suffix}")
+
+    def swapped(tensor):  # diffusers stores (scale, shift) where Stability stores (shift, scale)
+        scale, shift = tensor.chunk(2)
+        return torch.cat([shift, scale])
+
+    out["pos_embed"] = s.pop("pos_embed.pos_embed")
+    for old, new in (("pos_embed.proj", "x_embedder.proj"), ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                     ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"), ("context_embedder", "context_embedder"),
+                     ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+                     ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"), ("proj_out", "final_layer.linear")):
+        pair(old, new)
+    layers = sorted({int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")})
+    for i in layers:
+        d, b, last = f"transformer_blocks.{i}", f"joint_blocks.{i}", i == layers[-1]
+        for suffix in ("weight", "bias"):
+            out[f"{b}.x_block.attn.qkv.{suffix}"] = torch.cat([s.pop(f"{d}.attn.to_{x}.{suffix}") for x in "qkv"])
+            out[f"{b}.context_block.attn.qkv.{suffix}"] = torch.cat([s.pop(f"{d}.attn.add_{x}_proj.{suffix}")
+                                                                     for x in "qkv"])
+            context_mod = s.pop(f"{d}.norm1_context.linear.{suffix}")
+            out[f"{b}.context_block.adaLN_modulation.1.{suffix}"] = swapped(context_mod) if last else context_mod
+        pair(f"{d}.attn.to_out.0", f"{b}.x_block.attn.proj")
+        pair(f"{d}.norm1.linear", f"{b}.x_block.adaLN_modulation.1")
+        pair(f"{d}.ff.net.0.proj", f"{b}.x_block.mlp.fc1")
+        pair(f"{d}.ff.net.2", f"{b}.x_block.mlp.fc2")
+        if not last:
+            pair(f"{d}.attn.to_add_out", f"{b}.context_block.attn.proj")
+            pair(f"{d}.ff_context.net.0.proj", f"{b}.context_block.mlp.fc1")
+            pair(f"{d}.ff_context.net.2", f"{b}.context_block.mlp.fc2")
+    for suffix in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = swapped(s.pop(f"norm_out.linear.{suffix}"))
+    assert not s, f"unmapped: {sorted(s)[:5]}"
+    return {f"model.diffusion_model.{key}": value.contiguous() for key, value in out.items()}
+
+
+def test_a_single_file_in_stability_s_layout_loads_with_model_config_and_renders_as_its_folder(sd3, sd3_folder,
+                                                                                              write_scene, tmp_path):
+    from multidiff_cli.catalog import family_of_checkpoint
+
+    single = tmp_path / "sd3.5_tiny.safetensors"
+    save_file(sai_layout(sd3.transformer.state_dict()), str(single))
+    assert family_of_checkpoint(single) is SD3
+    loaded = load_model(str(single), CPU, torch.float32, config=str(sd3_folder))
+    assert loaded.family == "sd3"
+    scene = scene_of(write_scene, sd3, FOLDER_SCENE)
+    torch.testing.assert_close(render(scene, loaded, seed=3).latents, render(scene, sd3, seed=3).latents,
+                               rtol=0, atol=1e-6)

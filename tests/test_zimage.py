@@ -444,3 +444,40 @@ regions:
     everywhere = zimage_reference(zimage, scene, 5, pipes=[with_alice] * 3)
     assert_close_batched(ours, expected, guidance=4.0, steps=2)
     assert (everywhere - expected).abs().max() > 100 * (ours - expected).abs().max()
+
+
+def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ZImageTransformer2DModel's weights in the layout Z-Image's own checkpoints ship (the inverse of diffusers'
+    convert_z_image_transformer_checkpoint_to_diffusers: q, k and v fused, the original module names)."""
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+    out = {}
+    for key, value in state.items():
+        if ".attention.to_k.weight" in key or ".attention.to_v.weight" in key:
+            continue
+        if ".attention.to_q.weight" in key:
+            prefix = key.removesuffix(".attention.to_q.weight")
+            out[f"{prefix}.attention.qkv.weight"] = torch.cat(
+                [state[f"{prefix}.attention.to_{x}.weight"] for x in "qkv"])
+            continue
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def test_a_single_transformer_file_loads_with_model_config_and_renders_as_its_folder(zimage, zimage_folder,
+                                                                                    write_scene, tmp_path):
+    """As Z-Image's transformer is published on its own (z_image_turbo_bf16.safetensors): the file is told by its
+    keys, the other parts come from model_config."""
+    from multidiff_cli.catalog import family_of_checkpoint
+
+    single = tmp_path / "z_image_turbo.safetensors"
+    save_file({k: v.contiguous() for k, v in original_layout(zimage.transformer.state_dict()).items()}, str(single))
+    assert family_of_checkpoint(single) is ZIMAGE
+    loaded = load_model(str(single), CPU, torch.float32, config=str(zimage_folder))
+    assert loaded.family == "zimage"
+    scene = scene_of(write_scene, zimage, "prompt: p\nwidth: 64\nheight: 64\nsteps: 2\nguidance_scale: 2\n")
+    torch.testing.assert_close(render(scene, loaded, seed=3).latents, render(scene, zimage, seed=3).latents,
+                               rtol=0, atol=1e-6)
