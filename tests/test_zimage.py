@@ -328,6 +328,30 @@ def test_img2img_equals_diffusers_zimage_img2img_pipeline(zimage, write_scene, p
     assert_close_batched(ours.latents, theirs, guidance=3.0, steps=3)
 
 
+@pytest.mark.parametrize("strength, steps", [(0.6, 4), (1.0, 2)])
+def test_a_keep_mask_equals_diffusers_zimage_inpaint_pipeline(zimage, write_scene, picture_file, monkeypatch,
+                                                              strength, steps, assert_close_batched):
+    import diffusers
+    import diffusers.pipelines.z_image.pipeline_z_image_inpaint as inpaint
+
+    monkeypatch.setattr(inpaint, "retrieve_latents", lambda output, generator=None, sample_mode="sample":
+                        output.latent_dist.mode())
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 0, 48, 32))  # white: may change, on whole 16 px patches
+    mask.save(picture_file.parent / "keep.png")
+    scene = scene_of(write_scene, zimage, f"prompt: a harbour\ninit_image: pic.png\nwidth: 64\nheight: 64\n"
+                                          f"strength: {strength}\nsteps: {steps}\nguidance_scale: 2.0\nseed: 4\n"
+                                          "keep: keep.png\n")
+    ours = render(scene, zimage, seed=4)
+    pipe = diffusers.ZImageInpaintPipeline(**zimage_pipeline(zimage).components)
+    pipe.set_progress_bar_config(disable=True)
+    with Image.open(picture_file) as image, torch.inference_mode():
+        theirs = pipe("a harbour", image=image.convert("RGB"), mask_image=mask, height=64, width=64,
+                      strength=strength, num_inference_steps=steps, guidance_scale=2.0, generator=seed_generator(4),
+                      output_type="latent").images
+    assert_close_batched(ours.latents, theirs, guidance=3.0, steps=steps)
+
+
 # --- loading, records, the command line -------------------------------------------------------------------------
 
 
