@@ -254,12 +254,20 @@ def checkpoint_keys(path: Path) -> list[str]:
     return [key for key in header if key != "__metadata__"]
 
 
+FLUX2_DEV_TEXT_WIDTH = 15360  # FLUX.2 [dev]'s text input (Mistral's hidden states); klein's are 7680 (4B), 12288 (9B)
+
+
 def family_of_checkpoint(path: Path) -> Family | None:
-    """The family of a single-file checkpoint by its keys: FLUX's transformer has `double_blocks` (BFL's
-    layout, or ComfyUI's under `model.diffusion_model.`); SDXL's carry a second text encoder under
-    `conditioner.embedders.1`; SD3's and Z-Image's by their transformers' first keys; a pickle (.ckpt) cannot be read without loading it: SD's, as diffusers
-    would guess for the configs."""
+    """The family of a single-file checkpoint by its keys: FLUX.2's transformer has `single_stream_modulation`
+    (klein's; [dev]'s, told by its 15360-wide text input, is None: no family multidiff renders); FLUX.1's has
+    `double_blocks` (BFL's layout, or ComfyUI's under `model.diffusion_model.`); SDXL's carry a second text
+    encoder under `conditioner.embedders.1`; SD3's and Z-Image's by their transformers' first keys; a pickle
+    (.ckpt) cannot be read without loading it: SD's, as diffusers would guess for the configs."""
     keys = checkpoint_keys(path) if path.suffix.lower() == ".safetensors" else []
+    if {"single_stream_modulation.lin.weight", "model.diffusion_model.single_stream_modulation.lin.weight"} & set(keys):
+        header = safetensors_header(path) or {}
+        txt_in = header.get("txt_in.weight") or header.get("model.diffusion_model.txt_in.weight") or {}
+        return FLUX2 if txt_in.get("shape", [0, 0])[-1] != FLUX2_DEV_TEXT_WIDTH else None
     if any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys):
         return FLUX
     if any(key.startswith("model.diffusion_model.joint_blocks.") for key in keys):  # SD3's MMDiT

@@ -424,3 +424,84 @@ regions:
     everywhere = klein_reference(base, scene, 5, pipes=[with_alice] * 3)
     assert_close_batched(ours, expected, guidance=3.0, steps=2)
     assert (everywhere - expected).abs().max() > 100 * (ours - expected).abs().max()
+
+
+def bfl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Flux2Transformer2DModel's weights in Black Forest Labs' layout (flux-2-klein-4b.safetensors): the inverse of
+    diffusers' convert_flux2_transformer_checkpoint_to_diffusers (q, k, v fused, norms as `.scale`, the final
+    modulation's shift and scale swapped back)."""
+    renames = {"x_embedder": "img_in", "context_embedder": "txt_in",
+               "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+               "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+               "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear"}
+    double = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+              "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+              "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+              "attn.to_add_out": "txt_attn.proj", "ff_context.linear_in": "txt_mlp.0",
+              "ff_context.linear_out": "txt_mlp.2"}
+    single = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+              "attn.norm_k": "norm.key_norm"}
+    s, out = dict(state), {}
+    for key in sorted(s):
+        if key not in s:
+            continue
+        name, param = key.rsplit(".", 1)
+        if key.startswith("transformer_blocks."):
+            _, index, inner = name.split(".", 2)
+            if inner in ("attn.to_q", "attn.add_q_proj"):
+                stream, parts = ("img", ("to_q", "to_k", "to_v")) if inner == "attn.to_q" else (
+                    "txt", ("add_q_proj", "add_k_proj", "add_v_proj"))
+                out[f"double_blocks.{index}.{stream}_attn.qkv.{param}"] = torch.cat(
+                    [s.pop(f"transformer_blocks.{index}.attn.{part}.{param}") for part in parts])
+            elif inner in double:
+                norm = "norm" in inner and "norm_" in inner
+                out[f"double_blocks.{index}.{double[inner]}.{'scale' if norm else param}"] = s.pop(key)
+            continue
+        if key.startswith("single_transformer_blocks."):
+            _, index, inner = name.split(".", 2)
+            norm = inner.startswith("attn.norm_")
+            out[f"single_blocks.{index}.{single[inner]}.{'scale' if norm else param}"] = s.pop(key)
+            continue
+        if name == "norm_out.linear":
+            scale, shift = s.pop(key).chunk(2)
+            out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
+            continue
+        out[f"{renames[name]}.{param}"] = s.pop(key)
+    left = [k for k in s if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    assert not left, left
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def test_a_bfl_single_file_loads_with_model_config_and_renders_as_its_folder(klein, klein_folder, write_scene,
+                                                                           tmp_path):
+    """Flux2KleinPipeline reads no single file: the transformer comes from the file (diffusers' FLUX.2 conversion),
+    the other parts from model_config; the file is told from FLUX.2 [dev] by its text input's width."""
+    from multidiff_cli.catalog import family_of_checkpoint
+
+    single = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file(bfl_layout(klein.transformer.state_dict()), str(single))
+    assert family_of_checkpoint(single) is FLUX2
+    loaded = load_model(str(single), CPU, torch.float32, config=str(klein_folder))
+    assert loaded.family == "flux2"
+    scene = scene_of(write_scene, klein, "prompt: p\nwidth: 64\nheight: 64\nsteps: 2\n")
+    torch.testing.assert_close(render(scene, loaded, seed=3).latents, render(scene, klein, seed=3).latents,
+                               rtol=0, atol=1e-6)
+    from multidiff_cli.errors import MultidiffError
+
+    with pytest.raises(MultidiffError, match="reads no single file itself: set model_config"):  # one line, what it needs
+        load_model(str(single), CPU, torch.float32)
+
+
+def test_a_flux2_dev_file_is_told_from_klein_and_refused_in_one_line(tmp_path):
+    """FLUX.2 [dev] shares klein's keys but reads Mistral's 15360-wide hidden states: no family multidiff renders."""
+    from multidiff_cli.catalog import family_of_checkpoint
+    from multidiff_cli.errors import ModelError
+
+    dev = tmp_path / "flux2-dev.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(1, 1), "txt_in.weight": torch.zeros(1, 15360)},
+              str(dev))
+    assert family_of_checkpoint(dev) is None
+    with pytest.raises(ModelError, match=r"its keys are FLUX.2 \[dev\]'s"):
+        load_model(str(dev), CPU, torch.float32)

@@ -1,4 +1,5 @@
-"""Single-file checkpoints (A1111/ComfyUI layout: SD 1.x / 2.x / 2.x-v, SDXL; FLUX.1's BFL/ComfyUI files)
+"""Single-file checkpoints (A1111/ComfyUI layout: SD 1.x / 2.x / 2.x-v, SDXL; FLUX.1's and FLUX.2 klein's BFL files,
+SD3.5's and Z-Image's own)
 through diffusers' single-file loading. The file holds weights only: the configs (UNet, VAE, text encoder,
 tokenizer, scheduler) come from `model_config` (a diffusers folder or hub id), else from the Hugging Face
 cache copy of the default repo diffusers picks for the checkpoint's architecture."""
@@ -24,6 +25,9 @@ def load_single_file(path: Path, model_id: str, config: str | None = None, allow
     if config_folder is not None and not config_folder.is_dir() and not looks_like_hub_id(config):
         raise ModelNotFound(f"model_config {config!r}: no such folder, and not a hub id of the form owner/name")
     family = family_of_checkpoint(path)
+    if family is None:
+        raise ModelError(f"model {model_id!r}: its keys are FLUX.2 [dev]'s (a 15360-wide text input), which multidiff "
+                         "does not render; FLUX.2 klein's files load")
     cls = family_class(family)
     configs = str(config_folder) if config_folder is not None and config_folder.is_dir() else config
     try:
@@ -40,13 +44,19 @@ def _pipeline(pipeline, cls: type[Model], path: Path, configs: str | None, local
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    try:
-        return pipeline.from_single_file(str(path), config=configs, local_files_only=local_files_only,
-                                         **cls.single_file_kwargs)
-    except SingleFileComponentError as exc:
-        source = configs or _config_repo(path)
-        if source is None:
-            raise ValueError(str(exc).strip().splitlines()[0]) from None
+    if not hasattr(pipeline, "from_single_file"):  # Flux2KleinPipeline: its transformer reads single files, it does not
+        if configs is None:
+            raise ValueError(f"{pipeline.__name__} reads no single file itself: set model_config to a diffusers "
+                             "folder or hub id of the same model for its other parts")
+        source = configs
+    else:
+        try:
+            return pipeline.from_single_file(str(path), config=configs, local_files_only=local_files_only,
+                                             **cls.single_file_kwargs)
+        except SingleFileComponentError as exc:
+            source = configs or _config_repo(path)
+            if source is None:
+                raise ValueError(str(exc).strip().splitlines()[0]) from None
     _, class_name = pipeline.load_config(source, local_files_only=local_files_only)[cls.denoiser_part]
     denoiser = getattr(diffusers, class_name).from_single_file(str(path), config=source, subfolder=cls.denoiser_part,
                                                                local_files_only=local_files_only)
