@@ -3,11 +3,12 @@ FluxImg2ImgPipeline and FluxInpaintPipeline, drawing their noise from the seed's
 oracles for plain scenes and pictures; the shared reference loop, each prompt's velocity computed with
 FluxPipeline's own encoding, packing and position ids, is the oracle for regions and panoramas. Then
 samples per step, the dynamic shift of a view, loading (a folder, a BFL single file, the cache
-listing), records, and what FLUX refuses. LoRAs: test_flux_lora.py."""
+listing), what FLUX refuses, and records (the PNG, inspect, upscale). LoRAs: test_flux_lora.py."""
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -429,3 +430,174 @@ def test_models_lists_a_flux_folder_in_the_cache(cli, dev_folder, tmp_path):
     result = cli("models", "--cache-dir", tmp_path / "hub")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().split("\t")[3:] == ["flux", "ok"]
+
+
+# A diffusers FluxTransformer2DModel key -> its name in BFL's own files (flux1-dev.safetensors; ComfyUI's add
+# model.diffusion_model.): the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers.
+BFL_LINEARS = {"time_text_embed.timestep_embedder": "time_in", "time_text_embed.text_embedder": "vector_in",
+               "time_text_embed.guidance_embedder": "guidance_in"}
+BFL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0",
+              "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+              "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+BFL_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+FLUX1_WIDTH = 3072
+
+
+def bfl_layout(transformer, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The transformer's weights as BFL saves FLUX.1: fused qkv (and single blocks' qkv + MLP in linear1),
+    RMSNorm weights as .scale, the final AdaLN's (shift, scale) halves in BFL's order. Every key is used once."""
+    state = dict(transformer.state_dict())
+    out: dict[str, torch.Tensor] = {}
+
+    def move(src: str, dst: str) -> None:
+        out[dst] = state.pop(src)
+
+    for p in ("weight", "bias"):
+        for src, dst in BFL_LINEARS.items():
+            for ours, theirs in (("linear_1", "in_layer"), ("linear_2", "out_layer")):
+                if f"{src}.{ours}.{p}" in state:  # schnell has no guidance embedder
+                    move(f"{src}.{ours}.{p}", f"{dst}.{theirs}.{p}")
+        move(f"context_embedder.{p}", f"txt_in.{p}")
+        move(f"x_embedder.{p}", f"img_in.{p}")
+        move(f"proj_out.{p}", f"final_layer.linear.{p}")
+        scale, shift = state.pop(f"norm_out.linear.{p}").chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+        for i in range(transformer.config.num_layers):
+            ours, theirs = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+            for src, dst in BFL_DOUBLE.items():
+                move(f"{ours}{src}.{p}", f"{theirs}{dst}.{p}")
+            out[f"{theirs}img_attn.qkv.{p}"] = torch.cat([state.pop(f"{ours}attn.to_{x}.{p}") for x in "qkv"])
+            out[f"{theirs}txt_attn.qkv.{p}"] = torch.cat([state.pop(f"{ours}attn.add_{x}_proj.{p}") for x in "qkv"])
+        for i in range(transformer.config.num_single_layers):
+            ours, theirs = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+            move(f"{ours}norm.linear.{p}", f"{theirs}modulation.lin.{p}")
+            move(f"{ours}proj_out.{p}", f"{theirs}linear2.{p}")
+            out[f"{theirs}linear1.{p}"] = torch.cat([state.pop(f"{ours}attn.to_{x}.{p}") for x in "qkv"]
+                                                    + [state.pop(f"{ours}proj_mlp.{p}")])
+    for i in range(transformer.config.num_layers):
+        for src, dst in BFL_DOUBLE_NORMS.items():
+            move(f"transformer_blocks.{i}.{src}.weight", f"double_blocks.{i}.{dst}.scale")
+    for i in range(transformer.config.num_single_layers):
+        move(f"single_transformer_blocks.{i}.attn.norm_q.weight", f"single_blocks.{i}.norm.query_norm.scale")
+        move(f"single_transformer_blocks.{i}.attn.norm_k.weight", f"single_blocks.{i}.norm.key_norm.scale")
+    assert not state, f"no BFL name for {sorted(state)}"
+    return {prefix + key: value.contiguous() for key, value in out.items()}
+
+
+@pytest.fixture
+def any_width_conversion(monkeypatch):
+    """diffusers' FLUX conversion cuts a single block's linear1 at FLUX.1's width (3072, written in it): a
+    narrower file is padded with zero rows to that cut, converted by diffusers itself (every key's name is
+    its), and its q, k, v and MLP rows cut back. The tiny transformer is 32 wide."""
+    from diffusers.loaders import single_file_model
+
+    entry = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    original = entry["checkpoint_mapping_fn"]
+
+    def convert(checkpoint, **kwargs):
+        checkpoint = {key.removeprefix("model.diffusion_model."): value for key, value in checkpoint.items()}
+        width = checkpoint["img_in.weight"].shape[0]
+        rows = (width,) * 3 + (4 * width,)
+        singles = sorted({key.split(".")[1] for key in checkpoint if key.startswith("single_blocks.")})
+        for i, p in ((i, p) for i in singles for p in ("weight", "bias")):
+            parts = checkpoint[f"single_blocks.{i}.linear1.{p}"].split(rows)
+            checkpoint[f"single_blocks.{i}.linear1.{p}"] = torch.cat([
+                torch.cat([part, part.new_zeros((full - part.shape[0], *part.shape[1:]))])
+                for part, full in zip(parts, (FLUX1_WIDTH,) * 3 + (4 * FLUX1_WIDTH,))])
+        converted = original(checkpoint, **kwargs)
+        for i, p in ((i, p) for i in singles for p in ("weight", "bias")):
+            for name, n in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), rows):
+                converted[f"single_transformer_blocks.{i}.{name}.{p}"] = converted[
+                    f"single_transformer_blocks.{i}.{name}.{p}"][:n]
+        return converted
+
+    monkeypatch.setitem(entry, "checkpoint_mapping_fn", convert)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfyui"])
+def test_a_bfl_single_file_transformer_loads_and_renders_as_its_folder(dev, dev_folder, any_width_conversion,
+                                                                        write_scene, tmp_path, prefix):
+    """The file holds the transformer alone, as flux1-dev.safetensors does: the model is told FLUX by its keys,
+    the transformer is read from it (every weight equal), every other part comes from the configs' folder
+    (model_config); it renders as the folder does (test above: as the built model), bit for bit."""
+    from safetensors.torch import save_file
+
+    from multidiff_cli.catalog import family_of_checkpoint
+
+    single = tmp_path / "flux1-tiny.safetensors"
+    save_file(bfl_layout(dev.transformer, prefix), str(single))
+    assert family_of_checkpoint(single) is FLUX
+    loaded = load_model(str(single), CPU, torch.float32, config=str(dev_folder))
+    assert loaded.family == "flux" and loaded.embedded_guidance
+    theirs = dev.transformer.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in loaded.transformer.state_dict().items())
+    scene = scene_of(write_scene, dev, "prompt: a red sofa\nwidth: 64\nheight: 64\nsteps: 1\nregions:\n"
+                                       "  - prompt: a lamp\n    box: [0, 0, 32, 64]\n")
+    assert torch.equal(render(scene, loaded, seed=3).latents, render(scene, dev, seed=3).latents)
+
+
+def test_a_transformer_only_single_file_without_configs_says_how_to_get_the_other_parts(cli, dev, write_scene,
+                                                                                        tmp_path, monkeypatch):
+    """Offline with FLUX.1-dev not in the cache, the parts the file lacks can come from nowhere: one line (exit
+    1, as for any model not here) naming model_config and a download of every part but the transformer, not
+    diffusers' SingleFileComponentError traceback; nothing written."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    single = tmp_path / "flux1-tiny.safetensors"
+    save_file(bfl_layout(dev.transformer), str(single))
+    scene = write_scene("prompt: a room\nwidth: 64\nheight: 64\nsteps: 1\n")
+    result = cli("render", scene, "--model", single, "-q", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "flux1-tiny.safetensors" in line and "`model_config:`" in line and "FLUX.1, with its text encoders" in line
+    assert line.endswith("hf download black-forest-labs/FLUX.1-dev --exclude 'transformer/*'"), line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- what FLUX refuses: one line each, exit 2, nothing written --------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("width: 72\n", r"scene\.yaml:\d+: width: must be a multiple of 16 for FLUX\.1 models: try 64$"),
+    ("width: 64\ntrue_cfg_scale: 2.0\n", r"scene\.yaml:\d+: true_cfg_scale: needs a negative_prompt"),
+    ("width: 64\nscheduler: ddim\n", r"scene\.yaml:\d+: scheduler: FLUX\.1 models take euler, heun, dpm\+\+, unipc, "
+                                     r"not 'ddim'$"),
+], ids=["8-not-16-px", "true-cfg-without-negative", "ddpm-scheduler"])
+def test_what_flux_refuses_is_one_line_exit_2_and_nothing_written(cli, write_scene, tmp_path, extra, message):
+    scene = write_scene("prompt: a room\nheight: 64\nsteps: 1\n" + extra)
+    result = cli("render", scene, "--model", "tiny-flux-random", "-q", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- records and tools: the PNG, inspect, upscale ----------------------------------------------------------------
+
+
+def test_a_flux_render_with_bootstrapping_is_recorded_as_flux_and_upscales(cli, write_scene, tmp_path):
+    """A region scene with bootstrapping renders from the CLI; its PNG's record and `inspect` name the family;
+    `upscale` re-renders it larger on the same model, its region box scaled, and records FLUX again."""
+    scene = write_scene("prompt: a room\nwidth: 64\nheight: 64\nsteps: 2\nseed: 1\nbootstrap_steps: 1\nregions:\n"
+                        "  - prompt: a lamp\n    box: [0, 0, 32, 64]\n", "room.yaml")
+    result = cli("render", scene, "--model", "tiny-flux-random", "-q", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    picture = tmp_path / "out" / "room-1.png"
+    record = read_metadata(picture)
+    assert (record["family"], record["model"], record["scene"]["bootstrap_steps"]) == ("flux", "tiny-flux-random", 1)
+    assert record["scene"]["guidance_scale"] == FLUX.default_guidance
+    shown = cli("inspect", picture)
+    assert shown.exit_code == 0, shown.output
+    assert "# family: flux" in shown.stdout.splitlines()
+
+    upscaled = cli("upscale", picture, "--scale", "1.5", "--steps", "2", "--strength", "0.5", "--seed", "3", "-q",
+                   "--output-dir", tmp_path / "up")
+    assert upscaled.exit_code == 0, upscaled.output
+    (larger,) = (tmp_path / "up").glob("*.png")
+    with Image.open(larger) as image:
+        assert image.size == (96, 96)
+    record = read_metadata(larger)
+    assert (record["family"], record["model"]) == ("flux", "tiny-flux-random")
+    assert record["scene"]["regions"] == [{"box": [0, 0, 48, 96], "prompt": "a lamp"}]

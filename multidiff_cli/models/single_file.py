@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..catalog import PICKLE_SUFFIXES, family_of_checkpoint, looks_like_hub_id
+from ..catalog import FLUX, PICKLE_SUFFIXES, family_of_checkpoint, looks_like_hub_id
 from ..errors import ModelError, ModelNotFound
 from .family import LoadedState, Model, family_class
 
@@ -73,12 +73,14 @@ def _no_config(path: Path, model_id: str, config: str | None, exc: Exception) ->
                              f"({reason}). model_config must be a diffusers folder (or a cached hub id) of the "
                              "same family (model_index.json, unet/ vae/ text_encoder/ configs, tokenizer/, scheduler/)")
     repo = _config_repo(path)
+    architecture, fetch = "SD 1.x, 2.x, 2.x-v or SDXL", "--include '*.json' 'tokenizer*/*'"
+    if family_of_checkpoint(path) is FLUX:  # BFL's files hold the transformer alone: the other parts' weights too
+        architecture, fetch = "FLUX.1, with its text encoders and VAE", "--exclude 'transformer/*'"
     return ModelNotFound(
         f"model {model_id!r}: a single-file checkpoint holds no configs, and those of its architecture"
         f"{f' ({repo})' if repo else ''} are not in the local Hugging Face cache ({reason}). Either set "
-        "`model_config:` in the scene to a diffusers folder or hub id of the same architecture (SD 1.x, 2.x, "
-        f"2.x-v or SDXL), or fetch the configs where the hub is reachable: hf download {repo or 'REPO'} --include "
-        "'*.json' 'tokenizer*/*'"
+        f"`model_config:` in the scene to a diffusers folder or hub id of the same architecture ({architecture}), "
+        f"or fetch the configs where the hub is reachable: hf download {repo or 'REPO'} {fetch}"
     )
 
 
