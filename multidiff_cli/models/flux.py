@@ -10,6 +10,7 @@ true_cfg_scale asks for one (FluxPipeline's true CFG).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -23,6 +24,9 @@ from .family import LoadedState, Model
 from .schedulers import make_scheduler
 from .sd import clip_truncation_warnings, encode_clip
 
+# A LoRA key of an SD/SDXL UNet: diffusers' unet.*, or kohya's lora_unet_ with diffusers' or the original blocks
+SD_UNET_LORA_KEY = re.compile(r"unet\.|lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|"
+                              r"middle_block)_")
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length: every prompt of a render is padded to it
 # Live activation tensors per token and width of the transformer, per sample (an estimate, unmeasured):
 # the joint blocks hold the image and text streams, their attention (SDPA, no quadratic matrix) and
@@ -222,7 +226,13 @@ class Flux(Model):
         import diffusers
 
         pipeline = diffusers.FluxPipeline  # its conversion reads diffusers/peft, kohya and XLabs files
-        converted, alphas = pipeline.lora_state_dict(state, return_alphas=True)
+        try:
+            converted, alphas = pipeline.lora_state_dict(state, return_alphas=True)
+        except ValueError:  # kohya's conversion refuses an SD LoRA's lora_unet_ keys ("Incompatible keys")
+            hint = self.lora_mismatch(state)
+            if hint:
+                raise ValueError(hint) from None
+            raise
         if not converted or not all("lora" in key for key in converted):
             raise ValueError("no LoRA layers in it")
         pipeline.load_lora_into_transformer(converted, alphas, self.transformer, adapter_name=adapter_name)
@@ -232,7 +242,9 @@ class Flux(Model):
         return converted
 
     def lora_mismatch(self, converted):
-        if any(key.startswith(("unet.", "lora_unet_")) for key in converted):
+        """An SD or SDXL LoRA: UNet layers in diffusers' keys, or kohya's keys of a UNet's blocks (FLUX's kohya
+        files are lora_unet_ too, of double_blocks and single_blocks)."""
+        if any(SD_UNET_LORA_KEY.match(key) for key in converted):
             return "it names a UNet (unet. layers): a LoRA of an SD or SDXL model"
         return None
 
