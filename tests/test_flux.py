@@ -3,12 +3,12 @@ FluxImg2ImgPipeline and FluxInpaintPipeline, drawing their noise from the seed's
 oracles for plain scenes and pictures; the shared reference loop, each prompt's velocity computed with
 FluxPipeline's own encoding, packing and position ids, is the oracle for regions and panoramas. Then
 samples per step, the dynamic shift of a view, loading (a folder, a BFL single file, the cache
-listing), what FLUX refuses, and records (the PNG, inspect, upscale). LoRAs: test_flux_lora.py."""
+listing), and records (the PNG, inspect, upscale). LoRAs, what FLUX refuses and its memory check:
+test_flux_lora.py."""
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 
 import numpy as np
@@ -187,7 +187,8 @@ def test_img2img_equals_diffusers_flux_img2img_pipeline(dev, write_scene, pictur
     pipe = flux_pipeline(dev, "img2img")
     with Image.open(picture_files[0]) as image, torch.inference_mode():
         packed = pipe("a harbour", image=image.convert("RGB"), height=64, width=64, strength=0.6,
-                      num_inference_steps=4, guidance_scale=3.0, generator=seed_generator(4), output_type="latent").images
+                      num_inference_steps=4, guidance_scale=3.0, generator=seed_generator(4),
+                      output_type="latent").images
     theirs, picture = decoded(pipe, packed, 64, 64)
     assert_close_batched(ours.latents, theirs, steps=3)
     assert_pictures_within_one_level(ours.image, picture)
@@ -553,24 +554,6 @@ def test_a_transformer_only_single_file_without_configs_says_how_to_get_the_othe
     (line,) = result.stderr.strip().splitlines()
     assert "flux1-tiny.safetensors" in line and "`model_config:`" in line and "FLUX.1, with its text encoders" in line
     assert line.endswith("hf download black-forest-labs/FLUX.1-dev --exclude 'transformer/*'"), line
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-# --- what FLUX refuses: one line each, exit 2, nothing written --------------------------------------------------
-
-
-@pytest.mark.parametrize("extra, message", [
-    ("width: 72\n", r"scene\.yaml:\d+: width: must be a multiple of 16 for FLUX\.1 models: try 64$"),
-    ("width: 64\ntrue_cfg_scale: 2.0\n", r"scene\.yaml:\d+: true_cfg_scale: needs a negative_prompt"),
-    ("width: 64\nscheduler: ddim\n", r"scene\.yaml:\d+: scheduler: FLUX\.1 models take euler, heun, dpm\+\+, unipc, "
-                                     r"not 'ddim'$"),
-], ids=["8-not-16-px", "true-cfg-without-negative", "ddpm-scheduler"])
-def test_what_flux_refuses_is_one_line_exit_2_and_nothing_written(cli, write_scene, tmp_path, extra, message):
-    scene = write_scene("prompt: a room\nheight: 64\nsteps: 1\n" + extra)
-    result = cli("render", scene, "--model", "tiny-flux-random", "-q", "--output-dir", tmp_path / "out")
-    assert result.exit_code == 2, result.output
-    (line,) = result.stderr.strip().splitlines()
-    assert re.search(message, line), line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
