@@ -1,9 +1,10 @@
-"""FLUX.1's LoRAs, single files and refusals (issue 21): a scene-wide LoRA in the diffusers/peft, kohya (on
-diffusers' names and on BFL's: double_blocks_0_img_attn_qkv, lora_te1_ for CLIP) and XLabs layouts equals
+"""FLUX.1's LoRAs, single files and refusals (issue 21): a scene-wide LoRA in the diffusers/peft and kohya (on
+diffusers' names and on BFL's: double_blocks_0_img_attn_qkv, lora_te1_ for CLIP) layouts equals
 FluxPipeline with diffusers' own load_lora_weights, every layer of it loaded; a LoRA of the CLIP half alone reaches
 the picture; a region LoRA is exactly separated (outside its region the fused prediction is the one without it,
 bit for bit) and costs no sample on FLUX.1-dev; a transformer in BFL's layout (as flux1-dev.safetensors ships)
-loads as a single file and renders as its folder; what FLUX refuses is one line; the memory check knows FLUX."""
+loads as a single file and renders as its folder; what FLUX refuses is one line. XLabs LoRAs and the memory
+check: test_flux_xlabs_memory.py."""
 from __future__ import annotations
 
 import contextlib
@@ -93,21 +94,6 @@ def write_lora(path, layers, layout: str):
 PLAIN = "prompt: a red sofa in a room\nwidth: 96\nheight: 64\nsteps: 2\nseed: 9\nguidance_scale: 4.0\n"
 
 
-def xlabs_lora(path, model, seed: int, rank: int = 2, strength: float = 0.3):
-    """XLabs' layout (double_blocks.<i>.processor.qkv_lora1/2 and proj_lora1/2, down/up): one down matrix for q,
-    k and v together, their up matrices stacked."""
-    generator = torch.Generator().manual_seed(seed)
-    inner = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
-    tensors = {}
-    for i in range(model.transformer.config.num_layers):
-        for name, out in (("qkv_lora1", 3 * inner), ("qkv_lora2", 3 * inner), ("proj_lora1", inner),
-                          ("proj_lora2", inner)):
-            tensors[f"double_blocks.{i}.processor.{name}.down.weight"] = torch.randn((rank, inner), generator=generator) * strength
-            tensors[f"double_blocks.{i}.processor.{name}.up.weight"] = torch.randn((out, rank), generator=generator) * strength
-    save_file(tensors, str(path))
-    return path
-
-
 def kohya_bfl_lora(path, model, seed: int, rank: int = 2, strength: float = 0.3):
     """kohya's FLUX keys on BFL's module names, as sd-scripts writes them: `lora_unet_double_blocks_0_img_attn_qkv
     .lora_down/.lora_up/.alpha` (a fused module's up rows stacked), and CLIP's `lora_te1_text_model_encoder_
@@ -139,15 +125,14 @@ def kohya_bfl_lora(path, model, seed: int, rank: int = 2, strength: float = 0.3)
 
 def any_lora(path, model, layout: str, seed: int):
     """A LoRA file of tiny-flux-random in `layout`: peft (transformer and CLIP attention), kohya (diffusers'
-    names, the transformer only), kohya-bfl (BFL's names, transformer and CLIP), xlabs."""
-    if layout == "xlabs":
-        return xlabs_lora(path, model, seed=seed)
+    names, the transformer only), kohya-bfl (BFL's names, transformer and CLIP). XLabs' layout:
+    test_flux_xlabs_memory.py."""
     if layout == "kohya-bfl":
         return kohya_bfl_lora(path, model, seed=seed)
     return write_lora(path, lora_layers(model, seed=seed, text=layout == "peft"), layout)
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya", "kohya-bfl", "xlabs"])
+@pytest.mark.parametrize("layout", ["peft", "kohya", "kohya-bfl"])
 def test_a_scene_lora_renders_as_flux_pipeline_with_load_lora_weights(dev, write_scene, tmp_path, layout,
                                                                      assert_close_batched):
     (tmp_path / "loras").mkdir()
@@ -429,43 +414,3 @@ def test_a_bfl_single_file_loads_and_renders_as_its_folder(tmp_path, write_scene
                                    "    box: [0, 0, 32, 64]\n"), default_model=str(folder))
     torch.testing.assert_close(render(scene, loaded, seed=2).latents, render(scene, from_folder, seed=2).latents,
                                rtol=0, atol=1e-6)
-
-
-# --- memory: a full-size FLUX in float32 on a 24 GiB machine -----------------------------------------------------
-
-
-def header_only(path, tensors: dict[str, tuple[str, list[int]]]) -> None:
-    """A .safetensors file's header alone (no data): what the memory check reads, the size of FLUX.1's weights
-    without writing 32 GiB."""
-    import struct
-
-    offset, header = 0, {}
-    for name, (dtype, shape) in tensors.items():
-        count = 1
-        for dim in shape:
-            count *= dim
-        size = count * 2
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(text)) + text)
-
-
-def test_a_full_flux_in_float32_on_a_24_gib_machine_is_one_line_before_anything_loads(cli, write_scene, tmp_path,
-                                                                                      monkeypatch, no_model_load):
-    """11.9 B transformer parameters and T5-XXL's 4.8 B, in bfloat16 files: 63 GiB in float32 against 24 GiB."""
-    folder = tmp_path / "FLUX.1-dev"
-    header_only(folder / "transformer" / "diffusion_pytorch_model.safetensors",
-                {"weight": ("BF16", [11_900_000_000])})
-    header_only(folder / "text_encoder_2" / "model.safetensors", {"weight": ("BF16", [4_760_000_000])})
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    monkeypatch.setattr("multidiff_cli.models.available_bytes", lambda device: 24 * 2**30)
-    scene = write_scene("prompt: p\nwidth: 64\nheight: 64\n")
-    result = cli("render", scene, "--model", str(folder), "--device", "cpu", "--dtype", "float32", "-q",
-                 "-o", tmp_path / "out.png")
-    assert result.exit_code == 2, result.output
-    (line,) = result.stderr.strip().splitlines()
-    assert line == (f"error: {folder}'s weights take about 62.06 GiB in float32, but cpu has 24.00 GiB free: use "
-                    "--dtype bfloat16 (half of float32); --no-memory-check loads anyway")
-    assert no_model_load == [] and not (tmp_path / "out.png").exists()
