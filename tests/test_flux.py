@@ -584,3 +584,16 @@ def test_a_flux_render_with_bootstrapping_is_recorded_as_flux_and_upscales(cli, 
     record = read_metadata(larger)
     assert (record["family"], record["model"]) == ("flux", "tiny-flux-random")
     assert record["scene"]["regions"] == [{"box": [0, 0, 48, 96], "prompt": "a lamp"}]
+
+
+def test_an_upscale_of_a_flux_picture_rounds_its_canvas_to_flux_s_16_px(cli, write_scene, tmp_path):
+    """64 px times 1.375 is 88, a multiple of 8 but not of 16: the upscale's canvas is rounded to FLUX's 16 px
+    (96), not refused as a canvas FLUX cannot render."""
+    scene = write_scene("prompt: a room\nwidth: 64\nheight: 64\nsteps: 1\nseed: 1\n", "room.yaml")
+    assert cli("render", scene, "--model", "tiny-flux-random", "-q", "-o", tmp_path / "room.png").exit_code == 0
+    upscaled = cli("upscale", tmp_path / "room.png", "--scale", "1.375", "--steps", "1", "--seed", "2", "-q",
+                   "--output-dir", tmp_path / "up")
+    assert upscaled.exit_code == 0, upscaled.output
+    (larger,) = (tmp_path / "up").glob("*.png")
+    with Image.open(larger) as image:
+        assert image.size == (96, 96)

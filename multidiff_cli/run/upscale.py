@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ..catalog import DEFAULT_MODEL, detect_family
 from ..errors import MetadataError, UsageError
 from ..output import OUTPUT_DIR
 from ..output.png import read_metadata, record_base_dir, write_atomic
@@ -38,11 +39,12 @@ class UpscaleRequest:
     output_dir: Path = OUTPUT_DIR
 
 
-def upscale_canvas(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
-    """The picture's size times `scale`, each side rounded to a multiple of the latent cell."""
+def upscale_canvas(size_wh: tuple[int, int], scale: float, align_px: int = 8) -> tuple[int, int]:
+    """The picture's size times `scale`, each side rounded to a multiple of the latent cell (of align_px, the
+    model family's alignment: 16 px for FLUX and the other transformers that patchify 2x2 cells)."""
     if not 1 <= scale <= 16:
         raise UsageError(f"--scale {scale}: expected 1 to 16 (2 doubles width and height)")
-    canvas = tuple(multiple_of_cell(side * scale) for side in size_wh)
+    canvas = tuple(multiple_of_cell(side * scale, cell=align_px) for side in size_wh)
     if max(canvas) > MAX_CANVAS_PX:
         raise UsageError(f"--scale {scale}: a {size_wh[0]}x{size_wh[1]} picture would become {canvas[0]}x{canvas[1]}, "
                          f"over the largest canvas side, {MAX_CANVAS_PX} px")
@@ -65,8 +67,9 @@ def upscale_scene(request: UpscaleRequest, folder: Path) -> dict[str, Any]:
     if not 0 < request.strength <= 1:
         raise UsageError(f"--strength {request.strength}: expected more than 0 and at most 1")
     size = upright_size(request.image)
-    width, height = upscale_canvas(size, request.scale)
     own = own_scene(request.image, folder) or {}
+    family = detect_family(request.model or own.get("model") or DEFAULT_MODEL)
+    width, height = upscale_canvas(size, request.scale, family.align_px if family is not None else 8)
     scene = {key: own[key] for key in CARRIED if key in own}
     if request.prompt is not None:
         scene["prompt"] = request.prompt

@@ -89,10 +89,11 @@ def canvas_from_picture(data: dict[str, Any], path: Path) -> dict[str, int]:
     return {"width": multiple_of_cell(given * width / height)}
 
 
-def multiple_of_cell(value: float, down: bool = False) -> int:
-    """value rounded to a multiple of the latent cell (down: floored), at least one cell."""
-    cells = int(value // CELL_PX) if down else round(value / CELL_PX)
-    return max(1, cells) * CELL_PX
+def multiple_of_cell(value: float, down: bool = False, cell: int = CELL_PX) -> int:
+    """value rounded to a multiple of the latent cell (down: floored), at least one cell; cell: a family's
+    alignment where it needs more (FLUX's 16 px)."""
+    cells = int(value // cell) if down else round(value / cell)
+    return max(1, cells) * cell
 
 
 def aspect_problem(path: Path, canvas_wh: tuple[int, int]) -> str | None:
