@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # Never reach a model hub from the tests, even by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -138,6 +139,18 @@ def write_scene(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def lamp_mask(tmp_path):
+    """lamp_mask(width, height) writes masks/lamp.png in tmp_path: a region mask PNG of the canvas's size, its
+    white not on whole cells (the flow families' region tests)."""
+    def make(width: int, height: int):
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (width - 44, 4, width - 4, height - 20))
+        mask.save(tmp_path / "masks" / "lamp.png")
+    return make
 
 
 # --- float tolerances -------------------------------------------------------------------------------

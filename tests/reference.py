@@ -94,3 +94,26 @@ def reference_multidiffusion(
 def guided(unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
     """Classifier-free guidance as diffusers' pipelines apply it: none at a scale of 1 or less."""
     return unconditional + guidance * (conditional - unconditional) if guidance > 1 else conditional
+
+
+def seed_generator(seed: int) -> torch.Generator:
+    """The seed's CPU generator, as a render draws its noise from it (and a diffusers pipeline, given it)."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def background_latents(vae, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
+    """The authors' bootstrapping backgrounds (a flat random colour per step and region), encoded and scaled as the
+    flow pipelines (FLUX.1, SD3.5, Z-Image) scale latents: (mean - shift_factor) * scaling_factor."""
+    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
+    with torch.inference_mode():
+        mean = vae.encode(colours.expand(-1, -1, 64, 64)).latent_dist.mean
+    latents = (mean - vae.config.shift_factor) * vae.config.scaling_factor
+    return latents.mean(dim=(2, 3), keepdim=True).reshape(steps, regions, -1, 1, 1)
+
+
+def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
+    """(timestep, samples) of every network call -> the samples of each step, in order."""
+    per_step: dict[float, int] = {}
+    for timestep, rows in calls:
+        per_step[timestep] = per_step.get(timestep, 0) + rows
+    return list(per_step.values())

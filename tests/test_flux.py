@@ -24,7 +24,7 @@ from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import reference_multidiffusion
+from reference import background_latents, reference_multidiffusion, samples_per_step, seed_generator
 
 CPU = torch.device("cpu")
 SMALL_WINDOW_PX = 64  # a tiny FLUX with 8-cell views: a 128 px canvas is a panorama of 3 views at a 32 px stride
@@ -56,10 +56,6 @@ def small_window():
 def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
     """A scene file loaded as for this model (its family's defaults and checks)."""
     return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def seed_generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 def flux_pipeline(model, kind: str = "text"):
@@ -103,13 +99,6 @@ def transformer_calls(model):
         yield calls
     finally:
         handle.remove()
-
-
-def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
-    per_step: dict[float, int] = {}
-    for timestep, rows in calls:
-        per_step[timestep] = per_step.get(timestep, 0) + rows
-    return list(per_step.values())
 
 
 # --- no regions: FluxPipeline from the same noise ------------------------------------------------------------
@@ -218,16 +207,6 @@ def test_a_keep_mask_equals_diffusers_flux_inpaint_pipeline(dev, write_scene, pi
 # --- regions and panoramas: the shared reference loop ----------------------------------------------------------
 
 
-def background_latents(vae, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
-    """The authors' bootstrapping backgrounds (a flat random colour per step and region), encoded and scaled as
-    FluxPipeline scales latents: (mean - shift_factor) * scaling_factor."""
-    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
-    with torch.inference_mode():
-        mean = vae.encode(colours.expand(-1, -1, 64, 64)).latent_dist.mean
-    latents = (mean - vae.config.shift_factor) * vae.config.scaling_factor
-    return latents.mean(dim=(2, 3), keepdim=True).reshape(steps, regions, -1, 1, 1)
-
-
 def flux_reference(model, scene, seed: int, views=None) -> torch.Tensor:
     """The paper's loop on FLUX (tests/reference.py): every prompt encoded by FluxPipeline.encode_prompt, its
     velocity on each view's crop computed by the transformer as FluxPipeline calls it (its own _pack_latents,
@@ -274,17 +253,6 @@ def flux_reference(model, scene, seed: int, views=None) -> torch.Tensor:
 
         return reference_multidiffusion(velocity, noise, schedule, scene_weights(scene), views=views,
                                         bootstrap_steps=scene.bootstrap_steps, backgrounds=backgrounds)
-
-
-@pytest.fixture
-def lamp_mask(tmp_path):
-    """masks/lamp.png: a region mask PNG of the canvas's size, its white not on whole cells."""
-    def make(width: int, height: int):
-        (tmp_path / "masks").mkdir(exist_ok=True)
-        mask = Image.new("L", (width, height), 0)
-        mask.paste(255, (width - 44, 4, width - 4, height - 20))
-        mask.save(tmp_path / "masks" / "lamp.png")
-    return make
 
 
 REGIONS = """

@@ -26,7 +26,7 @@ from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import reference_multidiffusion
+from reference import reference_multidiffusion, samples_per_step, seed_generator
 
 CPU = torch.device("cpu")
 
@@ -55,10 +55,6 @@ def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
     return load_scene(write_scene(text, name), default_model=model.model_id)
 
 
-def seed_generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
-
-
 def klein_pipeline(model, distilled: bool):
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -82,13 +78,6 @@ def transformer_calls(model):
         yield calls
     finally:
         handle.remove()
-
-
-def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
-    per_step: dict[float, int] = {}
-    for timestep, rows in calls:
-        per_step[timestep] = per_step.get(timestep, 0) + rows
-    return list(per_step.values())
 
 
 # --- no regions: Flux2KleinPipeline from the same noise --------------------------------------------------------
@@ -190,17 +179,6 @@ def klein_reference(model, scene, seed: int, views=None, pipes=None, distilled: 
 
         return reference_multidiffusion(velocity, noise, schedule, scene_weights(scene), views=views,
                                         bootstrap_steps=scene.bootstrap_steps, backgrounds=backgrounds)
-
-
-@pytest.fixture
-def lamp_mask(tmp_path):
-    """masks/lamp.png: a region mask PNG of the canvas's size, its white not on whole cells."""
-    def make(width: int, height: int):
-        (tmp_path / "masks").mkdir(exist_ok=True)
-        mask = Image.new("L", (width, height), 0)
-        mask.paste(255, (width - 44, 4, width - 4, height - 20))
-        mask.save(tmp_path / "masks" / "lamp.png")
-    return make
 
 
 REGIONS = """

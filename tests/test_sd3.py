@@ -25,7 +25,7 @@ from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import guided, reference_multidiffusion
+from reference import background_latents, guided, reference_multidiffusion, samples_per_step, seed_generator
 
 CPU = torch.device("cpu")
 NATIVE_PX = 256  # tiny-sd3-random's window: canvases up to 256 px are one view, wider ones panoramas
@@ -55,10 +55,6 @@ def replaced(model, **parts):
 def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
     """A scene file loaded as for this model (its family's defaults and checks)."""
     return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def seed_generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 def sd3_pipeline(model, kind: str = "text"):
@@ -104,13 +100,6 @@ def transformer_calls(model):
         handle.remove()
 
 
-def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
-    per_step: dict[float, int] = {}
-    for timestep, rows in calls:
-        per_step[timestep] = per_step.get(timestep, 0) + rows
-    return list(per_step.values())
-
-
 # --- no regions: StableDiffusion3Pipeline from the same noise --------------------------------------------------
 
 PLAIN = "prompt: a red sofa in a room\nwidth: 96\nheight: 64\nsteps: 2\nguidance_scale: 5.0\nseed: 9\n"
@@ -152,16 +141,6 @@ def test_the_negative_prompt_and_t5_each_change_the_picture(sd3, no_t5, write_sc
 # --- regions and panoramas: the shared reference loop ----------------------------------------------------------
 
 
-def background_latents(vae, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
-    """The authors' bootstrapping backgrounds (a flat random colour per step and region), encoded and scaled as
-    StableDiffusion3Pipeline scales latents: (mean - shift_factor) * scaling_factor."""
-    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
-    with torch.inference_mode():
-        mean = vae.encode(colours.expand(-1, -1, 64, 64)).latent_dist.mean
-    latents = (mean - vae.config.shift_factor) * vae.config.scaling_factor
-    return latents.mean(dim=(2, 3), keepdim=True).reshape(steps, regions, -1, 1, 1)
-
-
 def sd3_reference(model, scene, seed: int, views=None, pipe=None, pipes=None) -> torch.Tensor:
     """The paper's loop on SD3 (tests/reference.py): every prompt encoded by StableDiffusion3Pipeline.encode_prompt
     with the scene's negative prompt, its unconditional and conditional velocities on each view's crop from the
@@ -193,17 +172,6 @@ def sd3_reference(model, scene, seed: int, views=None, pipe=None, pipes=None) ->
 
         return reference_multidiffusion(velocity, noise, schedule, scene_weights(scene), views=views,
                                         bootstrap_steps=scene.bootstrap_steps, backgrounds=backgrounds)
-
-
-@pytest.fixture
-def lamp_mask(tmp_path):
-    """masks/lamp.png: a region mask PNG of the canvas's size, its white not on whole cells."""
-    def make(width: int, height: int):
-        (tmp_path / "masks").mkdir(exist_ok=True)
-        mask = Image.new("L", (width, height), 0)
-        mask.paste(255, (width - 44, 4, width - 4, height - 20))
-        mask.save(tmp_path / "masks" / "lamp.png")
-    return make
 
 
 REGIONS = """

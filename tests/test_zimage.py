@@ -24,7 +24,7 @@ from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import reference_multidiffusion
+from reference import background_latents, reference_multidiffusion, samples_per_step, seed_generator
 
 CPU = torch.device("cpu")
 
@@ -50,10 +50,6 @@ def small_window():
 
 def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
     return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def seed_generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 def zimage_pipeline(model):
@@ -88,13 +84,6 @@ def transformer_calls(model):
         yield calls
     finally:
         handle.remove()
-
-
-def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
-    per_step: dict[float, int] = {}
-    for timestep, rows in calls:
-        per_step[timestep] = per_step.get(timestep, 0) + rows
-    return list(per_step.values())
 
 
 # --- no regions: ZImagePipeline from the same noise ----------------------------------------------------------
@@ -157,16 +146,6 @@ def test_each_prompt_s_caption_is_trimmed_to_its_length_whatever_it_is_batched_w
 # --- regions and panoramas: the shared reference loop ---------------------------------------------------------
 
 
-def background_latents(vae, generator: torch.Generator, steps: int, regions: int) -> torch.Tensor:
-    """The authors' bootstrapping backgrounds (a flat random colour per step and region), encoded and scaled as
-    ZImagePipeline scales latents: (mean - shift_factor) * scaling_factor."""
-    colours = torch.rand((steps * regions, 3, 1, 1), generator=generator) * 2 - 1
-    with torch.inference_mode():
-        mean = vae.encode(colours.expand(-1, -1, 64, 64)).latent_dist.mean
-    latents = (mean - vae.config.shift_factor) * vae.config.scaling_factor
-    return latents.mean(dim=(2, 3), keepdim=True).reshape(steps, regions, -1, 1, 1)
-
-
 def zimage_reference(model, scene, seed: int, views=None, pipes=None) -> torch.Tensor:
     """The paper's loop on Z-Image (tests/reference.py): every prompt encoded by ZImagePipeline.encode_prompt with
     the scene's negative prompt, its velocity on each view's crop as the pipeline computes it, its own Euler step
@@ -202,17 +181,6 @@ def zimage_reference(model, scene, seed: int, views=None, pipes=None) -> torch.T
 
         return reference_multidiffusion(velocity, noise, schedule, scene_weights(scene), views=views,
                                         bootstrap_steps=scene.bootstrap_steps, backgrounds=backgrounds)
-
-
-@pytest.fixture
-def lamp_mask(tmp_path):
-    """masks/lamp.png: a region mask PNG of the canvas's size, its white not on whole cells."""
-    def make(width: int, height: int):
-        (tmp_path / "masks").mkdir(exist_ok=True)
-        mask = Image.new("L", (width, height), 0)
-        mask.paste(255, (width - 44, 4, width - 4, height - 20))
-        mask.save(tmp_path / "masks" / "lamp.png")
-    return make
 
 
 REGIONS = """
