@@ -114,9 +114,6 @@ class Flux(Model):
                  "transformer": self.transformer, "vae": self.vae}
         return {name: module for name, module in parts.items() if module is not None}
 
-    def compile_denoiser(self) -> None:
-        self.transformer = torch.compile(self.transformer, mode="max-autotune-no-cudagraphs", fullgraph=False)
-
     # --- prompts
 
     @property

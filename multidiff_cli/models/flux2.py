@@ -122,9 +122,6 @@ class Flux2Klein(Model):
         parts = {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae}
         return {name: module for name, module in parts.items() if module is not None}
 
-    def compile_denoiser(self) -> None:
-        self.transformer = torch.compile(self.transformer, mode="max-autotune-no-cudagraphs", fullgraph=False)
-
     # --- prompts
 
     def encode_prompts(self, texts: list[str], view_px: tuple[int, int]) -> Conditioning:

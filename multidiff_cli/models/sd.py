@@ -110,9 +110,6 @@ class SD(Model):
             self.vae.to(memory_format=torch.channels_last)
         return super().speed_up(compile)
 
-    def compile_denoiser(self) -> None:
-        self.unet = torch.compile(self.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
-
     # --- prompts
 
     def encode_prompts(self, texts: list[str], view_px: tuple[int, int]) -> Conditioning:

@@ -76,9 +76,6 @@ class SD3(Model):
                  "text_encoder_3": self.text_encoder_3, "transformer": self.transformer, "vae": self.vae}
         return {name: module for name, module in parts.items() if module is not None}
 
-    def compile_denoiser(self) -> None:
-        self.transformer = torch.compile(self.transformer, mode="max-autotune-no-cudagraphs", fullgraph=False)
-
     # --- prompts
 
     def encode_prompts(self, texts: list[str], view_px: tuple[int, int]) -> Conditioning:
