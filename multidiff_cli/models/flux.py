@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -45,6 +45,22 @@ def flow_first_step(steps: int, strength: float) -> int:
     """The step a flow img2img pipeline (FLUX's, SD3's) starts at: int(steps - steps * strength) (strength
     0.6 of 4 steps runs 3, where SD's pipeline runs 2); at least one step runs."""
     return min(steps - 1, int(max(steps - steps * strength, 0)))
+
+
+def pipeline_flow_schedule(model, name: str, steps: int, mu: Callable[[Any], float]) -> FlowSchedule:
+    """Scheduler `name` from the model's config on the sigmas FluxPipeline, ZImagePipeline and Flux2KleinPipeline
+    pass (1 .. 1/steps; a scheduler that makes its own flow sigmas keeps them), shifted by mu(its config) where
+    the config shifts dynamically, its timesteps set on the model's device."""
+    import numpy as np
+
+    scheduler = make_scheduler(name, model.scheduler_config, model.facts.schedulers)
+    config = scheduler.config
+    kwargs = {} if config.get("use_flow_sigmas") else {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+    if config.get("use_dynamic_shifting"):
+        kwargs["mu"] = mu(config)
+    schedule = FlowSchedule(scheduler)
+    schedule.set_timesteps(steps, device=model.device, **kwargs)
+    return schedule
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -195,20 +211,9 @@ class Flux(Model):
     def make_schedule(self, name: str, steps: int, view_hw: tuple[int, int]) -> FlowSchedule:
         """As FluxPipeline: sigmas 1 .. 1/steps, shifted by `mu` from the view's token count (not the
         canvas's: a 4096x1024 canvas would shift almost the whole schedule to pure noise)."""
-        import numpy as np
-
-        scheduler = make_scheduler(name, self.scheduler_config, self.facts.schedulers)
-        config = scheduler.config
-        mu = calculate_shift((view_hw[0] // 2) * (view_hw[1] // 2), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        schedule = FlowSchedule(scheduler)
-        kwargs = {"sigmas": sigmas} if sigmas is not None else {}
-        if config.get("use_dynamic_shifting"):
-            kwargs["mu"] = mu
-        schedule.set_timesteps(steps, device=self.device, **kwargs)
-        return schedule
+        return pipeline_flow_schedule(self, name, steps, lambda config: calculate_shift(
+            (view_hw[0] // 2) * (view_hw[1] // 2), config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
 
     def first_step(self, steps: int, strength: float) -> int:
         return flow_first_step(steps, strength)

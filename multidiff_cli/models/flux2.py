@@ -26,8 +26,7 @@ from ..method.schedule import FlowSchedule
 from .codec import VAECodec
 from .conditioning import Conditioning
 from .family import LoadedState, Model
-from .flux import flow_first_step
-from .schedulers import make_scheduler
+from .flux import flow_first_step, pipeline_flow_schedule
 from .zimage import chat_prompts
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's: every prompt padded to it (pad tokens are attended)
@@ -191,16 +190,7 @@ class Flux2Klein(Model):
     def make_schedule(self, name: str, steps: int, view_hw: tuple[int, int]) -> FlowSchedule:
         """As Flux2KleinPipeline: sigmas 1 .. 1/steps, shifted by the empirical `mu` of the view's token count
         (one token per cell) and the steps."""
-        import numpy as np
-
-        scheduler = make_scheduler(name, self.scheduler_config, self.facts.schedulers)
-        config = scheduler.config
-        kwargs = {} if config.get("use_flow_sigmas") else {"sigmas": np.linspace(1.0, 1 / steps, steps)}
-        if config.get("use_dynamic_shifting"):
-            kwargs["mu"] = empirical_mu(view_hw[0] * view_hw[1], steps)
-        schedule = FlowSchedule(scheduler)
-        schedule.set_timesteps(steps, device=self.device, **kwargs)
-        return schedule
+        return pipeline_flow_schedule(self, name, steps, lambda config: empirical_mu(view_hw[0] * view_hw[1], steps))
 
     def first_step(self, steps: int, strength: float) -> int:
         return flow_first_step(steps, strength)

@@ -22,8 +22,7 @@ from ..method.schedule import FlowSchedule
 from .codec import VAECodec
 from .conditioning import Conditioning
 from .family import LoadedState, Model
-from .flux import calculate_shift, flow_first_step
-from .schedulers import make_scheduler
+from .flux import calculate_shift, flow_first_step, pipeline_flow_schedule
 
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default: the chat-formatted prompt is cut there
 TRANSFORMER_MULTIPLICITY = 24  # live tensors per token and width, per sample (an estimate, unmeasured)
@@ -136,18 +135,9 @@ class ZImage(Model):
     def make_schedule(self, name: str, steps: int, view_hw: tuple[int, int]) -> FlowSchedule:
         """As ZImagePipeline: sigmas 1 .. 1/steps, the scheduler's shift (static in Z-Image's configs; `mu`
         from the view's token count where a config shifts dynamically)."""
-        import numpy as np
-
-        scheduler = make_scheduler(name, self.scheduler_config, self.facts.schedulers)
-        config = scheduler.config
-        kwargs = {} if config.get("use_flow_sigmas") else {"sigmas": np.linspace(1.0, 1 / steps, steps)}
-        if config.get("use_dynamic_shifting"):
-            kwargs["mu"] = calculate_shift((view_hw[0] // 2) * (view_hw[1] // 2), config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                           config.get("max_shift", 1.15))
-        schedule = FlowSchedule(scheduler)
-        schedule.set_timesteps(steps, device=self.device, **kwargs)
-        return schedule
+        return pipeline_flow_schedule(self, name, steps, lambda config: calculate_shift(
+            (view_hw[0] // 2) * (view_hw[1] // 2), config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
 
     def first_step(self, steps: int, strength: float) -> int:
         return flow_first_step(steps, strength)
