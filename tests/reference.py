@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from multidiff_cli.scene import load_scene
+
 from multidiff_cli.method.views import View, full_view
 
 ModelOutput = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,3 +119,21 @@ def samples_per_step(calls: list[tuple[float, int]]) -> list[int]:
     for timestep, rows in calls:
         per_step[timestep] = per_step.get(timestep, 0) + rows
     return list(per_step.values())
+
+def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
+    """A scene file loaded as for this model (its family's defaults and checks)."""
+    return load_scene(write_scene(text, name), default_model=model.model_id)
+
+
+def flux_pipeline(model, kind: str = "text"):
+    """diffusers' own FLUX pipeline on the model's parts, with the scheduler FLUX.1 ships (its config)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cls = {"text": diffusers.FluxPipeline, "img2img": diffusers.FluxImg2ImgPipeline,
+           "inpaint": diffusers.FluxInpaintPipeline}[kind]
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config), vae=model.vae,
+               text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
+               tokenizer_2=model.tokenizer_2, transformer=model.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

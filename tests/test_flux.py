@@ -23,8 +23,7 @@ from multidiff_cli.models.random_flux import build_tiny_flux_random
 from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
-from multidiff_cli.scene import load_scene
-from reference import background_latents, reference_multidiffusion, samples_per_step, seed_generator
+from reference import background_latents, flux_pipeline, reference_multidiffusion, samples_per_step, scene_of, seed_generator
 
 CPU = torch.device("cpu")
 SMALL_WINDOW_PX = 64  # a tiny FLUX with 8-cell views: a 128 px canvas is a panorama of 3 views at a 32 px stride
@@ -51,25 +50,6 @@ def small_window():
     model = built(native_px=SMALL_WINDOW_PX)
     assert model.native_cells == SMALL_WINDOW_PX // 8
     return model
-
-
-def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
-    """A scene file loaded as for this model (its family's defaults and checks)."""
-    return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def flux_pipeline(model, kind: str = "text"):
-    """diffusers' own FLUX pipeline on the model's parts, with the scheduler FLUX.1 ships (its config)."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    cls = {"text": diffusers.FluxPipeline, "img2img": diffusers.FluxImg2ImgPipeline,
-           "inpaint": diffusers.FluxInpaintPipeline}[kind]
-    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config), vae=model.vae,
-               text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
-               tokenizer_2=model.tokenizer_2, transformer=model.transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def decoded(pipe, packed: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, Image.Image]:

@@ -25,8 +25,7 @@ from multidiff_cli.models.random_flux import build_tiny_klein_random
 from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import plan_render, render, scene_weights
-from multidiff_cli.scene import load_scene
-from reference import reference_multidiffusion, samples_per_step, seed_generator
+from reference import reference_multidiffusion, samples_per_step, scene_of, seed_generator
 
 CPU = torch.device("cpu")
 
@@ -49,10 +48,6 @@ def small_window():
     model = build_tiny_klein_random(native_px=64, distilled=False)
     assert model.native_cells == 4
     return model
-
-
-def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
-    return load_scene(write_scene(text, name), default_model=model.model_id)
 
 
 def klein_pipeline(model, distilled: bool):

@@ -24,6 +24,7 @@ from multidiff_cli.models.random_flux import build_tiny_flux_random
 from multidiff_cli.models.random_weights import save_model
 from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
+from reference import flux_pipeline, scene_of
 
 CPU = torch.device("cpu")
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -42,22 +43,6 @@ KOHYA_BFL_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)
 @pytest.fixture(scope="module")
 def dev():
     return build_tiny_flux_random()
-
-
-def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
-    return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def flux_pipeline(model):
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = diffusers.FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
-                                  vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                  text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                                  transformer=model.transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def lora_layers(model, seed: int, rank: int = 2, strength: float = 0.3, text: bool = True):

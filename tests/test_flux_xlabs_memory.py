@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from multidiff_cli.models.random_flux import build_tiny_flux_random
 from multidiff_cli.run.render import render
-from multidiff_cli.scene import load_scene
+from reference import flux_pipeline, scene_of
 
 CPU = torch.device("cpu")
 
@@ -20,22 +20,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def dev():
     return build_tiny_flux_random()
-
-
-def scene_of(write_scene, model, text: str, name: str = "scene.yaml"):
-    return load_scene(write_scene(text, name), default_model=model.model_id)
-
-
-def flux_pipeline(model):
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = diffusers.FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
-                                  vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                  text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                                  transformer=model.transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 PLAIN = "prompt: a red sofa in a room\nwidth: 96\nheight: 64\nsteps: 2\nseed: 9\nguidance_scale: 4.0\n"
