@@ -77,6 +77,7 @@ class Family:
     lora_kinds: tuple[str, ...] = ()  # what a LoRA of this family names that others do not (for messages)
     native_px: int = 512  # its models' usual native window (a model's own is read from its config at render)
     window_align_px: int = 64  # region windows' sides are whole multiples: SD's UNet halves the latent 3 times
+    controlnets: bool = False  # its models take ControlNets (`control:`, models/control.py)
 
     @property
     def scheduler_names(self) -> tuple[str, ...]:
@@ -88,13 +89,13 @@ SD = Family(
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
     weights={"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
              "vae": "diffusion_pytorch_model.safetensors"},
-    folders=("tokenizer", "scheduler"),
+    folders=("tokenizer", "scheduler"), controlnets=True,
 )
 SDXL = Family(
     name="sdxl", label="SDXL", module="sdxl", class_name="SDXL",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     weights={**SD.weights, "text_encoder_2": "model.safetensors"},
-    folders=("tokenizer", "tokenizer_2", "scheduler"), native_px=1024,
+    folders=("tokenizer", "tokenizer_2", "scheduler"), native_px=1024, controlnets=True,
 )
 FLUX = Family(
     name="flux", label="FLUX.1", module="flux", class_name="Flux",
@@ -141,6 +142,9 @@ FLUX2 = Family(
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, FLUX, SD3, ZIMAGE, FLUX2)}
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+# A ControlNet with random weights shaped for the render's UNet, built in code (models/control.py): the
+# example scene and the bench render with it offline.
+RANDOM_CONTROLNET = "random-controlnet"
 # Built-in models with random weights, built in code (models/random_weights.py): name -> family.
 TINY_RANDOM, SD2_RANDOM = "tiny-random", "sd2-random"
 TINY_SDXL_RANDOM, SDXL_RANDOM = "tiny-sdxl-random", "sdxl-random"

@@ -47,6 +47,11 @@ class LoraError(MultidiffError):
     exit_code = 2
 
 
+class ControlError(SceneError):
+    """A control the scene names cannot be used: its ControlNet is missing, pickled without --allow-pickle, or
+    made for another family or size. Exit 2, one line per problem, before sampling."""
+
+
 class OutputError(MultidiffError):
     """An output file cannot be written (no permission, disk full, ...)."""
 

@@ -43,9 +43,12 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
     distinct one runs once, so requests on the same input
     whose prompts share a negative prompt share its unconditional pass (N regions: N+2 samples a
     step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
+    guides (the sampler's, when it has some): each input's guide crop, passed to `run` as the
+    conditioning's "guides" rows, one per sample.
     """
 
-    def denoise(inputs: torch.Tensor, t: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def denoise(inputs: torch.Tensor, t: torch.Tensor, requests: list[Request],
+                guides: torch.Tensor | None = None) -> torch.Tensor:
         samples: dict[tuple[int, int], int] = {}
 
         def sample(latent: int, text: int) -> int:
@@ -53,7 +56,10 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
 
         cond = [sample(latent, prompts.cond[p]) for latent, p in requests]
         uncond = [sample(latent, prompts.negative[p]) if prompts.guidance[p] > 1 else None for latent, p in requests]
-        out = run(inputs[[latent for latent, _ in samples]], t, conditioning[[text for _, text in samples]])
+        rows = conditioning[[text for _, text in samples]]
+        if guides is not None:  # each sample's guide crop rides with its conditioning row (families: "guides")
+            rows = rows.with_rows("guides", guides[[latent for latent, _ in samples]])
+        out = run(inputs[[latent for latent, _ in samples]], t, rows)
         guided = []
         for c, u, (_, p) in zip(cond, uncond, requests):
             guided.append(out[c] if u is None else out[u] + prompts.guidance[p] * (out[c] - out[u]))

@@ -19,14 +19,15 @@ from .views import View, full_view
 Request = tuple[int, int]
 """(input index, prompt index): one guided prediction the sampler requests of the denoiser."""
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, list[Request]], torch.Tensor]
-"""denoise(inputs, t, requests) -> guided model outputs (len(requests), C, h, w), one per request.
+Denoiser = Callable[..., torch.Tensor]
+"""denoise(inputs, t, requests, guides=None) -> guided model outputs (len(requests), C, h, w), one per request.
 
 `inputs` (M, C, h, w) are the distinct latents of the step (one per view, plus one per view and
 region while bootstrapping), already as the network sees them (`NoiseSchedule.model_input`); `t` is
 the evaluation's timestep (`NoiseSchedule.timesteps`); request r asks for prompt requests[r][1]'s
 prediction on inputs[requests[r][0]]. Requests that share an input may share work (the
-unconditional pass).
+unconditional pass). `guides` (M, G, h, w), given only when the sampler has some: each input's crop of
+the canvas-aligned guide channels (control images, cell by cell), cropped and shifted as the input was.
 """
 
 StepCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
@@ -77,20 +78,23 @@ def windowed_views(views: list[View], windows: PromptViews | None) -> tuple[list
     return [*views, *(view for view, _ in extra)], [prompts for _, prompts in extra]
 
 
-def step_requests(x, weights, views, bootstrap=None, center=False, active=None):
+def step_requests(x, weights, views, bootstrap=None, center=False, active=None, guides=None):
     """The inputs and requests of one step: for every view, each prompt with weight inside it.
 
     bootstrap: (N, C, H, W) bootstrapped region latents, or None outside bootstrapping, when
     every prompt of a view shares the view's crop of x. active: per view, the prompts that run in it
     (default active_prompts(weights, views)). Returns inputs (a list of (C, hv, wv), views of different
     sizes when regions have windows), requests, each request's view, and each request's centering roll
-    (or None).
+    (or None). guides: (1, G, H, W) canvas-aligned channels cropped with x: then also each input's crop of
+    them (a fifth list), shifted with its input.
     """
-    inputs, requests, request_views, rolls = [], [], [], []
+    inputs, requests, request_views, rolls, guide_inputs = [], [], [], [], []
     for view, active_here in zip(views, active if active is not None else active_prompts(weights, views)):
         if not active_here:
             continue
         inputs.append(view.crop(x)[0])
+        if guides is not None:
+            guide_inputs.append(view.crop(guides)[0])
         shared = len(inputs) - 1
         for prompt in active_here:
             roll = None
@@ -98,21 +102,28 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None):
                 index = shared
             else:
                 crop = view.crop(bootstrap[prompt - 1])
+                guide = None if guides is None else view.crop(guides)[0]
                 if center:
                     roll = centering_shifts(view.crop(weights[prompt])[None])[0]
                     crop = torch.roll(crop, roll, dims=(-2, -1))
+                    guide = None if guide is None else torch.roll(guide, roll, dims=(-2, -1))
                 inputs.append(crop)
+                if guide is not None:
+                    guide_inputs.append(guide)
                 index = len(inputs) - 1
             requests.append((index, prompt))
             request_views.append(view)
             rolls.append(roll)
+    if guides is not None:
+        return inputs, requests, request_views, rolls, guide_inputs
     return inputs, requests, request_views, rolls
 
 
 def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], t: torch.Tensor,
-                    requests: list[Request]) -> list[torch.Tensor]:
+                    requests: list[Request], guides: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The denoiser over inputs of one size at a time (views of the canvas, and each size of window): one call
-    per size, its requests renumbered; every request's prediction, in order. model_input(stacked inputs)."""
+    per size, its requests renumbered; every request's prediction, in order. model_input(stacked inputs);
+    guides: each input's guide crop, stacked with it."""
     sizes: dict[tuple[int, ...], list[int]] = {}
     for i, tensor in enumerate(inputs):
         sizes.setdefault(tuple(tensor.shape), []).append(i)
@@ -120,8 +131,9 @@ def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], 
     for members in sizes.values():
         local = {global_index: k for k, global_index in enumerate(members)}
         order = [r for r, (i, _) in enumerate(requests) if i in local]
+        extra = {} if guides is None else {"guides": torch.stack([guides[i] for i in members])}
         out = denoise(model_input(torch.stack([inputs[i] for i in members])), t,
-                      [(local[requests[r][0]], requests[r][1]) for r in order])
+                      [(local[requests[r][0]], requests[r][1]) for r in order], **extra)
         for r, prediction in zip(order, out):
             predictions[r] = prediction
     return predictions
@@ -188,6 +200,7 @@ def multidiffusion(
     init_latents: torch.Tensor | None = None,
     known_latents: torch.Tensor | None = None,
     changeable: torch.Tensor | None = None,
+    guides: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample a canvas with MultiDiffusion; returns the final latents (1, C, h, w).
 
@@ -214,6 +227,8 @@ def multidiffusion(
     known_latents, changeable: clean latents to keep, and (1, 1, h, w) 1 where they may change; after
         every step the other cells are set to known_latents noised to the next step's level (clean
         after the last), as diffusers' inpaint pipeline does with a 4-channel UNet.
+    guides: (1, G, h, w) channels aligned with the canvas cell by cell (control images, pixel-unshuffled):
+        cropped with every input (and shifted with a centred one) and passed to the denoiser with them.
     """
     per_step = weights.dim() == 5
     regions = weights.shape[-4] - 1
@@ -244,11 +259,11 @@ def multidiffusion(
         if bootstrapping and step < bootstrap_steps:
             noised = schedule.noised(backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), index)
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
-        inputs, requests, request_views, rolls = step_requests(
-            x, step_weights, all_views, bootstrap, center_regions, active[weights_index]
+        inputs, requests, request_views, rolls, *guide_inputs = step_requests(
+            x, step_weights, all_views, bootstrap, center_regions, active[weights_index], guides
         )
         predictions = unroll(denoise_by_size(denoise, lambda batch: schedule.model_input(batch, index), inputs,
-                                             schedule.timesteps[index], requests), rolls)
+                                             schedule.timesteps[index], requests, *guide_inputs), rolls)
         fused = fuse_views(predictions, requests, request_views, step_weights)
         x, denoised = schedule.step(fused, index, x, generator)
         if changeable is not None:

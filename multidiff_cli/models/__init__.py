@@ -15,6 +15,8 @@ _EXPORTS = {
     "pick_device": "device", "pick_dtype": "device", "quiet_libraries": "device",
     "adapter_set": "lora_files",
     "build_random": "random_weights",
+    "Control": "control", "control_rows": "control", "kept_timesteps": "control", "loaded_controlnets": "control",
+    "to_guides": "control",
 }
 __all__ = sorted(_EXPORTS)
 

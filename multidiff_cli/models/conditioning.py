@@ -52,6 +52,10 @@ class Conditioning:
             out[name] = t * mask if name in names else t
         return Conditioning(out, self.adapter_index, self.adapter_sets)
 
+    def with_rows(self, name: str, tensor: torch.Tensor) -> Conditioning:
+        """These rows with one more named tensor of the same rows (a sample's guide crop)."""
+        return Conditioning({**self.tensors, name: tensor}, self.adapter_index, self.adapter_sets)
+
     def with_adapters(self, index: torch.Tensor, sets: list[AdapterSet]) -> Conditioning:
         return Conditioning(self.tensors, index, tuple(sets))
 

@@ -12,6 +12,8 @@ sampler (STYLE.md, *Families and noise schedules*). What a family provides:
 - schedules: `make_schedule` (its scheduler names and defaults are in its facts);
 - the codec: `codec` (a VAECodec, or the family's own);
 - LoRAs: `load_lora` and the parts they adapt (`denoiser_part`, `text_parts`);
+- ControlNets, where its facts say `controlnets`: `forward(..., controls=)` adds their residuals
+  (models/control.py);
 - memory: `bytes_per_sample` (activations of one sample over a view).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LoadedState:
     dtype: torch.dtype = torch.float32
     lora_state: Any = None  # the LoRAs loaded into its networks (models/adapters.py)
     offload: bool = False  # the text encoders wait on the CPU between renders (Model.to)
+    controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNets loaded for renders (models/control.py)
 
 
 class Model(ABC):
@@ -230,13 +233,18 @@ class Model(ABC):
 
         return auto_samples_per_call(self.device.type, self.bytes_per_sample(view_cells), self.free_bytes())
 
-    def sample_run(self, samples_per_call: int, warn: Callable[[str], None] | None = None):
+    def sample_run(self, samples_per_call: int, warn: Callable[[str], None] | None = None, controls: tuple = ()):
         """The network over a step's samples (method.guidance.ModelRun): in calls of at most
-        `samples_per_call`, each LoRA set's rows with that set switched on when LoRAs are loaded."""
+        `samples_per_call`, each LoRA set's rows with that set switched on when LoRAs are loaded; with
+        `controls` (models/control.py, families whose facts say `controlnets`), their residuals on the
+        rows that use them."""
+        import functools
+
         from .adapters import AdapterRun
         from .batching import ChunkedRun
 
-        run = ChunkedRun(self.forward, samples_per_call, warn, self.network_label)
+        forward = functools.partial(self.forward, controls=controls) if controls else self.forward
+        run = ChunkedRun(forward, samples_per_call, warn, self.network_label)
         return AdapterRun(run, self) if self.state.lora_state is not None else run
 
     # --- schedules and the codec ------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from ..catalog import SD as SD_FACTS
 from ..method.schedule import DiffusionSchedule
 from .codec import VAECodec
+from .control import Control, control_residuals
 from .family import Conditioning, LoadedState, Model
 from .schedulers import make_scheduler
 
@@ -140,8 +141,13 @@ class SD(Model):
         """What diffusers' pipeline passes its UNet besides the latents and the timestep."""
         return {"encoder_hidden_states": conditioning.get("hidden_states")}
 
-    def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        return self.unet(inputs.to(self.unet.dtype), t, **self.unet_kwargs(conditioning)).sample.float()
+    def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                controls: tuple[Control, ...] = ()) -> torch.Tensor:
+        """The UNet over a batch; with controls, each one's ControlNet residuals added to the rows that use it."""
+        inputs = inputs.to(self.unet.dtype)
+        kwargs = self.unet_kwargs(conditioning)
+        residuals = control_residuals(controls, inputs, t, conditioning, kwargs, self.facts.cell_px)
+        return self.unet(inputs, t, **kwargs, **residuals).sample.float()
 
     def bytes_per_sample(self, view_cells: int) -> int:
         return unet_bytes_per_sample(self.unet.config, view_cells, self.dtype)

@@ -15,8 +15,9 @@ from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
-from ..models import AdapterSet, Model, adapter_set
+from ..models import AdapterSet, Control, Model, adapter_set, control_rows, kept_timesteps, loaded_controlnets, to_guides
 from ..scene import Scene, changeable_cells, checked_for, region_cells
+from ..scene.controls import control_model_name, control_pixels
 from ..scene.geometry import region_windows, views_cost
 from ..scene.picture import load_picture
 
@@ -95,39 +96,44 @@ class ScenePrompts(Prompts):
 
     adapters: list[AdapterSet] = field(default_factory=list)
     embedded: list[float | None] = field(default_factory=list)
+    controls: list[tuple[int, ...]] = field(default_factory=list)  # each condition's controls (Scene.controls order)
 
 
 def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool = False,
                   cfg_offset: float = 0.0) -> ScenePrompts:
-    """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance) is one condition,
-    encoded once. A prompt's conditional and negative text both run with its LoRAs: the scene's, plus its
-    region's. true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
+    """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance, control set) is one
+    condition, encoded once. A prompt's conditional and negative text both run with its LoRAs and controls:
+    the scene's, plus its region's (so an unconditional sample is shared only by prompts with the same sets). true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
     unless above 1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
     prompt's guidance_scale is embedded in its samples. cfg_offset (the family's, Z-Image: 1): the sampler's
     scale is guidance_scale + cfg_offset, for a family whose pipeline counts guidance from the conditional."""
-    conditions: list[tuple[str, AdapterSet, float | None]] = []
+    conditions: list[tuple[str, AdapterSet, float | None, tuple[int, ...]]] = []
 
-    def index(condition: tuple[str, AdapterSet, float | None]) -> int:
+    def index(condition: tuple[str, AdapterSet, float | None, tuple[int, ...]]) -> int:
         if condition not in conditions:
             conditions.append(condition)
         return conditions.index(condition)
 
     prompts = ScenePrompts([], [], [], [])
-    entries = [("prompt", scene.prompt, None, None, [])] + [
-        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale, r.loras)
+    numbered = list(enumerate(scene.controls()))
+    entries = [("prompt", scene.prompt, None, None, [], None)] + [
+        (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale, r.loras, i)
         for i, r in enumerate(scene.regions)
     ]
-    for label, text, negative, guidance, loras in entries:
+    for label, text, negative, guidance, loras, region in entries:
+        controls = tuple(k for k, (owner, _) in numbered if owner is None or owner == region)
         adapters = adapter_set([(str(scene.lora_path(lora).resolve()), lora.scale) for lora in scene.loras + loras])
         guidance = scene.guidance_scale if guidance is None else guidance
         embedded = guidance if embedded_guidance else None
         prompts.labels.append(label)
-        prompts.cond.append(index((scene.full_prompt(text), adapters, embedded)))
-        prompts.negative.append(index((scene.negative_prompt if negative is None else negative, adapters, embedded)))
+        prompts.cond.append(index((scene.full_prompt(text), adapters, embedded, controls)))
+        prompts.negative.append(index((scene.negative_prompt if negative is None else negative, adapters, embedded,
+                                       controls)))
         prompts.guidance.append((scene.true_cfg_scale or 1.0) if true_cfg else guidance + cfg_offset)
-    prompts.texts[:] = [text for text, _, _ in conditions]
-    prompts.adapters[:] = [adapters for _, adapters, _ in conditions]
-    prompts.embedded[:] = [embedded for _, _, embedded in conditions]
+    prompts.texts[:] = [text for text, _, _, _ in conditions]
+    prompts.adapters[:] = [adapters for _, adapters, _, _ in conditions]
+    prompts.embedded[:] = [embedded for _, _, embedded, _ in conditions]
+    prompts.controls[:] = [controls for _, _, _, controls in conditions]
     return prompts
 
 
@@ -148,10 +154,33 @@ def picture_latents(scene: Scene, model: Model, plan: RenderPlan) -> torch.Tenso
 
 def encode_conditioning(model: Model, prompts: ScenePrompts, plan: RenderPlan):
     """The conditioning of each distinct condition, as the model's family encodes it for views of the
-    plan's size; conditions with LoRAs (prompts.adapters) with their text-encoder LoRAs on."""
+    plan's size; conditions with LoRAs (prompts.adapters) with their text-encoder LoRAs on; with controls,
+    each row's 0/1 row of them ("control")."""
     view_px = tuple(cells * model.facts.cell_px for cells in plan.view_hw)
-    return model.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, view_px,
-                                   prompts.embedded)
+    conditioning = model.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, view_px,
+                                           prompts.embedded)
+    count = 1 + max((k for ks in prompts.controls for k in ks), default=-1)
+    if not count:
+        return conditioning
+    return conditioning.with_rows("control", control_rows(prompts.controls, count).to(model.device))
+
+
+def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: int,
+                   allow_pickle: bool = False) -> tuple[tuple[Control, ...], torch.Tensor | None]:
+    """The scene's controls for this render (Scene.controls order), their ControlNets loaded (ControlError
+    before any sampling where one does not fit the model), each on at the evaluations its start and end
+    keep (from evaluation `first`, the first run); and the sampler's guides: every control image on the
+    canvas, pixel-unshuffled to the latent grid. ((), None) without controls."""
+    numbered = scene.controls()
+    if not numbered:
+        return (), None
+    names = [control_model_name(scene, control) for _, control in numbered]
+    nets = loaded_controlnets(model, names, allow_pickle)
+    timesteps = schedule.timesteps[first:]
+    controls = tuple(Control(nets[name], c.scale, kept_timesteps(timesteps, c.start, c.end), c.model)
+                     for name, (_, c) in zip(names, numbered))
+    pictures = [torch.from_numpy(control_pixels(scene, region, c)).permute(2, 0, 1) for region, c in numbered]
+    return controls, to_guides(pictures, model.facts.cell_px).to(model.device)
 
 
 def decode_scene(model: Model, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
@@ -221,7 +250,8 @@ def render(
 
     schedule = model.make_schedule(scene.scheduler, scene.steps, plan.view_hw)
     weights = scene_weights(scene, schedule, plan.few_step).to(device)
-    run = model.sample_run(plan.samples_per_call, warn)
+    controls, guides = scene_controls(scene, model, schedule, start * schedule.order, allow_pickle)
+    run = model.sample_run(plan.samples_per_call, warn, controls)
     stage(f"step 1/{scene.steps - start}")
     try:
         latents = multidiffusion(
@@ -240,6 +270,7 @@ def render(
             init_latents=image_latents if scene.init_image is not None and scene.strength < 1 else None,
             known_latents=None if changeable is None else image_latents,
             changeable=changeable,
+            guides=guides,
         )
     except torch.cuda.OutOfMemoryError:
         raise RenderError(

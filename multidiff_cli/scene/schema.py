@@ -81,6 +81,28 @@ class Lora(Strict):
         return {"path": value} if isinstance(value, str) else value
 
 
+CONTROL_SCALE_LIMIT = 5.0  # a ControlNet's conditioning scale above this is surely a typo (A1111 offers up to 2)
+
+
+class Control(Strict):
+    """A ControlNet and its control image (depth, pose, edges, ...), for the whole scene or for one region."""
+
+    model: Text = Field(description="ControlNet: hub id, diffusers folder or single file (relative to the scene file), "
+                                    "or random-controlnet")
+    image: Text = Field(description="control image, relative to the scene file; scene-wide: resized to the canvas; a "
+                                    "region's: the canvas' size, or fitted to the region's box")
+    scale: float = Field(1.0, ge=0, le=CONTROL_SCALE_LIMIT, allow_inf_nan=False, description="conditioning scale")
+    start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="share of the steps before it starts")
+    end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="share of the steps after which it stops")
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> Control:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start:g}) must be before end ({self.end:g}): both are shares of the steps, "
+                             "0 to 1")
+        return self
+
+
 class Region(Strict):
     """One prompt that owns part of the canvas: a box in pixels or a mask image."""
 
@@ -90,6 +112,8 @@ class Region(Strict):
     negative_prompt: AnyText | None = None
     guidance_scale: Guidance | None = None
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="added on this region's samples only")
+    control: list[Control] = Field(default_factory=list, exclude_if=_empty,
+                                   description="ControlNets on this region's samples only")
     window: Literal["canvas", "auto"] | list[Coordinate] | None = Field(
         None, exclude_if=lambda value: value is None, description="where this region's prompt runs: canvas, auto (its box grown by window_context), or "
                           "[x0, y0, x1, y1] in pixels; absent: the scene's region_windows"
@@ -162,6 +186,7 @@ class Scene(Strict):
         description="none: all may change; outside_regions: only the regions change; a mask path: white may change",
     )
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="on every prompt's samples")
+    control: list[Control] = Field(default_factory=list, exclude_if=_empty, description="ControlNets on every prompt's samples")
     region_windows: bool | Literal["auto"] = Field(
         False, exclude_if=lambda value: value is False, description="run each region's prompt on a window around it, not the whole canvas; auto: where "
                            "that saves samples (README, Region windows)"
@@ -272,6 +297,11 @@ class Scene(Strict):
 
     def lora_path(self, lora: Lora) -> Path:
         return self.path_of(lora.path)
+
+    def controls(self) -> list[tuple[int | None, Control]]:
+        """Every control of the scene, in the order renders number them: (None: scene-wide, or a region's
+        index, the control)."""
+        return [(None, c) for c in self.control] + [(i, c) for i, r in enumerate(self.regions) for c in r.control]
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""

@@ -1,0 +1,114 @@
+"""A scene's controls (`control:` on the scene and its regions): where each control image goes on the canvas,
+its pixels there, and the problems a scene can be told of before any model loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, looks_like_hub_id
+from ..errors import PictureError
+from . import picture
+from .geometry import region_cells
+from .paths import local_model
+from .schema import Control, Scene
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+
+
+def control_box(scene: Scene, region: int | None, image_wh: tuple[int, int]) -> Box:
+    """Where a control image goes on the canvas: a scene-wide one, and a region's of exactly the canvas' size,
+    on the whole canvas; any other region's fitted to the region's bounding box (its cells'), black around it
+    (a ControlNet reads black as no edges, no pose, far depth)."""
+    canvas = (0, 0, scene.width, scene.height)
+    if region is None or tuple(image_wh) == (scene.width, scene.height):
+        return canvas
+    cells = region_cells(scene, region)
+    rows, cols = cells.any(axis=1).nonzero()[0], cells.any(axis=0).nonzero()[0]
+    cell = scene.cell_px
+    return int(cols[0]) * cell, int(rows[0]) * cell, (int(cols[-1]) + 1) * cell, (int(rows[-1]) + 1) * cell
+
+
+def control_image_path(scene: Scene, control: Control) -> Path:
+    return scene.path_of(control.image)
+
+
+def control_model_name(scene: Scene, control: Control) -> str:
+    """A control's ControlNet resolved: a local folder or file as an absolute path (relative to the scene
+    file, the one rule for paths); a hub id or the built-in random one as written."""
+    return local_model(control.model, scene.base_dir)[0]
+
+
+def control_pixels(scene: Scene, region: int | None, control: Control) -> np.ndarray:
+    """A control image on the canvas: float32 (H, W, 3) in [0, 1], as diffusers' control_image_processor
+    makes it (RGB, Lanczos-resized, not normalised), placed by `control_box`."""
+    path = control_image_path(scene, control)
+    with picture.open_image(path, "a control image") as image:
+        image = image.convert("RGB")
+        x0, y0, x1, y1 = control_box(scene, region, image.size)
+        if image.size != (x1 - x0, y1 - y0):
+            image = image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+        canvas = np.zeros((scene.height, scene.width, 3), dtype=np.float32)
+        canvas[y0:y1, x0:x1] = np.asarray(image, dtype=np.float32) / 255.0
+    return canvas
+
+
+def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
+    """Each control's problems at its field: its image missing or unreadable, or of another shape than where it
+    goes (over 3% apart in aspect); its ControlNet a local path that does not exist, or a pickle without
+    allow_pickle; a family that takes no ControlNet."""
+    problems = []
+    family = scene.family
+    seen = [0] * (len(scene.regions) + 1)
+    for region, control in scene.controls():
+        owner = ("control",) if region is None else ("regions", region, "control")
+        k = seen[0 if region is None else region + 1]
+        seen[0 if region is None else region + 1] += 1
+        loc = (*owner, k)
+        if family is not None and not family.controlnets:
+            problems.append((loc, f"{family.label} models take no ControlNet in multidiff yet (SD 1.x/2.x and SDXL do)"))
+            continue
+        problem = _image_problem(scene, region, control)
+        if problem:
+            problems.append(((*loc, "image"), problem))
+        problem = _model_problem(scene, control, allow_pickle)
+        if problem:
+            problems.append(((*loc, "model"), problem))
+    return problems
+
+
+def _image_problem(scene: Scene, region: int | None, control: Control) -> str | None:
+    path = control_image_path(scene, control)
+    try:
+        with picture.open_image(path, "a control image") as image:
+            size = image.size
+    except PictureError as exc:
+        return str(exc)
+    x0, y0, x1, y1 = control_box(scene, region, size)
+    target = (x1 - x0, y1 - y0)
+    if abs((size[0] / size[1]) / (target[0] / target[1]) - 1) <= picture.ASPECT_TOLERANCE:
+        return None
+    where = "the canvas" if target == (scene.width, scene.height) else f"the region's box {[x0, y0, x1, y1]}"
+    return (f"{path} is {size[0]}x{size[1]} (aspect {size[0] / size[1]:.2f}) but {where} is {target[0]}x{target[1]} "
+            f"(aspect {target[0] / target[1]:.2f}): give a control image of that shape"
+            + ("" if region is None else f", or of the canvas' size ({scene.width}x{scene.height})"))
+
+
+def _model_problem(scene: Scene, control: Control, allow_pickle: bool) -> str | None:
+    if control.model == RANDOM_CONTROLNET:
+        return None
+    name = control_model_name(scene, control)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{path}: not a diffusers ControlNet folder (it holds no config.json)"
+        return None
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            return (f"{control.model} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors "
+                    "file, or, for a file you trust, pass --allow-pickle")
+        return None
+    if looks_like_hub_id(control.model):
+        return None
+    return f"no such folder or file: {path} (nor a hub id, owner/name, nor {RANDOM_CONTROLNET})"

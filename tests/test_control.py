@@ -1,0 +1,268 @@
+"""ControlNets for the whole scene or for one region (models/control.py, scene/controls.py), on the tiny random
+SD2- and SDXL-shaped models and random ControlNets shaped for them (`random-controlnet`):
+
+- scene-wide, no regions: diffusers' StableDiffusion(XL)ControlNetPipeline from the same noise, with the
+  start/end window;
+- a region's control: the per-prompt reference loop with residuals on that region's samples only, and
+  the fused prediction bit-identical where the region has no weight;
+- sample and ControlNet calls per step;
+- bad input, one line each, exit 2, before sampling; records, inspect and preview.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multidiff_cli.catalog import RANDOM_CONTROLNET
+from multidiff_cli.method.guidance import guided_denoiser
+from multidiff_cli.method.sampler import fuse_views
+from multidiff_cli.method.schedule import DiffusionSchedule
+from multidiff_cli.method.views import full_view
+from multidiff_cli.models.control import build_random_controlnet, kept_timesteps, loaded_controlnets, to_guides
+from multidiff_cli.models.random_weights import build_tiny_random
+from multidiff_cli.models.schedulers import make_scheduler
+from multidiff_cli.output.png import read_metadata
+from multidiff_cli.run.render import encode_conditioning, plan_render, render, scene_controls, scene_prompts, scene_weights
+from multidiff_cli.scene import load_scene
+from multidiff_cli.scene.controls import control_pixels
+from reference import guided, reference_multidiffusion
+
+CPU = torch.device("cpu")
+
+
+def picture(path: Path, size_wh: tuple[int, int], seed: int) -> Path:
+    """A noise-like RGB control image of size_wh."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def noise(seed: int, latent_hw) -> torch.Tensor:
+    """render's initial noise: the first draw of a CPU generator seeded with the render's seed."""
+    return torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+# --- A. scene-wide: diffusers' ControlNet pipelines from the same noise ------------------------------------
+
+
+CASES = [("ddim", 0.0, 1.0), ("ddim", 0.25, 0.75), ("dpm++", 0.25, 0.75)]
+
+
+@pytest.mark.parametrize("scheduler, start, end", CASES)
+def test_a_scene_wide_controlnet_equals_diffusers_controlnet_pipeline(tiny, write_scene, tmp_path, scheduler, start, end,
+                                                                      assert_close_batched):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    picture(tmp_path / "depth.png", (96, 64), 1)
+    scene = load_scene(write_scene(
+        f"prompt: a red sofa in a room\nnegative_prompt: blurry\nwidth: 96\nheight: 64\nsteps: 4\nscheduler: {scheduler}\n"
+        f"control: [{{model: {RANDOM_CONTROLNET}, image: depth.png, scale: 0.8, start: {start}, end: {end}}}]\n"
+    ))
+    ours = render(scene, tiny, seed=5)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+        controlnet=build_random_controlnet(tiny.unet), scheduler=make_scheduler(scheduler, tiny.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        theirs = pipe("a red sofa in a room", Image.open(tmp_path / "depth.png"), height=64, width=96,
+                      num_inference_steps=4, guidance_scale=7.5, negative_prompt="blurry", latents=noise(5, (8, 12)),
+                      controlnet_conditioning_scale=0.8, control_guidance_start=start, control_guidance_end=end,
+                      output_type="latent").images
+        plain = render(scene.model_copy(update={"control": []}), tiny, seed=5).latents
+    assert_close_batched(ours.latents, theirs, guidance=7.5, steps=4)
+    assert (ours.latents - plain).abs().max() > 10 * (ours.latents - theirs).abs().max()  # the control did something
+
+
+def test_a_scene_wide_sdxl_controlnet_equals_diffusers_sdxl_controlnet_pipeline(tiny_xl, write_scene, tmp_path,
+                                                                                assert_close_batched):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    picture(tmp_path / "edges.png", (96, 64), 2)
+    scene = load_scene(write_scene(
+        "prompt: a red sofa in a room\nnegative_prompt: blurry\nwidth: 96\nheight: 64\nsteps: 3\nguidance_scale: 5.0\n"
+        f"control: [{{model: {RANDOM_CONTROLNET}, image: edges.png, end: 0.7}}]\n"
+    ))
+    ours = render(scene, tiny_xl, seed=7).latents
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=tiny_xl.vae, text_encoder=tiny_xl.text_encoder, text_encoder_2=tiny_xl.text_encoder_2,
+        tokenizer=tiny_xl.tokenizer, tokenizer_2=tiny_xl.tokenizer_2, unet=tiny_xl.unet,
+        controlnet=build_random_controlnet(tiny_xl.unet), scheduler=make_scheduler("ddim", tiny_xl.scheduler_config),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        theirs = pipe("a red sofa in a room", image=Image.open(tmp_path / "edges.png"), height=64, width=96,
+                      num_inference_steps=3, guidance_scale=5.0, negative_prompt="blurry", latents=noise(7, (8, 12)),
+                      control_guidance_end=0.7, output_type="latent").images
+    assert_close_batched(ours, theirs, guidance=5.0, steps=3)
+
+
+def test_the_start_end_window_is_diffusers_controlnet_keep():
+    timesteps = torch.tensor([900, 700, 500, 300, 100])
+    assert kept_timesteps(timesteps, 0.0, 1.0) == {900.0, 700.0, 500.0, 300.0, 100.0}
+    assert kept_timesteps(timesteps, 0.2, 0.6) == {700.0, 500.0}  # i/n >= 0.2 and (i+1)/n <= 0.6
+    assert kept_timesteps(timesteps[2:], 0.0, 0.5) == {500.0}  # an img2img render counts from its first step
+
+
+# --- B. a region's control: exactly its own samples ------------------------------------------------------
+
+REGION_SCENE = """prompt: a street
+negative_prompt: blurry
+width: 96
+height: 64
+steps: 2
+bootstrap_steps: 0
+regions:
+  - prompt: a knight
+    box: [0, 0, 48, 64]
+    control: [{{model: {net}, image: {image}, scale: 0.9}}]
+  - prompt: a horse
+    box: [48, 0, 96, 64]
+"""
+
+
+@pytest.mark.parametrize("size", [(96, 64), (48, 64)], ids=["canvas-sized", "fitted-to-its-box"])
+def test_a_region_control_equals_a_per_prompt_loop_with_residuals_on_that_prompt_only(tiny, write_scene, tmp_path, size,
+                                                                                       assert_close_batched):
+    picture(tmp_path / "pose.png", size, 3)
+    scene = load_scene(write_scene(REGION_SCENE.format(net=RANDOM_CONTROLNET, image="pose.png")))
+    ours = render(scene, tiny, seed=3).latents
+
+    net = build_random_controlnet(tiny.unet)
+    image = torch.zeros((1, 3, 64, 96))
+    with Image.open(tmp_path / "pose.png") as source:  # the oracle's placement: as given, or resized into the box
+        pixels = np.asarray(source.convert("RGB").resize((48, 64), Image.Resampling.LANCZOS), dtype=np.float32) / 255
+    image[0, :, :, :48] = torch.from_numpy(pixels).permute(2, 0, 1)
+    if size == (96, 64):
+        with Image.open(tmp_path / "pose.png") as source:
+            image = torch.from_numpy(np.asarray(source.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+                                   unet=tiny.unet, scheduler=make_scheduler("ddim", tiny.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with torch.inference_mode():
+        encoded = [pipe.encode_prompt(text, CPU, 1, True, negative_prompt="blurry")
+                   for text in ["a street", "a knight", "a horse"]]
+
+        def unet(p, x, t, hidden):
+            if p != 1:
+                return tiny.unet(x, t, encoder_hidden_states=hidden).sample
+            down, mid = net(x, t, encoder_hidden_states=hidden, controlnet_cond=image, conditioning_scale=0.9,
+                            return_dict=False)
+            return tiny.unet(x, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid).sample
+
+        def model_output(p, x, t):
+            cond, uncond = encoded[p]
+            return guided(unet(p, x, t, uncond), unet(p, x, t, cond), 7.5)
+
+        schedule = DiffusionSchedule(make_scheduler("ddim", tiny.scheduler_config))
+        schedule.set_timesteps(2)
+        reference = reference_multidiffusion(model_output, noise(3, (8, 12)), schedule, scene_weights(scene))
+    assert_close_batched(ours, reference, guidance=7.5, steps=2)
+
+
+def one_step(model, scene, samples_per_call=1):
+    """Every prompt's guided prediction at one step on one latent, and the fused one (Eq. 5)."""
+    prompts = scene_prompts(scene)
+    plan = plan_render(scene, model)
+    schedule = model.make_schedule("ddim", 2, plan.view_hw)
+    controls, guides = scene_controls(scene, model, schedule, 0)
+    conditioning = encode_conditioning(model, prompts, plan)
+    run = model.sample_run(samples_per_call, controls=controls)
+    x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
+    requests = [(0, p) for p in range(len(prompts.cond))]
+    weights = scene_weights(scene)
+    extra = {} if guides is None else {"guides": guides}
+    with torch.inference_mode():
+        predictions = guided_denoiser(run, conditioning, prompts)(x, schedule.timesteps[0], requests, **extra)
+        fused = fuse_views(predictions, requests, [full_view((8, 12))] * len(requests), weights)
+    return predictions, fused, weights
+
+
+def test_no_bleeding_where_the_controlled_region_has_no_weight_the_fused_prediction_is_exactly_the_plain_one(
+        tiny, write_scene, tmp_path):
+    picture(tmp_path / "pose.png", (48, 64), 3)
+    scene = load_scene(write_scene(REGION_SCENE.format(net=RANDOM_CONTROLNET, image="pose.png")))
+    controlled, fused, weights = one_step(tiny, scene)
+    plain_scene = scene.model_copy(update={"regions": [scene.regions[0].model_copy(update={"control": []}),
+                                                       scene.regions[1]]})
+    plain, fused_plain, _ = one_step(tiny, plain_scene)
+    assert torch.equal(controlled[[0, 2]], plain[[0, 2]])  # the global prompt and the other region
+    assert not torch.equal(controlled[1], plain[1])  # the controlled region's own prediction changed
+    outside = weights[1, 0] == 0
+    assert outside.any() and torch.equal(fused[..., outside], fused_plain[..., outside])
+    assert not torch.equal(fused[..., ~outside], fused_plain[..., ~outside])
+
+
+# --- C. what a step costs ------------------------------------------------------------------------------
+
+
+class CountingControlNet(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.inner, self.samples, self.calls = net, 0, 0
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, sample, timestep, **kwargs):
+        self.samples, self.calls = self.samples + sample.shape[0], self.calls + 1
+        return self.inner(sample, timestep, **kwargs)
+
+
+def counted(unet_doubles):
+    """A fresh tiny model with a counting UNet, and a counting random ControlNet in its cache."""
+    model = build_tiny_random()
+    loaded_controlnets(model, [RANDOM_CONTROLNET])
+    key = f"{RANDOM_CONTROLNET}@{model.model_id}"
+    stamp, net = model.state.controlnets[key]
+    model.state.controlnets[key] = (stamp, CountingControlNet(net))
+    model.unet = unet_doubles.Counting(model.unet)
+    return model, model.unet, model.state.controlnets[key][1]
+
+
+@pytest.mark.parametrize("regions", [1, 3])
+def test_one_region_control_costs_its_own_unconditional_sample_and_two_controlnet_samples_a_step(
+        write_scene, tmp_path, unet_doubles, regions):
+    """N regions, one with a control: N+1 conditional samples, the shared unconditional and the controlled region's
+    own: N+3 UNet samples a step; the ControlNet runs on that region's two samples only, in one call."""
+    picture(tmp_path / "pose.png", (32, 64), 3)
+    boxes = "".join(f"  - prompt: thing {i}\n    box: [{i * 32}, 0, {i * 32 + 32}, 64]\n" for i in range(1, regions))
+    scene = load_scene(write_scene(
+        f"prompt: a street\nwidth: 128\nheight: 64\nsteps: 3\nbootstrap_steps: 0\nregions:\n"
+        f"  - prompt: knight\n    box: [0, 0, 32, 64]\n    control: [{{model: {RANDOM_CONTROLNET}, image: pose.png}}]\n"
+        f"{boxes}"
+    ))
+    model, unet, net = counted(unet_doubles)
+    render(scene, model, seed=0)
+    assert unet.samples == 3 * (regions + 3)
+    assert net.samples == 3 * 2 and net.calls == 3
+
+
+def test_a_scene_wide_control_shares_the_unconditional_sample_and_runs_only_in_its_window(write_scene, tmp_path,
+                                                                                         unet_doubles):
+    """Every prompt with the same control: N+2 UNet samples a step as without it, all of them through the
+    ControlNet, and only in the steps between start and end (steps 2 and 3 of 4 here)."""
+    picture(tmp_path / "depth.png", (128, 64), 4)
+    scene = load_scene(write_scene(
+        f"prompt: a street\nwidth: 128\nheight: 64\nsteps: 4\nbootstrap_steps: 0\n"
+        f"control: [{{model: {RANDOM_CONTROLNET}, image: depth.png, start: 0.25, end: 0.75}}]\nregions:\n"
+        "  - prompt: a\n    box: [0, 0, 48, 64]\n  - prompt: b\n    box: [64, 0, 112, 64]\n"
+    ))
+    model, unet, net = counted(unet_doubles)
+    render(scene, model, seed=0)
+    assert unet.samples == 4 * (2 + 2)
+    assert net.samples == 2 * (2 + 2) and net.calls == 2
