@@ -215,6 +215,10 @@ class CountingControlNet(torch.nn.Module):
         return self.inner.dtype
 
     @property
+    def device(self):
+        return self.inner.device
+
+    @property
     def config(self):
         return self.inner.config
 
