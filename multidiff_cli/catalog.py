@@ -208,6 +208,23 @@ def is_single_file(model: str) -> bool:
     return path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file()
 
 
+def control_weights_file(folder: Path) -> Path | None:
+    """A diffusers ControlNet folder's weights file (safetensors first), or None."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def control_model_file(name: str) -> Path | None:
+    """The local file whose sha256 a PNG records for a ControlNet `name` (resolved): a single file itself,
+    a diffusers folder's weights; None for a hub id or the built-in random one."""
+    path = Path(name)
+    if name == RANDOM_CONTROLNET or not path.exists():
+        return None
+    return path if path.is_file() else control_weights_file(path)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; {} where there is none or it is not one (loading reports broken configs)."""
     try:

@@ -270,3 +270,107 @@ def test_a_scene_wide_control_shares_the_unconditional_sample_and_runs_only_in_i
     render(scene, model, seed=0)
     assert unet.samples == 4 * (2 + 2)
     assert net.samples == 2 * (2 + 2) and net.calls == 2
+
+
+# --- D. from the command line: records, inspect, folders, bad input ----------------------------------------
+
+
+CLI_SCENE = """prompt: a street
+seed: 4
+width: 96
+height: 64
+steps: 2
+control: [{{model: {net}, image: control/depth.png, scale: 0.7}}]
+regions:
+  - prompt: a knight
+    box: [0, 0, 48, 64]
+    control: [{{model: {net}, image: control/pose.png, end: 0.5}}]
+"""
+
+
+def control_images(tmp_path: Path) -> None:
+    (tmp_path / "control").mkdir(exist_ok=True)
+    picture(tmp_path / "control" / "depth.png", (96, 64), 1)
+    picture(tmp_path / "control" / "pose.png", (48, 64), 2)
+
+
+def test_cli_render_records_each_control_and_warns_when_one_changed(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    out = tmp_path / "out" / "street.png"
+    result = cli.render(write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET)), "-o", out)
+    assert result.exit_code == 0, result.output
+    record = read_metadata(out)  # paths relative to the picture's folder, out/
+    assert record["scene"]["control"] == [{"model": RANDOM_CONTROLNET, "image": "../control/depth.png", "scale": 0.7,
+                                           "start": 0.0, "end": 1.0}]
+    assert record["scene"]["regions"][0]["control"][0]["image"] == "../control/pose.png"
+    assert set(record["inputs"]) == {"../control/depth.png", "../control/pose.png"}
+
+    shown = cli("inspect", out).stdout
+    assert "every prompt: random-controlnet, image ../control/depth.png sha256:" in shown
+    assert "regions[0] (a knight): random-controlnet, image ../control/pose.png sha256:" in shown
+    assert "x1, steps 0-0.5" in shown
+
+    again = cli.render(out, "--output-dir", tmp_path / "same")
+    assert again.exit_code == 0 and "changed since" not in again.stderr
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(next((tmp_path / "same").glob("*.png")))))
+    picture(tmp_path / "control" / "pose.png", (48, 64), 9)
+    again = cli.render(out, "--output-dir", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert "../control/pose.png changed since street.png was rendered" in again.stderr
+
+
+def test_a_controlnet_folder_renders_as_the_net_it_holds_and_its_weights_are_recorded(cli, tiny, write_scene, tmp_path):
+    control_images(tmp_path)
+    build_random_controlnet(tiny.unet).save_pretrained(tmp_path / "nets" / "depth", safe_serialization=True)
+    built = cli.render(write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET), "built.yaml"), "-o", tmp_path / "built.png")
+    folder = cli.render(write_scene(CLI_SCENE.format(net="nets/depth"), "folder.yaml"), "-o", tmp_path / "folder.png")
+    assert built.exit_code == folder.exit_code == 0, folder.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "built.png")), np.asarray(Image.open(tmp_path / "folder.png")))
+    inputs = read_metadata(tmp_path / "folder.png")["inputs"]
+    assert inputs["nets/depth"].startswith("sha256:")  # the folder's diffusion_pytorch_model.safetensors
+
+
+def test_cli_bad_controls_are_one_line_each_exit_2_all_at_once_nothing_written(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    picture(tmp_path / "control" / "wide.png", (300, 64), 3)
+    scene = write_scene(
+        "prompt: a street\nwidth: 96\nheight: 64\nsteps: 2\n"
+        "control: [{model: random-controlnet, image: control/missing.png}, {model: random-controlnet, "
+        "image: control/wide.png}, {model: random-controlnet, image: control/depth.png, start: 0.6, end: 0.4}]\n"
+        "regions:\n  - prompt: a knight\n    box: [0, 0, 48, 64]\n"
+        "    control: [{model: ./nets/none, image: control/depth.png, sclae: 2}]\n"
+    )
+    result = cli.render(scene, "-o", tmp_path / "out.png")
+    assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
+    lines = result.stderr.strip().splitlines()
+    assert any("control[2]: start (0.6) must be before end (0.4)" in line for line in lines), lines
+    assert any("regions[0].control[0].sclae: unknown key; did you mean `scale`?" in line for line in lines), lines
+    assert "Traceback" not in result.output
+
+    fixed = scene.read_text().replace(", start: 0.6, end: 0.4", "").replace(", sclae: 2", "")
+    scene.write_text(fixed)
+    result = cli.render(scene, "-o", tmp_path / "out.png")
+    assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
+    lines = result.stderr.strip().splitlines()
+    assert any("control[0].image: no such file:" in line and "missing.png" in line for line in lines), lines
+    assert any("control[1].image:" in line and "is 300x64 (aspect 4.69) but the canvas is 96x64" in line
+               for line in lines), lines
+    assert any("regions[0].control[0].model: no such folder or file:" in line for line in lines), lines
+    assert len(lines) == 3
+
+
+def test_cli_a_controlnet_of_another_family_is_exit_2_one_line_before_sampling(cli, tiny_xl, write_scene, tmp_path):
+    control_images(tmp_path)
+    build_random_controlnet(tiny_xl.unet).save_pretrained(tmp_path / "nets" / "xl", safe_serialization=True)
+    result = cli.render(write_scene(CLI_SCENE.format(net="nets/xl")), "-o", tmp_path / "out.png")
+    assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
+    lines = [line for line in result.stderr.strip().splitlines() if "ControlNet" in line]
+    assert len(lines) == 1 and "an SDXL ControlNet, and this model is SD 1.x/2.x" in lines[0], result.stderr
+
+
+def test_a_flow_family_takes_no_controlnet_yet(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    result = cli("render", write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET)), "--model", "tiny-flux-random",
+                 "-o", tmp_path / "out.png")
+    assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
+    assert "control[0]: FLUX.1 models take no ControlNet in multidiff yet (SD 1.x/2.x and SDXL do)" in result.stderr

@@ -6,6 +6,7 @@ exactly what the real model costs, so the timings are those of SD2-base.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import statistics
@@ -19,9 +20,10 @@ import torch
 from ..catalog import BUILT_IN, FAMILIES, SD2_RANDOM
 from ..errors import UsageError
 from ..method.guidance import Prompts, guided_denoiser
-from ..method.sampler import bootstrap_inputs, multidiffusion, step_requests
+from ..method.sampler import bootstrap_inputs, denoise_by_size, multidiffusion, step_requests
 from ..method.views import make_views
 from ..method.weights import region_weights
+from ..models.control import CONTROL_CHANNELS, Control, build_random_controlnet, control_rows, kept_timesteps, to_guides
 from ..models.device import pick_device, pick_dtype, quiet_libraries
 from ..models.family import Conditioning, Model
 from ..models.random_weights import LORA_RANK, bench_model, random_lora
@@ -49,6 +51,7 @@ class BenchConfig:
     max_batch: int | None = None
     seed: int = 0
     loras: int = 0  # regions with a LoRA of their own: then multidiff with them against multidiff without
+    controls: int = 0  # regions with a ControlNet of their own: then multidiff with them against multidiff without
     windows: bool = False  # also multidiff with region windows (region_windows: true), against both
 
     @property
@@ -69,11 +72,15 @@ class PathResult:
     lora_switch_seconds_per_step: float = 0.0  # switching peft adapters between sample groups
     unet_batch: dict[str, Any] = field(default_factory=dict)  # samples_per_call, and whether auto chose it
     cells_per_step: float = 0.0  # latent cells of every network sample of a step, summed
+    controlnet_calls_per_step: float = 0.0
+    controlnet_samples_per_step: float = 0.0
+    controlnet_seconds_per_call: float = 0.0  # median of the calls after the first step
 
 
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int,
                  scheduler: str | None, device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
-                 device_source: str = "--device", loras: int = 0, windows: bool = False) -> BenchConfig:
+                 device_source: str = "--device", loras: int = 0, windows: bool = False,
+                 controls: int = 0) -> BenchConfig:
     """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere;
     the model family's scheduler, guidance and CUDA dtype."""
     if model not in BENCH_MODELS:
@@ -92,11 +99,18 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
         raise UsageError("--bootstrap-steps: at most --steps")
     if loras > regions:
         raise UsageError(f"--loras: at most --regions ({regions}): each LoRA belongs to one region")
+    if controls > regions:
+        raise UsageError(f"--controls: at most --regions ({regions}): each ControlNet belongs to one region")
+    if controls and loras:
+        raise UsageError("--controls and --loras: one at a time, each timed against multidiff without it")
+    if controls and not family.controlnets:
+        takers = [name for name in BENCH_MODELS if FAMILIES[BUILT_IN[name]].controlnets]
+        raise UsageError(f"--controls: {family.label} models take no ControlNets; {', '.join(takers)} do")
     return BenchConfig(
         model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
         guidance_scale=family.default_guidance, device=str(torch_device),
         dtype=str(pick_dtype(torch_device, dtype, cuda_default=family.cuda_dtype)).removeprefix("torch."),
-        compile=compile, max_batch=max_batch, loras=loras, windows=windows,
+        compile=compile, max_batch=max_batch, loras=loras, windows=windows, controls=controls,
     )
 
 
@@ -164,12 +178,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     """One path in this process: build the model, sample, time every step, measure peak memory."""
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     quiet_libraries()
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype.is_floating_point and dtype != torch.float16 else torch.float32)
-    try:  # built in the bench's dtype: full-size SDXL in float32 first would take 10 GB more at its peak
+    with built_in(dtype):
         model = bench_model(config.model)
-    finally:
-        torch.set_default_dtype(default_dtype)
     model = model.to(device, dtype).speed_up(compile=config.compile)
     latent_hw = (config.size_px // 8, config.canvas_width // 8)
     views = make_views(latent_hw, model.native_cells, VIEW_STRIDE_CELLS)
@@ -192,15 +202,24 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     if path == LORA_PATH:
         prompts, conditioning = region_loras(model, prompts, conditioning, config.loras, Path(lora_dir.name))
         path = "multidiff"
-    run = model.sample_run(samples_per_call)
+    controls, guides = (), None
+    if path == CONTROL_PATH:
+        with built_in(dtype):
+            controls, guides, prompts, conditioning = region_controls(
+                model, prompts, conditioning, config.controls, schedule.timesteps, (config.size_px, config.canvas_width))
+        path = "multidiff"
+    run = model.sample_run(samples_per_call, controls=controls)
     with torch.inference_mode():  # one untimed step's worth of network work: allocator, kernels, caches warm
         t0 = schedule.timesteps[0]
         if path == "multidiff":
-            inputs, requests, _, _ = step_requests(noise, weights, views)
-            guided_denoiser(run, conditioning, prompts)(torch.stack(inputs), t0, requests)
+            inputs, requests, _, _, *guide_inputs = step_requests(noise, weights, views, guides=guides)
+            denoise_by_size(guided_denoiser(run, conditioning, prompts), lambda batch: batch, inputs, t0, requests,
+                            *guide_inputs)
         else:
             rows = prompts.negative + prompts.cond if max(prompts.guidance) > 1 else prompts.cond
             run(noise.expand(len(rows), *noise.shape[1:]), t0, conditioning[rows])
+    for control in controls:
+        control.net.calls.clear()  # the warm-up's
     timer = _UNetTimer(run, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,7 +228,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         if path == "multidiff":
             latents = multidiffusion(
                 noise, schedule, guided_denoiser(timer, conditioning, prompts), weights,
-                views=views, windows=windows,
+                views=views, windows=windows, guides=guides,
                 bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
                 callback=lambda *_: stamps.append(now(device)),
             )
@@ -222,6 +241,8 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     later = steps[1:] or steps
     unet_seconds = list(timer.seconds.values())
     unet_later = unet_seconds[1:] or unet_seconds
+    calls = [call for control in controls for call in control.net.calls]  # (timestep, samples, seconds)
+    calls_later = [s for t, _, s in calls if t != float(t0)] or [s for _, _, s in calls]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
     else:
@@ -238,12 +259,16 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         lora_switch_seconds_per_step=getattr(run, "switch_seconds", 0.0) / len(steps),
         unet_batch={"samples_per_call": samples_per_call, "auto": not config.max_batch},
         cells_per_step=timer.cells / len(steps),
+        controlnet_calls_per_step=len(calls) / len(steps),
+        controlnet_samples_per_step=sum(samples for _, samples, _ in calls) / len(steps),
+        controlnet_seconds_per_call=statistics.median(calls_later) if calls_later else 0.0,
     )
     lora_dir.cleanup()
     return asdict(result)
 
 
 LORA_PATH = "multidiff+loras"
+CONTROL_PATH = "multidiff+controls"
 WINDOWS_PATH = "multidiff+windows"
 
 
@@ -273,23 +298,63 @@ def region_loras(model: Model, prompts: Prompts, conditioning: Conditioning, cou
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(4)
+    prompts, rows = own_negatives(prompts, count)
     files, sets = [], [()] * len(prompts.texts)
-    texts, negative = list(prompts.texts), list(prompts.negative)
-    rows = list(range(len(texts)))  # each condition's row of `conditioning`
     for region in range(1, count + 1):
         path = folder / f"region{region}.safetensors"
         save_file(random_lora(model, generator, LORA_RANK), str(path))
         files.append(path)
-        lora_set = ((str(path), 1.0),)
-        sets[prompts.cond[region]] = lora_set
-        texts.append(texts[prompts.negative[region]])
-        rows.append(prompts.negative[region])
-        sets.append(lora_set)
-        negative[region] = len(texts) - 1
+        sets[prompts.cond[region]] = sets[prompts.negative[region]] = ((str(path), 1.0),)
     model.load_loras(files)
     table = list(dict.fromkeys(sets))
     rowed = conditioning[rows].with_adapters(torch.tensor([table.index(s) for s in sets]), table)
-    return Prompts(texts, prompts.cond, negative, prompts.guidance), rowed
+    return prompts, rowed
+
+
+def region_controls(model: Model, prompts: Prompts, conditioning: Conditioning, count: int,
+                    timesteps: torch.Tensor, canvas_px: tuple[int, int]):
+    """The bench scene with regions 1..count each under a ControlNet of its own (random weights, seeded by its
+    region) on a random canvas-sized control image, scale 1, on at every step; their conditional and negative
+    texts become conditions of their own, as render's scene_prompts makes them. Returns the controls (each
+    ControlNet timed), the sampler's guides, the prompts and the conditioning."""
+    generator = torch.Generator().manual_seed(5)
+    prompts, rows = own_negatives(prompts, count)
+    sets: list[tuple[int, ...]] = [()] * len(prompts.texts)
+    controls, pictures = [], []
+    for region in range(1, count + 1):
+        sets[prompts.cond[region]] = sets[prompts.negative[region]] = (region - 1,)
+        net = build_random_controlnet(model.denoiser, seed=region).to(device=model.device, dtype=model.dtype)
+        controls.append(Control(_ControlNetTimer(net), 1.0, kept_timesteps(timesteps, 0.0, 1.0),
+                                f"region {region}"))
+        pictures.append(torch.rand((CONTROL_CHANNELS, *canvas_px), generator=generator))
+    guides = to_guides(pictures, model.facts.cell_px).to(model.device)
+    rowed = conditioning[rows].with_rows("control", control_rows(sets, count).to(model.device))
+    return tuple(controls), guides, prompts, rowed
+
+
+def own_negatives(prompts: Prompts, count: int) -> tuple[Prompts, list[int]]:
+    """Regions 1..count each with a negative condition of its own (the shared negative text again), as render's
+    scene_prompts makes one for a region with LoRAs or controls of its own; and each condition's row of the
+    conditioning so far."""
+    texts, negative = list(prompts.texts), list(prompts.negative)
+    rows = list(range(len(texts)))
+    for region in range(1, count + 1):
+        texts.append(texts[prompts.negative[region]])
+        rows.append(prompts.negative[region])
+        negative[region] = len(texts) - 1
+    return Prompts(texts, prompts.cond, negative, prompts.guidance), rows
+
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype):
+    """Build networks in the bench's dtype (float16's in float32): full-size SDXL in float32 first would take
+    10 GB more at its peak."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point and dtype != torch.float16 else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 class _UNetTimer:
@@ -309,6 +374,33 @@ class _UNetTimer:
         return out
 
 
+class _ControlNetTimer:
+    """Wraps a ControlNet: times each call (synchronised on CUDA) and counts its samples; passes through the
+    dtype, device and config that control_residuals and the loader read."""
+
+    def __init__(self, net):
+        self.net = net
+        self.calls: list[tuple[float, int, float]] = []  # (timestep, samples, seconds) of every call
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def config(self):
+        return self.net.config
+
+    def __call__(self, sample, timestep, **kwargs):
+        start = now(self.device)
+        out = self.net(sample, timestep, **kwargs)
+        self.calls.append((float(timestep), sample.shape[0], now(self.device) - start))
+        return out
+
+
 def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, Any]:
     """_run_path in a fresh process, so its peak memory is its own."""
     return in_fresh_process(_run_path, config, path, latents_file, what=f"bench path {path!r}")
@@ -317,7 +409,8 @@ def _in_child(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     """Run both paths (each in a fresh process unless `in_process`) and compare them."""
     results, latents = {}, {}
-    paths = ("multidiff", LORA_PATH) if config.loras else ("reference", "multidiff")
+    paths = (("multidiff", LORA_PATH) if config.loras else ("multidiff", CONTROL_PATH) if config.controls
+             else ("reference", "multidiff"))
     if config.windows:
         paths += (WINDOWS_PATH,)
     with tempfile.TemporaryDirectory() as tmp:

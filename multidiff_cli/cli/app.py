@@ -280,6 +280,8 @@ def bench(
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
+    controls: int = typer.Option(0, "--controls", min=0, max=16, help="Regions with a ControlNet (SD, SDXL): time "
+                                 "with them against without, and each ControlNet call."),
     windows: bool = typer.Option(False, "--windows", help="Also time region windows (region_windows: true) against "
                                  "full-canvas regions and the authors' loop."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
@@ -302,7 +304,8 @@ def bench(
         from ..bench.sampler import bench_config
 
         config = bench_config(model, size, regions, steps, bootstrap_steps, scheduler, **_env_device(device),
-                              dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras, windows=windows)
+                              dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras, windows=windows,
+                              controls=controls)
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
             printed = run_bench_command(config, widths, json_path, batch_sizes, peer)
         for item in printed:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, looks_like_hub_id
+from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, control_model_file, control_weights_file, looks_like_hub_id
 from ..errors import ControlError, ModelNotFound
 from .conditioning import Conditioning
 
@@ -70,22 +70,6 @@ def build_random_controlnet(unet, seed: int = 0):
     return net.eval()
 
 
-def _weights_file(folder: Path) -> Path | None:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def control_model_file(name: str) -> Path | None:
-    """The local file whose sha256 a PNG records for a ControlNet `name` (resolved): a single file itself,
-    a diffusers folder's weights; None for a hub id or the built-in random one."""
-    path = Path(name)
-    if name == RANDOM_CONTROLNET or not path.exists():
-        return None
-    return path if path.is_file() else _weights_file(path)
-
-
 def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
     """ControlNet `name` for `model`: the built-in random one, a diffusers folder, a single file
     (.safetensors; A1111's layout, read by diffusers' from_single_file) or a hub id (diffusers' cache, or a
@@ -97,7 +81,7 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
     path = Path(name)
     try:
         if path.is_dir():
-            weights = _weights_file(path)
+            weights = control_weights_file(path)
             if weights is None:
                 raise ControlError([f"ControlNet {name}: a diffusers ControlNet folder holds config.json and "
                                     "diffusion_pytorch_model.safetensors"])

@@ -29,7 +29,8 @@ def bench_table(report: dict[str, Any]) -> Table:
     for column in ("path", "samples/step", "samples/call", "s/step", "sampling s", "non-network share", "peak memory"):
         table.add_column(column, justify="right" if column != "path" else "left")
     labels = {"reference": "authors' per-prompt loop", "multidiff": "multidiff",
-              "multidiff+loras": f"multidiff + {config.get('loras', 0)} region LoRA{'' if config.get('loras', 0) == 1 else 's'}",
+              "multidiff+loras": f"multidiff + {plural(config.get('loras', 0), 'region LoRA')}",
+              "multidiff+controls": f"multidiff + {plural(config.get('controls', 0), 'region ControlNet')}",
               "multidiff+windows": "multidiff, region windows"}
     for name, p in report["paths"].items():
         table.add_row(
@@ -49,6 +50,14 @@ def bench_summary(report: dict[str, Any]) -> str:
             f"{report['unet_samples_ratio']:.3f}; switching LoRAs: {switching * 1000:.1f} ms a step "
             f"({switching / lora['seconds_per_step']:.2%} of a step)"
         )
+    if report["config"].get("controls"):
+        ours, theirs = report["paths"]["multidiff+controls"], report["paths"]["multidiff"]
+        samples = ours["controlnet_samples_per_step"] / max(ours["controlnet_calls_per_step"], 1)
+        return (
+            f"{plural(report['config']['controls'], 'region ControlNet')}: {ours['seconds_per_step']:.3f} s a step "
+            f"against {theirs['seconds_per_step']:.3f} s without ({report['step_time_ratio'] - 1:+.1%}); a ControlNet "
+            f"call of {samples:g} samples costs {ours['controlnet_seconds_per_call']:.3f} s"
+        )
     text = (
         f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "
         f"{report['step_time_ratio']:.3f}, UNet samples {report['unet_samples_ratio']:.3f}; "
@@ -59,6 +68,11 @@ def bench_summary(report: dict[str, Any]) -> str:
         text += (f"\nregion windows / full-canvas regions: step time {w['step_time_ratio']:.3f}, latent cells "
                  f"{w['cells_ratio']:.3f}; against the authors' loop: step time {w['step_time_ratio_to_reference']:.3f}")
     return text
+
+
+def plural(count: int, thing: str) -> str:
+    """'1 region LoRA', '3 region LoRAs'."""
+    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def sweep_table(report: dict[str, Any]) -> Table:
@@ -143,25 +157,47 @@ def metadata_text(record: dict[str, Any], image: Path) -> str:
     if files:
         text += "\n\n# files (as written -> where this machine finds them)\n" + "\n".join(
             f"# {name} -> {path}{'' if path.exists() else ' (missing)'}" for name, path in files)
-    loras = lora_lines(record)
-    return text + ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
+    loras, controls = lora_lines(record), control_lines(record)
+    text += ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
         f"# {line}" for line in loras) if loras else "")
+    return text + ("\n\n# ControlNets (which prompts, ControlNet, control image, scale, steps, sha256 when rendered)\n"
+                   + "\n".join(f"# {line}" for line in controls) if controls else "")
+
+
+def _listed(value: Any) -> list:  # a malformed record (null, a string) lists nothing, never fails
+    return value if isinstance(value, list) else []
+
+
+def _owners(scene: dict[str, Any], key: str) -> list[tuple[str, list]]:
+    """(whose samples, the list under `key`) for the scene and each of its regions."""
+    return [("every prompt", _listed(scene.get(key)))] + [
+        (f"regions[{i}] ({region.get('prompt', '')})", _listed(region.get(key)))
+        for i, region in enumerate(_listed(scene.get("regions"))) if isinstance(region, dict)
+    ]
+
+
+def control_lines(record: dict[str, Any]) -> list[str]:
+    """One line per control of a PNG's scene: whose samples, its ControlNet and image as given with their
+    sha256 (a hub id or the built-in one has none), its scale and the share of the steps it ran in."""
+    scene, hashes = record["scene"], record.get("inputs", {})
+    lines = []
+    for owner, controls in _owners(scene, "control"):
+        for c in (c for c in controls if isinstance(c, dict)):
+            model, image = str(c.get("model")), str(c.get("image"))
+            model_hash = f" {hashes[model]}" if model in hashes else ""
+            lines.append(f"{owner}: {model}{model_hash}, image {image} {hashes.get(image, 'sha256 unknown')}, "
+                         f"x{c.get('scale', 1.0):g}, steps {c.get('start', 0.0):g}-{c.get('end', 1.0):g}"
+                         if all(isinstance(c.get(k, 0.0), (int, float)) for k in ("scale", "start", "end"))
+                         else f"{owner}: {model}, image {image}")
+    return lines
 
 
 def lora_lines(record: dict[str, Any]) -> list[str]:
     """One line per LoRA of a PNG's scene: whose samples it is on, its path as given, scale and sha256."""
     scene, hashes = record["scene"], record.get("inputs", {})
-
-    def listed(value: Any) -> list:  # a malformed record (null, a string) lists nothing, never fails
-        return value if isinstance(value, list) else []
-
-    owners = [("every prompt", scene.get("loras"))] + [
-        (f"regions[{i}] ({region.get('prompt', '')})", region.get("loras"))
-        for i, region in enumerate(listed(scene.get("regions"))) if isinstance(region, dict)
-    ]
     lines = []
-    for owner, loras in owners:
-        for lora in listed(loras):
+    for owner, loras in _owners(scene, "loras"):
+        for lora in loras:
             if isinstance(lora, dict):
                 scale = lora.get("scale", 1.0)
                 scale_text = f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..catalog import DEFAULT_MODEL
+from ..catalog import DEFAULT_MODEL, control_model_file
 from ..errors import MultidiffError, UsageError
 from ..output.png import read_metadata, record_base_dir
 from ..scene import Scene, load_scene, scene_from_dict
+from ..scene.controls import control_image_path, control_model_name
 from ..scene.paths import local_model
 from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
@@ -125,7 +126,7 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
 
 def input_files(scene: Scene) -> dict[str, Path]:
     """Every file that shapes the picture (the regions' masks, the init image and its keep mask, the
-    LoRAs), as written in the scene -> its path."""
+    LoRAs, the control images and local ControlNets' weights), as written in the scene -> its path."""
     files = {region.mask: scene.path_of(region.mask) for region in scene.regions if region.mask is not None}
     if scene.init_image is not None:
         files[scene.init_image] = scene.init_image_path
@@ -133,6 +134,11 @@ def input_files(scene: Scene) -> dict[str, Path]:
         files[scene.keep_mask] = scene.keep_mask_path
     for lora in scene.loras + [lora for region in scene.regions for lora in region.loras]:
         files[lora.path] = scene.lora_path(lora)
+    for _, control in scene.controls():
+        files[control.image] = control_image_path(scene, control)
+        weights = control_model_file(control_model_name(scene, control))
+        if weights is not None:  # a local ControlNet: its weights file (a hub id is recorded by name)
+            files[control.model] = weights
     return files
 
 

@@ -1,5 +1,5 @@
-"""Paths in a scene: one rule. Every file a scene names — masks, the init image, keep masks, LoRAs, and
-local `model:`, `vae:` and `model_config:` paths — is relative to the scene file's folder (for a
+"""Paths in a scene: one rule. Every file a scene names — masks, the init image, keep masks, LoRAs, control
+images and ControlNets, and local `model:`, `vae:` and `model_config:` paths — is relative to the scene file's folder (for a
 PNG's record, the picture's folder); on the command line (`--model`, $MULTIDIFF_MODEL), relative to
 the current folder, as the shell has it."""
 from __future__ import annotations
@@ -48,7 +48,7 @@ def local_model(name: str, base_dir: Path, from_cli: bool = False) -> tuple[str,
 
 def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[str, Any]:
     """A scene (as a dict) with every local path it names rewritten from `from_dir` to `to_dir`: the masks,
-    init image, keep mask and LoRAs, and model paths that name a local folder or file (hub ids and
+    init image, keep mask, LoRAs and control images, and model and ControlNet paths that name a local folder or file (hub ids and
     built-in names stay as they are)."""
     from_dir, to_dir = Path(from_dir), Path(to_dir).resolve()
 
@@ -61,11 +61,14 @@ def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[st
         return os.path.relpath(path.resolve(), to_dir)
 
     def moved_loras(owner: dict) -> dict:
-        loras = owner.get("loras")
-        if not isinstance(loras, list):
-            return owner
-        return {**owner, "loras": [{**lora, "path": moved(lora.get("path"))} if isinstance(lora, dict) else moved(lora)
-                                   for lora in loras]}
+        loras, controls = owner.get("loras"), owner.get("control")
+        if isinstance(loras, list):
+            owner = {**owner, "loras": [{**lora, "path": moved(lora.get("path"))} if isinstance(lora, dict)
+                                        else moved(lora) for lora in loras]}
+        if isinstance(controls, list):
+            owner = {**owner, "control": [{**c, "image": moved(c.get("image")), "model": moved(c.get("model"), True)}
+                                          if isinstance(c, dict) else c for c in controls]}
+        return owner
 
     out = dict(scene)
     for key in MODEL_KEYS:
@@ -100,6 +103,10 @@ def named_files(scene: dict[str, Any], base_dir: Path) -> list[tuple[str, Path]]
     def add_loras(owner: dict) -> None:
         for lora in owner.get("loras") or [] if isinstance(owner.get("loras"), list) else []:
             add(lora.get("path") if isinstance(lora, dict) else lora)
+        for control in owner.get("control") if isinstance(owner.get("control"), list) else []:
+            if isinstance(control, dict):
+                add(control.get("image"))
+                add(control.get("model"), only_existing=True)
 
     for key in MODEL_KEYS:
         add(scene.get(key), only_existing=True)
