@@ -374,3 +374,14 @@ def test_a_flow_family_takes_no_controlnet_yet(cli, write_scene, tmp_path):
                  "-o", tmp_path / "out.png")
     assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
     assert "control[0]: FLUX.1 models take no ControlNet in multidiff yet (SD 1.x/2.x and SDXL do)" in result.stderr
+
+
+def test_preview_draws_a_region_control_image_faded_under_its_box_only(write_scene, tmp_path):
+    from multidiff_cli.output.preview import draw_layout
+
+    picture(tmp_path / "pose.png", (48, 64), 3)
+    scene = load_scene(write_scene(REGION_SCENE.format(net=RANDOM_CONTROLNET, image="pose.png")))
+    plain = scene.model_copy(update={"regions": [scene.regions[0].model_copy(update={"control": []}), scene.regions[1]]})
+    drawn, without = (np.asarray(draw_layout(s))[:64, :96].astype(int) for s in (scene, plain))
+    inside, outside = drawn[4:60, 4:44] - without[4:60, 4:44], drawn[:, 52:] - without[:, 52:]
+    assert np.abs(inside).mean() > 10 and not outside.any()

@@ -6,12 +6,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..scene import grid
 from ..scene import Scene
-from ..scene.picture import load_picture
+from ..scene.controls import control_box, control_pixels
+from ..scene.picture import load_picture, open_image
 
 CANVAS_RGB = (46, 46, 52)
 CAPTION_RGB = (18, 18, 22)
 TEXT_RGB = (240, 240, 240)
 REGION_ALPHA = 0.45  # how much of a region's colour covers the canvas
+CONTROL_ALPHA = 0.6  # how much of a control image shows, faded, under the regions' colours
 # Distinct, readable colours (Tableau 10), one per region in order.
 PALETTE = [
     (78, 121, 167), (242, 142, 43), (225, 87, 89), (118, 183, 178), (89, 161, 79),
@@ -57,6 +59,11 @@ def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | No
     canvas[:] = CANVAS_RGB
     if scene.init_image is not None:  # the picture it starts from, under the boxes
         canvas[:] = (load_picture(scene.init_image_path, (width, height)) + 1) * 127.5
+    for region, control in scene.controls():  # each control image faded where it goes (a region's: its box)
+        x0, y0, x1, y1 = (round(v * scale) for v in control_box(scene, region, _image_size(scene, control)))
+        pixels = Image.fromarray((control_pixels(scene, region, control) * 255).round().astype(np.uint8))
+        shown = np.asarray(pixels.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
+        canvas[y0:y1, x0:x1] = (1 - CONTROL_ALPHA) * canvas[y0:y1, x0:x1] + CONTROL_ALPHA * shown[y0:y1, x0:x1]
     shapes = [region_pixels(scene, i, (width, height)) for i in range(len(scene.regions))]
     for i, inside in enumerate(shapes):
         canvas[inside] = (1 - REGION_ALPHA) * canvas[inside] + REGION_ALPHA * np.array(region_colour(i))
@@ -65,14 +72,15 @@ def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | No
     line_h = LEGEND_FONT_PX + 6
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
-    global_text = f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}"
+    global_text = (f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}"
+                   f"{control_text(scene.control, 'every prompt: ')}")
     entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, global_text, text_font, text_w))]
     if scene.init_image is not None:
         about = f"init image: {scene.init_image} (strength {scene.strength}, keep {scene.keep})"
         entries.insert(1, (None, _wrap(measure, about, text_font, text_w)))
     for i, region in enumerate(scene.regions):
         where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
-        text = f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}"
+        text = f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}{control_text(region.control)}"
         entries.append((i, _wrap(measure, text, text_font, text_w)))
     legend_h = LEGEND_PAD_PX * 2 + sum(len(lines) * line_h + 6 for _, lines in entries)
     picture = Image.new("RGB", (width + LEGEND_PX, max(height, legend_h)), CAPTION_RGB)
@@ -115,6 +123,18 @@ def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], 
         end = min(start + DASH_PX, y1)
         draw.line((x0, start, x0, end), fill=colour, width=width)
         draw.line((x1, start, x1, end), fill=colour, width=width)
+
+
+def control_text(controls, lead: str = "") -> str:
+    """A legend's note of controls: ' [control: depth.png x0.8 (random-controlnet)]', or ''."""
+    if not controls:
+        return ""
+    return f" [control: {lead}" + ", ".join(f"{c.image} x{c.scale:g} ({c.model})" for c in controls) + "]"
+
+
+def _image_size(scene: Scene, control) -> tuple[int, int]:
+    with open_image(scene.path_of(control.image), "a control image") as image:
+        return image.size
 
 
 def lora_text(loras, lead: str = "") -> str:
