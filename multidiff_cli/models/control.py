@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, control_model_file, control_weights_file, looks_like_hub_id
-from ..errors import ControlError, ModelNotFound
+from ..errors import ControlError, ModelError, ModelNotFound
 from .conditioning import Conditioning
 
 if TYPE_CHECKING:
@@ -98,11 +98,14 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
             return ControlNetModel.from_pretrained(name, use_safetensors=not allow_pickle)
     except ControlError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ModelNotFound(f"ControlNet {name}: cannot load it ({first[:200]}). A hub id needs the network once "
-                            "(or HF_HUB_OFFLINE=1 with it in the cache); a single file needs its config from the "
-                            "hub: offline, use a diffusers folder") from None
+        if path.is_file():
+            raise ModelError(f"ControlNet {name}: cannot read it as a single-file ControlNet ({first[:200]}); diffusers "
+                             "takes a single file's config from the hub: offline, use a diffusers folder") from None
+        raise ModelNotFound(f"ControlNet {name} is not in the local Hugging Face cache and could not be downloaded "
+                            f"({first[:200]}). Download it where the hub is reachable (hf download {name}) and copy the "
+                            "cache (HF_HOME), or point `model:` at a local diffusers ControlNet folder") from None
     raise ControlError([f"ControlNet {name}: no such folder or file, and not a hub id (owner/name)"])
 
 
