@@ -10,6 +10,7 @@ import torch
 
 from multidiff_cli.bench.peer import peer_row
 from multidiff_cli.bench.sampler import BenchConfig, run_bench
+from multidiff_cli.output.report import bench_summary
 
 PATH_FIELDS = {
     "unet_samples_per_step", "seconds_per_step", "sampling_seconds", "non_unet_share", "peak_memory_bytes",
@@ -81,6 +82,35 @@ def test_bench_loras_times_region_loras_against_none(model):
     assert report["paths"]["multidiff+loras"]["unet_samples_per_step"] == 6
     assert report["paths"]["multidiff+loras"]["lora_switch_seconds_per_step"] > 0
     assert report["relative_difference"] > 0  # the LoRA changes the picture
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-sdxl-random"])
+def test_bench_controls_times_region_controlnets_against_none(model):
+    """--controls N: multidiff with N regions under ControlNets of their own against multidiff without; each
+    controlled region adds its own unconditional sample (N+2+N a step) and its ControlNet runs on that region's
+    two samples, one call a step, timed."""
+    config = BenchConfig(model=model, size_px=64, steps=2, regions=3, controls=2)
+    report = run_bench(config, in_process=True)
+    assert list(report["paths"]) == ["multidiff", "multidiff+controls"]
+    plain, controlled = report["paths"]["multidiff"], report["paths"]["multidiff+controls"]
+    assert plain["unet_samples_per_step"] == 5 and plain["controlnet_calls_per_step"] == 0
+    assert controlled["unet_samples_per_step"] == 3 + 2 + 2
+    assert controlled["controlnet_samples_per_step"] == 2 * 2 and controlled["controlnet_calls_per_step"] == 2
+    assert controlled["controlnet_seconds_per_call"] > 0
+    assert report["relative_difference"] > 0  # the ControlNets change the picture
+    summary = bench_summary(report)
+    assert summary.startswith("2 region ControlNets: ") and "a ControlNet call of 2 samples costs" in summary
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--regions", "1", "--controls", "2"], "--controls: at most --regions (1): each ControlNet belongs to one region"),
+    (["--model", "tiny-flux-random", "--controls", "1"], "--controls: FLUX.1 models take no ControlNets; tiny-random, "
+                                                         "sd2-random, tiny-sdxl-random, sdxl-random do"),
+])
+def test_bench_controls_refuses_in_one_line(cli, options, says):
+    result = cli("bench", *options)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {says}"
 
 
 # --- the batch-size sweep and the diffusers panorama peer ------------------------------------------------
