@@ -82,9 +82,10 @@ def _named_files(scene: dict) -> list[tuple[tuple, Any]]:
     def loras(owner: dict, loc: tuple) -> None:
         for k, lora in enumerate(owner.get("loras") if isinstance(owner.get("loras"), list) else []):
             found.append(((*loc, "loras", k, "path"), lora.get("path") if isinstance(lora, dict) else lora))
-        for k, control in enumerate(owner.get("control") if isinstance(owner.get("control"), list) else []):
-            if isinstance(control, dict):  # its model: a local path, or a hub id or the built-in name (as MODEL_KEYS)
-                found += [((*loc, "control", k, key), control[key]) for key in ("image", "model") if key in control]
+        for kind in ("control", "reference"):  # a model: a local path, or a hub id or a built-in name (as MODEL_KEYS)
+            for k, item in enumerate(owner.get(kind) if isinstance(owner.get(kind), list) else []):
+                if isinstance(item, dict):
+                    found += [((*loc, kind, k, key), item[key]) for key in ("image", "model") if key in item]
 
     loras(scene, ())
     for i, region in enumerate(scene.get("regions") if isinstance(scene.get("regions"), list) else []):

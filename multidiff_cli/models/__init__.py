@@ -17,6 +17,8 @@ _EXPORTS = {
     "build_random": "random_weights",
     "Control": "control", "control_rows": "control", "kept_timesteps": "control", "loaded_controlnets": "control",
     "to_guides": "control",
+    "ReferenceSpec": "reference", "load_references": "reference", "image_embeddings": "reference",
+    "reference_rows": "reference",
 }
 __all__ = sorted(_EXPORTS)
 

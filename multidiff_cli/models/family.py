@@ -12,8 +12,8 @@ sampler (STYLE.md, *Families and noise schedules*). What a family provides:
 - schedules: `make_schedule` (its scheduler names and defaults are in its facts);
 - the codec: `codec` (a VAECodec, or the family's own);
 - LoRAs: `load_lora` and the parts they adapt (`denoiser_part`, `text_parts`);
-- ControlNets, where its facts say `controlnets`: `forward(..., controls=)` adds their residuals
-  (models/control.py);
+- ControlNets and IP-Adapters, where its facts say `controlnets`: `forward(..., controls=, references=)`
+  adds their residuals and runs their rows with the IP attention on (models/control.py, reference.py);
 - memory: `bytes_per_sample` (activations of one sample over a view).
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ class LoadedState:
     lora_state: Any = None  # the LoRAs loaded into its networks (models/adapters.py)
     offload: bool = False  # the text encoders wait on the CPU between renders (Model.to)
     controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNets loaded for renders (models/control.py)
+    ip_state: Any = None  # the IP-Adapters loaded into its UNet (models/reference.py)
 
 
 class Model(ABC):
@@ -233,17 +234,18 @@ class Model(ABC):
 
         return auto_samples_per_call(self.device.type, self.bytes_per_sample(view_cells), self.free_bytes())
 
-    def sample_run(self, samples_per_call: int, warn: Callable[[str], None] | None = None, controls: tuple = ()):
+    def sample_run(self, samples_per_call: int, warn: Callable[[str], None] | None = None, **extras):
         """The network over a step's samples (method.guidance.ModelRun): in calls of at most
-        `samples_per_call`, each LoRA set's rows with that set switched on when LoRAs are loaded; with
-        `controls` (models/control.py, families whose facts say `controlnets`), their residuals on the
-        rows that use them."""
+        `samples_per_call`, each LoRA set's rows with that set switched on when LoRAs are loaded; `extras`
+        go to every `forward` call (families whose facts say `controlnets`: `controls=`, `references=`,
+        models/control.py and models/reference.py)."""
         import functools
 
         from .adapters import AdapterRun
         from .batching import ChunkedRun
 
-        forward = functools.partial(self.forward, controls=controls) if controls else self.forward
+        extras = {name: value for name, value in extras.items() if value}
+        forward = functools.partial(self.forward, **extras) if extras else self.forward
         run = ChunkedRun(forward, samples_per_call, warn, self.network_label)
         return AdapterRun(run, self) if self.state.lora_state is not None else run
 

@@ -11,6 +11,7 @@ from ..catalog import SD as SD_FACTS
 from ..method.schedule import DiffusionSchedule
 from .codec import VAECodec
 from .control import Control, control_residuals
+from .reference import References, by_reference_set
 from .family import Conditioning, LoadedState, Model
 from .schedulers import make_scheduler
 
@@ -142,12 +143,23 @@ class SD(Model):
         return {"encoder_hidden_states": conditioning.get("hidden_states")}
 
     def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
-                controls: tuple[Control, ...] = ()) -> torch.Tensor:
-        """The UNet over a batch; with controls, each one's ControlNet residuals added to the rows that use it."""
+                controls: tuple[Control, ...] = (), references: References | None = None) -> torch.Tensor:
+        """The UNet over a batch; with controls, each one's ControlNet residuals added to the rows that use it;
+        with references, each group of rows with one set of them run with the IP attention on at their scales,
+        the rows without one on the bare UNet."""
         inputs = inputs.to(self.unet.dtype)
-        kwargs = self.unet_kwargs(conditioning)
-        residuals = control_residuals(controls, inputs, t, conditioning, kwargs, self.facts.cell_px)
-        return self.unet(inputs, t, **kwargs, **residuals).sample.float()
+        everything = len(conditioning)
+
+        def call(rows: torch.Tensor, image: dict[str, Any]) -> torch.Tensor:
+            part = conditioning if rows.numel() == everything else conditioning[rows]
+            x = inputs if rows.numel() == everything else inputs[rows]
+            kwargs = self.unet_kwargs(part)
+            residuals = control_residuals(controls, x, t, part, kwargs, self.facts.cell_px)
+            if image:  # diffusers' pipelines give the ControlNet no image embeddings, the UNet its IP ones
+                kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **image}
+            return self.unet(x, t, **kwargs, **residuals).sample.float()
+
+        return by_reference_set(self.unet, references, conditioning, inputs, call)
 
     def bytes_per_sample(self, view_cells: int) -> int:
         return unet_bytes_per_sample(self.unet.config, view_cells, self.dtype)

@@ -73,14 +73,15 @@ def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | No
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = LEGEND_PX - 2 * LEGEND_PAD_PX - SWATCH_PX - 8
     global_text = (f"global: {scene.prompt}{lora_text(scene.loras, 'every prompt: ')}"
-                   f"{control_text(scene.control, 'every prompt: ')}")
+                   f"{control_text(scene.control, 'every prompt: ')}{reference_text(scene.reference, 'every prompt: ')}")
     entries = [(None, [f"canvas {scene.width}x{scene.height}"]), (None, _wrap(measure, global_text, text_font, text_w))]
     if scene.init_image is not None:
         about = f"init image: {scene.init_image} (strength {scene.strength}, keep {scene.keep})"
         entries.insert(1, (None, _wrap(measure, about, text_font, text_w)))
     for i, region in enumerate(scene.regions):
         where = f"box {region.box}" if region.box is not None else f"mask {region.mask}"
-        text = f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}{control_text(region.control)}"
+        text = (f"{i + 1}. {region.prompt} ({where}){lora_text(region.loras)}{control_text(region.control)}"
+                f"{reference_text(region.reference)}")
         entries.append((i, _wrap(measure, text, text_font, text_w)))
     legend_h = LEGEND_PAD_PX * 2 + sum(len(lines) * line_h + 6 for _, lines in entries)
     picture = Image.new("RGB", (width + LEGEND_PX, max(height, legend_h)), CAPTION_RGB)
@@ -130,6 +131,13 @@ def control_text(controls, lead: str = "") -> str:
     if not controls:
         return ""
     return f" [control: {lead}" + ", ".join(f"{c.image} x{c.scale:g} ({c.model})" for c in controls) + "]"
+
+
+def reference_text(references, lead: str = "") -> str:
+    """A legend's note of IP-Adapter references: ' [reference: knight.jpg x0.6]', or ''."""
+    if not references:
+        return ""
+    return f" [reference: {lead}" + ", ".join(f"{r.image} x{r.scale:g}" for r in references) + "]"
 
 
 def _image_size(scene: Scene, control) -> tuple[int, int]:

@@ -160,8 +160,11 @@ def metadata_text(record: dict[str, Any], image: Path) -> str:
     loras, controls = lora_lines(record), control_lines(record)
     text += ("\n\n# LoRAs (which prompts, path as given, scale, sha256 when rendered)\n" + "\n".join(
         f"# {line}" for line in loras) if loras else "")
-    return text + ("\n\n# ControlNets (which prompts, ControlNet, control image, scale, steps, sha256 when rendered)\n"
-                   + "\n".join(f"# {line}" for line in controls) if controls else "")
+    text += ("\n\n# ControlNets (which prompts, ControlNet, control image, scale, steps, sha256 when rendered)\n"
+             + "\n".join(f"# {line}" for line in controls) if controls else "")
+    references = reference_lines(record)
+    return text + ("\n\n# IP-Adapters (which prompts, adapter and weight, reference picture, scale, sha256 when "
+                   "rendered)\n" + "\n".join(f"# {line}" for line in references) if references else "")
 
 
 def _listed(value: Any) -> list:  # a malformed record (null, a string) lists nothing, never fails
@@ -189,6 +192,22 @@ def control_lines(record: dict[str, Any]) -> list[str]:
                          f"x{c.get('scale', 1.0):g}, steps {c.get('start', 0.0):g}-{c.get('end', 1.0):g}"
                          if all(isinstance(c.get(k, 0.0), (int, float)) for k in ("scale", "start", "end"))
                          else f"{owner}: {model}, image {image}")
+    return lines
+
+
+def reference_lines(record: dict[str, Any]) -> list[str]:
+    """One line per reference of a PNG's scene: whose samples, its IP-Adapter and weight (with the weight's
+    sha256 where it was a local file), its picture with its sha256, and its scale."""
+    scene, hashes = record["scene"], record.get("inputs", {})
+    lines = []
+    for owner, references in _owners(scene, "reference"):
+        for r in (r for r in references if isinstance(r, dict)):
+            weight = f"{r.get('model')}/{r.get('weight')}"
+            weight_hash = f" {hashes[weight]}" if weight in hashes else ""
+            scale = r.get("scale", 1.0)
+            lines.append(f"{owner}: {r.get('model')} {r.get('weight')}{weight_hash}, image {r.get('image')} "
+                         f"{hashes.get(str(r.get('image')), 'sha256 unknown')}, x"
+                         + (f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)))
     return lines
 
 

@@ -14,7 +14,7 @@ from ..catalog import DEFAULT_MODEL, control_model_file
 from ..errors import MultidiffError, UsageError
 from ..output.png import read_metadata, record_base_dir
 from ..scene import Scene, load_scene, scene_from_dict
-from ..scene.controls import control_image_path, control_model_name
+from ..scene.controls import control_image_path, control_model_name, reference_root, reference_weight
 from ..scene.paths import local_model
 from ..scene.schema import BOOTSTRAP_FRACTION, MAX_SEED
 
@@ -126,7 +126,8 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
 
 def input_files(scene: Scene) -> dict[str, Path]:
     """Every file that shapes the picture (the regions' masks, the init image and its keep mask, the
-    LoRAs, the control images and local ControlNets' weights), as written in the scene -> its path."""
+    LoRAs, the control images and local ControlNets' weights, the reference pictures and local IP-Adapters'
+    weights), as written in the scene -> its path."""
     files = {region.mask: scene.path_of(region.mask) for region in scene.regions if region.mask is not None}
     if scene.init_image is not None:
         files[scene.init_image] = scene.init_image_path
@@ -139,6 +140,12 @@ def input_files(scene: Scene) -> dict[str, Path]:
         weights = control_model_file(control_model_name(scene, control))
         if weights is not None:  # a local ControlNet: its weights file (a hub id is recorded by name)
             files[control.model] = weights
+    for _, reference in scene.references():
+        files[reference.image] = scene.path_of(reference.image)
+        root = Path(reference_root(scene, reference))
+        weight = root / reference_weight(scene, reference, scene.family.name if scene.family else None)
+        if root.is_dir() and weight.is_file():  # a local IP-Adapter: its weight file
+            files[f"{reference.model}/{reference.weight}"] = weight
     return files
 
 

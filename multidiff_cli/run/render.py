@@ -15,9 +15,11 @@ from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
-from ..models import AdapterSet, Control, Model, adapter_set, control_rows, kept_timesteps, loaded_controlnets, to_guides
+from ..models import (AdapterSet, Control, Model, ReferenceSpec, adapter_set, control_rows, image_embeddings,
+                      kept_timesteps, load_references, loaded_controlnets, reference_rows, to_guides)
 from ..scene import Scene, changeable_cells, checked_for, region_cells
-from ..scene.controls import control_model_name, control_pixels
+from ..scene.controls import (control_model_name, control_pixels, reference_encoder, reference_root,
+                              reference_weight)
 from ..scene.geometry import region_windows, views_cost
 from ..scene.picture import load_picture
 
@@ -97,43 +99,49 @@ class ScenePrompts(Prompts):
     adapters: list[AdapterSet] = field(default_factory=list)
     embedded: list[float | None] = field(default_factory=list)
     controls: list[tuple[int, ...]] = field(default_factory=list)  # each condition's controls (Scene.controls order)
+    references: list[tuple[int, ...]] = field(default_factory=list)  # each condition's references (Scene.references)
+    unconditional: list[bool] = field(default_factory=list)  # a negative condition with references: their uncond embeds
 
 
 def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool = False,
                   cfg_offset: float = 0.0) -> ScenePrompts:
-    """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance, control set) is one
-    condition, encoded once. A prompt's conditional and negative text both run with its LoRAs and controls:
-    the scene's, plus its region's (so an unconditional sample is shared only by prompts with the same sets). true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
+    """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance, control set, reference
+    set) is one condition, encoded once. A prompt's conditional and negative text both run with its LoRAs,
+    controls and references: the scene's, plus its region's (so an unconditional sample is shared only by
+    prompts with the same sets); a negative one with references takes their unconditional image embeddings. true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
     unless above 1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
     prompt's guidance_scale is embedded in its samples. cfg_offset (the family's, Z-Image: 1): the sampler's
     scale is guidance_scale + cfg_offset, for a family whose pipeline counts guidance from the conditional."""
-    conditions: list[tuple[str, AdapterSet, float | None, tuple[int, ...]]] = []
+    conditions: list[tuple[str, AdapterSet, float | None, tuple[int, ...], tuple[int, ...], bool]] = []
 
-    def index(condition: tuple[str, AdapterSet, float | None, tuple[int, ...]]) -> int:
+    def index(condition: tuple[str, AdapterSet, float | None, tuple[int, ...], tuple[int, ...], bool]) -> int:
         if condition not in conditions:
             conditions.append(condition)
         return conditions.index(condition)
 
     prompts = ScenePrompts([], [], [], [])
-    numbered = list(enumerate(scene.controls()))
+    numbered, referred = list(enumerate(scene.controls())), list(enumerate(scene.references()))
     entries = [("prompt", scene.prompt, None, None, [], None)] + [
         (f"regions[{i}].prompt", r.prompt, r.negative_prompt, r.guidance_scale, r.loras, i)
         for i, r in enumerate(scene.regions)
     ]
     for label, text, negative, guidance, loras, region in entries:
         controls = tuple(k for k, (owner, _) in numbered if owner is None or owner == region)
+        references = tuple(k for k, (owner, _) in referred if owner is None or owner == region)
         adapters = adapter_set([(str(scene.lora_path(lora).resolve()), lora.scale) for lora in scene.loras + loras])
         guidance = scene.guidance_scale if guidance is None else guidance
         embedded = guidance if embedded_guidance else None
         prompts.labels.append(label)
-        prompts.cond.append(index((scene.full_prompt(text), adapters, embedded, controls)))
+        prompts.cond.append(index((scene.full_prompt(text), adapters, embedded, controls, references, False)))
         prompts.negative.append(index((scene.negative_prompt if negative is None else negative, adapters, embedded,
-                                       controls)))
+                                       controls, references, bool(references))))
         prompts.guidance.append((scene.true_cfg_scale or 1.0) if true_cfg else guidance + cfg_offset)
-    prompts.texts[:] = [text for text, _, _, _ in conditions]
-    prompts.adapters[:] = [adapters for _, adapters, _, _ in conditions]
-    prompts.embedded[:] = [embedded for _, _, embedded, _ in conditions]
-    prompts.controls[:] = [controls for _, _, _, controls in conditions]
+    prompts.texts[:] = [condition[0] for condition in conditions]
+    prompts.adapters[:] = [condition[1] for condition in conditions]
+    prompts.embedded[:] = [condition[2] for condition in conditions]
+    prompts.controls[:] = [condition[3] for condition in conditions]
+    prompts.references[:] = [condition[4] for condition in conditions]
+    prompts.unconditional[:] = [condition[5] for condition in conditions]
     return prompts
 
 
@@ -181,6 +189,23 @@ def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: i
                      for name, (_, c) in zip(names, numbered))
     pictures = [torch.from_numpy(control_pixels(scene, region, c)).permute(2, 0, 1) for region, c in numbered]
     return controls, to_guides(pictures, model.facts.cell_px).to(model.device)
+
+
+def scene_references(scene: Scene, model: Model, prompts: ScenePrompts, conditioning, allow_pickle: bool = False):
+    """The scene's references for this render (Scene.references order): their IP-Adapters loaded into the
+    model (ControlError before any sampling where one does not fit), and the conditioning with each row's
+    references and image embeddings. (None, conditioning) without references."""
+    numbered = scene.references()
+    if not numbered:
+        return None, conditioning
+    specs = []
+    for _, reference in numbered:
+        weight = reference_weight(scene, reference, model.family)
+        specs.append(ReferenceSpec(reference_root(scene, reference), weight, reference_encoder(reference, weight),
+                                   scene.path_of(reference.image), reference.scale))
+    references = load_references(model, specs, allow_pickle)
+    embeddings = image_embeddings(model, references, specs)
+    return references, reference_rows(conditioning, prompts.references, prompts.unconditional, embeddings)
 
 
 def decode_scene(model: Model, latents: torch.Tensor, plan: RenderPlan) -> Image.Image:
@@ -251,7 +276,8 @@ def render(
     schedule = model.make_schedule(scene.scheduler, scene.steps, plan.view_hw)
     weights = scene_weights(scene, schedule, plan.few_step).to(device)
     controls, guides = scene_controls(scene, model, schedule, start * schedule.order, allow_pickle)
-    run = model.sample_run(plan.samples_per_call, warn, controls)
+    references, conditioning = scene_references(scene, model, prompts, conditioning, allow_pickle)
+    run = model.sample_run(plan.samples_per_call, warn, controls=controls, references=references)
     stage(f"step 1/{scene.steps - start}")
     try:
         latents = multidiffusion(

@@ -1,5 +1,6 @@
-"""A scene's controls (`control:` on the scene and its regions): where each control image goes on the canvas,
-its pixels there, and the problems a scene can be told of before any model loads."""
+"""A scene's controls and references (`control:` and `reference:` on the scene and its regions): where each
+control image goes on the canvas, its pixels there, where each IP-Adapter's files are, and the problems a
+scene can be told of before any model loads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..errors import PictureError
 from . import picture
 from .geometry import region_cells
 from .paths import local_model
-from .schema import Control, Scene
+from .schema import Control, Reference, Scene
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
 
@@ -112,3 +113,62 @@ def _model_problem(scene: Scene, control: Control, allow_pickle: bool) -> str | 
     if looks_like_hub_id(control.model):
         return None
     return f"no such folder or file: {path} (nor a hub id, owner/name, nor {RANDOM_CONTROLNET})"
+
+
+# --- references (IP-Adapters) -----------------------------------------------------------------------------
+
+H94_FOLDERS = {"sd": "models", "sdxl": "sdxl_models"}  # where h94/IP-Adapter keeps each family's weights
+
+
+def reference_root(scene: Scene, reference: Reference) -> str:
+    """An IP-Adapter's repo resolved: a local folder as an absolute path (relative to the scene file), else the
+    hub id as written."""
+    return local_model(reference.model, scene.base_dir)[0]
+
+
+def reference_weight(scene: Scene, reference: Reference, family: str | None) -> str:
+    """The weight file's path inside the repo: as written where it names a folder (or is there at the top of a
+    local folder), else in h94's folder for the family (models/, sdxl_models/)."""
+    if "/" in reference.weight or family not in H94_FOLDERS:
+        return reference.weight
+    root = Path(reference_root(scene, reference))
+    if root.is_dir() and (root / reference.weight).is_file():
+        return reference.weight
+    return f"{H94_FOLDERS[family]}/{reference.weight}"
+
+
+def reference_encoder(reference: Reference, weight: str) -> str:
+    """The image encoder's folder inside the repo: as written, else image_encoder/ beside the weight file
+    (diffusers' load_ip_adapter rule)."""
+    if reference.image_encoder is not None:
+        return reference.image_encoder
+    folder = Path(weight).parent
+    return "image_encoder" if str(folder) == "." else f"{folder.as_posix()}/image_encoder"
+
+
+def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
+    """Each reference's problems at its field: its picture missing or unreadable; its repo a local path that
+    does not exist (nor a hub id), or a local folder without the weight file; a family that takes none."""
+    problems = []
+    family = scene.family
+    counts: dict[int | None, int] = {}
+    for region, reference in scene.references():
+        k = counts[region] = counts.get(region, -1) + 1
+        loc = (*(("reference",) if region is None else ("regions", region, "reference")), k)
+        if family is not None and not family.controlnets:
+            problems.append((loc, f"{family.label} models take no IP-Adapter in multidiff yet (SD 1.x/2.x and SDXL do)"))
+            continue
+        try:
+            picture.open_image(scene.path_of(reference.image), "a reference picture").close()
+        except PictureError as exc:
+            problems.append(((*loc, "image"), str(exc)))
+        root = Path(reference_root(scene, reference))
+        if root.is_dir():
+            weight = reference_weight(scene, reference, family.name if family is not None else None)
+            candidates = [weight] if family is not None else [reference.weight,
+                                                              *(f"{f}/{reference.weight}" for f in H94_FOLDERS.values())]
+            if not any((root / name).is_file() for name in candidates):
+                problems.append(((*loc, "weight"), f"no such file in {root}: {' or '.join(candidates)}"))
+        elif not looks_like_hub_id(reference.model):
+            problems.append(((*loc, "model"), f"no such folder: {root} (nor a hub id, owner/name)"))
+    return problems

@@ -61,13 +61,14 @@ def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[st
         return os.path.relpath(path.resolve(), to_dir)
 
     def moved_loras(owner: dict) -> dict:
-        loras, controls = owner.get("loras"), owner.get("control")
+        loras = owner.get("loras")
         if isinstance(loras, list):
             owner = {**owner, "loras": [{**lora, "path": moved(lora.get("path"))} if isinstance(lora, dict)
                                         else moved(lora) for lora in loras]}
-        if isinstance(controls, list):
-            owner = {**owner, "control": [{**c, "image": moved(c.get("image")), "model": moved(c.get("model"), True)}
-                                          if isinstance(c, dict) else c for c in controls]}
+        for key in ("control", "reference"):  # ControlNets and IP-Adapters: a picture, and a model that may be local
+            if isinstance(owner.get(key), list):
+                owner = {**owner, key: [{**c, "image": moved(c.get("image")), "model": moved(c.get("model"), True)}
+                                        if isinstance(c, dict) else c for c in owner[key]]}
         return owner
 
     out = dict(scene)
@@ -103,10 +104,11 @@ def named_files(scene: dict[str, Any], base_dir: Path) -> list[tuple[str, Path]]
     def add_loras(owner: dict) -> None:
         for lora in owner.get("loras") or [] if isinstance(owner.get("loras"), list) else []:
             add(lora.get("path") if isinstance(lora, dict) else lora)
-        for control in owner.get("control") if isinstance(owner.get("control"), list) else []:
-            if isinstance(control, dict):
-                add(control.get("image"))
-                add(control.get("model"), only_existing=True)
+        for key in ("control", "reference"):
+            for item in owner.get(key) if isinstance(owner.get(key), list) else []:
+                if isinstance(item, dict):
+                    add(item.get("image"))
+                    add(item.get("model"), only_existing=True)
 
     for key in MODEL_KEYS:
         add(scene.get(key), only_existing=True)

@@ -103,6 +103,20 @@ class Control(Strict):
         return self
 
 
+class Reference(Strict):
+    """An IP-Adapter and its reference picture (a subject, a style), for the whole scene or for one region."""
+
+    model: Text = Field(description="the IP-Adapter's repo: hub id (h94/IP-Adapter) or a folder in its layout, "
+                                    "relative to the scene file")
+    weight: Text = Field(description="its weight file inside the repo, e.g. models/ip-adapter_sd15.safetensors; a bare "
+                                     "name is looked for in models/ (SD 1.x/2.x) or sdxl_models/ (SDXL), as h94 lays it out")
+    image: Text = Field(description="the reference picture, relative to the scene file")
+    scale: float = Field(1.0, ge=0, le=CONTROL_SCALE_LIMIT, allow_inf_nan=False, description="IP attention scale")
+    image_encoder: Text | None = Field(None, exclude_if=lambda value: value is None,
+                                       description="the CLIP image encoder's folder inside the repo; absent: "
+                                                   "image_encoder/ beside the weight file")
+
+
 class Region(Strict):
     """One prompt that owns part of the canvas: a box in pixels or a mask image."""
 
@@ -114,6 +128,8 @@ class Region(Strict):
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="added on this region's samples only")
     control: list[Control] = Field(default_factory=list, exclude_if=_empty,
                                    description="ControlNets on this region's samples only")
+    reference: list[Reference] = Field(default_factory=list, exclude_if=_empty,
+                                       description="IP-Adapter reference pictures on this region's samples only")
     window: Literal["canvas", "auto"] | list[Coordinate] | None = Field(
         None, exclude_if=lambda value: value is None, description="where this region's prompt runs: canvas, auto (its box grown by window_context), or "
                           "[x0, y0, x1, y1] in pixels; absent: the scene's region_windows"
@@ -187,6 +203,8 @@ class Scene(Strict):
     )
     loras: list[Lora] = Field(default_factory=list, exclude_if=_empty, description="on every prompt's samples")
     control: list[Control] = Field(default_factory=list, exclude_if=_empty, description="ControlNets on every prompt's samples")
+    reference: list[Reference] = Field(default_factory=list, exclude_if=_empty,
+                                       description="IP-Adapter reference pictures on every prompt's samples")
     region_windows: bool | Literal["auto"] = Field(
         False, exclude_if=lambda value: value is False, description="run each region's prompt on a window around it, not the whole canvas; auto: where "
                            "that saves samples (README, Region windows)"
@@ -302,6 +320,10 @@ class Scene(Strict):
         """Every control of the scene, in the order renders number them: (None: scene-wide, or a region's
         index, the control)."""
         return [(None, c) for c in self.control] + [(i, c) for i, r in enumerate(self.regions) for c in r.control]
+
+    def references(self) -> list[tuple[int | None, Reference]]:
+        """Every reference of the scene, in the order renders number them (None: scene-wide, or a region's index)."""
+        return [(None, r) for r in self.reference] + [(i, r) for i, g in enumerate(self.regions) for r in g.reference]
 
     def full_prompt(self, text: str) -> str:
         """A prompt with the scene's `style` appended."""

@@ -16,7 +16,7 @@ from ..errors import SceneError
 from . import grid, picture
 from .geometry import canvas_of
 from .paths import scene_path
-from .schema import Control, Lora, Region, Scene, family_steps
+from .schema import Control, Lora, Reference, Region, Scene, family_steps
 from .yamlpos import field_path
 
 Problem = tuple[tuple, str]  # (location in the scene, message)
@@ -30,9 +30,10 @@ def check_canvas(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     found = [_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions)]
     windows = [_window_problem(scene, i) for i, problem in enumerate(found) if problem is None]
     family = family_problems(scene, scene.family, scene.few_step_model) if scene.family is not None else []
-    from .controls import control_problems
+    from .controls import control_problems, reference_problems
 
     controls = control_problems(scene, allow_pickle) if not any(found) else []  # a control's box needs its region
+    controls += reference_problems(scene)
     return (family + [problem for problem in found + windows if problem] + _picture_problems(scene)
             + lora_problems(scene, allow_pickle) + controls)
 
@@ -225,7 +226,8 @@ def pydantic_message(err: dict) -> str:
     """One pydantic error in the scene's words."""
     kind, loc, value = err["type"], err["loc"], err.get("input")
     if kind == "extra_forbidden":
-        model = Lora if "loras" in loc else Control if "control" in loc else Region if "regions" in loc else Scene
+        model = (Lora if "loras" in loc else Control if "control" in loc else Reference if "reference" in loc
+                 else Region if "regions" in loc else Scene)
         known = [field.alias or name for name, field in model.model_fields.items()]
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
