@@ -387,23 +387,25 @@ def test_preview_draws_a_region_control_image_faded_under_its_box_only(write_sce
     assert np.abs(inside).mean() > 10 and not outside.any()
 
 
-def test_the_controlnet_example_scene_renders_offline_once_random_controlnets_are_written(cli, tmp_path):
+def test_the_control_example_scene_renders_offline_once_random_adapters_are_written(cli, tmp_path):
     import importlib.util
     import shutil
 
     example = Path(__file__).resolve().parents[1] / "scenes" / "control"
-    for name in ("knight_in_hall.yaml", "room_depth.png", "knight_pose.png"):
+    for name in ("knight_in_hall.yaml", "room_depth.png", "knight_pose.png", "knight_reference.png"):
         shutil.copy(example / name, tmp_path / name)
     scene = tmp_path / "knight_in_hall.yaml"
     missing = cli("validate", scene)
-    assert missing.exit_code == 2 and missing.stderr.count("no such folder or file") == 2, missing.stderr
-    spec = importlib.util.spec_from_file_location("random_controlnets", example.parents[1] / "scripts" / "random_controlnets.py")
+    assert missing.exit_code == 2 and missing.stderr.count("no such folder") == 3, missing.stderr
+    spec = importlib.util.spec_from_file_location("random_adapters", example.parents[1] / "scripts" / "random_adapters.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main([str(scene)]) == 0
     assert (tmp_path / "controlnets" / "sd15" / "openpose" / "config.json").is_file()
+    assert (tmp_path / "ip-adapter" / "models" / "image_encoder" / "config.json").is_file()
     assert cli("validate", scene).exit_code == 0
     rendered = cli.render(scene, "--steps", "2", "--size", "128x128", "-o", tmp_path / "knight.png")
     assert rendered.exit_code == 0, rendered.output
     assert set(read_metadata(tmp_path / "knight.png")["inputs"]) == {
-        "room_depth.png", "knight_pose.png", "controlnets/sd15/depth", "controlnets/sd15/openpose"}
+        "room_depth.png", "knight_pose.png", "controlnets/sd15/depth", "controlnets/sd15/openpose",
+        "knight_reference.png", "ip-adapter/models/ip-adapter_sd15.safetensors"}
