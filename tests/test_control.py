@@ -409,3 +409,18 @@ def test_the_control_example_scene_renders_offline_once_random_adapters_are_writ
     assert set(read_metadata(tmp_path / "knight.png")["inputs"]) == {
         "room_depth.png", "knight_pose.png", "controlnets/sd15/depth", "controlnets/sd15/openpose",
         "knight_reference.png", "ip-adapter/models/ip-adapter_sd15.safetensors"}
+
+
+def test_a_region_controlnet_runs_once_a_step_on_both_its_samples_even_in_small_calls(write_scene, tmp_path,
+                                                                                      unet_doubles):
+    """Three controlled regions, calls of at most 4 samples: each ControlNet still sees its region's
+    conditional and unconditional sample in one call (the rows are grouped by control set before chunking)."""
+    picture(tmp_path / "pose.png", (32, 64), 3)
+    regions = "".join(f"  - prompt: thing {i}\n    box: [{i * 32}, 0, {i * 32 + 32}, 64]\n"
+                      f"    control: [{{model: {RANDOM_CONTROLNET}, image: pose.png}}]\n" for i in range(3))
+    scene = load_scene(write_scene(f"prompt: a street\nwidth: 128\nheight: 64\nsteps: 2\nbootstrap_steps: 0\n"
+                                   f"max_batch: 4\nregions:\n{regions}"))
+    model, unet, net = counted(unet_doubles)
+    render(scene, model, seed=0)
+    assert unet.samples == 2 * (1 + 1 + 3 * 2) and max(unet.sizes) <= 4
+    assert net.calls == 2 * 3 and net.samples == 2 * 3 * 2

@@ -216,3 +216,31 @@ def control_rows(control_sets: list[tuple[int, ...]], count: int) -> torch.Tenso
     for row, ks in enumerate(control_sets):
         table[row, list(ks)] = 1.0
     return table
+
+
+class GroupedRun:
+    """Runs a batch's rows in the order of their control and reference sets (stable), and returns the outputs
+    in the batch's order: the chunked calls below it then hold each set's rows together, so a ControlNet
+    runs once on a region's conditional and unconditional samples, not once for each, and a call holds few
+    reference groups. Rows without such sets pass through as they are."""
+
+    KEYS = ("control", "reference")
+
+    def __init__(self, run):
+        self.run = run
+
+    @property
+    def samples_per_call(self) -> int:
+        return self.run.samples_per_call
+
+    def __call__(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        keys = [conditioning.get(name) for name in self.KEYS if name in conditioning.tensors]
+        if not keys:
+            return self.run(inputs, t, conditioning)
+        rows = torch.cat(keys, dim=1).tolist()
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
+        if order == list(range(len(rows))):
+            return self.run(inputs, t, conditioning)
+        index = torch.tensor(order)
+        out = self.run(inputs[index.to(inputs.device)], t, conditioning[index])
+        return out[torch.argsort(index).to(out.device)]

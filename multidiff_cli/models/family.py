@@ -247,6 +247,10 @@ class Model(ABC):
         extras = {name: value for name, value in extras.items() if value}
         forward = functools.partial(self.forward, **extras) if extras else self.forward
         run = ChunkedRun(forward, samples_per_call, warn, self.network_label)
+        if extras:  # each control and reference set's rows together in the calls
+            from .control import GroupedRun
+
+            run = GroupedRun(run)
         return AdapterRun(run, self) if self.state.lora_state is not None else run
 
     # --- schedules and the codec ------------------------------------------------------------------
