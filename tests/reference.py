@@ -137,3 +137,51 @@ def flux_pipeline(model, kind: str = "text"):
                tokenizer_2=model.tokenizer_2, transformer=model.transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd_pipeline(model, scheduler_name: str = "ddim"):
+    """diffusers' StableDiffusionPipeline on a model's own parts (no safety checker, no image encoder: an
+    IP-Adapter test loads its own), its scheduler built from the model's config."""
+    from diffusers import StableDiffusionPipeline
+
+    from multidiff_cli.models.schedulers import make_scheduler
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=make_scheduler(scheduler_name, model.scheduler_config), safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def one_step(model, scene, samples_per_call: int = 1):
+    """Every prompt's guided prediction at the first step of a 2-step DDIM render on one random (1, 4, h, w)
+    latent, as render runs them (LoRAs, controls and references loaded), and the fused one (Eq. 5):
+    (predictions, fused, weights). For tests of what a region's adapter may and may not touch."""
+    from pathlib import Path
+
+    from multidiff_cli.method.guidance import guided_denoiser
+    from multidiff_cli.method.sampler import fuse_views
+    from multidiff_cli.run.render import (encode_conditioning, plan_render, scene_controls, scene_prompts,
+                                          scene_references, scene_weights)
+
+    prompts = scene_prompts(scene)
+    files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
+    if files:
+        model.load_loras(files)
+    plan = plan_render(scene, model)
+    schedule = model.make_schedule("ddim", 2, plan.view_hw)
+    controls, guides = scene_controls(scene, model, schedule, 0)
+    conditioning = encode_conditioning(model, prompts, plan)
+    references, conditioning = scene_references(scene, model, prompts, conditioning)
+    run = model.sample_run(samples_per_call, controls=controls, references=references)
+    latent_hw = scene.latent_hw
+    x = torch.randn((1, 4, *latent_hw), generator=torch.Generator().manual_seed(0))
+    requests = [(0, p) for p in range(len(prompts.cond))]
+    weights = scene_weights(scene)
+    extra = {} if guides is None else {"guides": guides}
+    with torch.inference_mode():
+        predictions = guided_denoiser(run, conditioning, prompts)(x, schedule.timesteps[0], requests, **extra)
+        fused = fuse_views(predictions, requests, [full_view(latent_hw)] * len(requests), weights)
+    return predictions, fused, weights

@@ -31,7 +31,7 @@ from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import encode_conditioning, plan_render, render, scene_controls, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
 from multidiff_cli.scene.controls import control_pixels
-from reference import guided, reference_multidiffusion
+from reference import guided, one_step, reference_multidiffusion, sd_pipeline
 
 CPU = torch.device("cpu")
 
@@ -142,11 +142,7 @@ def test_a_region_control_equals_a_per_prompt_loop_with_residuals_on_that_prompt
     if size == (96, 64):
         with Image.open(tmp_path / "pose.png") as source:
             image = torch.from_numpy(np.asarray(source.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-                                   unet=tiny.unet, scheduler=make_scheduler("ddim", tiny.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_pipeline(tiny)
     with torch.inference_mode():
         encoded = [pipe.encode_prompt(text, CPU, 1, True, negative_prompt="blurry")
                    for text in ["a street", "a knight", "a horse"]]
@@ -167,24 +163,6 @@ def test_a_region_control_equals_a_per_prompt_loop_with_residuals_on_that_prompt
         schedule.set_timesteps(2)
         reference = reference_multidiffusion(model_output, noise(3, (8, 12)), schedule, scene_weights(scene))
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
-
-
-def one_step(model, scene, samples_per_call=1):
-    """Every prompt's guided prediction at one step on one latent, and the fused one (Eq. 5)."""
-    prompts = scene_prompts(scene)
-    plan = plan_render(scene, model)
-    schedule = model.make_schedule("ddim", 2, plan.view_hw)
-    controls, guides = scene_controls(scene, model, schedule, 0)
-    conditioning = encode_conditioning(model, prompts, plan)
-    run = model.sample_run(samples_per_call, controls=controls)
-    x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
-    requests = [(0, p) for p in range(len(prompts.cond))]
-    weights = scene_weights(scene)
-    extra = {} if guides is None else {"guides": guides}
-    with torch.inference_mode():
-        predictions = guided_denoiser(run, conditioning, prompts)(x, schedule.timesteps[0], requests, **extra)
-        fused = fuse_views(predictions, requests, [full_view((8, 12))] * len(requests), weights)
-    return predictions, fused, weights
 
 
 def test_no_bleeding_where_the_controlled_region_has_no_weight_the_fused_prediction_is_exactly_the_plain_one(

@@ -22,7 +22,7 @@ from multidiff_cli.models.adapters import load_loras
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import guided, reference_multidiffusion
+from reference import guided, one_step, reference_multidiffusion, sd_pipeline
 
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
@@ -87,16 +87,6 @@ def loras(tmp_path, model):
     return make
 
 
-def pipeline(components, scheduler_name="ddim"):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=make_scheduler(scheduler_name, components.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
 @pytest.mark.parametrize("layout", FORMATS)
 def test_a_scene_lora_renders_as_diffusers_pipeline_with_that_lora(model, loras, write_scene, layout,
                                                                    assert_close_batched):
@@ -108,7 +98,7 @@ def test_a_scene_lora_renders_as_diffusers_pipeline_with_that_lora(model, loras,
     ours = render(scene, model, seed=5).latents
 
     peer = fresh_model()
-    pipe = pipeline(peer)
+    pipe = sd_pipeline(peer)
     pipe.load_lora_weights(str(film), adapter_name="film")
     pipe.set_adapters(["film"], [0.6])
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
@@ -147,7 +137,7 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
 
     # the oracle: the reference loop over two models, one with the LoRA loaded by diffusers' own pipeline, one
     # bare; each prompt encoded by its pipeline's encode_prompt, its own UNet calls and its own step
-    bare, with_lora = pipeline(fresh_model()), pipeline(fresh_model())
+    bare, with_lora = sd_pipeline(fresh_model()), sd_pipeline(fresh_model())
     with_lora.load_lora_weights(str(alice), adapter_name="alice")
     with_lora.set_adapters(["alice"], [0.9])
     pipes = [bare, with_lora, bare]
@@ -166,23 +156,6 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
         noise = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
         reference = reference_multidiffusion(model_output, noise, schedule, scene_weights(scene))
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
-
-
-def one_step(components, scene, samples_per_call=1):
-    """Every prompt's guided prediction at one step on one latent, and the fused one (Eq. 5)."""
-    prompts = scene_prompts(scene)
-    files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
-    if files:
-        components.load_loras(files)
-    conditions = components.encode_conditions(prompts.texts, prompts.adapters, prompts.cond, prompts.negative, (512, 512))
-    run = components.sample_run(samples_per_call)
-    x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
-    requests = [(0, p) for p in range(len(prompts.cond))]
-    weights = scene_weights(scene)
-    with torch.inference_mode():
-        predictions = guided_denoiser(run, conditions, prompts)(x, torch.tensor(400), requests)
-        fused = fuse_views(predictions, requests, [full_view((8, 12))] * len(requests), weights)
-    return predictions, fused, weights
 
 
 def test_no_bleeding_where_the_lora_region_has_no_weight_the_fused_prediction_is_exactly_the_bare_one(

@@ -25,7 +25,7 @@ from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run.render import encode_conditioning, plan_render, render, scene_prompts, scene_references, scene_weights
 from multidiff_cli.scene import load_scene
-from reference import guided, reference_multidiffusion
+from reference import guided, one_step, reference_multidiffusion, sd_pipeline
 
 CPU = torch.device("cpu")
 
@@ -49,17 +49,6 @@ def adapters(tmp_path_factory):
 
 
 XL_WEIGHT = "sdxl_models/ip-adapter_random.safetensors"  # h94's folder for SDXL adapters
-
-
-def sd_pipeline(model, **extra):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=make_scheduler("ddim", model.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, image_encoder=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- A. scene-wide: diffusers' pipelines with ip_adapter_image ---------------------------------------------
@@ -154,21 +143,6 @@ def test_a_region_reference_equals_a_per_prompt_loop_with_image_embeddings_on_th
         schedule.set_timesteps(2)
         reference = reference_multidiffusion(model_output, noise(3, (8, 12)), schedule, scene_weights(scene))
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
-
-
-def one_step(model, scene, samples_per_call=1):
-    prompts = scene_prompts(scene)
-    plan = plan_render(scene, model)
-    conditioning = encode_conditioning(model, prompts, plan)
-    references, conditioning = scene_references(scene, model, prompts, conditioning)
-    run = model.sample_run(samples_per_call, references=references)
-    x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(0))
-    requests = [(0, p) for p in range(len(prompts.cond))]
-    weights = scene_weights(scene)
-    with torch.inference_mode():
-        predictions = guided_denoiser(run, conditioning, prompts)(x, torch.tensor(401), requests)
-        fused = fuse_views(predictions, requests, [full_view((8, 12))] * len(requests), weights)
-    return predictions, fused, weights
 
 
 def test_no_ip_branch_on_the_other_prompts_their_predictions_are_exactly_the_plain_ones(adapters, write_scene, tmp_path):

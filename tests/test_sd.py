@@ -9,19 +9,7 @@ import torch
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
-
-
-def sd_pipeline(model, scheduler_name: str):
-    """diffusers' StableDiffusionPipeline on the model's own parts, its scheduler built from the model's config."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=make_scheduler(scheduler_name, model.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from reference import sd_pipeline
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])

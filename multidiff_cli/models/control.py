@@ -125,7 +125,7 @@ def loaded_controlnets(model: Model, names: list[str], allow_pickle: bool = Fals
             problems.append(f"ControlNet {name}: not a ControlNet for this model ({model.model_id}): {mismatch}")
             continue
         if net.device != model.device or net.dtype != model.dtype:
-            with _quiet():  # diffusers: "modules that should be kept in float32: []" on every dtype move
+            with diffusers_quiet():  # diffusers: "modules that should be kept in float32: []" on every dtype move
                 net.to(device=model.device, dtype=model.dtype)
         out[name] = net.eval().requires_grad_(False)
     if problems:
@@ -134,7 +134,8 @@ def loaded_controlnets(model: Model, names: list[str], allow_pickle: bool = Fals
 
 
 @contextlib.contextmanager
-def _quiet():
+def diffusers_quiet():
+    """diffusers' warnings off for a while (what it logs on loading and moving models the errors say better)."""
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()

@@ -12,7 +12,6 @@ UNet: its own attention processors, no image projection, so nothing of the IP br
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +20,7 @@ import torch
 
 from ..errors import ControlError, ModelNotFound
 from .conditioning import Conditioning
+from .control import diffusers_quiet
 
 if TYPE_CHECKING:
     from .family import Model
@@ -105,7 +105,7 @@ def load_references(model: Model, specs: list[ReferenceSpec], allow_pickle: bool
                 raise ControlError([f"IP-Adapter {spec.root} {spec.weight}: a pickle, which can run code when loaded: "
                                     "use its .safetensors file, or, for a file you trust, pass --allow-pickle"])
         try:
-            with _quiet():
+            with diffusers_quiet():
                 _pipeline(model).load_ip_adapter([spec.root for spec in specs], list(subfolders), list(names),
                                                  image_encoder_folder=None)
         except (OSError, ValueError) as exc:
@@ -241,18 +241,6 @@ def _ip_off(unet, state: IPState) -> None:
     if unet.encoder_hid_proj is not None:
         unet.set_attn_processor(dict(state.plain))
         _bare(unet, state)
-
-
-@contextlib.contextmanager
-def _quiet():
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.ERROR)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 # --- random IP-Adapters (tests, the offline example) ---------------------------------------------------------
