@@ -78,6 +78,7 @@ class Family:
     native_px: int = 512  # its models' usual native window (a model's own is read from its config at render)
     window_align_px: int = 64  # region windows' sides are whole multiples: SD's UNet halves the latent 3 times
     controlnets: bool = False  # its models take ControlNets (`control:`, models/control.py)
+    ip_adapters: bool = False  # its models take IP-Adapters (`reference:`, models/reference.py)
 
     @property
     def scheduler_names(self) -> tuple[str, ...]:
@@ -89,13 +90,13 @@ SD = Family(
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
     weights={"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
              "vae": "diffusion_pytorch_model.safetensors"},
-    folders=("tokenizer", "scheduler"), controlnets=True,
+    folders=("tokenizer", "scheduler"), controlnets=True, ip_adapters=True,
 )
 SDXL = Family(
     name="sdxl", label="SDXL", module="sdxl", class_name="SDXL",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     weights={**SD.weights, "text_encoder_2": "model.safetensors"},
-    folders=("tokenizer", "tokenizer_2", "scheduler"), native_px=1024, controlnets=True,
+    folders=("tokenizer", "tokenizer_2", "scheduler"), native_px=1024, controlnets=True, ip_adapters=True,
 )
 FLUX = Family(
     name="flux", label="FLUX.1", module="flux", class_name="Flux",
@@ -105,7 +106,7 @@ FLUX = Family(
     folders=("tokenizer", "tokenizer_2", "scheduler"),
     schedulers=FLOW_SCHEDULERS, default_scheduler="euler", default_guidance=3.5, align_px=16,
     default_steps=28, few_step_steps=4, embedded_guidance=True, cuda_dtype="bfloat16",
-    native_px=1024, window_align_px=16,
+    native_px=1024, window_align_px=16, controlnets=True,
 )
 SD3 = Family(
     name="sd3", label="SD3.5", module="sd3", class_name="SD3",

@@ -156,8 +156,8 @@ def sd_pipeline(model, scheduler_name: str = "ddim"):
 
 
 def one_step(model, scene, samples_per_call: int = 1):
-    """Every prompt's guided prediction at the first step of a 2-step DDIM render on one random (1, 4, h, w)
-    latent, as render runs them (LoRAs, controls and references loaded), and the fused one (Eq. 5):
+    """Every prompt's guided prediction at the first step of a 2-step render (the scene's scheduler, or its family's)
+    on one random latent, as render runs them (LoRAs, controls and references loaded), and the fused one (Eq. 5):
     (predictions, fused, weights). For tests of what a region's adapter may and may not touch."""
     from pathlib import Path
 
@@ -165,19 +165,21 @@ def one_step(model, scene, samples_per_call: int = 1):
     from multidiff_cli.method.sampler import fuse_views
     from multidiff_cli.run.render import (encode_conditioning, plan_render, scene_controls, scene_prompts,
                                           scene_references, scene_weights)
+    from multidiff_cli.scene import checked_for
 
-    prompts = scene_prompts(scene)
+    scene = checked_for(scene, model.facts)
+    prompts = scene_prompts(scene, model.facts.embedded_guidance, model.embedded_guidance, model.facts.cfg_offset)
     files = sorted({Path(path) for adapters in prompts.adapters for path, _ in adapters})
     if files:
         model.load_loras(files)
     plan = plan_render(scene, model)
-    schedule = model.make_schedule("ddim", 2, plan.view_hw)
+    schedule = model.make_schedule(scene.scheduler, 2, plan.view_hw)
     controls, guides = scene_controls(scene, model, schedule, 0)
     conditioning = encode_conditioning(model, prompts, plan)
     references, conditioning = scene_references(scene, model, prompts, conditioning)
     run = model.sample_run(samples_per_call, controls=controls, references=references)
     latent_hw = scene.latent_hw
-    x = torch.randn((1, 4, *latent_hw), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((1, model.latent_channels, *latent_hw), generator=torch.Generator().manual_seed(0))
     requests = [(0, p) for p in range(len(prompts.cond))]
     weights = scene_weights(scene)
     extra = {} if guides is None else {"guides": guides}

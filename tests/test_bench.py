@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from multidiff_cli.catalog import BUILT_IN, FAMILIES
+
 import torch
 
 from multidiff_cli.bench.peer import peer_row
@@ -84,28 +86,33 @@ def test_bench_loras_times_region_loras_against_none(model):
     assert report["relative_difference"] > 0  # the LoRA changes the picture
 
 
-@pytest.mark.parametrize("model", ["tiny-random", "tiny-sdxl-random"])
-def test_bench_controls_times_region_controlnets_against_none(model):
-    """--controls N: multidiff with N regions under ControlNets of their own against multidiff without; each
-    controlled region adds its own unconditional sample (N+2+N a step) and its ControlNet runs on that region's
-    two samples, one call a step, timed."""
-    config = BenchConfig(model=model, size_px=64, steps=2, regions=3, controls=2)
+@pytest.mark.parametrize("model, per_region", [("tiny-random", 2), ("tiny-sdxl-random", 2), ("tiny-flux-random", 1)])
+def test_bench_controls_times_region_controlnets_against_none(model, per_region):
+    """--controls N: multidiff with N regions under ControlNets of their own against multidiff without; with
+    classifier-free guidance each controlled region adds its own unconditional sample (N+2+N a step) and its
+    ControlNet runs on that region's two samples, one call a step, timed; FLUX.1-dev (guidance embedded, no
+    unconditional pass) adds no sample and runs each ControlNet on its region's one."""
+    family = FAMILIES[BUILT_IN[model]]
+    config = BenchConfig(model=model, size_px=64, steps=2, regions=3, controls=2, scheduler=family.default_scheduler,
+                         guidance_scale=family.default_guidance)
     report = run_bench(config, in_process=True)
     assert list(report["paths"]) == ["multidiff", "multidiff+controls"]
     plain, controlled = report["paths"]["multidiff"], report["paths"]["multidiff+controls"]
-    assert plain["unet_samples_per_step"] == 5 and plain["controlnet_calls_per_step"] == 0
-    assert controlled["unet_samples_per_step"] == 3 + 2 + 2
-    assert controlled["controlnet_samples_per_step"] == 2 * 2 and controlled["controlnet_calls_per_step"] == 2
+    unconditional = per_region - 1
+    assert plain["unet_samples_per_step"] == 4 + unconditional and plain["controlnet_calls_per_step"] == 0
+    assert controlled["unet_samples_per_step"] == 4 + unconditional * (1 + 2)
+    assert controlled["controlnet_samples_per_step"] == 2 * per_region and controlled["controlnet_calls_per_step"] == 2
     assert controlled["controlnet_seconds_per_call"] > 0
     assert report["relative_difference"] > 0  # the ControlNets change the picture
     summary = bench_summary(report)
-    assert summary.startswith("2 region ControlNets: ") and "a ControlNet call of 2 samples costs" in summary
+    assert summary.startswith("2 region ControlNets: ") and f"a ControlNet call of {per_region} sample{'s' if per_region > 1 else ''} costs" in summary
 
 
 @pytest.mark.parametrize("options, says", [
     (["--regions", "1", "--controls", "2"], "--controls: at most --regions (1): each ControlNet belongs to one region"),
-    (["--model", "tiny-flux-random", "--controls", "1"], "--controls: FLUX.1 models take no ControlNets; tiny-random, "
-                                                         "sd2-random, tiny-sdxl-random, sdxl-random do"),
+    (["--model", "tiny-sd3-random", "--controls", "1"], "--controls: SD3.5 models take no ControlNets; tiny-random, "
+                                                        "sd2-random, tiny-sdxl-random, sdxl-random, tiny-flux-random, "
+                                                        "tiny-flux-schnell-random, flux-random do"),
 ])
 def test_bench_controls_refuses_in_one_line(cli, options, says):
     result = cli("bench", *options)

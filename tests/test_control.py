@@ -24,7 +24,7 @@ from multidiff_cli.method.guidance import guided_denoiser
 from multidiff_cli.method.sampler import fuse_views
 from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.method.views import full_view
-from multidiff_cli.models.control import build_random_controlnet, kept_timesteps, loaded_controlnets, to_guides
+from multidiff_cli.models.control import build_random_controlnet, kept_timesteps, loaded_controlnets
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
@@ -346,12 +346,12 @@ def test_cli_a_controlnet_of_another_family_is_exit_2_one_line_before_sampling(c
     assert len(lines) == 1 and "an SDXL ControlNet, and this model is SD 1.x/2.x" in lines[0], result.stderr
 
 
-def test_a_flow_family_takes_no_controlnet_yet(cli, write_scene, tmp_path):
+def test_sd3_z_image_and_klein_take_no_controlnet_yet(cli, write_scene, tmp_path):
     control_images(tmp_path)
-    result = cli("render", write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET)), "--model", "tiny-flux-random",
+    result = cli("render", write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET)), "--model", "tiny-sd3-random",
                  "-o", tmp_path / "out.png")
     assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
-    assert "control[0]: FLUX.1 models take no ControlNet in multidiff yet (SD 1.x/2.x and SDXL do)" in result.stderr
+    assert "control[0]: SD3.5 models take no ControlNet in multidiff yet (SD 1.x/2.x, SDXL and FLUX.1 do)" in result.stderr
 
 
 def test_preview_draws_a_region_control_image_faded_under_its_box_only(write_scene, tmp_path):

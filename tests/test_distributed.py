@@ -140,13 +140,14 @@ def test_smoke_renders_each_scene_on_its_family_s_tiny_model_and_lists_what_it_s
 @pytest.mark.slow
 def test_smoke_passes_on_every_example_scene(cli, tmp_path):
     """Every example scene (panoramas too) passes `multidiff smoke`, each on its family's tiny model (FLUX
-    scenes on tiny-flux-random, SDXL ones on tiny-sdxl-random); the LoRA scene, whose files are not
-    shipped, is listed as skipped."""
+    scenes on tiny-flux-random, SDXL ones on tiny-sdxl-random); the LoRA and ControlNet scenes, whose files are
+    not shipped, are listed as skipped."""
     result = cli("smoke", "--steps", "1", "-q", "--scenes", str(ROOT / "scenes"), "--output-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert result.stdout.count(" ok ") == len(list((ROOT / "scenes").glob("*.yaml")))
     assert "tiny-flux-random" in result.stdout and "tiny-sdxl-random" in result.stdout
     assert "two_characters.yaml" in result.stdout and "skipped" in result.stdout
+    assert "knight_in_hall.yaml" in result.stdout and "(2 skipped)" in result.stdout  # its nets are not shipped
 
 
 def test_a_black_picture_fails_the_check(tmp_path):

@@ -23,7 +23,7 @@ from ..method.guidance import Prompts, guided_denoiser
 from ..method.sampler import bootstrap_inputs, denoise_by_size, multidiffusion, step_requests
 from ..method.views import make_views
 from ..method.weights import region_weights
-from ..models.control import CONTROL_CHANNELS, Control, build_random_controlnet, control_rows, kept_timesteps, to_guides
+from ..models.control import CONTROL_CHANNELS, assemble, control_rows, kept_timesteps
 from ..models.device import pick_device, pick_dtype, quiet_libraries
 from ..models.family import Conditioning, Model
 from ..models.random_weights import LORA_RANK, bench_model, random_lora
@@ -320,14 +320,13 @@ def region_controls(model: Model, prompts: Prompts, conditioning: Conditioning, 
     generator = torch.Generator().manual_seed(5)
     prompts, rows = own_negatives(prompts, count)
     sets: list[tuple[int, ...]] = [()] * len(prompts.texts)
-    controls, pictures = [], []
+    specs, pictures = [], []
     for region in range(1, count + 1):
         sets[prompts.cond[region]] = sets[prompts.negative[region]] = (region - 1,)
-        net = build_random_controlnet(model.denoiser, seed=region).to(device=model.device, dtype=model.dtype)
-        controls.append(Control(_ControlNetTimer(net), 1.0, kept_timesteps(timesteps, 0.0, 1.0),
-                                f"region {region}"))
+        net = model.random_controlnet(seed=region).to(device=model.device, dtype=model.dtype)
+        specs.append((_ControlNetTimer(net), 1.0, kept_timesteps(timesteps, 0.0, 1.0), f"region {region}"))
         pictures.append(torch.rand((CONTROL_CHANNELS, *canvas_px), generator=generator))
-    guides = to_guides(pictures, model.facts.cell_px).to(model.device)
+    controls, guides = assemble(model, specs, pictures)
     rowed = conditioning[rows].with_rows("control", control_rows(sets, count).to(model.device))
     return tuple(controls), guides, prompts, rowed
 
@@ -376,7 +375,7 @@ class _UNetTimer:
 
 class _ControlNetTimer:
     """Wraps a ControlNet: times each call (synchronised on CUDA) and counts its samples; passes through the
-    dtype, device and config that control_residuals and the loader read."""
+    dtype, device, config and the rest that the families' forward and the loader read."""
 
     def __init__(self, net):
         self.net = net
@@ -390,14 +389,16 @@ class _ControlNetTimer:
     def device(self) -> torch.device:
         return self.net.device
 
-    @property
-    def config(self):
-        return self.net.config
+    def __getattr__(self, name: str):  # config, input_hint_block, ...: the ControlNet's own
+        return getattr(self.__dict__["net"], name)
 
-    def __call__(self, sample, timestep, **kwargs):
+    def __call__(self, *args, **kwargs):
+        """A UNet ControlNet's call (sample, timestep, ...) or a FLUX one's (hidden_states=, timestep=, ...)."""
+        sample = args[0] if args else kwargs["hidden_states"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         start = now(self.device)
-        out = self.net(sample, timestep, **kwargs)
-        self.calls.append((float(timestep), sample.shape[0], now(self.device) - start))
+        out = self.net(*args, **kwargs)
+        self.calls.append((float(timestep.flatten()[0]), sample.shape[0], now(self.device) - start))
         return out
 
 

@@ -85,7 +85,7 @@ def _named_files(scene: dict) -> list[tuple[tuple, Any]]:
         for kind in ("control", "reference"):  # a model: a local path, or a hub id or a built-in name (as MODEL_KEYS)
             for k, item in enumerate(owner.get(kind) if isinstance(owner.get(kind), list) else []):
                 if isinstance(item, dict):
-                    found += [((*loc, kind, k, key), item[key]) for key in ("image", "model") if key in item]
+                    found.extend(((*loc, kind, k, key), item[key]) for key in ("image", "model") if key in item)
 
     loras(scene, ())
     for i, region in enumerate(scene.get("regions") if isinstance(scene.get("regions"), list) else []):

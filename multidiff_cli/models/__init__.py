@@ -16,7 +16,7 @@ _EXPORTS = {
     "adapter_set": "lora_files",
     "build_random": "random_weights",
     "Control": "control", "control_rows": "control", "kept_timesteps": "control", "loaded_controlnets": "control",
-    "to_guides": "control",
+    "assemble": "control",
     "ReferenceSpec": "reference", "load_references": "reference", "image_embeddings": "reference",
     "reference_rows": "reference",
 }

@@ -33,10 +33,11 @@ CONTROL_CHANNELS = 3  # a control image is RGB, in [0, 1] (diffusers' control_im
 class Control:
     """One control of a render: its ControlNet, its conditioning scale, and the timesteps it is on at."""
 
-    net: Any  # diffusers' ControlNetModel
+    net: Any  # diffusers' ControlNetModel (SD, SDXL) or FluxControlNetModel
     scale: float
     on_at: frozenset[float]  # float(t) of every evaluation it runs at (`kept_timesteps`)
     label: str = ""
+    channels: tuple[int, int] = (0, 0)  # its channels of the guides, start and end (`assemble`)
 
     def runs_at(self, t: torch.Tensor) -> bool:
         return float(t) in self.on_at
@@ -74,10 +75,11 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
     """ControlNet `name` for `model`: the built-in random one, a diffusers folder, a single file
     (.safetensors; A1111's layout, read by diffusers' from_single_file) or a hub id (diffusers' cache, or a
     download). Its weights from safetensors unless allow_pickle; no remote code."""
-    from diffusers import ControlNetModel
+    import diffusers
 
     if name == RANDOM_CONTROLNET:
-        return build_random_controlnet(model.denoiser)
+        return model.random_controlnet()
+    ControlNetModel = getattr(diffusers, model.controlnet_class)
     path = Path(name)
     try:
         if path.is_dir():
@@ -85,6 +87,10 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
             if weights is None:
                 raise ControlError([f"ControlNet {name}: a diffusers ControlNet folder holds config.json and "
                                     "diffusion_pytorch_model.safetensors"])
+            kind = _class_name(path)
+            if kind and kind != model.controlnet_class:
+                raise ControlError([f"ControlNet {name}: not a ControlNet for this model ({model.model_id}): a {kind}, "
+                                    f"and {model.facts.label} models take a {model.controlnet_class}"])
             if weights.suffix == ".bin" and not allow_pickle:
                 raise ControlError([f"ControlNet {name} has pickle weights only ({weights.name}), which can run "
                                     "code when loaded: use safetensors, or, for a file you trust, pass --allow-pickle"])
@@ -109,6 +115,15 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
     raise ControlError([f"ControlNet {name}: no such folder or file, and not a hub id (owner/name)"])
 
 
+def _class_name(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def loaded_controlnets(model: Model, names: list[str], allow_pickle: bool = False) -> dict[str, Any]:
     """Each ControlNet `names` holds (resolved names), loaded once per model (a file edited since, anew), on
     the model's device and dtype. ControlError with one line per ControlNet that cannot drive the model."""
@@ -120,7 +135,7 @@ def loaded_controlnets(model: Model, names: list[str], allow_pickle: bool = Fals
         if key not in cache or cache[key][0] != stamp:
             cache[key] = (stamp, load_controlnet(name, model, allow_pickle))
         net = cache[key][1]
-        mismatch = control_mismatch(net, model.denoiser)
+        mismatch = model.control_mismatch(net)
         if mismatch:
             problems.append(f"ControlNet {name}: not a ControlNet for this model ({model.model_id}): {mismatch}")
             continue
@@ -166,14 +181,18 @@ def control_mismatch(net, unet) -> str | None:
 # --- images and residuals ---------------------------------------------------------------------
 
 
-def guide_channels(cell_px: int) -> int:
-    """Guide channels per control: its RGB picture, pixel-unshuffled to the latent grid."""
-    return CONTROL_CHANNELS * cell_px * cell_px
-
-
-def to_guides(pictures: list[torch.Tensor], cell_px: int) -> torch.Tensor:
-    """Canvas-sized control pictures (3, H, W) in [0, 1] -> the sampler's guides (1, K * 3 * cell^2, h, w)."""
-    return torch.nn.functional.pixel_unshuffle(torch.cat(pictures)[None], cell_px)
+def assemble(model: Model, specs: list[tuple[Any, float, frozenset[float], str]],
+             pictures: list[torch.Tensor]) -> tuple[tuple[Control, ...], torch.Tensor]:
+    """A render's controls and the sampler's guides: each (net, scale, on_at, label) with its canvas-sized picture
+    (3, H, W) in [0, 1] as its family reads it (`Model.control_guide`: SD's pixels unshuffled to the latent
+    grid, FLUX's VAE latents), the guides of all of them stacked by channel, each control knowing its own."""
+    controls, parts, start = [], [], 0
+    for (net, scale, on_at, label), picture in zip(specs, pictures):
+        guide = model.control_guide(net, picture[None].to(model.device))
+        controls.append(Control(net, scale, on_at, label, (start, start + guide.shape[1])))
+        parts.append(guide.float())
+        start += guide.shape[1]
+    return tuple(controls), torch.cat(parts, dim=1)
 
 
 def control_residuals(controls: tuple[Control, ...], inputs: torch.Tensor, t: torch.Tensor,
@@ -184,13 +203,12 @@ def control_residuals(controls: tuple[Control, ...], inputs: torch.Tensor, t: to
     if not controls or "control" not in conditioning.tensors:
         return {}
     uses, guides = conditioning.get("control"), conditioning.get("guides")
-    span = guide_channels(cell_px)
     down = mid = None
     for k, control in enumerate(controls):
         rows = uses[:, k].nonzero().flatten()
         if rows.numel() == 0 or not control.runs_at(t):
             continue
-        image = torch.nn.functional.pixel_shuffle(guides[rows, k * span:(k + 1) * span], cell_px)
+        image = torch.nn.functional.pixel_shuffle(guides[rows, slice(*control.channels)], cell_px)
         kwargs = {name: _rows(value, rows) for name, value in unet_kwargs.items()}
         d, m = control.net(inputs[rows], t, controlnet_cond=image.to(control.net.dtype),
                            conditioning_scale=control.scale, return_dict=False, **kwargs)

@@ -253,6 +253,23 @@ class Model(ABC):
             run = GroupedRun(run)
         return AdapterRun(run, self) if self.state.lora_state is not None else run
 
+    # --- ControlNets (families whose facts say `controlnets`) -------------------------------------
+
+    controlnet_class: ClassVar[str | None] = None  # the diffusers class of its ControlNets
+
+    def random_controlnet(self, seed: int = 0):
+        """A ControlNet shaped for this model's denoiser, with random weights (`model: random-controlnet`)."""
+        raise NotImplementedError(f"{self.facts.label} models take no ControlNet")
+
+    def control_mismatch(self, net) -> str | None:
+        """Why a loaded ControlNet cannot drive this model (another family, width or shape), or None."""
+        return None
+
+    def control_guide(self, net, pixels: torch.Tensor) -> torch.Tensor:
+        """A canvas-sized control picture (1, 3, H, W) in [0, 1] as `net` reads it, on the latent grid: (1, c, h, w)
+        channels per cell, which the sampler crops with every input."""
+        raise NotImplementedError(f"{self.facts.label} models take no ControlNet")
+
     # --- schedules and the codec ------------------------------------------------------------------
 
     def first_step(self, steps: int, strength: float) -> int:

@@ -85,6 +85,64 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def build_random_flux_controlnet(transformer, seed: int = 0):
+    """A FLUX ControlNet shaped for `transformer` (InstantX's kind: one joint and one single block, its inputs the
+    control image's VAE latents), with random weights: diffusers' `from_transformer` copies the transformer's
+    embedders and first blocks and zeroes what carries the residuals out; here those get random weights too
+    (PyTorch's default initialisation, seeded), so the residuals are not zero."""
+    from diffusers import FluxControlNetModel
+
+    config = transformer.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=config.attention_head_dim,
+                                                   num_attention_heads=config.num_attention_heads)
+        for linear in [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]:
+            linear.reset_parameters()
+    return net.eval()
+
+
+def flux_control_samples(controls: tuple, hidden: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                         common: dict[str, Any], hw: tuple[int, int], default_guidance: float) -> dict[str, Any]:
+    """The transformer's extra inputs for a batch: each control on at t runs its FLUX ControlNet on the rows that use
+    it (their packed inputs, text, and guide crops) and its block samples, scaled, are summed into theirs (zeros on
+    the other rows, which adding leaves as they were), as FluxMultiControlNetModel sums them. {} where none runs."""
+    if not controls or "control" not in conditioning.tensors:
+        return {}
+    uses, guides = conditioning.get("control"), conditioning.get("guides")
+    joint = single = None
+    repeat = False
+    for k, control in enumerate(controls):
+        rows = uses[:, k].nonzero().flatten()
+        if rows.numel() == 0 or not control.runs_at(t):
+            continue
+        net = control.net
+        guide = guides[rows, slice(*control.channels)].to(net.dtype)
+        cond = pack(guide) if net.input_hint_block is None else torch.nn.functional.pixel_shuffle(guide, 8)
+        guidance = None
+        if net.config.guidance_embeds:  # FluxControlNetPipeline: the scene's guidance where the net embeds it
+            values = conditioning.get("guidance") if "guidance" in conditioning.tensors else None
+            guidance = (values[rows] if values is not None else
+                        torch.full((rows.numel(),), default_guidance, device=hidden.device)).to(torch.float32)
+        kwargs = {name: value[rows] if name in ("timestep", "pooled_projections", "encoder_hidden_states") else value
+                  for name, value in common.items()}
+        block, single_block = net(hidden_states=hidden[rows], controlnet_cond=cond, conditioning_scale=control.scale,
+                                  guidance=guidance, return_dict=False, **kwargs)
+        if joint is None:
+            joint = [s.new_zeros((hidden.shape[0], *s.shape[1:])) for s in block] if block is not None else None
+            single = ([s.new_zeros((hidden.shape[0], *s.shape[1:])) for s in single_block]
+                      if single_block is not None else None)
+            repeat = net.input_hint_block is not None  # XLabs' ControlNets repeat their blocks over the model's
+        for totals, part in ((joint, block), (single, single_block)):
+            for total, sample in zip(totals or [], part or []):
+                total[rows] += sample
+    if joint is None and single is None:
+        return {}
+    return {"controlnet_block_samples": joint, "controlnet_single_block_samples": single,
+            "controlnet_blocks_repeat": repeat}
+
+
 class Flux(Model):
     """FLUX.1: CLIP ViT-L (pooled), T5 v1.1 XXL (hidden states), FluxTransformer2DModel, AutoencoderKL (16 ch)."""
 
@@ -183,20 +241,22 @@ class Flux(Model):
         """1024 px for FLUX.1: the size it was trained at (its VAE's sample_size), in cells."""
         return int(self.vae.config.sample_size) // self.facts.cell_px
 
-    def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                controls: tuple = ()) -> torch.Tensor:
         """The transformer on packed views, as FluxPipeline calls it: timestep t/1000, the guidance rows
-        where the model embeds guidance, the view's own position ids; the velocity unpacked."""
+        where the model embeds guidance, the view's own position ids; the velocity unpacked. With controls,
+        each one's FLUX ControlNet block samples added to the rows that use it (FluxControlNetPipeline)."""
         b, _, h, w = inputs.shape
         dtype = self.transformer.dtype
         hidden = pack(inputs.to(dtype))
         timestep = t.expand(b).to(dtype) / 1000
         guidance = conditioning.get("guidance").to(torch.float32) if self.embedded_guidance else None
         t5 = conditioning.get("t5")
-        out = self.transformer(
-            hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=conditioning.get("pooled"),
-            encoder_hidden_states=t5, txt_ids=torch.zeros(t5.shape[1], 3, device=t5.device, dtype=t5.dtype),
-            img_ids=image_ids(h, w, inputs.device, dtype), return_dict=False,
-        )[0]
+        common = dict(timestep=timestep, pooled_projections=conditioning.get("pooled"), encoder_hidden_states=t5,
+                      txt_ids=torch.zeros(t5.shape[1], 3, device=t5.device, dtype=t5.dtype),
+                      img_ids=image_ids(h, w, inputs.device, dtype))
+        samples = flux_control_samples(controls, hidden, t, conditioning, common, (h, w), self.facts.default_guidance)
+        out = self.transformer(hidden_states=hidden, guidance=guidance, return_dict=False, **common, **samples)[0]
         return unpack(out, h, w).float()
 
     def bytes_per_sample(self, view_cells: int) -> int:
@@ -205,6 +265,32 @@ class Flux(Model):
         width = config.num_attention_heads * config.attention_head_dim
         tokens = view_cells // 4 + MAX_SEQUENCE_LENGTH
         return tokens * width * (torch.finfo(self.dtype).bits // 8) * TRANSFORMER_MULTIPLICITY
+
+    # --- ControlNets
+
+    controlnet_class: ClassVar[str] = "FluxControlNetModel"
+
+    def random_controlnet(self, seed: int = 0):
+        return build_random_flux_controlnet(self.transformer, seed)
+
+    def control_mismatch(self, net) -> str | None:
+        theirs, ours = net.config, self.transformer.config
+        for key, what in (("joint_attention_dim", "text width"), ("in_channels", "latent channels"),
+                          ("pooled_projection_dim", "pooled text width")):
+            if getattr(theirs, key) != getattr(ours, key):
+                return f"its {what} is {getattr(theirs, key)}, this model's {getattr(ours, key)}"
+        if getattr(theirs, "num_mode", None) is not None:
+            return "a ControlNet Union (it needs a control mode per image, which multidiff does not give yet)"
+        return None
+
+    def control_guide(self, net, pixels: torch.Tensor) -> torch.Tensor:
+        """As FluxControlNetPipeline prepares a control image: normalised to [-1, 1]; for a ControlNet without
+        an input hint block (InstantX's) encoded by the VAE ((mean - shift) * scale: its 16 channels per
+        cell, packed in `forward`), for one with (XLabs') the pixels, unshuffled 8x8 per cell."""
+        normalised = pixels * 2 - 1
+        if net.input_hint_block is None:
+            return self.codec.encode(normalised)
+        return torch.nn.functional.pixel_unshuffle(normalised, self.facts.cell_px)
 
     # --- schedules and the codec
 

@@ -10,7 +10,7 @@ import torch
 from ..catalog import SD as SD_FACTS
 from ..method.schedule import DiffusionSchedule
 from .codec import VAECodec
-from .control import Control, control_residuals
+from .control import Control, build_random_controlnet, control_mismatch, control_residuals
 from .reference import References, by_reference_set
 from .family import Conditioning, LoadedState, Model
 from .schedulers import make_scheduler
@@ -163,6 +163,21 @@ class SD(Model):
 
     def bytes_per_sample(self, view_cells: int) -> int:
         return unet_bytes_per_sample(self.unet.config, view_cells, self.dtype)
+
+    # --- ControlNets
+
+    controlnet_class: ClassVar[str] = "ControlNetModel"
+
+    def random_controlnet(self, seed: int = 0):
+        return build_random_controlnet(self.unet, seed)
+
+    def control_mismatch(self, net) -> str | None:
+        return control_mismatch(net, self.unet)
+
+    def control_guide(self, net, pixels: torch.Tensor) -> torch.Tensor:
+        """The picture itself, as diffusers' control_image_processor makes it ([0, 1]), pixel-unshuffled so each
+        latent cell holds its 8x8 pixels."""
+        return torch.nn.functional.pixel_unshuffle(pixels, self.facts.cell_px)
 
     # --- schedules and the codec
 

@@ -56,7 +56,7 @@ def bench_summary(report: dict[str, Any]) -> str:
         return (
             f"{plural(report['config']['controls'], 'region ControlNet')}: {ours['seconds_per_step']:.3f} s a step "
             f"against {theirs['seconds_per_step']:.3f} s without ({report['step_time_ratio'] - 1:+.1%}); a ControlNet "
-            f"call of {samples:g} samples costs {ours['controlnet_seconds_per_call']:.3f} s"
+            f"call of {samples:g} sample{'' if samples == 1 else 's'} costs {ours['controlnet_seconds_per_call']:.3f} s"
         )
     text = (
         f"multidiff / reference: sampling time {report['sampling_time_ratio']:.3f}, step time "

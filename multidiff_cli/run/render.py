@@ -16,7 +16,7 @@ from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
 from ..models import (AdapterSet, Control, Model, ReferenceSpec, adapter_set, control_rows, image_embeddings,
-                      kept_timesteps, load_references, loaded_controlnets, reference_rows, to_guides)
+                      kept_timesteps, load_references, loaded_controlnets, reference_rows, assemble)
 from ..scene import Scene, changeable_cells, checked_for, region_cells
 from ..scene.controls import (control_model_name, control_pixels, reference_encoder, reference_root,
                               reference_weight)
@@ -185,10 +185,10 @@ def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: i
     names = [control_model_name(scene, control) for _, control in numbered]
     nets = loaded_controlnets(model, names, allow_pickle)
     timesteps = schedule.timesteps[first:]
-    controls = tuple(Control(nets[name], c.scale, kept_timesteps(timesteps, c.start, c.end), c.model)
-                     for name, (_, c) in zip(names, numbered))
+    specs = [(nets[name], c.scale, kept_timesteps(timesteps, c.start, c.end), c.model)
+             for name, (_, c) in zip(names, numbered)]
     pictures = [torch.from_numpy(control_pixels(scene, region, c)).permute(2, 0, 1) for region, c in numbered]
-    return controls, to_guides(pictures, model.facts.cell_px).to(model.device)
+    return assemble(model, specs, pictures)
 
 
 def scene_references(scene: Scene, model: Model, prompts: ScenePrompts, conditioning, allow_pickle: bool = False):

@@ -2,6 +2,7 @@
 each picture (CI on GPU runners)."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +71,15 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str | Non
               on_event: OnEvent | None = None, family_models: dict[str, str] = TINY_MODELS) -> list[SmokeResult]:
     """Render each scene once in `steps` steps and check each picture. model: the one every scene renders
     on; None: each scene on `scene_model`'s (its family's tiny model where its own is not here). A scene
-    whose LoRA files are not here (they are not shipped) is skipped, and the result says why."""
+    whose LoRA files, ControlNets or IP-Adapters are not here (they are not shipped) is skipped, and the result
+    says why."""
     jobs, results = [], []
     for path in scenes:
         try:
-            scene = load_source(path).scene  # first: a scene whose LoRAs are not here is skipped on any model
+            scene = load_source(path).scene  # first: a scene whose LoRAs etc. are not here is skipped
             chosen = model or scene_model(scene, family_models)
         except SceneError as exc:
-            missing = missing_lora_lines(exc)
+            missing = missing_adapter_lines(exc)
             if missing:
                 results.append(SmokeResult(path.name, "-", 0.0, None, skipped=f"needs files that are not here: {missing}"))
                 continue
@@ -115,10 +117,17 @@ def run_smoke(scenes: list[Path], output_dir: Path, steps: int, model: str | Non
     return results
 
 
-def missing_lora_lines(error: SceneError) -> str | None:
-    """The missing LoRA files a scene's only problems are, as one text; None if it has other problems."""
-    missing = [line.rsplit("no such file: ", 1)[-1] for line in error.problems if "loras[" in line and "no such file" in line]
-    return ", ".join(missing) if missing and len(missing) == len(error.problems) else None
+_MISSING = re.compile(r"(loras|control|reference)\[\d+\]\.(path|model|weight): no such (?:file|folder|folder or "
+                      r"file)(?: in)?: (\S+)")
+
+
+def missing_adapter_lines(error: SceneError) -> str | None:
+    """The missing LoRA files, ControlNets and IP-Adapters (not shipped) a scene's only problems are, as one text;
+    None if it has other problems."""
+    found = [_MISSING.search(line) for line in error.problems]
+    if not found or not all(found):
+        return None
+    return ", ".join(match.group(3).rstrip(":") for match in found)
 
 
 def example_scenes(folder: Path) -> list[Path]:

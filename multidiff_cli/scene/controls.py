@@ -68,7 +68,8 @@ def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tup
         seen[0 if region is None else region + 1] += 1
         loc = (*owner, k)
         if family is not None and not family.controlnets:
-            problems.append((loc, f"{family.label} models take no ControlNet in multidiff yet (SD 1.x/2.x and SDXL do)"))
+            problems.append((loc, f"{family.label} models take no ControlNet in multidiff yet (SD 1.x/2.x, SDXL and "
+                                  "FLUX.1 do)"))
             continue
         problem = _image_problem(scene, region, control)
         if problem:
@@ -112,7 +113,8 @@ def _model_problem(scene: Scene, control: Control, allow_pickle: bool) -> str | 
         return None
     if looks_like_hub_id(control.model):
         return None
-    return f"no such folder or file: {path} (nor a hub id, owner/name, nor {RANDOM_CONTROLNET})"
+    return (f"no such folder or file: {scene.path_of(control.model)} (nor a hub id, owner/name, nor "
+            f"{RANDOM_CONTROLNET})")
 
 
 # --- references (IP-Adapters) -----------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
     for region, reference in scene.references():
         k = counts[region] = counts.get(region, -1) + 1
         loc = (*(("reference",) if region is None else ("regions", region, "reference")), k)
-        if family is not None and not family.controlnets:
+        if family is not None and not family.ip_adapters:
             problems.append((loc, f"{family.label} models take no IP-Adapter in multidiff yet (SD 1.x/2.x and SDXL do)"))
             continue
         try:
@@ -170,5 +172,6 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
             if not any((root / name).is_file() for name in candidates):
                 problems.append(((*loc, "weight"), f"no such file in {root}: {' or '.join(candidates)}"))
         elif not looks_like_hub_id(reference.model):
-            problems.append(((*loc, "model"), f"no such folder: {root} (nor a hub id, owner/name)"))
+            problems.append(((*loc, "model"), f"no such folder: {scene.path_of(reference.model)} (nor a hub id, "
+                                              "owner/name)"))
     return problems
