@@ -280,7 +280,7 @@ def bench(
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
-    controls: int = typer.Option(0, "--controls", min=0, max=16, help="Regions with a ControlNet (SD, SDXL): time "
+    controls: int = typer.Option(0, "--controls", min=0, max=16, help="Regions with a ControlNet (SD, SDXL, FLUX.1): time "
                                  "with them against without, and each ControlNet call."),
     windows: bool = typer.Option(False, "--windows", help="Also time region windows (region_windows: true) against "
                                  "full-canvas regions and the authors' loop."),
