@@ -47,9 +47,18 @@ class LoraError(MultidiffError):
     exit_code = 2
 
 
-class ControlError(SceneError):
-    """A control the scene names cannot be used: its ControlNet is missing, pickled without --allow-pickle, or
-    made for another family or size. Exit 2, one line per problem, before sampling."""
+class ControlError(MultidiffError):
+    """A ControlNet or IP-Adapter the scene names cannot be used once loaded: pickled without --allow-pickle, or
+    made for another family or size. Exit 2, one line per problem (each behind `error:`), before sampling."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = [one_line(problem) for problem in problems]
+        super().__init__("\n".join(self.problems))
+
+    def __reduce__(self):
+        return type(self), (self.problems,)
 
 
 class OutputError(MultidiffError):

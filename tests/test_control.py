@@ -344,6 +344,7 @@ def test_cli_a_controlnet_of_another_family_is_exit_2_one_line_before_sampling(c
     assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
     lines = [line for line in result.stderr.strip().splitlines() if "ControlNet" in line]
     assert len(lines) == 1 and "an SDXL ControlNet, and this model is SD 1.x/2.x" in lines[0], result.stderr
+    assert lines[0].startswith("error: ControlNet ")
 
 
 def test_sd3_z_image_and_klein_take_no_controlnet_yet(cli, write_scene, tmp_path):
@@ -402,3 +403,33 @@ def test_a_region_controlnet_runs_once_a_step_on_both_its_samples_even_in_small_
     render(scene, model, seed=0)
     assert unet.samples == 2 * (1 + 1 + 3 * 2) and max(unet.sizes) <= 4
     assert net.calls == 2 * 3 and net.samples == 2 * 3 * 2
+
+
+def test_cli_a_control_whose_start_and_end_leave_it_no_step_is_a_warning(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    scene = write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET).replace("scale: 0.7}", "start: 0.1, end: 0.9}"))
+    result = cli.render(scene, "-o", tmp_path / "out.png")  # 2 steps: 0/2 < 0.1 and 2/2 > 0.9
+    assert result.exit_code == 0, result.output
+    assert "control[0]: start 0.1 and end 0.9 leave it none of the 2 steps run" in result.stderr
+
+
+def test_a_canvas_sized_region_control_stays_on_the_canvas_under_size_and_its_re_render(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    picture(tmp_path / "control" / "sheet.png", (96, 64), 5)  # the scene file's canvas size
+    scene = write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET).replace("control/pose.png", "control/sheet.png"))
+    out = tmp_path / "small.png"
+    result = cli.render(scene, "--size", "192x128", "-o", out)
+    assert result.exit_code == 0, result.output
+    (entry,) = read_metadata(out)["scene"]["regions"][0]["control"]
+    assert entry["fit"] == "canvas"  # decided at the scene file's size, and recorded so
+    again = cli.render(out, "-o", tmp_path / "again.png")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_a_missing_folder_beside_the_scene_is_not_taken_for_a_hub_id(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    (tmp_path / "controlnets").mkdir()
+    result = cli("validate", write_scene(CLI_SCENE.format(net="controlnets/nope")))
+    assert result.exit_code == 2
+    assert "control[0].model: no such folder or file:" in result.stderr and "controlnets/nope" in result.stderr

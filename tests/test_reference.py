@@ -220,3 +220,4 @@ def test_cli_an_ip_adapter_of_another_model_is_exit_2_one_line_before_sampling(c
     assert result.exit_code == 2 and not (tmp_path / "out.png").exists()
     lines = [line for line in result.stderr.strip().splitlines() if "IP-Adapter" in line]
     assert len(lines) == 1 and "not an IP-Adapter for this model (tiny-random" in lines[0], result.stderr
+    assert lines[0].startswith("error: IP-Adapter ") and "in the file, [" in lines[0] and lines[0].count("sdxl_models") == 1

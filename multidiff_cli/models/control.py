@@ -109,9 +109,10 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
         if path.is_file():
             raise ModelError(f"ControlNet {name}: cannot read it as a single-file ControlNet ({first[:200]}); diffusers "
                              "takes a single file's config from the hub: offline, use a diffusers folder") from None
-        raise ModelNotFound(f"ControlNet {name} is not in the local Hugging Face cache and could not be downloaded "
-                            f"({first[:200]}). Download it where the hub is reachable (hf download {name}) and copy the "
-                            "cache (HF_HOME), or point `model:` at a local diffusers ControlNet folder") from None
+        raise ModelNotFound(f"ControlNet {name}: no folder of that name beside the scene file, and as a hub id not in "
+                            f"the local Hugging Face cache nor downloadable ({first[:160]}). Download it where the hub is "
+                            f"reachable (hf download {name}) and copy the cache (HF_HOME), or point `model:` at a local "
+                            "diffusers ControlNet folder") from None
     raise ControlError([f"ControlNet {name}: no such folder or file, and not a hub id (owner/name)"])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -76,6 +77,9 @@ def quiet_libraries() -> None:
         transformers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+    # diffusers' own deprecations, on every FLUX ControlNet and every hub file it fetches: nothing a user can change
+    warnings.filterwarnings("ignore", message=r".*`FluxPosEmbed` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*`local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -12,6 +12,7 @@ UNet: its own attention processors, no image projection, so nothing of the IP br
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -113,12 +114,13 @@ def load_references(model: Model, specs: list[ReferenceSpec], allow_pickle: bool
             unet.encoder_hid_proj = None
             unet.config.encoder_hid_dim_type = None
             state.loaded = ()
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            if isinstance(exc, ValueError) or "size mismatch" in first:
-                raise ControlError([f"IP-Adapter {', '.join(f'{s.root} {s.weight}' for s in specs)}: not an IP-Adapter "
-                                    f"for this model ({model.model_id}, {model.shape_label}): {first[:200]}"]) from None
-            raise ModelNotFound(f"IP-Adapter: cannot load {first[:200]}: a hub id needs the network once (or its files "
-                                "in the Hugging Face cache); offline, point `model:` at a local folder") from None
+            reason = _reason(exc)
+            names = ", ".join(dict.fromkeys(f"{spec.root} {spec.weight}" for spec in specs))
+            if isinstance(exc, ValueError) or "shape" in reason:
+                raise ControlError([f"IP-Adapter {names}: not an IP-Adapter for this model ({model.model_id}, "
+                                    f"{model.shape_label}): {reason}"]) from None
+            raise ModelNotFound(f"IP-Adapter {names}: cannot load it ({reason}); a hub id needs the network once (or its "
+                                "files in the Hugging Face cache); offline, point `model:` at a local folder") from None
         state.ip, state.projection, state.loaded = dict(unet.attn_processors), unet.encoder_hid_proj, wanted
         _bare(unet, state)
         unet.set_attn_processor(dict(state.plain))
@@ -127,6 +129,22 @@ def load_references(model: Model, specs: list[ReferenceSpec], allow_pickle: bool
         if key not in state.encoders:
             state.encoders[key] = _image_encoder(spec, model)
     return References(tuple(spec.scale for spec in specs), state)
+
+
+_SHAPE = re.compile(r"([\w.]+) expected shape (?:torch\.Size\(\[|.*?size=\()([\d, ]+)[\])].*?but got "
+                    r"torch\.Size\(\[([\d, ]+)\]\)")
+
+
+def _reason(exc: Exception) -> str:
+    """The telling part of a loading error: a shape mismatch as `layer is [..] in the file, [..] in the model`,
+    else its first line, cut at a word."""
+    text = " ".join(str(exc).split())
+    shape = _SHAPE.search(text)
+    if shape:
+        layer, ours, theirs = shape.groups()
+        return f"{layer} is [{theirs}] in the file, [{ours}] in the model"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."
 
 
 def _bare(unet, state: IPState) -> None:

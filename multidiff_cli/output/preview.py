@@ -60,7 +60,7 @@ def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | No
     if scene.init_image is not None:  # the picture it starts from, under the boxes
         canvas[:] = (load_picture(scene.init_image_path, (width, height)) + 1) * 127.5
     for region, control in scene.controls():  # each control image faded where it goes (a region's: its box)
-        x0, y0, x1, y1 = (round(v * scale) for v in control_box(scene, region, _image_size(scene, control)))
+        x0, y0, x1, y1 = (round(v * scale) for v in control_box(scene, region, control, _image_size(scene, control)))
         pixels = Image.fromarray((control_pixels(scene, region, control) * 255).round().astype(np.uint8))
         shown = np.asarray(pixels.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
         canvas[y0:y1, x0:x1] = (1 - CONTROL_ALPHA) * canvas[y0:y1, x0:x1] + CONTROL_ALPHA * shown[y0:y1, x0:x1]

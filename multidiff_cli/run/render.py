@@ -185,10 +185,28 @@ def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: i
     names = [control_model_name(scene, control) for _, control in numbered]
     nets = loaded_controlnets(model, names, allow_pickle)
     timesteps = schedule.timesteps[first:]
-    specs = [(nets[name], c.scale, kept_timesteps(timesteps, c.start, c.end), c.model)
-             for name, (_, c) in zip(names, numbered)]
+    specs = [(nets[name], c.scale, kept_timesteps(timesteps, c.start, c.end), label)
+             for name, label, (_, c) in zip(names, control_labels(scene), numbered)]
     pictures = [torch.from_numpy(control_pixels(scene, region, c)).permute(2, 0, 1) for region, c in numbered]
     return assemble(model, specs, pictures)
+
+
+def control_labels(scene: Scene) -> list[str]:
+    """Where each control of the scene is written (`control[0]`, `regions[1].control[0]`), in Scene.controls order."""
+    counts: dict[int | None, int] = {}
+    labels = []
+    for region, _ in scene.controls():
+        k = counts[region] = counts.get(region, -1) + 1
+        labels.append(f"control[{k}]" if region is None else f"regions[{region}].control[{k}]")
+    return labels
+
+
+def idle_controls(scene: Scene, controls: tuple[Control, ...], steps: int) -> list[str]:
+    """A warning for each control whose start and end leave none of the render's steps to it (diffusers' rule:
+    evaluation i of n runs unless i/n < start or (i+1)/n > end, so 0.1 to 0.9 of 2 steps runs none)."""
+    return [f"{control.label}: start {c.start:g} and end {c.end:g} leave it none of the {steps} steps run: it does "
+            "nothing in this render (widen them, or render more steps)"
+            for control, (_, c) in zip(controls, scene.controls()) if not control.on_at]
 
 
 def scene_references(scene: Scene, model: Model, prompts: ScenePrompts, conditioning, allow_pickle: bool = False):
@@ -306,4 +324,5 @@ def render(
         ) from None
     stage("decoding")
     image = decode_scene(model, latents, plan)
-    return RenderResult(image, latents, seed, time.perf_counter() - started, model.truncation_warnings(prompts.labelled_conds()))
+    warnings = model.truncation_warnings(prompts.labelled_conds()) + idle_controls(scene, controls, scene.steps - start)
+    return RenderResult(image, latents, seed, time.perf_counter() - started, warnings)

@@ -18,12 +18,12 @@ from .schema import Control, Reference, Scene
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
 
 
-def control_box(scene: Scene, region: int | None, image_wh: tuple[int, int]) -> Box:
-    """Where a control image goes on the canvas: a scene-wide one, and a region's of exactly the canvas' size,
-    on the whole canvas; any other region's fitted to the region's bounding box (its cells'), black around it
-    (a ControlNet reads black as no edges, no pose, far depth)."""
+def control_box(scene: Scene, region: int | None, control: Control, image_wh: tuple[int, int]) -> Box:
+    """Where a control image goes on the canvas: a scene-wide one, and a region's with `fit: canvas` (or, fit
+    absent, of exactly the canvas' size), on the whole canvas; any other region's fitted to the region's
+    bounding box (its cells'), black around it (a ControlNet reads black as no edges, no pose, far depth)."""
     canvas = (0, 0, scene.width, scene.height)
-    if region is None or tuple(image_wh) == (scene.width, scene.height):
+    if region is None or control.fit == "canvas" or (control.fit is None and tuple(image_wh) == canvas[2:]):
         return canvas
     cells = region_cells(scene, region)
     rows, cols = cells.any(axis=1).nonzero()[0], cells.any(axis=0).nonzero()[0]
@@ -47,12 +47,33 @@ def control_pixels(scene: Scene, region: int | None, control: Control) -> np.nda
     path = control_image_path(scene, control)
     with picture.open_image(path, "a control image") as image:
         image = image.convert("RGB")
-        x0, y0, x1, y1 = control_box(scene, region, image.size)
+        x0, y0, x1, y1 = control_box(scene, region, control, image.size)
         if image.size != (x1 - x0, y1 - y0):
             image = image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
         canvas = np.zeros((scene.height, scene.width, 3), dtype=np.float32)
         canvas[y0:y1, x0:x1] = np.asarray(image, dtype=np.float32) / 255.0
     return canvas
+
+
+def with_fits(scene: Scene, authored_wh: tuple[int, int] | None) -> Scene:
+    """The scene with every region control's `fit` decided where it is absent: canvas for an image of the canvas'
+    size as the scene file has it (authored_wh; --size may have scaled the canvas and boxes since) or as it is
+    now, else box. Recorded so, a re-render places each image as this render does. Images that cannot be read
+    are left as they are (their problem is reported)."""
+    sizes = {(scene.width, scene.height), *([tuple(authored_wh)] if authored_wh else [])}
+    regions = []
+    for region in scene.regions:
+        controls = []
+        for control in region.control:
+            if control.fit is None:
+                try:
+                    with picture.open_image(scene.path_of(control.image), "a control image") as image:
+                        control = control.model_copy(update={"fit": "canvas" if image.size in sizes else "box"})
+                except PictureError:
+                    pass
+            controls.append(control)
+        regions.append(region.model_copy(update={"control": controls}) if region.control else region)
+    return scene.model_copy(update={"regions": regions}) if any(r.control for r in scene.regions) else scene
 
 
 def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
@@ -87,7 +108,7 @@ def _image_problem(scene: Scene, region: int | None, control: Control) -> str | 
             size = image.size
     except PictureError as exc:
         return str(exc)
-    x0, y0, x1, y1 = control_box(scene, region, size)
+    x0, y0, x1, y1 = control_box(scene, region, control, size)
     target = (x1 - x0, y1 - y0)
     if abs((size[0] / size[1]) / (target[0] / target[1]) - 1) <= picture.ASPECT_TOLERANCE:
         return None
@@ -111,10 +132,16 @@ def _model_problem(scene: Scene, control: Control, allow_pickle: bool) -> str | 
             return (f"{control.model} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors "
                     "file, or, for a file you trust, pass --allow-pickle")
         return None
-    if looks_like_hub_id(control.model):
+    if looks_like_hub_id(control.model) and not _meant_local(scene, control.model):
         return None
     return (f"no such folder or file: {scene.path_of(control.model)} (nor a hub id, owner/name, nor "
             f"{RANDOM_CONTROLNET})")
+
+
+def _meant_local(scene: Scene, name: str) -> bool:
+    """Whether an owner/name that is no local path still means one: its first folder is there beside the scene
+    (controlnets/depth with controlnets/ present is a folder not made yet, not a hub repo)."""
+    return scene.path_of(name.split("/", 1)[0]).is_dir()
 
 
 # --- references (IP-Adapters) -----------------------------------------------------------------------------
@@ -171,7 +198,7 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
                                                               *(f"{f}/{reference.weight}" for f in H94_FOLDERS.values())]
             if not any((root / name).is_file() for name in candidates):
                 problems.append(((*loc, "weight"), f"no such file in {root}: {' or '.join(candidates)}"))
-        elif not looks_like_hub_id(reference.model):
+        elif not looks_like_hub_id(reference.model) or _meant_local(scene, reference.model):
             problems.append(((*loc, "model"), f"no such folder: {scene.path_of(reference.model)} (nor a hub id, "
                                               "owner/name)"))
     return problems

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from ..catalog import DEFAULT_MODEL, detect_family, detect_few_step
 from ..errors import SceneError
 from . import picture
-from .geometry import boxes_following_canvas, canvas_of_picture, is_int
+from .controls import with_fits
+from .geometry import boxes_following_canvas, canvas_of, canvas_of_picture, is_int
 from .paths import local_model
 from .schema import Scene, family_steps
 from .validation import check_canvas, check_valid_regions, one_per_value, pydantic_message
@@ -60,6 +61,7 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     scene._base_dir = base_dir
     scene._notes = notes
     scene._family, scene._few_step_model = family, few_step
+    scene = with_fits(scene, canvas_of(data))  # before --size's scaling: where each region's control image goes
     problems = check_canvas(scene, allow_pickle)
     if problems:
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides)))

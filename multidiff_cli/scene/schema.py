@@ -94,6 +94,10 @@ class Control(Strict):
     scale: float = Field(1.0, ge=0, le=CONTROL_SCALE_LIMIT, allow_inf_nan=False, description="conditioning scale")
     start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="share of the steps before it starts")
     end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="share of the steps after which it stops")
+    fit: Literal["canvas", "box"] | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="a region's image: over the whole canvas, or fitted to the region's box; absent: the canvas "
+                    "where the image is the canvas' size (as written in the scene file), else the box")
 
     @model_validator(mode="after")
     def _start_before_end(self) -> Control:
