@@ -35,6 +35,16 @@ few_step: auto                 # quantized masks + mask-centering; auto: on for 
 # loras:                       # LoRAs on every prompt (.safetensors, relative to this file)
 #   - path: loras/film_look.safetensors
 #     scale: 0.6               # default 1.0
+# control:                     # ControlNets on every prompt (README, ControlNet; SD, SDXL, FLUX.1)
+#   - model: lllyasviel/control_v11f1p_sd15_depth   # hub id, diffusers folder (relative to this file), random-controlnet
+#     image: depth.png         # relative to this file; resized to the canvas
+#     scale: 1.0               # conditioning scale
+#     start: 0.0               # share of the steps before it starts
+#     end: 1.0                 # share of the steps after which it stops
+# reference:                   # IP-Adapter pictures on every prompt (README, IP-Adapter; SD, SDXL)
+#   - {model: h94/IP-Adapter, weight: models/ip-adapter_sd15.safetensors, image: style.jpg, scale: 1.0}
+# region_windows: false        # true: each region's prompt runs on a window around it; auto: where that saves samples
+# window_context: 0.25         # a window's margin around its region, as a share of the region's side
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
   - prompt: a red velvet sofa
@@ -44,6 +54,9 @@ regions:                       # each prompt owns a box or a mask; none: plain t
   #   negative_prompt: text    # this region's own (default: the scene's)
   #   guidance_scale: 9.0      # this region's own (default: the scene's)
   #   loras: [{path: loras/alice.safetensors, scale: 0.9}]   # on this region's samples only
+  #   control: [{model: lllyasviel/control_v11p_sd15_openpose, image: pose.png}]   # its samples only; fitted to its box
+  #   reference: [{model: h94/IP-Adapter, weight: models/ip-adapter_sd15.safetensors, image: face.jpg}]
+  #   window: auto             # where its prompt runs: canvas, auto, or [x0, y0, x1, y1]
 """
 
 
