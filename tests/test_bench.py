@@ -176,3 +176,19 @@ def test_a_bench_child_killed_before_it_reports_is_an_error_not_a_hang():
 
     with pytest.raises(BenchError, match="bench _exit died with exit code 3"):
         in_fresh_process(os._exit, 3)
+
+
+def test_bench_width_and_region_px_lay_small_squares_along_a_panorama(cli):
+    from multidiff_cli.bench.sampler import bench_config, bench_scene
+    from multidiff_cli.models.random_weights import bench_model
+
+    config = bench_config("tiny-random", 64, 4, 2, 0, None, "cpu", None, False, None, width=512, region_px=32)
+    assert (config.canvas_width, config.size_px, config.region_px) == (512, 64, 32)
+    weights, _, _ = bench_scene(config, bench_model("tiny-random"), (64, 64))
+    assert weights.shape[-2:] == (8, 64)
+    for p in range(1, 5):  # each a 4x4-cell square, centred in its quarter of the width and in the height
+        rows, cols = (weights[p, 0] > 0).nonzero(as_tuple=True)
+        assert (rows.min(), rows.max(), cols.max() - cols.min()) == (2, 5, 3)
+        assert abs((cols.min() + cols.max() + 1) / 2 - (p - 0.5) * 16) <= 1
+    refused = cli("bench", "--size", "64", "--width", "128", "--regions", "4", "--region-px", "48")
+    assert refused.exit_code == 2 and "--region-px: a multiple of 8 that fits --regions (4) squares" in refused.stderr

@@ -53,6 +53,7 @@ class BenchConfig:
     loras: int = 0  # regions with a LoRA of their own: then multidiff with them against multidiff without
     controls: int = 0  # regions with a ControlNet of their own: then multidiff with them against multidiff without
     windows: bool = False  # also multidiff with region windows (region_windows: true), against both
+    region_px: int | None = None  # square regions of this side spread along the width; None: boxes in a row
 
     @property
     def canvas_width(self) -> int:
@@ -80,9 +81,9 @@ class PathResult:
 def bench_config(model: str, size: int | None, regions: int, steps: int | None, bootstrap_steps: int,
                  scheduler: str | None, device: str | None, dtype: str | None, compile: bool, max_batch: int | None,
                  device_source: str = "--device", loras: int = 0, windows: bool = False,
-                 controls: int = 0) -> BenchConfig:
-    """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere;
-    the model family's scheduler, guidance and CUDA dtype."""
+                 controls: int = 0, width: int | None = None, region_px: int | None = None) -> BenchConfig:
+    """Check the command's options; defaults: 512 px and 50 steps on CUDA, 256 px and 4 steps elsewhere (the
+    canvas square unless `width`); the model family's scheduler, guidance and CUDA dtype."""
     if model not in BENCH_MODELS:
         raise UsageError(f"--model: the bench builds its own random model: {', '.join(BENCH_MODELS)}, not {model!r}")
     family = FAMILIES[BUILT_IN[model]]
@@ -95,6 +96,12 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
     steps = steps or (50 if on_cuda else 4)
     if size % 8 or size < 64:
         raise UsageError("--size: a multiple of 8, at least 64")
+    if width is not None and (width % 8 or width < 64):
+        raise UsageError("--width: a multiple of 8, at least 64")
+    if region_px is not None and (region_px % 8 or region_px < 8 or region_px > size
+                                  or region_px * regions > (width or size)):
+        raise UsageError(f"--region-px: a multiple of 8 that fits --regions ({regions}) squares side by side on the "
+                         f"{width or size}x{size} canvas")
     if bootstrap_steps > steps:
         raise UsageError("--bootstrap-steps: at most --steps")
     if loras > regions:
@@ -110,7 +117,7 @@ def bench_config(model: str, size: int | None, regions: int, steps: int | None, 
         model=model, size_px=size, regions=regions, steps=steps, bootstrap_steps=bootstrap_steps, scheduler=scheduler,
         guidance_scale=family.default_guidance, device=str(torch_device),
         dtype=str(pick_dtype(torch_device, dtype, cuda_default=family.cuda_dtype)).removeprefix("torch."),
-        compile=compile, max_batch=max_batch, loras=loras, windows=windows, controls=controls,
+        compile=compile, max_batch=max_batch, loras=loras, windows=windows, width_px=width, region_px=region_px, controls=controls,
     )
 
 
@@ -126,10 +133,15 @@ def parse_widths(text: str) -> list[int]:
 
 def bench_scene(config: BenchConfig, model: Model, view_px: tuple[int, int]):
     """Weights, prompt table and random text conditioning (of the family's shapes, for views of view_px)
-    of a global prompt plus `regions` boxes in a row."""
+    of a global prompt plus `regions` boxes in a row (each a share of the width and half the height), or with
+    region_px, squares of that side spread evenly along the width, centred in the height."""
     latent_hw = config.size_px // 8, config.canvas_width // 8
     width = config.canvas_width // max(config.regions, 1)
     boxes = [(i * width, config.size_px // 4, (i + 1) * width, config.size_px * 3 // 4) for i in range(config.regions)]
+    if config.region_px:
+        side, top = config.region_px, (config.size_px - config.region_px) // 16 * 8
+        lefts = [(round((i + 0.5) * width) - side // 2) // 8 * 8 for i in range(config.regions)]
+        boxes = [(left, top, left + side, top + side) for left in lefts]
     weights = region_weights([torch.from_numpy(box_cells(b, latent_hw)) for b in boxes], latent_hw)
     embedded = model.facts.embedded_guidance  # FLUX.1: guidance is an input of the network, no CFG pass
     prompts = Prompts(

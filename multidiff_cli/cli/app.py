@@ -278,6 +278,9 @@ def bench(
     model: str = typer.Option("sd2-random", "--model", help="sd2-random, sdxl-random (full size), flux-random (FLUX.1's "
                               "width, fewer blocks), tiny-random, tiny-sdxl-random, tiny-flux-random."),
     size: Optional[int] = typer.Option(None, "--size", help="Square canvas in pixels [default: 512 on CUDA, 256 else]."),
+    width: Optional[int] = typer.Option(None, "--width", help="Canvas width in pixels, --size its height (a panorama)."),
+    region_px: Optional[int] = typer.Option(None, "--region-px", help="Regions as squares of this side spread along "
+                                            "the width [default: boxes in a row, each a share of the width]."),
     regions: int = typer.Option(3, "--regions", min=0, max=16, help="Regions besides the global prompt."),
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
     controls: int = typer.Option(0, "--controls", min=0, max=16, help="Regions with a ControlNet (SD, SDXL, FLUX.1): time "
@@ -305,7 +308,7 @@ def bench(
 
         config = bench_config(model, size, regions, steps, bootstrap_steps, scheduler, **_env_device(device),
                               dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras, windows=windows,
-                              controls=controls)
+                              controls=controls, width=width, region_px=region_px)
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
             printed = run_bench_command(config, widths, json_path, batch_sizes, peer)
         for item in printed:

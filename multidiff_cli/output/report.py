@@ -21,8 +21,9 @@ def size_text(size_bytes: float) -> str:
 
 def bench_table(report: dict[str, Any]) -> Table:
     config = report["config"]
+    regions = f"{config['regions']} regions" + (f" of {config['region_px']} px" if config.get("region_px") else "")
     table = Table(title=(
-        f"{model_label(config['model'])} {config['size_px']}x{config['size_px']}, {config['regions']} regions, "
+        f"{model_label(config['model'])} {config.get('width_px') or config['size_px']}x{config['size_px']}, {regions}, "
         f"{config['steps']} steps ({config['bootstrap_steps']} bootstrap), {config['scheduler']}, "
         f"{config['dtype']} on {config['device']} ({report['device_name']}, {report['torch_threads']} threads)"
     ))
