@@ -323,6 +323,7 @@ def test_cli_bad_controls_are_one_line_each_exit_2_all_at_once_nothing_written(c
     lines = result.stderr.strip().splitlines()
     assert any("control[2]: start (0.6) must be before end (0.4)" in line for line in lines), lines
     assert any("regions[0].control[0].sclae: unknown key; did you mean `scale`?" in line for line in lines), lines
+    assert any("control[0].image: no such file:" in line for line in lines), lines  # a typo hides no missing file
     assert "Traceback" not in result.output
 
     fixed = scene.read_text().replace(", start: 0.6, end: 0.4", "").replace(", sclae: 2", "")

@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 from PIL import Image
 
 from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, looks_like_hub_id
 from ..errors import PictureError
 from . import picture
 from .geometry import region_cells
-from .paths import local_model
+from .paths import local_model, scene_path
 from .schema import Control, Reference, Scene
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
@@ -95,7 +96,7 @@ def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tup
         problem = _image_problem(scene, region, control)
         if problem:
             problems.append(((*loc, "image"), problem))
-        problem = _model_problem(scene, control, allow_pickle)
+        problem = _model_problem(scene.base_dir, control.model, allow_pickle)
         if problem:
             problems.append(((*loc, "model"), problem))
     return problems
@@ -118,30 +119,85 @@ def _image_problem(scene: Scene, region: int | None, control: Control) -> str | 
             + ("" if region is None else f", or of the canvas' size ({scene.width}x{scene.height})"))
 
 
-def _model_problem(scene: Scene, control: Control, allow_pickle: bool) -> str | None:
-    if control.model == RANDOM_CONTROLNET:
+def _model_problem(base_dir: Path, model: str, allow_pickle: bool) -> str | None:
+    """A ControlNet name's problem: a local path that does not exist (nor a hub id), a folder without config.json,
+    a pickle without allow_pickle."""
+    if model == RANDOM_CONTROLNET:
         return None
-    name = control_model_name(scene, control)
-    path = Path(name)
+    path = Path(local_model(model, base_dir)[0])
     if path.is_dir():
         if not (path / "config.json").is_file():
             return f"{path}: not a diffusers ControlNet folder (it holds no config.json)"
         return None
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            return (f"{control.model} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors "
+            return (f"{model} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors "
                     "file, or, for a file you trust, pass --allow-pickle")
         return None
-    if looks_like_hub_id(control.model) and not _meant_local(scene, control.model):
+    if looks_like_hub_id(model) and not _meant_local(base_dir, model):
         return None
-    return (f"no such folder or file: {scene.path_of(control.model)} (nor a hub id, owner/name, nor "
-            f"{RANDOM_CONTROLNET})")
+    return f"no such folder or file: {scene_path(base_dir, model)} (nor a hub id, owner/name, nor {RANDOM_CONTROLNET})"
 
 
-def _meant_local(scene: Scene, name: str) -> bool:
+def _meant_local(base_dir: Path, name: str) -> bool:
     """Whether an owner/name that is no local path still means one: its first folder is there beside the scene
     (controlnets/depth with controlnets/ present is a folder not made yet, not a hub repo)."""
-    return scene.path_of(name.split("/", 1)[0]).is_dir()
+    return scene_path(base_dir, name.split("/", 1)[0]).is_dir()
+
+
+def _picture_problem(base_dir: Path, name: str, what: str) -> str | None:
+    try:
+        picture.open_image(scene_path(base_dir, name), what).close()
+    except PictureError as exc:
+        return str(exc)
+    return None
+
+
+def _root_problem(base_dir: Path, reference: Reference, family: str | None) -> tuple[str, str] | None:
+    """(field, problem) of an IP-Adapter's repo: a local folder without the weight file, or no such folder (nor a
+    hub id). family None: the weight may be in any of h94's folders."""
+    root = Path(local_model(reference.model, base_dir)[0])
+    if root.is_dir():
+        if "/" in reference.weight:
+            candidates = [reference.weight]
+        elif family in H94_FOLDERS:
+            candidates = [reference.weight, f"{H94_FOLDERS[family]}/{reference.weight}"]
+        else:
+            candidates = [reference.weight, *(f"{f}/{reference.weight}" for f in H94_FOLDERS.values())]
+        if not any((root / name).is_file() for name in candidates):
+            return "weight", f"no such file in {root}: {' or '.join(candidates)}"
+    elif not looks_like_hub_id(reference.model) or _meant_local(base_dir, reference.model):
+        return "model", f"no such folder: {scene_path(base_dir, reference.model)} (nor a hub id, owner/name)"
+    return None
+
+
+def file_problems(data: dict, base_dir: Path, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
+    """After the scene failed validation: the file checks of each LoRA, control and reference that is valid on its
+    own (a missing or unreadable picture, a missing model or weight file), so one typo hides nothing else."""
+    from .schema import Lora
+    from .validation import lora_file_problem
+
+    regions = data.get("regions") if isinstance(data.get("regions"), list) else []
+    owners = [((), data)] + [(("regions", i), r) for i, r in enumerate(regions) if isinstance(r, dict)]
+    problems = []
+    for loc, owner in owners:
+        for key, model in (("loras", Lora), ("control", Control), ("reference", Reference)):
+            for k, item in enumerate(owner.get(key) if isinstance(owner.get(key), list) else []):
+                try:
+                    entry = model.model_validate(item)
+                except ValidationError:
+                    continue  # pydantic reported it
+                at = (*loc, key, k)
+                if key == "loras":
+                    found = [("path", lora_file_problem(scene_path(base_dir, entry.path), entry.path, allow_pickle))]
+                elif key == "control":
+                    found = [("image", _picture_problem(base_dir, entry.image, "a control image")),
+                             ("model", _model_problem(base_dir, entry.model, allow_pickle))]
+                else:
+                    found = [("image", _picture_problem(base_dir, entry.image, "a reference picture")),
+                             _root_problem(base_dir, entry, None) or ("model", None)]
+                problems += [((*at, field), problem) for field, problem in found if problem]
+    return problems
 
 
 # --- references (IP-Adapters) -----------------------------------------------------------------------------
@@ -187,18 +243,10 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
         if family is not None and not family.ip_adapters:
             problems.append((loc, f"{family.label} models take no IP-Adapter in multidiff yet (SD 1.x/2.x and SDXL do)"))
             continue
-        try:
-            picture.open_image(scene.path_of(reference.image), "a reference picture").close()
-        except PictureError as exc:
-            problems.append(((*loc, "image"), str(exc)))
-        root = Path(reference_root(scene, reference))
-        if root.is_dir():
-            weight = reference_weight(scene, reference, family.name if family is not None else None)
-            candidates = [weight] if family is not None else [reference.weight,
-                                                              *(f"{f}/{reference.weight}" for f in H94_FOLDERS.values())]
-            if not any((root / name).is_file() for name in candidates):
-                problems.append(((*loc, "weight"), f"no such file in {root}: {' or '.join(candidates)}"))
-        elif not looks_like_hub_id(reference.model) or _meant_local(scene, reference.model):
-            problems.append(((*loc, "model"), f"no such folder: {scene.path_of(reference.model)} (nor a hub id, "
-                                              "owner/name)"))
+        problem = _picture_problem(scene.base_dir, reference.image, "a reference picture")
+        if problem:
+            problems.append(((*loc, "image"), problem))
+        root = _root_problem(scene.base_dir, reference, family.name if family is not None else None)
+        if root:
+            problems.append(((*loc, root[0]), root[1]))
     return problems

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ..catalog import DEFAULT_MODEL, detect_family, detect_few_step
 from ..errors import SceneError
 from . import picture
-from .controls import with_fits
+from .controls import file_problems, with_fits
 from .geometry import boxes_following_canvas, canvas_of, canvas_of_picture, is_int
 from .paths import local_model
 from .schema import Scene, family_steps
@@ -57,6 +57,7 @@ def scene_from_dict(data: dict[str, Any], source: Path, base_dir: Path | None = 
     except ValidationError as exc:
         problems = [(err["loc"], pydantic_message(err)) for err in one_per_value(exc.errors())]
         problems += check_valid_regions(merged, base_dir)  # all at once: one bad box hides nothing else
+        problems += file_problems(merged, base_dir, allow_pickle)  # nor one typo a missing file
         raise SceneError(report(source, root, _with_hints(problems, hints), from_cli=set(overrides))) from None
     scene._base_dir = base_dir
     scene._notes = notes

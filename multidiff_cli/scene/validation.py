@@ -130,13 +130,13 @@ def lora_problems(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     problems = []
     for loc, loras in owners:
         for k, lora in enumerate(loras):
-            problem = _lora_file_problem(scene.lora_path(lora), lora.path, allow_pickle)
+            problem = lora_file_problem(scene.lora_path(lora), lora.path, allow_pickle)
             if problem:
                 problems.append(((*loc, k, "path"), problem))
     return problems
 
 
-def _lora_file_problem(path: Path, name: str, allow_pickle: bool) -> str | None:
+def lora_file_problem(path: Path, name: str, allow_pickle: bool) -> str | None:
     suffix = path.suffix.lower()
     if suffix not in (*SAFE_SUFFIXES, *PICKLE_SUFFIXES):
         return f"{name}: a LoRA is a .safetensors file (or, with --allow-pickle, {'/'.join(PICKLE_SUFFIXES)})"
