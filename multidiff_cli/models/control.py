@@ -4,11 +4,11 @@ samples' UNet calls only.
 
 The sampler never hears of ControlNets. Each condition (a text with its LoRA set and its control set)
 is one row of the Conditioning, which carries a 0/1 row of the controls it runs with ("control",
-(E, K)); the sampler crops the control images with every input ("guides", one row per sample, the
-pictures pixel-unshuffled to the latent grid so a view's crop of them is a crop of whole cells). A
-family's forward runs each control's ControlNet on the rows that use it and adds its residuals to
-theirs, as diffusers' multi-ControlNet pipelines sum them, so a region's control acts on its samples
-alone, by construction.
+(E, K)); the sampler crops the control images with every input ("guides", one row per sample: each
+picture as its family's ControlNet reads it, on the latent grid — SD's pixels unshuffled 8x8 per cell,
+FLUX's VAE latents — so a view's crop of them is a crop of whole cells). A family's forward runs each
+control's ControlNet on the rows that use it and adds its residuals to theirs, as diffusers'
+multi-ControlNet pipelines sum them, so a region's control acts on its samples alone, by construction.
 """
 from __future__ import annotations
 
