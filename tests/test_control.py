@@ -434,3 +434,20 @@ def test_a_missing_folder_beside_the_scene_is_not_taken_for_a_hub_id(cli, write_
     result = cli("validate", write_scene(CLI_SCENE.format(net="controlnets/nope")))
     assert result.exit_code == 2
     assert "control[0].model: no such folder or file:" in result.stderr and "controlnets/nope" in result.stderr
+
+
+def test_a_scene_moved_elsewhere_keeps_naming_its_control_and_reference_files(tmp_path):
+    from multidiff_cli.scene.paths import named_files, rebase_paths
+
+    (tmp_path / "nets" / "depth").mkdir(parents=True)
+    scene = {"prompt": "x", "control": [{"model": "nets/depth", "image": "d.png"},
+                                        {"model": "lllyasviel/control_v11p_sd15_openpose", "image": "p.png"}],
+             "regions": [{"prompt": "y", "box": [0, 0, 8, 8], "reference": [{"model": RANDOM_CONTROLNET, "image": "r.png",
+                                                                            "weight": "w.safetensors"}]}]}
+    moved = rebase_paths(scene, tmp_path, tmp_path / "out")
+    assert [c["image"] for c in moved["control"]] == ["../d.png", "../p.png"]
+    assert [c["model"] for c in moved["control"]] == ["../nets/depth", "lllyasviel/control_v11p_sd15_openpose"]
+    assert moved["regions"][0]["reference"][0]["image"] == "../r.png"
+    assert moved["regions"][0]["reference"][0]["model"] == RANDOM_CONTROLNET  # not a local path: as written
+    names = [name for name, _ in named_files(scene, tmp_path)]
+    assert names == ["d.png", "nets/depth", "p.png", "r.png"]
