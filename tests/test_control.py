@@ -451,3 +451,11 @@ def test_a_scene_moved_elsewhere_keeps_naming_its_control_and_reference_files(tm
     assert moved["regions"][0]["reference"][0]["model"] == RANDOM_CONTROLNET  # not a local path: as written
     names = [name for name, _ in named_files(scene, tmp_path)]
     assert names == ["d.png", "nets/depth", "p.png", "r.png"]
+
+
+def test_validate_model_checks_a_scene_for_the_model_it_will_render_on(cli, write_scene, tmp_path):
+    control_images(tmp_path)
+    scene = write_scene(CLI_SCENE.format(net=RANDOM_CONTROLNET))
+    assert cli("validate", scene).exit_code == 0
+    refused = cli("validate", scene, "--model", "tiny-sd3-random")
+    assert refused.exit_code == 2 and "SD3.5 models take no ControlNet" in refused.stderr

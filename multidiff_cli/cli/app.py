@@ -143,12 +143,14 @@ def validate(
     scenes: list[Path] = typer.Argument(..., metavar="SCENE|IMAGE.png", help="Scene files, or PNGs made by "
                                         "multidiff (their recorded scene)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Pickle LoRAs pass, as render --allow-pickle loads them."),
+    model: Optional[str] = typer.Option(None, "--model", help="Check for this model, as render --model renders "
+                                        "(its family's checks) [default: the scene's]."),
 ) -> None:
-    """Check scenes as render does before loading a model: schema, files (masks, pictures, LoRAs), sizes, what
-    the model's family needs. Exit 0 if all are valid, else 2."""
+    """Check scenes as render does before loading a model: schema, files (masks, pictures, LoRAs, control
+    images), sizes, what the model's family needs. Exit 0 if all are valid, else 2."""
     from ..run.workflow import validate_sources
 
-    lines = validate_sources(scenes, env_model(), allow_pickle)
+    lines = validate_sources(scenes, env_model(), allow_pickle, model)
     _print(lines)
     if lines.failed:
         raise typer.Exit(2)

@@ -25,13 +25,14 @@ class Lines:
     failed: bool = False
 
 
-def validate_sources(paths: list[Path], default_model: str, allow_pickle: bool = False) -> Lines:
-    """Each scene or PNG checked as `render` would check it before loading the model: an `ok` line each,
-    or its problems; warnings and notes on stderr."""
+def validate_sources(paths: list[Path], default_model: str, allow_pickle: bool = False, model: str | None = None) -> Lines:
+    """Each scene or PNG checked as `render` would check it before loading the model (on `model` where given,
+    as --model): an `ok` line each, or its problems; warnings and notes on stderr."""
     lines = Lines([], [])
+    overrides = {"model": model} if model else {}
     for path in paths:
         try:
-            loaded = load_source(path, default_model=default_model, allow_pickle=allow_pickle)
+            loaded = load_source(path, overrides, default_model=default_model, allow_pickle=allow_pickle)
         except MultidiffError as exc:
             lines.err += error_lines(exc)
             lines.failed = True
