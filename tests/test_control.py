@@ -10,8 +10,6 @@ SD2- and SDXL-shaped models and random ControlNets shaped for them (`random-cont
 """
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +18,13 @@ import torch
 from PIL import Image
 
 from multidiff_cli.catalog import RANDOM_CONTROLNET
-from multidiff_cli.method.guidance import guided_denoiser
-from multidiff_cli.method.sampler import fuse_views
 from multidiff_cli.method.schedule import DiffusionSchedule
-from multidiff_cli.method.views import full_view
 from multidiff_cli.models.control import build_random_controlnet, kept_timesteps, loaded_controlnets
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import encode_conditioning, plan_render, render, scene_controls, scene_prompts, scene_weights
+from multidiff_cli.run.render import render, scene_weights
 from multidiff_cli.scene import load_scene
-from multidiff_cli.scene.controls import control_pixels
 from reference import guided, one_step, reference_multidiffusion, sd_pipeline
 
 CPU = torch.device("cpu")

@@ -15,15 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from multidiff_cli.method.guidance import guided_denoiser
-from multidiff_cli.method.sampler import fuse_views
 from multidiff_cli.method.schedule import DiffusionSchedule
-from multidiff_cli.method.views import full_view
 from multidiff_cli.models.random_weights import build_tiny_random, build_tiny_sdxl_random
 from multidiff_cli.models.reference import RANDOM_WEIGHT, save_random_ip_adapter
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import encode_conditioning, plan_render, render, scene_prompts, scene_references, scene_weights
+from multidiff_cli.run.render import render, scene_prompts, scene_weights
 from multidiff_cli.scene import load_scene
 from reference import guided, one_step, reference_multidiffusion, sd_pipeline
 
