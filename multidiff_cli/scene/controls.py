@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 from PIL import Image
 
 from ..catalog import PICKLE_SUFFIXES, RANDOM_CONTROLNET, looks_like_hub_id
@@ -96,7 +95,7 @@ def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tup
         problem = _image_problem(scene, region, control)
         if problem:
             problems.append(((*loc, "image"), problem))
-        problem = _model_problem(scene.base_dir, control.model, allow_pickle)
+        problem = controlnet_problem(scene.base_dir, control.model, allow_pickle)
         if problem:
             problems.append(((*loc, "model"), problem))
     return problems
@@ -119,7 +118,7 @@ def _image_problem(scene: Scene, region: int | None, control: Control) -> str | 
             + ("" if region is None else f", or of the canvas' size ({scene.width}x{scene.height})"))
 
 
-def _model_problem(base_dir: Path, model: str, allow_pickle: bool) -> str | None:
+def controlnet_problem(base_dir: Path, model: str, allow_pickle: bool) -> str | None:
     """A ControlNet name's problem: a local path that does not exist (nor a hub id), a folder without config.json,
     a pickle without allow_pickle."""
     if model == RANDOM_CONTROLNET:
@@ -145,7 +144,7 @@ def _meant_local(base_dir: Path, name: str) -> bool:
     return scene_path(base_dir, name.split("/", 1)[0]).is_dir()
 
 
-def _picture_problem(base_dir: Path, name: str, what: str) -> str | None:
+def picture_problem(base_dir: Path, name: str, what: str) -> str | None:
     try:
         picture.open_image(scene_path(base_dir, name), what).close()
     except PictureError as exc:
@@ -153,7 +152,7 @@ def _picture_problem(base_dir: Path, name: str, what: str) -> str | None:
     return None
 
 
-def _root_problem(base_dir: Path, reference: Reference, family: str | None) -> tuple[str, str] | None:
+def adapter_root_problem(base_dir: Path, reference: Reference, family: str | None) -> tuple[str, str] | None:
     """(field, problem) of an IP-Adapter's repo: a local folder without the weight file, or no such folder (nor a
     hub id). family None: the weight may be in any of h94's folders."""
     root = Path(local_model(reference.model, base_dir)[0])
@@ -169,35 +168,6 @@ def _root_problem(base_dir: Path, reference: Reference, family: str | None) -> t
     elif not looks_like_hub_id(reference.model) or _meant_local(base_dir, reference.model):
         return "model", f"no such folder: {scene_path(base_dir, reference.model)} (nor a hub id, owner/name)"
     return None
-
-
-def file_problems(data: dict, base_dir: Path, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
-    """After the scene failed validation: the file checks of each LoRA, control and reference that is valid on its
-    own (a missing or unreadable picture, a missing model or weight file), so one typo hides nothing else."""
-    from .schema import Lora
-    from .validation import lora_file_problem
-
-    regions = data.get("regions") if isinstance(data.get("regions"), list) else []
-    owners = [((), data)] + [(("regions", i), r) for i, r in enumerate(regions) if isinstance(r, dict)]
-    problems = []
-    for loc, owner in owners:
-        for key, model in (("loras", Lora), ("control", Control), ("reference", Reference)):
-            for k, item in enumerate(owner.get(key) if isinstance(owner.get(key), list) else []):
-                try:
-                    entry = model.model_validate(item)
-                except ValidationError:
-                    continue  # pydantic reported it
-                at = (*loc, key, k)
-                if key == "loras":
-                    found = [("path", lora_file_problem(scene_path(base_dir, entry.path), entry.path, allow_pickle))]
-                elif key == "control":
-                    found = [("image", _picture_problem(base_dir, entry.image, "a control image")),
-                             ("model", _model_problem(base_dir, entry.model, allow_pickle))]
-                else:
-                    found = [("image", _picture_problem(base_dir, entry.image, "a reference picture")),
-                             _root_problem(base_dir, entry, None) or ("model", None)]
-                problems += [((*at, field), problem) for field, problem in found if problem]
-    return problems
 
 
 # --- references (IP-Adapters) -----------------------------------------------------------------------------
@@ -243,10 +213,10 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
         if family is not None and not family.ip_adapters:
             problems.append((loc, f"{family.label} models take no IP-Adapter in multidiff yet (SD 1.x/2.x and SDXL do)"))
             continue
-        problem = _picture_problem(scene.base_dir, reference.image, "a reference picture")
+        problem = picture_problem(scene.base_dir, reference.image, "a reference picture")
         if problem:
             problems.append(((*loc, "image"), problem))
-        root = _root_problem(scene.base_dir, reference, family.name if family is not None else None)
+        root = adapter_root_problem(scene.base_dir, reference, family.name if family is not None else None)
         if root:
             problems.append(((*loc, root[0]), root[1]))
     return problems

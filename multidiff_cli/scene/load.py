@@ -11,11 +11,11 @@ from pydantic import ValidationError
 from ..catalog import DEFAULT_MODEL, detect_family, detect_few_step
 from ..errors import SceneError
 from . import picture
-from .controls import file_problems, with_fits
+from .controls import with_fits
 from .geometry import boxes_following_canvas, canvas_of, canvas_of_picture, is_int
 from .paths import local_model
 from .schema import Scene, family_steps
-from .validation import check_canvas, check_valid_regions, one_per_value, pydantic_message
+from .validation import check_canvas, check_valid_regions, file_problems, one_per_value, pydantic_message
 from .warnings import scene_warnings
 from .yamlpos import parse_yaml, report
 

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from ..catalog import CELL_PX, PICKLE_SUFFIXES, SAFE_SUFFIXES, SCHEDULER_NAMES, Family, safetensors_header
 from ..errors import SceneError
 from . import grid, picture
+from .controls import (adapter_root_problem, control_problems, controlnet_problem, picture_problem,
+                       reference_problems)
 from .geometry import canvas_of
 from .paths import scene_path
 from .schema import Control, Lora, Reference, Region, Scene, family_steps
@@ -30,8 +32,6 @@ def check_canvas(scene: Scene, allow_pickle: bool = False) -> list[Problem]:
     found = [_region_problem(i, region, scene.base_dir, canvas) for i, region in enumerate(scene.regions)]
     windows = [_window_problem(scene, i) for i, problem in enumerate(found) if problem is None]
     family = family_problems(scene, scene.family, scene.few_step_model) if scene.family is not None else []
-    from .controls import control_problems, reference_problems
-
     controls = control_problems(scene, allow_pickle) if not any(found) else []  # a control's box needs its region
     controls += reference_problems(scene)
     return (family + [problem for problem in found + windows if problem] + _picture_problems(scene)
@@ -148,6 +148,32 @@ def lora_file_problem(path: Path, name: str, allow_pickle: bool) -> str | None:
     if suffix in SAFE_SUFFIXES and safetensors_header(path) is None:
         return f"{name} is not a safetensors file (its header does not read: a text file, or a download cut short?)"
     return None
+
+
+def file_problems(data: dict, base_dir: Path, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
+    """After the scene failed validation: the file checks of each LoRA, control and reference that is valid on its
+    own (a missing or unreadable picture, a missing model or weight file), so one typo hides nothing else."""
+    regions = data.get("regions") if isinstance(data.get("regions"), list) else []
+    owners = [((), data)] + [(("regions", i), r) for i, r in enumerate(regions) if isinstance(r, dict)]
+    problems = []
+    for loc, owner in owners:
+        for key, model in (("loras", Lora), ("control", Control), ("reference", Reference)):
+            for k, item in enumerate(owner.get(key) if isinstance(owner.get(key), list) else []):
+                try:
+                    entry = model.model_validate(item)
+                except ValidationError:
+                    continue  # pydantic reported it
+                at = (*loc, key, k)
+                if key == "loras":
+                    found = [("path", lora_file_problem(scene_path(base_dir, entry.path), entry.path, allow_pickle))]
+                elif key == "control":
+                    found = [("image", picture_problem(base_dir, entry.image, "a control image")),
+                             ("model", controlnet_problem(base_dir, entry.model, allow_pickle))]
+                else:
+                    found = [("image", picture_problem(base_dir, entry.image, "a reference picture")),
+                             adapter_root_problem(base_dir, entry, None) or ("model", None)]
+                problems += [((*at, field), problem) for field, problem in found if problem]
+    return problems
 
 
 def check_valid_regions(data: dict[str, Any], base_dir: Path) -> list[Problem]:
