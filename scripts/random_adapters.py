@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from multidiff_cli.catalog import BUILT_IN, FAMILIES, RANDOM_CONTROLNET, looks_like_hub_id
+from multidiff_cli.models.device import quiet_libraries
 from multidiff_cli.models.random_weights import build_random
 from multidiff_cli.models.reference import save_random_ip_adapter
 from multidiff_cli.scene.controls import H94_FOLDERS
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny-random", choices=sorted(name for name, family in BUILT_IN.items()
                                                                            if FAMILIES[family].controlnets))
     args = parser.parse_args(argv)
+    quiet_libraries()  # no progress bars of the files it writes
     data, _ = parse_yaml(args.scene)
     model = build_random(args.model)
     family = FAMILIES[BUILT_IN[args.model]]

@@ -187,3 +187,27 @@ def one_step(model, scene, samples_per_call: int = 1):
         predictions = guided_denoiser(run, conditioning, prompts)(x, schedule.timesteps[0], requests, **extra)
         fused = fuse_views(predictions, requests, [full_view(latent_hw)] * len(requests), weights)
     return predictions, fused, weights
+
+
+def sd_region_reference(scene, pipes, unet_output, seed: int) -> torch.Tensor:
+    """The reference loop for an SD scene (DDIM, its steps and guidance): prompt p (0 the global prompt) encoded
+    by pipes[p].encode_prompt with the scene's negative prompt, its guided model output from
+    unet_output(p, x, t, hidden_states, conditional), where a test puts what only that prompt's samples get
+    (a LoRA, a ControlNet's residuals, image embeddings); noise the seed's first draw, as a render's."""
+    from multidiff_cli.method.schedule import DiffusionSchedule
+    from multidiff_cli.models.schedulers import make_scheduler
+    from multidiff_cli.run.render import scene_weights
+
+    texts = [scene.prompt] + [region.prompt for region in scene.regions]
+    with torch.inference_mode():
+        encoded = [pipe.encode_prompt(text, torch.device("cpu"), 1, True, negative_prompt=scene.negative_prompt)
+                   for pipe, text in zip(pipes, texts)]
+
+        def model_output(p, x, t):
+            cond, uncond = encoded[p]
+            return guided(unet_output(p, x, t, uncond, False), unet_output(p, x, t, cond, True), scene.guidance_scale)
+
+        schedule = DiffusionSchedule(make_scheduler("ddim", pipes[0].scheduler.config))
+        schedule.set_timesteps(scene.steps)
+        noise = torch.randn((1, 4, *scene.latent_hw), generator=seed_generator(seed))
+        return reference_multidiffusion(model_output, noise, schedule, scene_weights(scene))

@@ -18,14 +18,13 @@ import torch
 from PIL import Image
 
 from multidiff_cli.catalog import RANDOM_CONTROLNET
-from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.control import build_random_controlnet, kept_timesteps, loaded_controlnets
 from multidiff_cli.models.random_weights import build_tiny_random
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import render, scene_weights
+from multidiff_cli.run.render import render
 from multidiff_cli.scene import load_scene
-from reference import guided, one_step, reference_multidiffusion, sd_pipeline
+from reference import one_step, sd_pipeline, sd_region_reference
 
 CPU = torch.device("cpu")
 
@@ -136,26 +135,15 @@ def test_a_region_control_equals_a_per_prompt_loop_with_residuals_on_that_prompt
     if size == (96, 64):
         with Image.open(tmp_path / "pose.png") as source:
             image = torch.from_numpy(np.asarray(source.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    pipe = sd_pipeline(tiny)
-    with torch.inference_mode():
-        encoded = [pipe.encode_prompt(text, CPU, 1, True, negative_prompt="blurry")
-                   for text in ["a street", "a knight", "a horse"]]
+    def unet_output(p, x, t, hidden, conditional):
+        if p != 1:
+            return tiny.unet(x, t, encoder_hidden_states=hidden).sample
+        down, mid = net(x, t, encoder_hidden_states=hidden, controlnet_cond=image, conditioning_scale=0.9,
+                        return_dict=False)
+        return tiny.unet(x, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
 
-        def unet(p, x, t, hidden):
-            if p != 1:
-                return tiny.unet(x, t, encoder_hidden_states=hidden).sample
-            down, mid = net(x, t, encoder_hidden_states=hidden, controlnet_cond=image, conditioning_scale=0.9,
-                            return_dict=False)
-            return tiny.unet(x, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid).sample
-
-        def model_output(p, x, t):
-            cond, uncond = encoded[p]
-            return guided(unet(p, x, t, uncond), unet(p, x, t, cond), 7.5)
-
-        schedule = DiffusionSchedule(make_scheduler("ddim", tiny.scheduler_config))
-        schedule.set_timesteps(2)
-        reference = reference_multidiffusion(model_output, noise(3, (8, 12)), schedule, scene_weights(scene))
+    reference = sd_region_reference(scene, [sd_pipeline(tiny)] * 3, unet_output, seed=3)
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
 
 

@@ -5,24 +5,18 @@ encoder), in both layouts; each test loads them into its own fresh model (the se
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from multidiff_cli.errors import LoraError, SceneError
-from multidiff_cli.method.guidance import guided_denoiser
-from multidiff_cli.method.schedule import DiffusionSchedule
-from multidiff_cli.method.sampler import fuse_views
-from multidiff_cli.models.schedulers import make_scheduler
-from multidiff_cli.method.views import full_view
 from multidiff_cli.models.device import quiet_libraries
 from multidiff_cli.models.adapters import load_loras
 from multidiff_cli.models.random_weights import build_tiny_random
-from multidiff_cli.run.render import render, scene_prompts, scene_weights
+from multidiff_cli.run.render import render, scene_prompts
 from multidiff_cli.scene import load_scene
-from reference import guided, one_step, reference_multidiffusion, sd_pipeline
+from reference import one_step, sd_pipeline, sd_region_reference
 
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
@@ -141,20 +135,11 @@ def test_a_region_lora_equals_a_per_prompt_loop_with_the_lora_on_that_prompt_onl
     with_lora.load_lora_weights(str(alice), adapter_name="alice")
     with_lora.set_adapters(["alice"], [0.9])
     pipes = [bare, with_lora, bare]
-    with torch.inference_mode():
-        encoded = [pipe.encode_prompt(text, torch.device("cpu"), 1, True, negative_prompt="blurry")
-                   for pipe, text in zip(pipes, ["a street", "a woman with red hair", "a man"])]
 
-        def model_output(p, x, t):
-            cond, uncond = encoded[p]
-            unet = pipes[p].unet
-            return guided(unet(x, t, encoder_hidden_states=uncond).sample,
-                          unet(x, t, encoder_hidden_states=cond).sample, 7.5)
+    def unet_output(p, x, t, hidden, conditional):
+        return pipes[p].unet(x, t, encoder_hidden_states=hidden).sample
 
-        schedule = DiffusionSchedule(make_scheduler("ddim", bare.scheduler.config))
-        schedule.set_timesteps(2)
-        noise = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(3))
-        reference = reference_multidiffusion(model_output, noise, schedule, scene_weights(scene))
+    reference = sd_region_reference(scene, pipes, unet_output, seed=3)
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
 
 

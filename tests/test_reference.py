@@ -15,14 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from multidiff_cli.method.schedule import DiffusionSchedule
 from multidiff_cli.models.random_weights import build_tiny_random, build_tiny_sdxl_random
 from multidiff_cli.models.reference import RANDOM_WEIGHT, save_random_ip_adapter
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
-from multidiff_cli.run.render import render, scene_prompts, scene_weights
+from multidiff_cli.run.render import render, scene_prompts
 from multidiff_cli.scene import load_scene
-from reference import guided, one_step, reference_multidiffusion, sd_pipeline
+from reference import one_step, sd_pipeline, sd_region_reference
 
 CPU = torch.device("cpu")
 
@@ -121,24 +120,16 @@ def test_a_region_reference_equals_a_per_prompt_loop_with_image_embeddings_on_th
     with_ip.load_ip_adapter(str(adapters / "sd"), subfolder="models", weight_name=Path(RANDOM_WEIGHT).name)
     with_ip.set_ip_adapter_scale(0.8)
     with torch.inference_mode():
-        encoded = [bare.encode_prompt(text, CPU, 1, True, negative_prompt="blurry")
-                   for text in ["a street", "a knight", "a horse"]]
         (embeds,) = with_ip.prepare_ip_adapter_image_embeds(Image.open(tmp_path / "knight.png"), None, CPU, 1, True)
-        negative_embeds, image_embeds = embeds.chunk(2)
+    negative_embeds, image_embeds = embeds.chunk(2)
 
-        def model_output(p, x, t):
-            cond, uncond = encoded[p]
-            if p != 1:
-                return guided(bare.unet(x, t, encoder_hidden_states=uncond).sample,
-                              bare.unet(x, t, encoder_hidden_states=cond).sample, 7.5)
-            unet = with_ip.unet
-            return guided(unet(x, t, encoder_hidden_states=uncond, added_cond_kwargs={"image_embeds": [negative_embeds]}).sample,
-                          unet(x, t, encoder_hidden_states=cond, added_cond_kwargs={"image_embeds": [image_embeds]}).sample,
-                          7.5)
+    def unet_output(p, x, t, hidden, conditional):
+        if p != 1:
+            return bare.unet(x, t, encoder_hidden_states=hidden).sample
+        image = {"image_embeds": [image_embeds if conditional else negative_embeds]}
+        return with_ip.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=image).sample
 
-        schedule = DiffusionSchedule(make_scheduler("ddim", bare.scheduler.config))
-        schedule.set_timesteps(2)
-        reference = reference_multidiffusion(model_output, noise(3, (8, 12)), schedule, scene_weights(scene))
+    reference = sd_region_reference(scene, [bare, with_ip, bare], unet_output, seed=3)
     assert_close_batched(ours, reference, guidance=7.5, steps=2)
 
 

@@ -23,7 +23,7 @@ from ..method.guidance import Prompts, guided_denoiser
 from ..method.sampler import bootstrap_inputs, denoise_by_size, multidiffusion, step_requests
 from ..method.views import make_views
 from ..method.weights import region_weights
-from ..models.control import CONTROL_CHANNELS, assemble, control_rows, kept_timesteps
+from ..models.control import CONTROL_CHANNELS, assemble, kept_timesteps, set_rows
 from ..models.device import pick_device, pick_dtype, quiet_libraries
 from ..models.family import Conditioning, Model
 from ..models.random_weights import LORA_RANK, bench_model, random_lora
@@ -224,9 +224,9 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     with torch.inference_mode():  # one untimed step's worth of network work: allocator, kernels, caches warm
         t0 = schedule.timesteps[0]
         if path == "multidiff":
-            inputs, requests, _, _, *guide_inputs = step_requests(noise, weights, views, guides=guides)
+            inputs, requests, _, _, guide_inputs = step_requests(noise, weights, views, guides=guides)
             denoise_by_size(guided_denoiser(run, conditioning, prompts), lambda batch: batch, inputs, t0, requests,
-                            *guide_inputs)
+                            guide_inputs)
         else:
             rows = prompts.negative + prompts.cond if max(prompts.guidance) > 1 else prompts.cond
             run(noise.expand(len(rows), *noise.shape[1:]), t0, conditioning[rows])
@@ -339,7 +339,7 @@ def region_controls(model: Model, prompts: Prompts, conditioning: Conditioning, 
         specs.append((_ControlNetTimer(net), 1.0, kept_timesteps(timesteps, 0.0, 1.0), f"region {region}"))
         pictures.append(torch.rand((CONTROL_CHANNELS, *canvas_px), generator=generator))
     controls, guides = assemble(model, specs, pictures)
-    rowed = conditioning[rows].with_rows("control", control_rows(sets, count).to(model.device))
+    rowed = conditioning[rows].with_rows("control", set_rows(sets, count).to(model.device))
     return tuple(controls), guides, prompts, rowed
 
 

@@ -85,8 +85,8 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None, 
     every prompt of a view shares the view's crop of x. active: per view, the prompts that run in it
     (default active_prompts(weights, views)). Returns inputs (a list of (C, hv, wv), views of different
     sizes when regions have windows), requests, each request's view, and each request's centering roll
-    (or None). guides: (1, G, H, W) canvas-aligned channels cropped with x: then also each input's crop of
-    them (a fifth list), shifted with its input.
+    (or None); and with guides ((1, G, H, W) channels aligned with x), each input's crop of them, shifted with
+    its input (else None).
     """
     inputs, requests, request_views, rolls, guide_inputs = [], [], [], [], []
     for view, active_here in zip(views, active if active is not None else active_prompts(weights, views)):
@@ -102,7 +102,7 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None, 
                 index = shared
             else:
                 crop = view.crop(bootstrap[prompt - 1])
-                guide = None if guides is None else view.crop(guides)[0]
+                guide = None if guides is None else guide_inputs[shared]  # the view's crop, as the shared input's
                 if center:
                     roll = centering_shifts(view.crop(weights[prompt])[None])[0]
                     crop = torch.roll(crop, roll, dims=(-2, -1))
@@ -114,9 +114,7 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None, 
             requests.append((index, prompt))
             request_views.append(view)
             rolls.append(roll)
-    if guides is not None:
-        return inputs, requests, request_views, rolls, guide_inputs
-    return inputs, requests, request_views, rolls
+    return inputs, requests, request_views, rolls, guide_inputs if guides is not None else None
 
 
 def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], t: torch.Tensor,
@@ -227,8 +225,9 @@ def multidiffusion(
     known_latents, changeable: clean latents to keep, and (1, 1, h, w) 1 where they may change; after
         every step the other cells are set to known_latents noised to the next step's level (clean
         after the last), as diffusers' inpaint pipeline does with a 4-channel UNet.
-    guides: (1, G, h, w) channels aligned with the canvas cell by cell (control images, pixel-unshuffled):
-        cropped with every input (and shifted with a centred one) and passed to the denoiser with them.
+    guides: (1, G, h, w) channels aligned with the canvas cell by cell (control images, as the family's
+        ControlNets read them): cropped with every input (and shifted with a centred one) and passed to the
+        denoiser with them.
     """
     per_step = weights.dim() == 5
     regions = weights.shape[-4] - 1
@@ -259,11 +258,11 @@ def multidiffusion(
         if bootstrapping and step < bootstrap_steps:
             noised = schedule.noised(backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), index)
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
-        inputs, requests, request_views, rolls, *guide_inputs = step_requests(
+        inputs, requests, request_views, rolls, guide_inputs = step_requests(
             x, step_weights, all_views, bootstrap, center_regions, active[weights_index], guides
         )
         predictions = unroll(denoise_by_size(denoise, lambda batch: schedule.model_input(batch, index), inputs,
-                                             schedule.timesteps[index], requests, *guide_inputs), rolls)
+                                             schedule.timesteps[index], requests, guide_inputs), rolls)
         fused = fuse_views(predictions, requests, request_views, step_weights)
         x, denoised = schedule.step(fused, index, x, generator)
         if changeable is not None:

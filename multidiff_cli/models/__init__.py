@@ -15,7 +15,7 @@ _EXPORTS = {
     "pick_device": "device", "pick_dtype": "device", "quiet_libraries": "device",
     "adapter_set": "lora_files",
     "build_random": "random_weights",
-    "Control": "control", "control_rows": "control", "kept_timesteps": "control", "loaded_controlnets": "control",
+    "Control": "control", "set_rows": "control", "kept_timesteps": "control", "loaded_controlnets": "control",
     "assemble": "control",
     "ReferenceSpec": "reference", "load_references": "reference", "image_embeddings": "reference",
     "reference_rows": "reference",

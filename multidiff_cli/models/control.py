@@ -102,8 +102,6 @@ def load_controlnet(name: str, model: Model, allow_pickle: bool = False):
             return ControlNetModel.from_single_file(str(path))
         if looks_like_hub_id(name):
             return ControlNetModel.from_pretrained(name, use_safetensors=not allow_pickle)
-    except ControlError:
-        raise
     except (OSError, ValueError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if path.is_file():
@@ -131,7 +129,8 @@ def loaded_controlnets(model: Model, names: list[str], allow_pickle: bool = Fals
     cache, problems, out = model.state.controlnets, [], {}
     for name in dict.fromkeys(names):
         file = control_model_file(name)
-        stamp = None if file is None else (file.stat().st_size, file.stat().st_mtime_ns)
+        stat = None if file is None else file.stat()
+        stamp = None if stat is None else (stat.st_size, stat.st_mtime_ns)
         key = f"{name}@{model.model_id}" if name == RANDOM_CONTROLNET else name
         if key not in cache or cache[key][0] != stamp:
             cache[key] = (stamp, load_controlnet(name, model, allow_pickle))
@@ -230,10 +229,10 @@ def _rows(value: Any, rows: torch.Tensor) -> Any:
     return value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
 
 
-def control_rows(control_sets: list[tuple[int, ...]], count: int) -> torch.Tensor:
-    """(E, count) 0/1: which of `count` controls each condition runs with."""
-    table = torch.zeros((len(control_sets), count))
-    for row, ks in enumerate(control_sets):
+def set_rows(sets: list[tuple[int, ...]], count: int) -> torch.Tensor:
+    """(E, count) 0/1: which of `count` controls (or references) each condition runs with."""
+    table = torch.zeros((len(sets), count))
+    for row, ks in enumerate(sets):
         table[row, list(ks)] = 1.0
     return table
 

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ControlError, ModelNotFound
 from .conditioning import Conditioning
-from .control import diffusers_quiet
+from .control import diffusers_quiet, set_rows
 
 if TYPE_CHECKING:
     from .family import Model
@@ -75,11 +75,11 @@ def _pipeline(model: Model):
     """A diffusers pipeline of the model's own parts, for its IPAdapterMixin (nothing is copied)."""
     import diffusers
 
-    parts = {name: module for name, module in model.networks().items()}
-    names = {"tokenizer": getattr(model, "tokenizer", None), "tokenizer_2": getattr(model, "tokenizer_2", None)}
-    pipeline = getattr(diffusers, model.facts.pipelines[0])
     from .schedulers import make_scheduler
 
+    parts = dict(model.networks())
+    names = {"tokenizer": getattr(model, "tokenizer", None), "tokenizer_2": getattr(model, "tokenizer_2", None)}
+    pipeline = getattr(diffusers, model.facts.pipelines[0])
     scheduler = make_scheduler(model.facts.default_scheduler, model.scheduler_config, model.facts.schedulers)
     kwargs = {"scheduler": scheduler, "image_encoder": None, "feature_extractor": None}
     if model.facts.name == "sd":
@@ -96,7 +96,7 @@ def load_references(model: Model, specs: list[ReferenceSpec], allow_pickle: bool
     wanted = tuple((spec.root, spec.weight) for spec in specs)
     unet = model.denoiser
     if wanted != state.loaded:
-        _bare(unet, state)
+        _bare(unet)
         if not state.plain:
             state.plain = dict(unet.attn_processors)
         unet.set_attn_processor(dict(state.plain))
@@ -111,18 +111,17 @@ def load_references(model: Model, specs: list[ReferenceSpec], allow_pickle: bool
                                                  image_encoder_folder=None)
         except (OSError, ValueError) as exc:
             unet.set_attn_processor(dict(state.plain))
-            unet.encoder_hid_proj = None
-            unet.config.encoder_hid_dim_type = None
+            _bare(unet)
             state.loaded = ()
             reason = _reason(exc)
-            names = ", ".join(dict.fromkeys(f"{spec.root} {spec.weight}" for spec in specs))
+            adapters = ", ".join(dict.fromkeys(f"{spec.root} {spec.weight}" for spec in specs))
             if isinstance(exc, ValueError) or "shape" in reason:
-                raise ControlError([f"IP-Adapter {names}: not an IP-Adapter for this model ({model.model_id}, "
+                raise ControlError([f"IP-Adapter {adapters}: not an IP-Adapter for this model ({model.model_id}, "
                                     f"{model.shape_label}): {reason}"]) from None
-            raise ModelNotFound(f"IP-Adapter {names}: cannot load it ({reason}); a hub id needs the network once (or its "
+            raise ModelNotFound(f"IP-Adapter {adapters}: cannot load it ({reason}); a hub id needs the network once (or its "
                                 "files in the Hugging Face cache); offline, point `model:` at a local folder") from None
         state.ip, state.projection, state.loaded = dict(unet.attn_processors), unet.encoder_hid_proj, wanted
-        _bare(unet, state)
+        _bare(unet)
         unet.set_attn_processor(dict(state.plain))
     for spec in specs:
         key = (spec.root, spec.image_encoder)
@@ -147,7 +146,8 @@ def _reason(exc: Exception) -> str:
     return first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."
 
 
-def _bare(unet, state: IPState) -> None:
+def _bare(unet) -> None:
+    """The UNet without its image projection, as before any IP-Adapter (its processors are set apart)."""
     unet.encoder_hid_proj = None
     unet.config.encoder_hid_dim_type = None
 
@@ -199,11 +199,8 @@ def reference_rows(conditioning: Conditioning, sets: list[tuple[int, ...]], nega
     """The conditioning with each row's references ("reference", (E, R) 0/1) and each reference's embedding
     ("ip_<r>"): the picture's on a conditional row that uses it, the unconditional one on a negative row,
     zeros where the row does not use it (never read: that adapter runs at scale 0 there)."""
-    uses = torch.zeros((len(sets), len(embeddings)))
-    for row, rs in enumerate(sets):
-        uses[row, list(rs)] = 1.0
     device = next(iter(conditioning.tensors.values())).device
-    tensors = {"reference": uses.to(device)}
+    tensors = {"reference": set_rows(sets, len(embeddings)).to(device)}
     for r, (embeds, unconditional) in enumerate(embeddings):
         rows = [(unconditional if neg else embeds) if r in rs else torch.zeros_like(embeds)
                 for rs, neg in zip(sets, negative)]
@@ -258,7 +255,7 @@ def _ip_on(unet, state: IPState, scales: list[float]) -> None:
 def _ip_off(unet, state: IPState) -> None:
     if unet.encoder_hid_proj is not None:
         unet.set_attn_processor(dict(state.plain))
-        _bare(unet, state)
+        _bare(unet)
 
 
 # --- random IP-Adapters (tests, the offline example) ---------------------------------------------------------

@@ -6,8 +6,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..scene import grid
 from ..scene import Scene
-from ..scene.controls import control_box, control_pixels
-from ..scene.picture import load_picture, open_image
+from ..scene.controls import placed_control
+from ..scene.picture import load_picture
 
 CANVAS_RGB = (46, 46, 52)
 CAPTION_RGB = (18, 18, 22)
@@ -60,8 +60,9 @@ def draw_layout(scene: Scene, windows: dict[int, tuple[int, int, int, int]] | No
     if scene.init_image is not None:  # the picture it starts from, under the boxes
         canvas[:] = (load_picture(scene.init_image_path, (width, height)) + 1) * 127.5
     for region, control in scene.controls():  # each control image faded where it goes (a region's: its box)
-        x0, y0, x1, y1 = (round(v * scale) for v in control_box(scene, region, control, _image_size(scene, control)))
-        pixels = Image.fromarray((control_pixels(scene, region, control) * 255).round().astype(np.uint8))
+        placed, box = placed_control(scene, region, control)
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        pixels = Image.fromarray((placed * 255).round().astype(np.uint8))
         shown = np.asarray(pixels.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
         canvas[y0:y1, x0:x1] = (1 - CONTROL_ALPHA) * canvas[y0:y1, x0:x1] + CONTROL_ALPHA * shown[y0:y1, x0:x1]
     shapes = [region_pixels(scene, i, (width, height)) for i in range(len(scene.regions))]
@@ -138,11 +139,6 @@ def reference_text(references, lead: str = "") -> str:
     if not references:
         return ""
     return f" [reference: {lead}" + ", ".join(f"{r.image} x{r.scale:g}" for r in references) + "]"
-
-
-def _image_size(scene: Scene, control) -> tuple[int, int]:
-    with open_image(scene.path_of(control.image), "a control image") as image:
-        return image.size
 
 
 def lora_text(loras, lead: str = "") -> str:

@@ -15,13 +15,14 @@ from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
 from ..method.weights import quantized_weights, region_weights
-from ..models import (AdapterSet, Control, Model, ReferenceSpec, adapter_set, control_rows, image_embeddings,
-                      kept_timesteps, load_references, loaded_controlnets, reference_rows, assemble)
+from ..models import (AdapterSet, Control, Model, ReferenceSpec, adapter_set, assemble, image_embeddings,
+                      kept_timesteps, load_references, loaded_controlnets, reference_rows, set_rows)
 from ..scene import Scene, changeable_cells, checked_for, region_cells
-from ..scene.controls import (control_model_name, control_pixels, reference_encoder, reference_root,
+from ..scene.controls import (control_model_name, control_pixels, located, reference_encoder, reference_root,
                               reference_weight)
 from ..scene.geometry import region_windows, views_cost
 from ..scene.picture import load_picture
+from ..scene.yamlpos import field_path
 
 TILED_DECODE_PX = 1024 * 1024  # `tiled_decode: auto` tiles canvases larger than this
 
@@ -108,8 +109,9 @@ def scene_prompts(scene: Scene, true_cfg: bool = False, embedded_guidance: bool 
     """Global prompt plus one per region; each distinct (text, LoRA set, embedded guidance, control set, reference
     set) is one condition, encoded once. A prompt's conditional and negative text both run with its LoRAs,
     controls and references: the scene's, plus its region's (so an unconditional sample is shared only by
-    prompts with the same sets); a negative one with references takes their unconditional image embeddings. true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none
-    unless above 1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
+    prompts with the same sets); a negative one with references takes their unconditional image embeddings.
+    true_cfg (the family's, FLUX.1): classifier-free guidance is the scene's true_cfg_scale (none unless above
+    1), not guidance_scale; embedded_guidance (the model's, FLUX.1-dev, not schnell): a
     prompt's guidance_scale is embedded in its samples. cfg_offset (the family's, Z-Image: 1): the sampler's
     scale is guidance_scale + cfg_offset, for a family whose pipeline counts guidance from the conditional."""
     conditions: list[tuple[str, AdapterSet, float | None, tuple[int, ...], tuple[int, ...], bool]] = []
@@ -170,7 +172,7 @@ def encode_conditioning(model: Model, prompts: ScenePrompts, plan: RenderPlan):
     count = 1 + max((k for ks in prompts.controls for k in ks), default=-1)
     if not count:
         return conditioning
-    return conditioning.with_rows("control", control_rows(prompts.controls, count).to(model.device))
+    return conditioning.with_rows("control", set_rows(prompts.controls, count).to(model.device))
 
 
 def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: int,
@@ -178,7 +180,8 @@ def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: i
     """The scene's controls for this render (Scene.controls order), their ControlNets loaded (ControlError
     before any sampling where one does not fit the model), each on at the evaluations its start and end
     keep (from evaluation `first`, the first run); and the sampler's guides: every control image on the
-    canvas, pixel-unshuffled to the latent grid. ((), None) without controls."""
+    canvas, as the family's ControlNet reads it on the latent grid (Model.control_guide). ((), None) without
+    controls."""
     numbered = scene.controls()
     if not numbered:
         return (), None
@@ -193,12 +196,7 @@ def scene_controls(scene: Scene, model: Model, schedule: NoiseSchedule, first: i
 
 def control_labels(scene: Scene) -> list[str]:
     """Where each control of the scene is written (`control[0]`, `regions[1].control[0]`), in Scene.controls order."""
-    counts: dict[int | None, int] = {}
-    labels = []
-    for region, _ in scene.controls():
-        k = counts[region] = counts.get(region, -1) + 1
-        labels.append(f"control[{k}]" if region is None else f"regions[{region}].control[{k}]")
-    return labels
+    return [field_path(loc) for loc, _, _ in located(scene, "control")]
 
 
 def idle_controls(scene: Scene, controls: tuple[Control, ...], steps: int) -> list[str]:

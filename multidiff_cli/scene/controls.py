@@ -44,15 +44,19 @@ def control_model_name(scene: Scene, control: Control) -> str:
 def control_pixels(scene: Scene, region: int | None, control: Control) -> np.ndarray:
     """A control image on the canvas: float32 (H, W, 3) in [0, 1], as diffusers' control_image_processor
     makes it (RGB, Lanczos-resized, not normalised), placed by `control_box`."""
-    path = control_image_path(scene, control)
-    with picture.open_image(path, "a control image") as image:
+    return placed_control(scene, region, control)[0]
+
+
+def placed_control(scene: Scene, region: int | None, control: Control) -> tuple[np.ndarray, Box]:
+    """`control_pixels`, and the box it placed the image in."""
+    with picture.open_image(control_image_path(scene, control), "a control image") as image:
         image = image.convert("RGB")
-        x0, y0, x1, y1 = control_box(scene, region, control, image.size)
+        box = x0, y0, x1, y1 = control_box(scene, region, control, image.size)
         if image.size != (x1 - x0, y1 - y0):
             image = image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
         canvas = np.zeros((scene.height, scene.width, 3), dtype=np.float32)
         canvas[y0:y1, x0:x1] = np.asarray(image, dtype=np.float32) / 255.0
-    return canvas
+    return canvas, box
 
 
 def with_fits(scene: Scene, authored_wh: tuple[int, int] | None) -> Scene:
@@ -76,18 +80,25 @@ def with_fits(scene: Scene, authored_wh: tuple[int, int] | None) -> Scene:
     return scene.model_copy(update={"regions": regions}) if any(r.control for r in scene.regions) else scene
 
 
+def located(scene: Scene, key: str) -> list[tuple[tuple, int | None, Control | Reference]]:
+    """Every control (key "control") or reference ("reference") of the scene, in the order renders number them
+    (Scene.controls, Scene.references), with where the scene writes it: ("control", 0), ("regions", 1,
+    "control", 0); and its region (None: scene-wide)."""
+    counts: dict[int | None, int] = {}
+    out = []
+    for region, item in scene.controls() if key == "control" else scene.references():
+        k = counts[region] = counts.get(region, -1) + 1
+        out.append(((key, k) if region is None else ("regions", region, key, k), region, item))
+    return out
+
+
 def control_problems(scene: Scene, allow_pickle: bool = False) -> list[tuple[tuple, str]]:
     """Each control's problems at its field: its image missing or unreadable, or of another shape than where it
     goes (over 3% apart in aspect); its ControlNet a local path that does not exist, or a pickle without
     allow_pickle; a family that takes no ControlNet."""
     problems = []
     family = scene.family
-    seen = [0] * (len(scene.regions) + 1)
-    for region, control in scene.controls():
-        owner = ("control",) if region is None else ("regions", region, "control")
-        k = seen[0 if region is None else region + 1]
-        seen[0 if region is None else region + 1] += 1
-        loc = (*owner, k)
+    for loc, region, control in located(scene, "control"):
         if family is not None and not family.controlnets:
             problems.append((loc, f"{family.label} models take no ControlNet in multidiff yet (SD 1.x/2.x, SDXL and "
                                   "FLUX.1 do)"))
@@ -110,7 +121,7 @@ def _image_problem(scene: Scene, region: int | None, control: Control) -> str | 
         return str(exc)
     x0, y0, x1, y1 = control_box(scene, region, control, size)
     target = (x1 - x0, y1 - y0)
-    if abs((size[0] / size[1]) / (target[0] / target[1]) - 1) <= picture.ASPECT_TOLERANCE:
+    if not picture.aspects_differ(size, target):
         return None
     where = "the canvas" if target == (scene.width, scene.height) else f"the region's box {[x0, y0, x1, y1]}"
     return (f"{path} is {size[0]}x{size[1]} (aspect {size[0] / size[1]:.2f}) but {where} is {target[0]}x{target[1]} "
@@ -206,10 +217,7 @@ def reference_problems(scene: Scene) -> list[tuple[tuple, str]]:
     does not exist (nor a hub id), or a local folder without the weight file; a family that takes none."""
     problems = []
     family = scene.family
-    counts: dict[int | None, int] = {}
-    for region, reference in scene.references():
-        k = counts[region] = counts.get(region, -1) + 1
-        loc = (*(("reference",) if region is None else ("regions", region, "reference")), k)
+    for loc, _, reference in located(scene, "reference"):
         if family is not None and not family.ip_adapters:
             problems.append((loc, f"{family.label} models take no IP-Adapter in multidiff yet (SD 1.x/2.x and SDXL do)"))
             continue

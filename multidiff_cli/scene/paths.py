@@ -1,6 +1,6 @@
 """Paths in a scene: one rule. Every file a scene names — masks, the init image, keep masks, LoRAs, control
-images and ControlNets, and local `model:`, `vae:` and `model_config:` paths — is relative to the scene file's folder (for a
-PNG's record, the picture's folder); on the command line (`--model`, $MULTIDIFF_MODEL), relative to
+and reference pictures, ControlNets and IP-Adapters, and local `model:`, `vae:` and `model_config:` paths — is
+relative to the scene file's folder (for a PNG's record, the picture's folder); on the command line (`--model`, $MULTIDIFF_MODEL), relative to
 the current folder, as the shell has it."""
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def local_model(name: str, base_dir: Path, from_cli: bool = False) -> tuple[str,
 
 def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[str, Any]:
     """A scene (as a dict) with every local path it names rewritten from `from_dir` to `to_dir`: the masks,
-    init image, keep mask, LoRAs and control images, and model and ControlNet paths that name a local folder or file (hub ids and
-    built-in names stay as they are)."""
+    init image, keep mask, LoRAs, control and reference pictures, and model, ControlNet and IP-Adapter paths that
+    name a local folder or file (hub ids and built-in names stay as they are)."""
     from_dir, to_dir = Path(from_dir), Path(to_dir).resolve()
 
     def moved(value: Any, only_existing: bool = False) -> Any:
@@ -60,7 +60,7 @@ def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[st
             return value
         return os.path.relpath(path.resolve(), to_dir)
 
-    def moved_loras(owner: dict) -> dict:
+    def moved_adapters(owner: dict) -> dict:
         loras = owner.get("loras")
         if isinstance(loras, list):
             owner = {**owner, "loras": [{**lora, "path": moved(lora.get("path"))} if isinstance(lora, dict)
@@ -80,9 +80,9 @@ def rebase_paths(scene: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[st
     if isinstance(out.get("keep"), str) and out["keep"] not in KEEP_WORDS:
         out["keep"] = moved(out["keep"])
     if isinstance(out.get("regions"), list):
-        out["regions"] = [moved_loras({**r, "mask": moved(r["mask"])} if isinstance(r.get("mask"), str) else r)
+        out["regions"] = [moved_adapters({**r, "mask": moved(r["mask"])} if isinstance(r.get("mask"), str) else r)
                           if isinstance(r, dict) else r for r in out["regions"]]
-    return moved_loras(out)
+    return moved_adapters(out)
 
 
 def rebase_name(name: str, from_dir: Path, to_dir: Path) -> str:
@@ -101,7 +101,7 @@ def named_files(scene: dict[str, Any], base_dir: Path) -> list[tuple[str, Path]]
             if not only_existing or path.exists():
                 found.append((value, path.resolve()))
 
-    def add_loras(owner: dict) -> None:
+    def add_adapters(owner: dict) -> None:
         for lora in owner.get("loras") or [] if isinstance(owner.get("loras"), list) else []:
             add(lora.get("path") if isinstance(lora, dict) else lora)
         for key in ("control", "reference"):
@@ -115,9 +115,9 @@ def named_files(scene: dict[str, Any], base_dir: Path) -> list[tuple[str, Path]]
     add(scene.get("init_image"))
     if scene.get("keep") not in (None, *KEEP_WORDS):
         add(scene.get("keep"))
-    add_loras(scene)
+    add_adapters(scene)
     for region in scene.get("regions") if isinstance(scene.get("regions"), list) else []:
         if isinstance(region, dict):
             add(region.get("mask"))
-            add_loras(region)
+            add_adapters(region)
     return list(dict.fromkeys(found))

@@ -96,11 +96,16 @@ def multiple_of_cell(value: float, down: bool = False, cell: int = CELL_PX) -> i
     return max(1, cells) * cell
 
 
+def aspects_differ(size_wh: tuple[int, int], target_wh: tuple[int, int]) -> bool:
+    """Whether a picture of size_wh is of another shape than target_wh: aspect ratios over ASPECT_TOLERANCE apart."""
+    return abs((size_wh[0] / size_wh[1]) / (target_wh[0] / target_wh[1]) - 1) > ASPECT_TOLERANCE
+
+
 def aspect_problem(path: Path, canvas_wh: tuple[int, int]) -> str | None:
     """Why an init image does not fit the canvas (aspect ratios over ASPECT_TOLERANCE apart), or None."""
     width, height = upright_size(path)
     image_aspect, canvas_aspect = width / height, canvas_wh[0] / canvas_wh[1]
-    if abs(image_aspect / canvas_aspect - 1) <= ASPECT_TOLERANCE:
+    if not aspects_differ((width, height), canvas_wh):
         return None
     return (f"{path} is {width}x{height} (aspect {image_aspect:.2f}) but the canvas is {canvas_wh[0]}x{canvas_wh[1]} "
             f"(aspect {canvas_aspect:.2f}): give a canvas of the picture's shape (--size, or width/height), "
