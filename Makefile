@@ -8,6 +8,8 @@ TORCH  ?= torch==2.13.0
 SCENE  ?= scenes/living_room.yaml
 MODEL  ?=
 ARGS   ?=
+# pytest-xdist workers for `make test`: one per core (JOBS=0: all in one process, e.g. for pdb or a single test)
+JOBS   ?= auto
 
 .PHONY: install render test test-fast bench smoke gpu-check edit clean
 
@@ -25,11 +27,11 @@ render: install
 	$(BIN)/multidiff render $(SCENE) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist worksteal $(ARGS)
 
 # The inner loop: everything but the tests marked slow (subprocesses, torchrun, bench, whole-CLI panoramas)
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist worksteal -m "not slow" $(ARGS)
 
 # The live editor (the [edit] extra) on a copy of the example scene, so the tracked one stays as it is:
 #   make edit MODEL=tiny-random   (ARGS="--port 8765 --no-browser" ...)

@@ -17,7 +17,10 @@ from PIL import Image
 # Never reach a model hub from the tests, even by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MULTIDIFF_DEVICE", "cpu")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's workers get COLUMNS=80: the tests read tables as a pipe without $COLUMNS prints them
+os.environ.pop("COLUMNS", None)
+# `make test` runs one pytest-xdist worker per core: each computes on its share of the cores
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -96,6 +99,19 @@ class Cli:
 def cli() -> Cli:
     """cli(*args) runs `multidiff ARGS`; cli.render(*args) renders with tiny-random, quietly."""
     return Cli()
+
+
+@pytest.fixture
+def bench_in_process(monkeypatch):
+    """`multidiff bench` runs each path in this process instead of a spawned one (a few seconds of imports each).
+    The spawning itself: test_bench.py's JSON test runs real children, and a child that dies is its own test."""
+    from multidiff_cli.bench import command, peer, sampler
+
+    def direct(target, *args, what=None):
+        return target(*args)
+
+    for module in (command, peer, sampler):
+        monkeypatch.setattr(module, "in_fresh_process", direct)
 
 
 @pytest.fixture

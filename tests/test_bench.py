@@ -61,8 +61,7 @@ def test_the_bench_runs_sdxl_shapes_with_pooled_embeds_and_time_ids(guided_atol)
     assert report["unet_samples_ratio"] == 5 / 8
 
 
-@pytest.mark.slow
-def test_width_sweep_reports_views_and_samples_growing_with_width(cli, tmp_path):
+def test_width_sweep_reports_views_and_samples_growing_with_width(cli, tmp_path, bench_in_process):
     out = tmp_path / "sweep.json"
     result = cli("bench", "--model", "tiny-random", "--size", "64", "--steps", "2",
                                       "--regions", "1", "--device", "cpu", "--widths", "256,640", "--json", str(out))
@@ -123,8 +122,7 @@ def test_bench_controls_refuses_in_one_line(cli, options, says):
 # --- the batch-size sweep and the diffusers panorama peer ------------------------------------------------
 
 
-@pytest.mark.slow
-def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(cli, tmp_path):
+def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(cli, tmp_path, bench_in_process):
     out = tmp_path / "sweep.json"
     result = cli("bench", "--model", "tiny-random", "--size", "64", "--device", "cpu",
                                       "--batch-sizes", "1,3", "--json", str(out))

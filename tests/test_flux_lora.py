@@ -368,21 +368,25 @@ def bfl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_a_bfl_single_file_loads_and_renders_as_its_folder(tmp_path, write_scene):
+def test_a_bfl_single_file_loads_and_renders_as_the_model_it_holds(tmp_path, write_scene):
     """diffusers' BFL conversion assumes FLUX.1's width (3072) and MLP ratio, so the file's transformer has them,
     with one joint and one single block (0.5 B parameters); everything else is tiny-flux-random's. The file
-    holds the transformer alone, as flux1-dev.safetensors does: the other parts come from model_config."""
+    holds the transformer alone, as flux1-dev.safetensors does: the other parts, and the transformer's config,
+    come from model_config. Unlike test_flux.py's tiny-width test, diffusers' conversion runs unpatched."""
     from diffusers import FluxTransformer2DModel
 
     model = build_tiny_flux_random()
+    folder = tmp_path / "flux-configs"
+    save_model(model, folder)  # the tiny parts, then the wide transformer's config in place of the tiny one's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         model.transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                                    attention_head_dim=128, num_attention_heads=24,
                                                    joint_attention_dim=32, pooled_projection_dim=32,
                                                    guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
-    folder = tmp_path / "flux-configs"
-    save_model(model, folder)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    model.transformer.save_config(folder / "transformer")
     index = json.loads((folder / "model_index.json").read_text())
     index.update({"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -394,8 +398,9 @@ def test_a_bfl_single_file_loads_and_renders_as_its_folder(tmp_path, write_scene
     save_file({k: v.contiguous() for k, v in bfl_layout(model.transformer.state_dict()).items()}, str(single))
     loaded = load_model(str(single), CPU, torch.float32, config=str(folder))
     assert loaded.family == "flux"
-    from_folder = load_model(str(folder), CPU, torch.float32)
-    scene = load_scene(write_scene("prompt: a boat\nwidth: 64\nheight: 64\nsteps: 2\nregions:\n  - prompt: a sail\n"
+    theirs = model.transformer.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in loaded.transformer.state_dict().items())
+    scene = load_scene(write_scene("prompt: a boat\nwidth: 64\nheight: 64\nsteps: 1\nregions:\n  - prompt: a sail\n"
                                    "    box: [0, 0, 32, 64]\n"), default_model=str(folder))
-    torch.testing.assert_close(render(scene, loaded, seed=2).latents, render(scene, from_folder, seed=2).latents,
+    torch.testing.assert_close(render(scene, loaded, seed=2).latents, render(scene, model, seed=2).latents,
                                rtol=0, atol=1e-6)

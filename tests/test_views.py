@@ -16,7 +16,7 @@ from multidiff_cli.scene.grid import box_cells
 from reference import reference_multidiffusion
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     h=st.integers(1, 300), w=st.integers(1, 300), window=st.integers(1, 96), stride_fraction=st.floats(0.01, 1.0),
     wrap=st.booleans(),
@@ -25,7 +25,7 @@ from reference import reference_multidiffusion
 def test_views_cover_every_latent_cell(h, w, window, stride_fraction, wrap):
     stride = max(1, int(window * stride_fraction))
     views = make_views((h, w), window, stride, wrap)
-    assume(len(views) <= 2000)  # coverage, not volume: tens of thousands of 1-cell views cost a minute
+    assume(len(views) <= 400)  # coverage, not volume: the edges are found as well among fewer views
     covered = torch.zeros(h, w)
     for view in views:
         assert (view.height, view.width) == (min(window, h), min(window, w))  # one batchable shape
