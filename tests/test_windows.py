@@ -219,6 +219,30 @@ def test_the_record_inspect_and_preview_show_the_windows_and_a_re_render_is_exac
     assert REGION_ALPHA < 1
 
 
+def test_a_picture_rendered_with_auto_renders_again_with_its_own_windows_whatever_auto_now_decides(
+        cli, write_scene, tmp_path, monkeypatch):
+    """auto's share may move between releases: a PNG's re-render pins each auto region to what ran (its recorded
+    window, or the canvas), so the pixels stay; another --size lets auto decide again."""
+    import multidiff_cli.scene.geometry as geometry
+
+    scene = write_scene("prompt: a field\nwidth: 512\nheight: 512\nsteps: 1\nseed: 4\nregion_windows: auto\n"
+                        "regions:\n  - prompt: a hut\n    box: [0, 0, 96, 96]\n  - prompt: a pond\n"
+                        "    box: [160, 160, 480, 480]\n")
+    out = tmp_path / "field.png"
+    assert cli.render(scene, "-o", out).exit_code == 0
+    assert read_metadata(out)["windows"]["boxes"] == {"regions[0]": [0, 0, 256, 256]}  # the pond: its whole view
+    for share in (0.0, 1.0):  # now auto would window neither region, or both
+        monkeypatch.setattr(geometry, "AUTO_SHARE", share)
+        again = tmp_path / f"again-{share}.png"
+        assert cli.render(out, "-o", again).exit_code == 0
+        with Image.open(out) as a, Image.open(again) as b:
+            assert a.tobytes() == b.tobytes()
+        assert read_metadata(again)["windows"] == read_metadata(out)["windows"]
+    resized = tmp_path / "resized.png"
+    assert cli.render(out, "--size", "256x256", "-o", resized).exit_code == 0  # at share 1.0: auto decides, both
+    assert set(read_metadata(resized)["windows"]["boxes"]) == {"regions[0]", "regions[1]"}
+
+
 def test_a_window_that_misses_part_of_its_region_is_one_line_and_nothing_written(cli, write_scene, tmp_path):
     scene = write_scene("prompt: p\nwidth: 256\nheight: 256\nregions:\n  - prompt: a\n    box: [64, 64, 192, 192]\n"
                         "    window: [0, 0, 128, 256]\n")

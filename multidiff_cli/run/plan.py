@@ -113,6 +113,8 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
     steps, bootstrap = data.get("steps"), data.get("bootstrap_steps")
     if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
+    if overrides.get("width") is None and overrides.get("model") in (None, record.get("model")):
+        data = pinned_windows(data, record)
     scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides, default_model=default_model,
                             allow_pickle=allow_pickle)
     hashes = input_hashes(scene)
@@ -122,6 +124,26 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
         for name, digest in changed_inputs(record.get("inputs", {}), hashes)
     ]
     return Source(scene, record.get("scene_file") or path.name, True, notes, hashes)
+
+
+def pinned_windows(data: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded scene whose `auto` region windows are pinned to what its render ran: the record's window for
+    a region auto windowed, `canvas` for one it left on the canvas. So a picture renders again as it was
+    whatever a later release's `auto` rule decides (not on another canvas size or model: auto decides again)."""
+    regions = data.get("regions")
+    windows = record.get("windows")
+    boxes = windows.get("boxes") if isinstance(windows, dict) else None
+    if not isinstance(regions, list):
+        return data
+    pinned = []
+    for i, region in enumerate(regions):
+        if isinstance(region, dict):
+            choice = region.get("window") if region.get("window") is not None else data.get("region_windows")
+            if choice == "auto":
+                box = boxes.get(f"regions[{i}]") if isinstance(boxes, dict) else None
+                region = {**region, "window": box if box is not None else "canvas"}
+        pinned.append(region)
+    return {**data, "regions": pinned}
 
 
 def input_files(scene: Scene) -> dict[str, Path]:
