@@ -122,13 +122,18 @@ def test_bench_controls_refuses_in_one_line(cli, options, says):
 # --- the batch-size sweep and the diffusers panorama peer ------------------------------------------------
 
 
-def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(cli, tmp_path, bench_in_process):
+def tiny_sweep(cli, tmp_path, *options):
+    """`multidiff bench --model tiny-random --size 64 OPTIONS --json F` (exit 0): what it printed, and F read."""
     out = tmp_path / "sweep.json"
-    result = cli("bench", "--model", "tiny-random", "--size", "64", "--device", "cpu",
-                                      "--batch-sizes", "1,3", "--json", str(out))
+    result = cli("bench", "--model", "tiny-random", "--size", "64", "--device", "cpu", *options, "--json", out)
     assert result.exit_code == 0, result.output
-    assert "auto picks" in result.stdout
-    sweep = json.loads(out.read_text())["batch_sweep"]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_bench_batch_size_sweep_reports_each_size_and_the_auto_choice(cli, tmp_path, bench_in_process):
+    printed, report = tiny_sweep(cli, tmp_path, "--batch-sizes", "1,3")
+    assert "auto picks" in printed
+    sweep = report["batch_sweep"]
     assert [row["batch_size"] for row in sweep["rows"]] == [1, 3] and sweep["view_hw"] == [8, 8]
     assert all(len(row["runs"]) == 2 and row["seconds_per_sample"] == min(row["runs"]) for row in sweep["rows"])
     assert sweep["auto_samples_per_call"] >= 1
@@ -190,3 +195,33 @@ def test_bench_width_and_region_px_lay_small_squares_along_a_panorama(cli):
         assert abs((cols.min() + cols.max() + 1) / 2 - (p - 0.5) * 16) <= 1
     refused = cli("bench", "--size", "64", "--width", "128", "--regions", "4", "--region-px", "48")
     assert refused.exit_code == 2 and "--region-px: a multiple of 8 that fits --regions (4) squares" in refused.stderr
+
+
+def test_window_sweep_times_one_sample_per_window_side_against_the_native_view(cli, tmp_path, bench_in_process):
+    """`bench --window-sizes`: a row per side and the native view's own (its shares 1), each share the row's
+    cells and best time over the view's; the break-even is where a window's two samples cost the view's one."""
+    printed, report = tiny_sweep(cli, tmp_path, "--window-sizes", "256,128")
+    assert "2 samples vs view" in printed
+    sweep = report["window_sweep"]
+    rows, view = sweep["rows"], sweep["rows"][-1]
+    assert [row["side_px"] for row in rows] == [128, 256, sweep["view_px"]] and sweep["view_px"] > 256
+    assert (view["cells_share"], view["time_share"]) == (1, 1)
+    for row in rows:
+        assert row["cells_share"] == row["cells"] / view["cells"] == (row["side_px"] / sweep["view_px"]) ** 2
+        assert len(row["runs"]) == 2 and row["time_share"] == min(row["runs"]) / view["seconds_per_sample"]
+
+
+def test_the_break_even_is_linear_between_the_sizes_around_half_a_view_s_time():
+    from multidiff_cli.bench.peer import break_even
+
+    rows = [{"cells_share": 0.25, "time_share": 0.2}, {"cells_share": 0.5, "time_share": 0.4},
+            {"cells_share": 0.75, "time_share": 0.6}, {"cells_share": 1.0, "time_share": 1.0}]
+    assert break_even(rows) == pytest.approx(0.625)
+    assert break_even(rows[:2]) is None  # nothing measured reaches half a view's time
+
+
+@pytest.mark.parametrize("sizes", ["256,x", "100", "0"])
+def test_bench_rejects_bad_window_sizes_in_one_line(cli, sizes):
+    result = cli("bench", "--model", "tiny-random", "--window-sizes", sizes)
+    assert result.exit_code == 2 and result.stderr.startswith("error: --window-sizes: ")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -7,20 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..output.report import batch_sweep_table, bench_summary, bench_table, peer_table, sweep_table
-from .peer import PEER_MODELS, batch_sweep, parse_batch_sizes, peer_row
+from ..output.report import batch_sweep_table, bench_summary, bench_table, peer_table, sweep_table, window_sweep_table
+from .peer import PEER_MODELS, batch_sweep, parse_batch_sizes, parse_window_sizes, peer_row, window_sweep
 from .process import in_fresh_process
 from .sampler import BenchConfig, parse_widths, run_bench, run_width_sweep
 
 
 def run_bench_command(config: BenchConfig, widths: str | None = None, json_path: Path | None = None,
-                      batch_sizes: str | None = None, peer: bool = False) -> list:
+                      batch_sizes: str | None = None, peer: bool = False, window_sizes: str | None = None) -> list:
     """`multidiff bench`: the two paths compared, or with `widths` the width sweep; with `--batch-sizes`
-    the sweep of UNet calls, with `--peer` the panorama pipeline row (at each of `widths`). Returns what
-    to print; `json_path` also gets the figures."""
+    the sweep of UNet calls, with `--window-sizes` one sample's time on windows of those sides, with
+    `--peer` the panorama pipeline row (at each of `widths`). Returns what to print; `json_path` also gets
+    the figures."""
     report: dict[str, Any] = {}
     printed = []
-    if not (batch_sizes or peer):
+    if not (batch_sizes or peer or window_sizes):
         if widths:
             report = {"config": asdict(config), "widths": run_width_sweep(config, parse_widths(widths))}
             printed = [sweep_table(report)]
@@ -30,12 +31,16 @@ def run_bench_command(config: BenchConfig, widths: str | None = None, json_path:
     elif config.model not in PEER_MODELS:
         used = {option: why for option, why, on in (
             ("--batch-sizes", "its UNet calls give SD's text conditioning alone", batch_sizes),
+            ("--window-sizes", "its UNet calls give SD's text conditioning alone", window_sizes),
             ("--peer", "diffusers' panorama pipeline, the peer, is SD's", peer)) if on}
         raise UsageError(f"{' and '.join(used)} run{'s' if len(used) == 1 else ''} SD-shaped models "
-                         f"({', '.join(PEER_MODELS)}): {'; '.join(used.values())}; not {config.model}")
+                         f"({', '.join(PEER_MODELS)}): {'; '.join(dict.fromkeys(used.values()))}; not {config.model}")
     if batch_sizes:
         report["batch_sweep"] = in_fresh_process(batch_sweep, config, parse_batch_sizes(batch_sizes))
         printed.append(batch_sweep_table(report["batch_sweep"]))
+    if window_sizes:
+        report["window_sweep"] = in_fresh_process(window_sweep, config, parse_window_sizes(window_sizes))
+        printed.append(window_sweep_table(report["window_sweep"]))
     if peer:
         report["peer"] = [peer_row(replace(config, width_px=width))
                           for width in (parse_widths(widths) if widths else [config.canvas_width])]

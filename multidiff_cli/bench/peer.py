@@ -1,5 +1,6 @@
-"""`multidiff bench --batch-sizes` and `--peer`: UNet samples per call swept, and diffusers' panorama
-pipeline (the authors' MultiDiffusion, as diffusers ships it) as a peer on the same canvas.
+"""`multidiff bench --batch-sizes`, `--window-sizes` and `--peer`: UNet samples per call swept, one sample's
+time swept over region window sizes, and diffusers' panorama pipeline (the authors' MultiDiffusion, as
+diffusers ships it) as a peer on the same canvas.
 
 The sweep times single UNet calls of B samples over one view of the bench's canvas (after one
 untimed call, each size `repeats` times; the best counts): the measurements `max_batch: auto` is
@@ -79,6 +80,60 @@ def batch_sweep(config: BenchConfig, sizes: list[int], repeats: int = 2) -> dict
         "view_hw": list(view_hw), "auto_samples_per_call": model.auto_samples_per_call(view_hw[0] * view_hw[1]),
         "rows": rows,
     }
+
+
+def parse_window_sizes(text: str) -> list[int]:
+    try:
+        sides = [int(side) for side in text.split(",")]
+    except ValueError:
+        raise UsageError("--window-sizes: comma-separated window sides in pixels, e.g. 256,320,384,448") from None
+    if not sides or any(side < 64 or side % 64 for side in sides):
+        raise UsageError("--window-sizes: each a whole multiple of 64 px (what SD's UNet needs), at least 64")
+    return sides
+
+
+def window_sweep(config: BenchConfig, sides_px: list[int], repeats: int = 2) -> dict[str, Any]:
+    """Seconds of one UNet sample on a square window of each side against one on the native view, each size
+    warmed by one untimed call, then `repeats` timed (the best counts). A region window costs two samples (its
+    conditional and its own unconditional) where on a view it costs one (the view's unconditional is shared):
+    it pays where a window's sample takes under half a view's. `break_even_cells_share` is the window's share
+    of the view's cells where that happens (linear between the sizes measured): what `region_windows: auto`
+    compares a window against."""
+    model = _model(config)
+    device, unet, cell = model.device, model.unet, model.facts.cell_px
+    native = unet.config.sample_size
+    sides = sorted({side // cell for side in sides_px} | {native})
+    texts = torch.randn((1, 77, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    texts, t = texts.to(device, model.dtype), torch.tensor(500, device=device)
+    inputs = {side: torch.randn((1, unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(0))
+              .to(device, model.dtype) for side in sides}
+    runs: dict[int, list[float]] = {side: [] for side in sides}
+    with torch.inference_mode():
+        for side in sides:
+            unet(inputs[side], t, encoder_hidden_states=texts)  # this shape's kernels and caches warm: untimed
+        for _ in range(repeats):
+            for side in sides:
+                start = now(device)
+                unet(inputs[side], t, encoder_hidden_states=texts)
+                runs[side].append(now(device) - start)
+    view_seconds = min(runs[native])
+    rows = [{"side_px": side * cell, "cells": side * side, "cells_share": side * side / native ** 2,
+             "seconds_per_sample": min(runs[side]), "runs": runs[side],
+             "time_share": min(runs[side]) / view_seconds} for side in sides]
+    return {
+        "config": asdict(config), "device_name": device_name(config.device), "torch_threads": torch.get_num_threads(),
+        "view_px": native * cell, "rows": rows, "break_even_cells_share": break_even(rows),
+    }
+
+
+def break_even(rows: list[dict[str, Any]]) -> float | None:
+    """The cells share where a window's sample takes half a view's: linear between the two rows around it
+    (rows by size; None where no measured pair straddles the half)."""
+    for a, b in zip(rows, rows[1:]):
+        if a["time_share"] <= 0.5 <= b["time_share"] and b["time_share"] > a["time_share"]:
+            return a["cells_share"] + (0.5 - a["time_share"]) / (b["time_share"] - a["time_share"]) * (
+                b["cells_share"] - a["cells_share"])
+    return None
 
 
 def peer_scene(config: BenchConfig) -> Scene:

@@ -300,6 +300,8 @@ def bench(
     widths: Optional[str] = typer.Option(None, "--widths", help="Comma-separated canvas widths: time multidiff "
                                          "alone as views grow (panoramas); with --peer, the peer's canvases."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Time UNet calls of these sizes: 1,2,4,8,16."),
+    window_sizes: Optional[str] = typer.Option(None, "--window-sizes", help="Time one UNet sample on square region "
+                                               "windows of these sides (px) against the native view: 256,320,384,448."),
     peer: bool = typer.Option(False, "--peer", help="Whole renders against diffusers' panorama pipeline (no regions)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
@@ -312,7 +314,7 @@ def bench(
                               dtype=dtype, compile=compile_unet, max_batch=max_batch, loras=loras, windows=windows,
                               controls=controls, width=width, region_px=region_px)
         with err.status(f"benchmarking on {config.device}: each path in its own process", spinner="dots"):
-            printed = run_bench_command(config, widths, json_path, batch_sizes, peer)
+            printed = run_bench_command(config, widths, json_path, batch_sizes, peer, window_sizes)
         for item in printed:
             out.print(item, markup=False)
 

@@ -104,6 +104,23 @@ def batch_sweep_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
+def window_sweep_table(sweep: dict[str, Any]) -> Table:
+    """`bench --window-sizes`: one UNet sample on a square window of each side against one on the native view."""
+    config, share = sweep["config"], sweep["break_even_cells_share"]
+    pays = (f"a window pays below {share:.2f} of the view's cells" if share is not None
+            else "the sizes measured do not straddle a window's break-even")
+    table = Table(title=f"{config['model']} UNet, one sample on a square window against the {sweep['view_px']} px "
+                        f"view, {config['dtype']} on {config['device']} ({sweep['device_name']}, "
+                        f"{sweep['torch_threads']} threads); a window runs 2 samples where a view runs 1: {pays}")
+    for column in ("window", "cells vs view", "s/sample (best)", "runs", "time vs view", "2 samples vs view"):
+        table.add_column(column, justify="right")
+    for row in sweep["rows"]:
+        table.add_row(f"{row['side_px']}²", f"{row['cells_share']:.3f}", f"{row['seconds_per_sample']:.3f}",
+                      ", ".join(f"{r:.3f}" for r in row["runs"]), f"{row['time_share']:.3f}x",
+                      f"{2 * row['time_share']:.2f}x")
+    return table
+
+
 def peer_table(rows: list[dict[str, Any]]) -> Table:
     """`bench --peer`: multidiff against diffusers' panorama pipeline, whole renders from the same noise."""
     config = rows[0]["config"]
