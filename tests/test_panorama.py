@@ -25,7 +25,7 @@ def test_views_follow_the_model_window_and_the_scene_stride(tiny, write_scene):
 @pytest.mark.slow
 def test_a_512x2048_panorama_with_regions_renders_from_the_cli(cli, write_scene, tmp_path):
     scene = write_scene(
-        "prompt: hills\nwidth: 2048\nheight: 512\nsteps: 2\nregions:\n"
+        "prompt: hills\nwidth: 2048\nheight: 512\nsteps: 1\nregions:\n"
         "  - prompt: a castle\n    box: [96, 64, 608, 448]\n  - prompt: a lake\n    box: [1344, 256, 1952, 512]\n"
     )
     out = tmp_path / "pano.png"
