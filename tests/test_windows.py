@@ -238,9 +238,28 @@ def test_a_picture_rendered_with_auto_renders_again_with_its_own_windows_whateve
         with Image.open(out) as a, Image.open(again) as b:
             assert a.tobytes() == b.tobytes()
         assert read_metadata(again)["windows"] == read_metadata(out)["windows"]
-    resized = tmp_path / "resized.png"
-    assert cli.render(out, "--size", "256x256", "-o", resized).exit_code == 0  # at share 1.0: auto decides, both
+        assert read_metadata(again)["scene"]["region_windows"] == "auto"  # the pins are not the scene's
+        assert all("window" not in region for region in read_metadata(again)["scene"]["regions"])
+    resized = tmp_path / "resized.png"  # from the re-render, at share 1.0: auto decides again, both windowed
+    assert cli.render(again, "--size", "256x256", "-o", resized).exit_code == 0
     assert set(read_metadata(resized)["windows"]["boxes"]) == {"regions[0]", "regions[1]"}
+
+
+def test_a_pinned_window_that_no_longer_holds_its_region_lets_auto_decide(write_scene):
+    """A pin from a picture's record: kept where it holds its region on whole cells inside the canvas;
+    otherwise (the mask grew, the record is odd) auto decides as for a scene file."""
+    from multidiff_cli.scene.geometry import pin_holds
+
+    scene = load_scene(write_scene("prompt: p\nwidth: 512\nheight: 512\nregion_windows: auto\nregions:\n"
+                                   "  - prompt: a\n    box: [0, 0, 96, 96]\n"), default_model="tiny-random")
+    cells = box_cells([0, 0, 96, 96], scene.latent_hw)
+    assert pin_holds(scene, None, cells) and pin_holds(scene, [0, 0, 256, 256], cells)
+    assert not pin_holds(scene, [0, 0, 64, 256], cells)  # misses part of the region
+    assert not pin_holds(scene, [0, 0, 260, 256], cells) and not pin_holds(scene, [0, 0, 576, 256], cells)
+    views = [(0, 0, 64, 64)]
+    assert region_windows(scene.with_window_pins({1: None}), 64, 64, views) == {}  # pinned to the canvas
+    assert region_windows(scene.with_window_pins({1: [0, 0, 128, 128]}), 64, 64, views) == {1: (0, 0, 16, 16)}
+    assert region_windows(scene.with_window_pins({1: [0, 0, 64, 64]}), 64, 64, views) == {1: (0, 0, 32, 32)}
 
 
 def test_a_window_that_misses_part_of_its_region_is_one_line_and_nothing_written(cli, write_scene, tmp_path):

@@ -301,7 +301,8 @@ def bench(
                                          "alone as views grow (panoramas); with --peer, the peer's canvases."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Time UNet calls of these sizes: 1,2,4,8,16."),
     window_sizes: Optional[str] = typer.Option(None, "--window-sizes", help="Time one UNet sample on square region "
-                                               "windows of these sides (px) against the native view: 256,320,384,448."),
+                                               "windows of these sides (px) against the model's native view (not "
+                                               "--size): 256,320,384,448."),
     peer: bool = typer.Option(False, "--peer", help="Whole renders against diffusers' panorama pipeline (no regions)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:

@@ -113,10 +113,10 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
     steps, bootstrap = data.get("steps"), data.get("bootstrap_steps")
     if isinstance(steps, int) and isinstance(bootstrap, int) and round(steps * BOOTSTRAP_FRACTION) == bootstrap:
         data.pop("bootstrap_steps")  # it was the default: let it follow a new --steps
-    if overrides.get("width") is None and overrides.get("model") in (None, record.get("model")):
-        data = pinned_windows(data, record)
     scene = scene_from_dict(data, source=path, base_dir=base_dir, overrides=overrides, default_model=default_model,
                             allow_pickle=allow_pickle)
+    if overrides.get("width") is None and overrides.get("model") in (None, record.get("model")):
+        scene = scene.with_window_pins(recorded_windows(scene, record))
     hashes = input_hashes(scene)
     notes = [
         f"{name} changed since {path.name} was rendered (its sha256 differs): this render will differ"
@@ -126,24 +126,21 @@ def load_source(path: Path, overrides: dict[str, Any] | None = None, default_mod
     return Source(scene, record.get("scene_file") or path.name, True, notes, hashes)
 
 
-def pinned_windows(data: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """A recorded scene whose `auto` region windows are pinned to what its render ran: the record's window for
-    a region auto windowed, `canvas` for one it left on the canvas. So a picture renders again as it was
-    whatever a later release's `auto` rule decides (not on another canvas size or model: auto decides again)."""
-    regions = data.get("regions")
+def recorded_windows(scene: Scene, record: dict[str, Any]) -> dict[int, list[int] | None]:
+    """What a PNG's render ran for each region that `auto` decided, by prompt index: its recorded window
+    [x0, y0, x1, y1] in pixels, or None where it ran on the canvas (no window recorded for it). A malformed
+    window is left out: auto decides that region again."""
     windows = record.get("windows")
     boxes = windows.get("boxes") if isinstance(windows, dict) else None
-    if not isinstance(regions, list):
-        return data
-    pinned = []
-    for i, region in enumerate(regions):
-        if isinstance(region, dict):
-            choice = region.get("window") if region.get("window") is not None else data.get("region_windows")
-            if choice == "auto":
-                box = boxes.get(f"regions[{i}]") if isinstance(boxes, dict) else None
-                region = {**region, "window": box if box is not None else "canvas"}
-        pinned.append(region)
-    return {**data, "regions": pinned}
+    boxes = boxes if isinstance(boxes, dict) else {}
+    pins: dict[int, list[int] | None] = {}
+    for i, region in enumerate(scene.regions):
+        if (region.window if region.window is not None else scene.region_windows) != "auto":
+            continue
+        box = boxes.get(f"regions[{i}]")
+        if box is None or (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
+            pins[i + 1] = box
+    return pins
 
 
 def input_files(scene: Scene) -> dict[str, Path]:

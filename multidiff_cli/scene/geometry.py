@@ -140,6 +140,11 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
         if isinstance(choice, list):
             windows[i + 1] = box_window(scene, choice)
             continue
+        pins = scene.window_pins
+        if choice == "auto" and i + 1 in pins and pin_holds(scene, pins[i + 1], cells):
+            if pins[i + 1] is not None:  # what the picture's render ran, whatever AUTO_SHARE says now
+                windows[i + 1] = box_window(scene, pins[i + 1])
+            continue
         window = cells_window(cells, scene.window_context, math.ceil(MIN_CONTEXT_PX / cell), native_cells // 2, align)
         if window[2] > native_cells or window[3] > native_cells:
             continue
@@ -147,6 +152,19 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
             continue
         windows[i + 1] = window
     return windows
+
+
+def pin_holds(scene: Scene, box: list[int] | None, cells: np.ndarray) -> bool:
+    """Whether a pinned window (None: the canvas) still fits its region: on whole cells, within the canvas, and
+    holding every cell of the region (its mask may have changed since the picture was rendered)."""
+    if box is None:
+        return True
+    x0, y0, x1, y1 = box
+    cell = scene.cell_px
+    if any(v % cell for v in box) or not (0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height):
+        return False
+    top, left, bottom, right = y0 // cell, x0 // cell, y1 // cell, x1 // cell
+    return int(cells[top:bottom, left:right].sum()) == int(cells.sum())
 
 
 def views_cost(cells: np.ndarray, views: list[Window]) -> int:

@@ -223,6 +223,7 @@ class Scene(Strict):
     _family: Family | None = PrivateAttr(None)
     _few_step_model: bool = PrivateAttr(False)
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    _window_pins: dict[int, list[int] | None] = PrivateAttr(default_factory=dict)
 
     @field_validator("bootstrap_steps")
     @classmethod
@@ -289,6 +290,18 @@ class Scene(Strict):
                   if getattr(self, key) is None}
         scene = self.model_copy(update=update)
         scene._family = family
+        return scene
+
+    @property
+    def window_pins(self) -> dict[int, list[int] | None]:
+        """A re-rendered PNG's `auto` regions, by prompt index: the window its render ran ([x0, y0, x1, y1] in
+        pixels), or None for the canvas (run.plan.recorded_windows). Not part of the scene: its record keeps
+        `auto`, so another canvas size lets auto decide again."""
+        return dict(self._window_pins)
+
+    def with_window_pins(self, pins: dict[int, list[int] | None]) -> Scene:
+        scene = self.model_copy()
+        scene._window_pins = dict(pins)
         return scene
 
     @property
