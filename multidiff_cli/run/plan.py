@@ -135,7 +135,7 @@ def recorded_windows(scene: Scene, record: dict[str, Any]) -> dict[int, list[int
     boxes = boxes if isinstance(boxes, dict) else {}
     pins: dict[int, list[int] | None] = {}
     for i, region in enumerate(scene.regions):
-        if (region.window if region.window is not None else scene.region_windows) != "auto":
+        if scene.window_choice(region) != "auto":
             continue
         box = boxes.get(f"regions[{i}]")
         if box is None or (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):

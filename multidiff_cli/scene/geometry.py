@@ -131,7 +131,7 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
     align = max(1, align_px // cell)
     windows: dict[int, Window] = {}
     for i, region in enumerate(scene.regions):
-        choice = region.window if region.window is not None else scene.region_windows
+        choice = scene.window_choice(region)
         if choice is False or choice == "canvas":
             continue
         cells = region_cells(scene, i)

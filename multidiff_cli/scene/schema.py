@@ -292,6 +292,10 @@ class Scene(Strict):
         scene._family = family
         return scene
 
+    def window_choice(self, region: Region) -> bool | str | list:
+        """Where a region's prompt runs, as asked: its own `window`, else the scene's `region_windows`."""
+        return region.window if region.window is not None else self.region_windows
+
     @property
     def window_pins(self) -> dict[int, list[int] | None]:
         """A re-rendered PNG's `auto` regions, by prompt index: the window its render ran ([x0, y0, x1, y1] in
