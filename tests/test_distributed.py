@@ -57,37 +57,34 @@ def run_cli(args, cwd, nproc=None):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(cli, tmp_path):
-    (tmp_path / "room.yaml").write_text(SCENE)
-    args = ["room.yaml", "--seeds", "0-3", "--model", "tiny-random", "-q", "--device", "cpu", "--grid"]
-    two = run_cli([*args, "--output-dir", "two"], tmp_path, nproc=2)
+    """Four scenes without seeds on two ranks: the random seeds are drawn once (on rank 0), so every rank plans the
+    same batch; each picture is written once, printed once as the file it is, and holds the pixels one process
+    renders from its record."""
+    rooms = ["room", "hall", "den", "loft"]
+    for name in rooms:
+        (tmp_path / f"{name}.yaml").write_text(SCENE.replace("a room", f"a {name}"))
+    args = [f"{name}.yaml" for name in rooms] + ["--model", "tiny-random", "-q", "--device", "cpu"]
+    two = run_cli([*args, "--grid", "--output-dir", "two"], tmp_path, nproc=2)
     assert two.returncode == 0, two.stderr
+    written = sorted((tmp_path / "two").glob("*-*.png"))
+    written = [path for path in written if path.name != "batch-grid.png"]
+    assert sorted(path.name.split("-")[0] for path in written) == sorted(rooms)  # one picture a scene
+    for path in written:
+        assert path.stem.split("-", 1)[1] == str(read_metadata(path)["scene"]["seed"])
+    printed = [line for line in two.stdout.splitlines() if line.endswith(".png") and "grid" not in line]
+    assert sorted(printed) == [f"two/{path.name}" for path in written]  # each written exactly once, as named
+    assert two.stderr.count("rendered 4 of 4") == 1  # the summary comes once, from rank 0
+    assert (tmp_path / "two" / "batch-grid.png").exists()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as each rank computes (OMP_NUM_THREADS=1): the same roundings
     try:
-        one = cli("render", *args, "--output-dir", "one", cwd=tmp_path)
+        one = cli("render", *written, "-q", "--device", "cpu", "--output-dir", "one", cwd=tmp_path)
     finally:
         torch.set_num_threads(threads)
     assert one.exit_code == 0, one.stderr
-    names = sorted(p.name for p in (tmp_path / "two").glob("room-?.png"))
-    assert names == [f"room-{seed}.png" for seed in range(4)]
-    printed = [line for line in two.stdout.splitlines() if line.endswith(".png") and "grid" not in line]
-    assert sorted(printed) == sorted(f"two/room-{seed}.png" for seed in range(4))  # each written exactly once
-    for seed in range(4):
-        with Image.open(tmp_path / "two" / f"room-{seed}.png") as a, Image.open(tmp_path / "one" / f"room-{seed}.png") as b:
+    for path in written:
+        with Image.open(path) as a, Image.open(tmp_path / "one" / f"{path.stem}-again.png") as b:
             assert a.tobytes() == b.tobytes()
-    assert two.stderr.count("rendered 4 of 4") == 1  # the summary comes once, from rank 0
-    assert (tmp_path / "two" / "room-grid.png").exists()
-
-
-@pytest.mark.slow
-def test_torchrun_random_seeds_are_the_same_on_every_rank(tmp_path):
-    (tmp_path / "room.yaml").write_text(SCENE)
-    (tmp_path / "hall.yaml").write_text(SCENE.replace("a room", "a hall"))
-    result = run_cli(["room.yaml", "hall.yaml", "--model", "tiny-random", "-q", "--device", "cpu",
-                      "--output-dir", "out"], tmp_path, nproc=2)
-    assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "out").glob("room-*.png"))) == 1
-    assert len(list((tmp_path / "out").glob("hall-*.png"))) == 1
 
 
 SMOKE = ("smoke", "--model", "tiny-random", "--steps", "1", "-q")
