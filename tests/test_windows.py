@@ -290,14 +290,17 @@ def test_bad_windows(cli, write_scene, window, said):
 @pytest.mark.slow
 def test_the_bench_times_windows_against_full_canvas_regions_and_counts_their_cells():
     """`multidiff bench --windows` adds a path with region windows; what is checked here is its arithmetic (cells
-    and samples), never its seconds. A 1024x256 canvas of 4 regions 256 px wide: each region's window is 384x256 px,
-    where on the canvas each region runs in every 512 px view it touches."""
+    and samples), never its seconds. A 1024x128 canvas (16x128 cells, nine 16x64 views at stride 8) of 4 regions
+    256 px (32 cells) wide: each region's window is 384x128 px (16x48 cells), where on the canvas each region runs
+    in every view it touches (4, 8, 8 and 4 of them)."""
     from multidiff_cli.bench.sampler import BenchConfig, run_bench
 
-    report = run_bench(BenchConfig(model="tiny-random", size_px=256, width_px=1024, regions=4, steps=2,
+    report = run_bench(BenchConfig(model="tiny-random", size_px=128, width_px=1024, regions=4, steps=2,
                                    windows=True), in_process=True)
     paths = report["paths"]
     assert list(paths) == ["reference", "multidiff", "multidiff+windows"]
-    assert paths["multidiff+windows"]["cells_per_step"] < paths["multidiff"]["cells_per_step"]
+    canvas = 2 * 9 * 16 * 64  # the global prompt and the unconditional sample, in every view
+    assert paths["multidiff"]["cells_per_step"] == canvas + (4 + 8 + 8 + 4) * 16 * 64
+    assert paths["multidiff+windows"]["cells_per_step"] == canvas + 4 * 2 * 16 * 48  # a window and its own uncond
     assert report["windows"]["cells_ratio"] == pytest.approx(
         paths["multidiff+windows"]["cells_per_step"] / paths["multidiff"]["cells_per_step"])
