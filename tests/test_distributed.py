@@ -142,7 +142,8 @@ def test_smoke_renders_each_scene_on_its_family_s_tiny_model_and_lists_what_it_s
 
 @pytest.mark.slow
 def test_smoke_passes_on_every_example_scene(cli, tmp_path):
-    """Every example scene (panoramas too) passes `multidiff smoke`, each on its family's tiny model (FLUX
+    """Every example scene (the 2048x512 panoramas with and without regions too) passes `multidiff smoke`, each
+    rendered at its own size and checked (size, not black, seed recorded) on its family's tiny model (FLUX
     scenes on tiny-flux-random, SDXL ones on tiny-sdxl-random); the LoRA and ControlNet scenes, whose files are
     not shipped, are listed as skipped."""
     result = cli("smoke", "--steps", "1", "-q", "--scenes", str(ROOT / "scenes"), "--output-dir", str(tmp_path))

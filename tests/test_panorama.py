@@ -4,9 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from multidiff_cli.output.png import read_metadata
 from multidiff_cli.run import render as render_module
 from multidiff_cli.models.codec import VAECodec
 from multidiff_cli.run.render import plan_render
@@ -20,20 +18,6 @@ def test_views_follow_the_model_window_and_the_scene_stride(tiny, write_scene):
     assert {(v.top, v.height, v.width) for v in views} == {(0, 64, 64)}
     small = load_scene(write_scene("prompt: p\nwidth: 256\nheight: 192\n"))
     assert [(v.height, v.width) for v in plan_render(small, tiny).views] == [(24, 32)]  # smaller than a view
-
-
-@pytest.mark.slow
-def test_a_512x2048_panorama_with_regions_renders_from_the_cli(cli, write_scene, tmp_path):
-    scene = write_scene(
-        "prompt: hills\nwidth: 2048\nheight: 512\nsteps: 1\nregions:\n"
-        "  - prompt: a castle\n    box: [96, 64, 608, 448]\n  - prompt: a lake\n    box: [1344, 256, 1952, 512]\n"
-    )
-    out = tmp_path / "pano.png"
-    result = cli("render", str(scene), "--model", "tiny-random", "-o", str(out), "-q")
-    assert result.exit_code == 0, result.output
-    with Image.open(out) as image:
-        assert image.size == (2048, 512)
-    assert read_metadata(out)["scene"]["view_stride"] == 64
 
 
 def seam_error(picture: np.ndarray, reference: np.ndarray, seam_px: int, margin: int = 16) -> float:
