@@ -144,6 +144,17 @@ def test_bench_rejects_bad_batch_sizes(cli):
     assert result.exit_code == 2 and "--batch-sizes" in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--widths", "--batch-sizes", "--window-sizes"])
+def test_an_empty_list_option_is_a_mistake_not_the_default_bench(cli, monkeypatch, option):
+    """`--window-sizes ""` ran the default bench, as if the option were not there."""
+    import multidiff_cli.bench.command as command
+
+    monkeypatch.setattr(command, "run_bench", lambda *args, **kwargs: pytest.fail("the default bench ran"))
+    result = cli("bench", "--model", "tiny-random", option, "")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {option}: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_peer_row_matches_diffusers_panorama_pipeline_up_to_rounding():
     """The peer row's own code path: the same picture as diffusers' StableDiffusionPanoramaPipeline."""
     report = peer_row(BenchConfig(model="tiny-random", size_px=64, width_px=576, steps=1), in_process=True)
