@@ -59,7 +59,7 @@ def run_cli(args, cwd, nproc=None):
 def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(cli, tmp_path):
     """Four scenes without seeds on two ranks: the random seeds are drawn once (on rank 0), so every rank plans the
     same batch; each picture is written once, printed once as the file it is, and holds the pixels one process
-    renders from its record."""
+    renders from the scene file with the seed it records."""
     rooms = ["room", "hall", "den", "loft"]
     for name in rooms:
         (tmp_path / f"{name}.yaml").write_text(SCENE.replace("a room", f"a {name}"))
@@ -71,19 +71,22 @@ def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(
     assert sorted(path.name.split("-")[0] for path in written) == sorted(rooms)  # one picture a scene
     for path in written:
         assert path.stem.split("-", 1)[1] == str(read_metadata(path)["scene"]["seed"])
-    printed = [line for line in two.stdout.splitlines() if line.endswith(".png") and "grid" not in line]
-    assert sorted(printed) == [f"two/{path.name}" for path in written]  # each written exactly once, as named
+    # -q: stdout holds the written paths and nothing else, each once, as named on disk (a pipe, not a terminal)
+    assert sorted(two.stdout.splitlines()) == sorted([f"two/{path.name}" for path in written] + ["two/batch-grid.png"])
     assert two.stderr.count("rendered 4 of 4") == 1  # the summary comes once, from rank 0
     assert (tmp_path / "two" / "batch-grid.png").exists()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as each rank computes (OMP_NUM_THREADS=1): the same roundings
-    try:
-        one = cli("render", *written, "-q", "--device", "cpu", "--output-dir", "one", cwd=tmp_path)
+    try:  # each scene file again, in this process, with the seed its rank drew
+        for path in written:
+            name, seed = path.stem.split("-", 1)
+            one = cli("render", f"{name}.yaml", "--seed", seed, *args[len(rooms):], "-o", f"one/{path.name}",
+                      cwd=tmp_path)
+            assert one.exit_code == 0, one.stderr
     finally:
         torch.set_num_threads(threads)
-    assert one.exit_code == 0, one.stderr
     for path in written:
-        with Image.open(path) as a, Image.open(tmp_path / "one" / f"{path.stem}-again.png") as b:
+        with Image.open(path) as a, Image.open(tmp_path / "one" / path.name) as b:
             assert a.tobytes() == b.tobytes()
 
 
