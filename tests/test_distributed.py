@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from multidiff_cli.run.batch import BatchRequest, RunSettings
 from multidiff_cli.run.distributed import World, split_jobs, world_from_env
 from multidiff_cli.output.png import read_metadata
 
@@ -88,6 +89,52 @@ def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(
     for path in written:
         with Image.open(path) as a, Image.open(tmp_path / "one" / path.name) as b:
             assert a.tobytes() == b.tobytes()
+
+
+def test_every_rank_plans_a_seedless_batch_from_rank_0_s_draw(monkeypatch, tmp_path):
+    """Under torchrun each rank's own random draw differs; the seeds of scenes that give none come from rank 0's
+    draw, broadcast to every rank, so every rank plans the same jobs. The torchrun test cannot see this (each rank
+    reports what it wrote): here two ranks run in turn in this process, each with a draw of its own, and the
+    stand-in broadcast hands every rank rank 0's value, as torch.distributed does."""
+    import multidiff_cli.run.batch as batch
+    from multidiff_cli.run import distributed
+    from multidiff_cli.run.plan import plan_jobs
+
+    for name in ("room", "hall"):
+        (tmp_path / f"{name}.yaml").write_text(SCENE.replace("a room", f"a {name}"))
+    sent, planned, draws = [], {}, iter([111, 222])  # rank 0's own draw, then rank 1's
+
+    def broadcast(world, value):
+        sent.append(value)
+        return sent[0]  # rank 0's, which runs first
+
+    def plan(*args, **kwargs):
+        jobs, failures, notes = plan_jobs(*args, **kwargs)
+        planned[distributed.world_from_env().rank] = [(job.label, job.seed) for job in jobs]
+        return jobs, failures, notes
+
+    class NoRendering:
+        def __init__(self, *args):
+            pass
+
+        def run(self, jobs, contain):
+            return [], [], 0
+
+    for name in ("start", "stop", "barrier"):
+        monkeypatch.setattr(distributed, name, lambda world: None)
+    monkeypatch.setattr(distributed, "gather", lambda world, value: [value] * world.size)
+    monkeypatch.setattr(distributed, "share_from_main", broadcast)
+    monkeypatch.setattr(batch.secrets, "randbits", lambda bits: next(draws))
+    monkeypatch.setattr(batch, "plan_jobs", plan)
+    monkeypatch.setattr(batch, "Renderer", NoRendering)
+    request = BatchRequest([tmp_path / "room.yaml", tmp_path / "hall.yaml"], overrides={"model": "tiny-random"},
+                           output_dir=tmp_path / "out")
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world_from_env", lambda rank=rank: World(rank, 2, rank))
+        batch.run_batch(request, RunSettings())
+    assert sent == [111, 222]  # each rank drew its own
+    assert planned[0] == planned[1]  # and planned rank 0's seeds
+    assert len({seed for _, seed in planned[0]}) == 2
 
 
 SMOKE = ("smoke", "--model", "tiny-random", "--steps", "1", "-q")
