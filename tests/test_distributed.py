@@ -64,8 +64,8 @@ def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(
     rooms = ["room", "hall", "den", "loft"]
     for name in rooms:
         (tmp_path / f"{name}.yaml").write_text(SCENE.replace("a room", f"a {name}"))
-    args = [f"{name}.yaml" for name in rooms] + ["--model", "tiny-random", "-q", "--device", "cpu"]
-    two = run_cli([*args, "--grid", "--output-dir", "two"], tmp_path, nproc=2)
+    options = ["--model", "tiny-random", "-q", "--device", "cpu"]
+    two = run_cli([*(f"{name}.yaml" for name in rooms), *options, "--grid", "--output-dir", "two"], tmp_path, nproc=2)
     assert two.returncode == 0, two.stderr
     written = sorted((tmp_path / "two").glob("*-*.png"))
     written = [path for path in written if path.name != "batch-grid.png"]
@@ -81,8 +81,7 @@ def test_torchrun_two_processes_render_each_job_once_with_single_process_pixels(
     try:  # each scene file again, in this process, with the seed its rank drew
         for path in written:
             name, seed = path.stem.split("-", 1)
-            one = cli("render", f"{name}.yaml", "--seed", seed, *args[len(rooms):], "-o", f"one/{path.name}",
-                      cwd=tmp_path)
+            one = cli("render", f"{name}.yaml", "--seed", seed, *options, "-o", f"one/{path.name}", cwd=tmp_path)
             assert one.exit_code == 0, one.stderr
     finally:
         torch.set_num_threads(threads)
