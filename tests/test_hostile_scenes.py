@@ -167,6 +167,17 @@ def test_load_scene_on_random_yaml_values(document, allow_unicode):
         assert_scene_or_scene_error(path)
 
 
+def test_a_scene_file_parsed_once_reads_as_yaml_safe_load_reads_it(tmp_path):
+    from multidiff_cli.scene.yamlpos import parse_yaml
+
+    text = ("base: &size {width: 96, height: 64}\nscene:\n  <<: *size\n  prompt: x\nagain: *size\nwhen: 2026-12-08\n"
+            "raw: !!binary aGk=\nset: !!set {a, b}\nvalues: [1, 2.5, .nan, ~, yes, '007', 0x1f, 1e3, -.inf]\n")
+    (tmp_path / "scene.yaml").write_text(text)
+    data, root = parse_yaml(tmp_path / "scene.yaml")
+    assert repr(data) == repr(yaml.safe_load(text)) and root.start_mark.line == 0
+    assert data["again"] is data["base"]  # an alias is the same object, as safe_load builds it
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(content=raw_files)
 def test_load_scene_on_random_text_and_bytes(content):

@@ -10,7 +10,8 @@ from ..errors import SceneError
 
 
 def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """safe_load the file, and compose its node tree (for line numbers and duplicate keys)."""
+    """Compose the file's node tree with PyYAML's SafeLoader (for line numbers and duplicate keys), and build its
+    data from that tree with the same loader's constructor: what safe_load returns, the text parsed once."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -30,7 +31,7 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise SceneError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = None if root is None else yaml.SafeLoader("").construct_document(root)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
