@@ -103,15 +103,37 @@ def cli() -> Cli:
 
 @pytest.fixture
 def bench_in_process(monkeypatch):
-    """`multidiff bench` runs each path in this process instead of a spawned one (a few seconds of imports each).
-    The spawning itself: test_bench.py's JSON test runs real children, and a child that dies is its own test."""
+    """`multidiff bench` runs each path in this process instead of a spawned one (a few seconds of imports each),
+    with what a spawned child is sent and sends back still made to cross as pickles. The spawning itself is
+    test_bench.py's: a child that reports, and a child that dies."""
+    import pickle
+
     from multidiff_cli.bench import command, peer, sampler
 
     def direct(target, *args, what=None):
-        return target(*args)
+        target, args = pickle.loads(pickle.dumps((target, args)))
+        return pickle.loads(pickle.dumps(target(*args)))
 
     for module in (command, peer, sampler):
         monkeypatch.setattr(module, "in_fresh_process", direct)
+
+
+@pytest.fixture
+def ram_path(tmp_path):
+    """A folder in memory (/dev/shm, where it is writable and has 4 GiB free; else tmp_path), removed after the
+    test: for checkpoints of a GB, which take seconds to write to disk and nothing to read back."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 4 << 30):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="multidiff-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ PATH_FIELDS = {
 }
 
 
-@pytest.mark.slow
-def test_bench_command_writes_json_with_every_field(cli, tmp_path, guided_atol):
+def test_bench_command_writes_json_with_every_field(cli, tmp_path, guided_atol, bench_in_process):
     out = tmp_path / "bench.json"
     result = cli("bench", "--model", "tiny-random", "--size", "64", "--steps", "3",
                                       "--regions", "3", "--device", "cpu", "--json", str(out))
@@ -179,6 +178,15 @@ def test_peer_and_sweep_refuse_sdxl_models_in_one_line_with_their_own_reason(cli
     result = cli("bench", "--model", "tiny-sdxl-random", *options)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {says}"
+
+
+@pytest.mark.slow
+def test_a_bench_path_runs_in_a_spawned_child_that_imports_the_bench_afresh_and_reports_back():
+    from multidiff_cli.bench.process import in_fresh_process
+    from multidiff_cli.bench.sampler import bench_config
+
+    args = ("tiny-random", 64, 3, 3, 1, None, "cpu", None, False, None)
+    assert in_fresh_process(bench_config, *args) == bench_config(*args)
 
 
 @pytest.mark.slow

@@ -368,7 +368,7 @@ def bfl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_a_bfl_single_file_loads_and_renders_as_the_model_it_holds(tmp_path, write_scene, monkeypatch):
+def test_a_bfl_single_file_loads_and_renders_as_the_model_it_holds(tmp_path, ram_path, write_scene, monkeypatch):
     """diffusers' BFL conversion assumes FLUX.1's width (3072) and MLP ratio, so the file's transformer has them,
     with one joint and one single block (0.5 B parameters); everything else is tiny-flux-random's. The file
     holds the transformer alone, as flux1-dev.safetensors does: the other parts, and the transformer's config,
@@ -394,7 +394,7 @@ def test_a_bfl_single_file_loads_and_renders_as_the_model_it_holds(tmp_path, wri
                   "tokenizer_2": ["transformers", "T5TokenizerFast"],
                   "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
     (folder / "model_index.json").write_text(json.dumps(index))
-    single = tmp_path / "flux1-dev.safetensors"  # in bfloat16, as BFL ships it: 1 GB
+    single = ram_path / "flux1-dev.safetensors"  # in bfloat16, as BFL ships it: 1 GB, written to memory
     model.transformer.to(torch.bfloat16)
     save_file({k: v.contiguous() for k, v in bfl_layout(model.transformer.state_dict()).items()}, str(single))
     model.transformer.to(torch.float32)  # what the file holds, in the render's dtype
