@@ -40,6 +40,8 @@ def reference_multidiffusion(
     start_step: int = 0,
     init_latents: torch.Tensor | None = None,
     windows: dict[int, list[View]] | None = None,
+    unconditional_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    guided_with: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MultiDiffusion, step each prompt then average: the final latents (1, C, H, W).
 
@@ -54,6 +56,9 @@ def reference_multidiffusion(
     start_step, init_latents: img2img: the picture's latents noised to the first evaluation run.
     windows: region windows: prompt p in it steps on its own views windows[p] (crops of their own size),
         not on `views`, and is averaged in by its weights there like any view.
+    unconditional_output(x, t), guided_with(p, x, t, u): windows that take the canvas's unconditional: after
+        bootstrapping, u is unconditional_output on every canvas view's crop, averaged where views overlap,
+        and a window's model output is guided_with(p, its crop, t, u's crop), not model_output.
     """
     views = views or [full_view(tuple(noise.shape[-2:]))]
     if generator is not None and len(views) > 1:
@@ -66,7 +71,9 @@ def reference_multidiffusion(
         schedule.begin_at(first)
         x = schedule.noised(init_latents, noise, first)
     windows = windows or {}
+    canvas_views = views
     pairs = [(view, p) for view in views for p in range(weights.shape[0]) if p not in windows]
+    canvas_pairs = len(pairs)
     pairs += [(view, p) for p, own_views in windows.items() for view in own_views]
     views = [view for view, _ in pairs]
     own = {(v, p): copy.deepcopy(schedule) for v, (view, p) in enumerate(pairs) if view.crop(weights[p]).any()}
@@ -75,6 +82,13 @@ def reference_multidiffusion(
         step = (index - first) // order
         t = schedule.timesteps[index]
         state = None if generator is None else generator.get_state()
+        canvas_u = None
+        if unconditional_output is not None and step >= bootstrap_steps:
+            u_total, u_count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
+            for view in canvas_views:
+                view.add_to(u_total[0], unconditional_output(schedule.model_input(view.crop(x), index), t)[0])
+                view.add_to(u_count[0], torch.ones_like(view.crop(x)[0, :1]))
+            canvas_u = u_total / u_count
         total = torch.zeros_like(x)
         count = torch.zeros_like(x[:, :1])
         for (v, p), schedule_p in own.items():
@@ -85,7 +99,12 @@ def reference_multidiffusion(
             crop = view.crop(x_p)
             if generator is not None:
                 generator.set_state(state)
-            stepped, _ = schedule_p.step(model_output(p, schedule_p.model_input(crop, index), t), index, crop, generator)
+            network_input = schedule_p.model_input(crop, index)
+            if canvas_u is not None and v >= canvas_pairs:
+                output = guided_with(p, network_input, t, view.crop(canvas_u))
+            else:
+                output = model_output(p, network_input, t)
+            stepped, _ = schedule_p.step(output, index, crop, generator)
             weight = view.crop(weights[p])
             view.add_to(total[0], weight * stepped[0])
             view.add_to(count[0], weight)

@@ -97,6 +97,105 @@ def test_the_cells_computed_per_step_are_the_canvas_views_and_the_windows(prompt
     assert global_cells + windows < global_cells + canvas_regions
 
 
+# --- windows that take the canvas's unconditional (window_unconditional: canvas) -------------------------------
+
+GUIDANCE = 5.0
+NEGATIVE = 9  # the stand-in network's "prompt" for the negative text
+
+
+def guided_stand_in(seen: list | None = None, negatives=(0, 0, 0)):
+    """guided_denoiser over _prompt_eps: text 0 is the negative (NEGATIVE), text p + 1 prompt p's; regions may
+    have a negative of their own (negatives[p] != 0: text 4 + p, a network of its own). `seen` gathers each
+    call's (samples, latent cells)."""
+    from multidiff_cli.method.guidance import Prompts, guided_denoiser
+    from conftest import _prompt_eps
+
+    kinds = torch.tensor([NEGATIVE, 0, 1, 2, NEGATIVE + 1, NEGATIVE + 2], dtype=torch.float32)[:, None, None]
+
+    def run(inputs, t, rows):
+        if seen is not None:
+            seen.append((inputs.shape[0], inputs.shape[0] * inputs.shape[-2] * inputs.shape[-1]))
+        return torch.stack([_prompt_eps(int(kind), x) for kind, x in zip(rows[:, 0, 0].tolist(), inputs)])
+
+    negative = [0] + [0 if own == 0 else 3 + p for p, own in enumerate(negatives[1:], start=1)]
+    prompts = Prompts(["neg", "global", "r1", "r2", "neg1", "neg2"], [1, 2, 3], negative, [GUIDANCE] * 3)
+    return guided_denoiser(run, kinds, prompts)
+
+
+def guided_reference(x):
+    from conftest import _prompt_eps
+
+    return {"model_output": lambda p, crop, t: _prompt_eps(NEGATIVE, crop) + GUIDANCE * (_prompt_eps(p, crop)
+                                                                                       - _prompt_eps(NEGATIVE, crop)),
+            "unconditional_output": lambda crop, t: _prompt_eps(NEGATIVE, crop),
+            "guided_with": lambda p, crop, t, u: u + GUIDANCE * (_prompt_eps(p, crop) - u)}
+
+
+@pytest.mark.parametrize("schedule", [ddim, flow], ids=["ddim", "flow"])
+@pytest.mark.parametrize("bootstrap_steps", [0, 2])
+def test_windows_that_take_the_canvas_s_unconditional_equal_the_reference_loop(schedule, bootstrap_steps,
+                                                                               assert_close_batched):
+    """After bootstrapping, a window's region guides with the canvas's unconditional prediction on the window's
+    cells (the canvas views' negative sample, averaged where they overlap) instead of its own; while
+    bootstrapping, with its own, as its input is its own."""
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(0))
+    backgrounds = torch.randn((2, 2, 4, 1, 1), generator=torch.Generator().manual_seed(1))
+    views = make_views((H, W), 16, 8)
+    common = dict(views=views, windows=WINDOWS, bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
+    ours = multidiffusion(noise, schedule(), guided_stand_in(), weights, shared_unconditional=True, **common)
+    functions = guided_reference(noise)
+    expected = reference_multidiffusion(functions.pop("model_output"), noise, schedule(), weights, **functions,
+                                        **common)
+    assert_close_batched(ours, expected, guidance=GUIDANCE, steps=6)
+    own = multidiffusion(noise, schedule(), guided_stand_in(), weights, **common)
+    assert (own - ours).abs().max() > 1e-3  # the stand-in mixes neighbours: the window's own unconditional differs
+
+
+def test_a_whole_canvas_window_that_takes_the_canvas_s_unconditional_is_a_region_on_the_canvas():
+    weights = weights_for()
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(2))
+    whole = {1: [full_view((H, W))], 2: [full_view((H, W))]}
+    windowed = multidiffusion(noise, ddim(), guided_stand_in(), weights, windows=whole, shared_unconditional=True)
+    plain = multidiffusion(noise, ddim(), guided_stand_in(), weights)
+    torch.testing.assert_close(windowed, plain, rtol=0, atol=1e-6)
+
+
+def test_a_window_that_takes_the_canvas_s_unconditional_runs_one_sample_not_two():
+    """Per step: the canvas views' two samples each (global conditional, negative), then one conditional per
+    window; with its own unconditional, two per window. A region with a negative prompt of its own keeps its own."""
+    views = make_views((H, W), 16, 12)
+    canvas_cells = sum(v.height * v.width for v in views)
+    window_cells = 16 * 16 + 12 * 16
+    for shared, negatives, windows_samples in ((True, (0, 0, 0), 1), (False, (0, 0, 0), 2), (True, (0, 0, 1), None)):
+        seen = []
+        multidiffusion(torch.zeros((1, 4, H, W)), ddim(1), guided_stand_in(seen, negatives), weights_for(),
+                       views=views, windows=WINDOWS, shared_unconditional=shared)
+        cells = sum(c for _, c in seen)
+        if windows_samples is None:  # region 2's negative is its own: two samples on its window, one on region 1's
+            assert cells == 2 * canvas_cells + 16 * 16 + 2 * 12 * 16, (shared, negatives)
+        else:
+            assert cells == 2 * canvas_cells + windows_samples * window_cells, (shared, negatives)
+
+
+def test_a_window_over_cells_no_canvas_view_ran_keeps_its_own_unconditional():
+    """Region 1 fills the first view, which then runs no canvas prompt: its window's first cells have no canvas
+    unconditional, so the window samples its own, and the render is the one with its own."""
+    weights = region_weights([box_cells((0, 0, 128, 128), (H, W)), box_cells(BOXES[1], (H, W))], (H, W))
+    views = make_views((H, W), 16, 12)
+    windows = {1: [View(0, 0, 16, 16, W)], 2: WINDOWS[2]}
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(3))
+    seen = []
+    shared = multidiffusion(noise, ddim(2), guided_stand_in(seen), weights, views=views, windows=windows,
+                            shared_unconditional=True)
+    own = multidiffusion(noise, ddim(2), guided_stand_in(), weights, views=views, windows=windows)
+    ran = [v for v in views if v.crop(weights[0]).any()]
+    assert len(ran) == 2
+    per_step = 2 * sum(v.height * v.width for v in ran) + 2 * 16 * 16 + 12 * 16
+    assert sum(c for _, c in seen) == 2 * per_step
+    assert (shared - own).abs().max() > 1e-3  # region 2 shares, so only region 1's window is as with its own
+
+
 # --- the window's geometry ---------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .sampler import Denoiser, Request
+from .sampler import UNCONDITIONAL, Denoiser, Request
 
 
 class Rows(Protocol):
@@ -45,24 +45,46 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
     step instead of 2(N+1)). Guidance <= 1 runs no unconditional pass (diffusers' convention).
     guides (the sampler's, when it has some): each input's guide crop, passed to `run` as the
     conditioning's "guides" rows, one per sample.
+    A request for UNCONDITIONAL gets the global prompt's negative sample on its input, unguided (shared
+    with the requests there that sample it anyway). `unconditional` (the sampler's, for region windows
+    that take the canvas's): per input, an unconditional prediction to guide with instead of sampling one,
+    for the requests on it whose negative prompt is the global prompt's; None: sample as usual.
     """
 
     def denoise(inputs: torch.Tensor, t: torch.Tensor, requests: list[Request],
-                guides: torch.Tensor | None = None) -> torch.Tensor:
+                guides: torch.Tensor | None = None,
+                unconditional: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         samples: dict[tuple[int, int], int] = {}
 
         def sample(latent: int, text: int) -> int:
             return samples.setdefault((latent, text), len(samples))
 
-        cond = [sample(latent, prompts.cond[p]) for latent, p in requests]
-        uncond = [sample(latent, prompts.negative[p]) if prompts.guidance[p] > 1 else None for latent, p in requests]
+        def given(latent: int, p: int) -> torch.Tensor | None:
+            if unconditional is None or prompts.negative[p] != prompts.negative[0]:
+                return None
+            return unconditional[latent]
+
+        cond, uncond = [], []
+        for latent, p in requests:
+            if p == UNCONDITIONAL:
+                cond.append(sample(latent, prompts.negative[0]))
+                uncond.append(None)
+                continue
+            cond.append(sample(latent, prompts.cond[p]))
+            shared = given(latent, p) if prompts.guidance[p] > 1 else None
+            uncond.append(None if prompts.guidance[p] <= 1 else shared if shared is not None
+                          else sample(latent, prompts.negative[p]))
         rows = conditioning[[text for _, text in samples]]
         if guides is not None:  # each sample's guide crop rides with its conditioning row (families: "guides")
             rows = rows.with_rows("guides", guides[[latent for latent, _ in samples]])
         out = run(inputs[[latent for latent, _ in samples]], t, rows)
         guided = []
         for c, u, (_, p) in zip(cond, uncond, requests):
-            guided.append(out[c] if u is None else out[u] + prompts.guidance[p] * (out[c] - out[u]))
+            if u is None:
+                guided.append(out[c])
+                continue
+            u = out[u] if isinstance(u, int) else u.to(out.dtype)
+            guided.append(u + prompts.guidance[p] * (out[c] - u))
         return torch.stack(guided)
 
     return denoise

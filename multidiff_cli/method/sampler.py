@@ -9,6 +9,7 @@ solvers work unchanged.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -19,6 +20,10 @@ from .views import View, full_view
 Request = tuple[int, int]
 """(input index, prompt index): one guided prediction the sampler requests of the denoiser."""
 
+UNCONDITIONAL = -1
+"""The prompt index of a request for the global prompt's unconditional prediction (its negative prompt's
+sample, unguided): what region windows that share the canvas's unconditional read (`shared_unconditional`)."""
+
 Denoiser = Callable[..., torch.Tensor]
 """denoise(inputs, t, requests, guides=None) -> guided model outputs (len(requests), C, h, w), one per request.
 
@@ -28,6 +33,10 @@ the evaluation's timestep (`NoiseSchedule.timesteps`); request r asks for prompt
 prediction on inputs[requests[r][0]]. Requests that share an input may share work (the
 unconditional pass). `guides` (M, G, h, w), given only when the sampler has some: each input's crop of
 the canvas-aligned guide channels (control images, cell by cell), cropped and shifted as the input was.
+Region windows that share the canvas's unconditional (`multidiffusion(shared_unconditional=True)`) also
+request UNCONDITIONAL on the canvas' views, and pass `unconditional`: per input, the canvas's unconditional
+prediction on its cells (None: none to share), to guide with where the request's negative prompt is the
+global prompt's.
 """
 
 StepCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], None]
@@ -118,10 +127,11 @@ def step_requests(x, weights, views, bootstrap=None, center=False, active=None, 
 
 
 def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], t: torch.Tensor,
-                    requests: list[Request], guides: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                    requests: list[Request], guides: list[torch.Tensor] | None = None,
+                    unconditional: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """The denoiser over inputs of one size at a time (views of the canvas, and each size of window): one call
     per size, its requests renumbered; every request's prediction, in order. model_input(stacked inputs);
-    guides: each input's guide crop, stacked with it."""
+    guides: each input's guide crop, stacked with it; unconditional: each input's shared unconditional, or None."""
     sizes: dict[tuple[int, ...], list[int]] = {}
     for i, tensor in enumerate(inputs):
         sizes.setdefault(tuple(tensor.shape), []).append(i)
@@ -130,11 +140,40 @@ def denoise_by_size(denoise: Denoiser, model_input, inputs: list[torch.Tensor], 
         local = {global_index: k for k, global_index in enumerate(members)}
         order = [r for r, (i, _) in enumerate(requests) if i in local]
         extra = {} if guides is None else {"guides": torch.stack([guides[i] for i in members])}
+        if unconditional is not None:
+            extra["unconditional"] = [unconditional[i] for i in members]
         out = denoise(model_input(torch.stack([inputs[i] for i in members])), t,
                       [(local[requests[r][0]], requests[r][1]) for r in order], **extra)
         for r, prediction in zip(order, out):
             predictions[r] = prediction
     return predictions
+
+
+def shared_step(denoise: Denoiser, model_input, t: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                all_views: list[View], canvas_views: int, active: list[list[int]], guides: torch.Tensor | None):
+    """One step's predictions where region windows guide with the canvas's unconditional (outside
+    bootstrapping, where every view's prompts share the view's crop of x): the canvas' views first, each also
+    asked for UNCONDITIONAL; those averaged over the canvas where views overlap; then the windows, each given
+    that average's crop where the canvas' views ran on every one of its cells. Returns the predictions, the
+    requests and their views (the UNCONDITIONAL ones left out)."""
+    views, windows = all_views[:canvas_views], all_views[canvas_views:]
+    inputs, requests, request_views, _, guide_inputs = step_requests(x, weights, views, active=active[:canvas_views],
+                                                                    guides=guides)
+    ran = [view for view, here in zip(views, active[:canvas_views]) if here]  # one input each, in order
+    asked = [(i, UNCONDITIONAL) for i in range(len(ran))]
+    out = denoise_by_size(denoise, model_input, inputs, t, requests + asked, guide_inputs)
+    total = x.new_zeros((1, x.shape[1], *x.shape[-2:]))
+    count = x.new_zeros((1, 1, *x.shape[-2:]))
+    for prediction, view in zip(out[len(requests):], ran):
+        view.add_to(total[0], prediction.to(total.dtype))
+        view.add_to(count[0], torch.ones_like(prediction[:1], dtype=count.dtype))
+    canvas = total / count.clamp(min=1)
+    w_inputs, w_requests, w_views, _, w_guides = step_requests(x, weights, windows, active=active[canvas_views:],
+                                                               guides=guides)
+    w_ran = [view for view, here in zip(windows, active[canvas_views:]) if here]
+    shared = [view.crop(canvas)[0] if bool((view.crop(count) > 0).all()) else None for view in w_ran]
+    w_out = denoise_by_size(denoise, model_input, w_inputs, t, w_requests, w_guides, shared) if w_requests else []
+    return out[:len(requests)] + w_out, requests + w_requests, request_views + w_views
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:
@@ -199,6 +238,7 @@ def multidiffusion(
     known_latents: torch.Tensor | None = None,
     changeable: torch.Tensor | None = None,
     guides: torch.Tensor | None = None,
+    shared_unconditional: bool = False,
 ) -> torch.Tensor:
     """Sample a canvas with MultiDiffusion; returns the final latents (1, C, h, w).
 
@@ -228,6 +268,11 @@ def multidiffusion(
     guides: (1, G, h, w) channels aligned with the canvas cell by cell (control images, as the family's
         ControlNets read them): cropped with every input (and shifted with a centred one) and passed to the
         denoiser with them.
+    shared_unconditional: outside bootstrapping, a region on a window guides with the canvas's unconditional
+        prediction on the window's cells (the global prompt's negative sample on the canvas' views, averaged
+        where views overlap), as ComfyUI's area conditioning does, instead of sampling its own on the window:
+        one sample a window instead of two. Where a window reaches cells no canvas view ran on that step, or
+        its negative prompt is not the global prompt's, it samples its own.
     """
     per_step = weights.dim() == 5
     regions = weights.shape[-4] - 1
@@ -258,11 +303,17 @@ def multidiffusion(
         if bootstrapping and step < bootstrap_steps:
             noised = schedule.noised(backgrounds[step].expand(regions, *x.shape[1:]), noise.expand(regions, *x.shape[1:]), index)
             bootstrap = bootstrap_inputs(x, step_weights[1:], noised)
-        inputs, requests, request_views, rolls, guide_inputs = step_requests(
-            x, step_weights, all_views, bootstrap, center_regions, active[weights_index], guides
-        )
-        predictions = unroll(denoise_by_size(denoise, lambda batch: schedule.model_input(batch, index), inputs,
-                                             schedule.timesteps[index], requests, guide_inputs), rolls)
+        model_input = partial(schedule.model_input, index=index)
+        if shared_unconditional and windows and bootstrap is None:
+            predictions, requests, request_views = shared_step(
+                denoise, model_input, schedule.timesteps[index], x, step_weights, all_views, len(views),
+                active[weights_index], guides)
+        else:
+            inputs, requests, request_views, rolls, guide_inputs = step_requests(
+                x, step_weights, all_views, bootstrap, center_regions, active[weights_index], guides
+            )
+            predictions = unroll(denoise_by_size(denoise, model_input, inputs, schedule.timesteps[index], requests,
+                                                 guide_inputs), rolls)
         fused = fuse_views(predictions, requests, request_views, step_weights)
         x, denoised = schedule.step(fused, index, x, generator)
         if changeable is not None:
