@@ -16,6 +16,7 @@ from multidiff_cli.method.weights import region_weights
 from multidiff_cli.models.random_weights import sd2_scheduler_config
 from multidiff_cli.models.schedulers import make_scheduler
 from multidiff_cli.output.png import read_metadata
+from multidiff_cli.output.report import bench_summary
 from multidiff_cli.output.preview import REGION_ALPHA, region_colour
 from multidiff_cli.run.render import plan_render, render
 from multidiff_cli.scene import load_scene
@@ -254,6 +255,16 @@ def test_auto_leaves_a_region_on_the_canvas_where_its_window_would_save_nothing(
     assert region_windows(scene, 64, 64, [(0, 0, 64, 64)]) == {1: (0, 0, 32, 32)}
 
 
+def test_auto_windows_more_regions_where_a_window_takes_the_canvas_s_unconditional(write_scene):
+    """A window of 0.56 of its region's canvas view (48x48 cells of 64x64): two samples there cost more than the
+    view's one, so auto keeps the region on the canvas; one (window_unconditional: canvas) costs less: a window."""
+    text = ("prompt: p\nwidth: 512\nheight: 512\nregion_windows: auto\n{keys}regions:\n"
+            "  - prompt: a\n    box: [128, 128, 384, 384]\n")
+    for keys, expected in (("", {}), ("window_unconditional: canvas\n", {1: (8, 8, 48, 48)})):
+        scene = load_scene(write_scene(text.format(keys=keys)), default_model="tiny-random")
+        assert region_windows(scene, 64, 64, [(0, 0, 64, 64)]) == expected, keys
+
+
 # --- renders: the same picture without a window, the record, inspect, preview ------------------------------------
 
 SMALL = """
@@ -278,6 +289,33 @@ def test_on_a_small_canvas_the_window_is_the_canvas_and_the_picture_is_the_same(
     assert {p: (v.top, v.left, v.height, v.width) for p, v in plan.windows.items()} == {1: (0, 0, 12, 16)}
     assert_close_batched(render(windowed, tiny, seed=5).latents, render(plain, tiny, seed=5).latents,
                          guidance=7.5, steps=2)
+
+
+def test_window_unconditional_canvas_reaches_the_sampler_is_recorded_and_renders_again_exactly(
+        cli, tiny, write_scene, tmp_path, assert_close_batched):
+    """On a canvas wider than a window the key changes the picture (the window guides with the canvas's negative
+    sample); the PNG records it and renders again to the same pixels. On a canvas that is its own window, it is
+    the region on the canvas (the same unconditional sample)."""
+    text = ("prompt: a field\nwidth: 512\nheight: 256\nsteps: 2\nbootstrap_steps: 0\nseed: 6\nregion_windows: true\n"
+            "{keys}regions:\n  - prompt: a hut\n    box: [0, 0, 96, 96]\n")
+    canvas, own = tmp_path / "canvas.png", tmp_path / "own.png"
+    assert cli.render(write_scene(text.format(keys="window_unconditional: canvas\n"), "c.yaml"), "-o", canvas).exit_code == 0
+    assert cli.render(write_scene(text.format(keys=""), "o.yaml"), "-o", own).exit_code == 0
+    assert read_metadata(canvas)["scene"]["window_unconditional"] == "canvas"
+    assert "window_unconditional" not in read_metadata(own)["scene"]  # the default is not written
+    with Image.open(canvas) as a, Image.open(own) as b:
+        assert a.tobytes() != b.tobytes()
+    assert cli.render(canvas, "-o", tmp_path / "again.png").exit_code == 0
+    with Image.open(canvas) as a, Image.open(tmp_path / "again.png") as b:
+        assert a.tobytes() == b.tobytes()
+    shared = load_scene(write_scene(SMALL.format(keys="region_windows: true\nwindow_unconditional: canvas\n"), "s.yaml"),
+                        default_model=tiny.model_id)
+    plain = load_scene(write_scene(SMALL.format(keys=""), "p.yaml"), default_model=tiny.model_id)
+    assert_close_batched(render(shared, tiny, seed=5).latents, render(plain, tiny, seed=5).latents,
+                         guidance=7.5, steps=2)
+    refused = cli("validate", write_scene(text.format(keys="window_unconditional: shared\n"), "bad.yaml"))
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "window_unconditional" in refused.stderr
 
 
 WIDE = """
@@ -397,9 +435,15 @@ def test_the_bench_times_windows_against_full_canvas_regions_and_counts_their_ce
     report = run_bench(BenchConfig(model="tiny-random", size_px=128, width_px=1024, regions=4, steps=2,
                                    windows=True), in_process=True)
     paths = report["paths"]
-    assert list(paths) == ["reference", "multidiff", "multidiff+windows"]
+    assert list(paths) == ["reference", "multidiff", "multidiff+windows", "multidiff+windows+canvas-unconditional"]
     canvas = 2 * 9 * 16 * 64  # the global prompt and the unconditional sample, in every view
     assert paths["multidiff"]["cells_per_step"] == canvas + (4 + 8 + 8 + 4) * 16 * 64
     assert paths["multidiff+windows"]["cells_per_step"] == canvas + 4 * 2 * 16 * 48  # a window and its own uncond
-    assert report["windows"]["cells_ratio"] == pytest.approx(
-        paths["multidiff+windows"]["cells_per_step"] / paths["multidiff"]["cells_per_step"])
+    # window_unconditional: canvas: the canvas's unconditional on the window, so one sample a window
+    assert paths["multidiff+windows+canvas-unconditional"]["cells_per_step"] == canvas + 4 * 16 * 48
+    for key, path in (("windows", "multidiff+windows"),
+                      ("windows_canvas_unconditional", "multidiff+windows+canvas-unconditional")):
+        assert report[key]["cells_ratio"] == pytest.approx(paths[path]["cells_per_step"] / paths["multidiff"]["cells_per_step"])
+    summary = bench_summary(report)
+    assert "region windows / full-canvas regions" in summary
+    assert "region windows, the canvas's unconditional / full-canvas regions" in summary

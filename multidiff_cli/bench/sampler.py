@@ -208,8 +208,9 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     samples_per_call = config.max_batch or model.auto_samples_per_call(largest_view_cells(views))
-    windows = bench_windows(weights, model, views) if path == WINDOWS_PATH else {}
-    path = "multidiff" if path == WINDOWS_PATH else path
+    windows = bench_windows(weights, model, views) if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else {}
+    shared_unconditional = path == SHARED_WINDOWS_PATH
+    path = "multidiff" if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else path
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:
         prompts, conditioning = region_loras(model, prompts, conditioning, config.loras, Path(lora_dir.name))
@@ -240,7 +241,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
         if path == "multidiff":
             latents = multidiffusion(
                 noise, schedule, guided_denoiser(timer, conditioning, prompts), weights,
-                views=views, windows=windows, guides=guides,
+                views=views, windows=windows, guides=guides, shared_unconditional=shared_unconditional,
                 bootstrap_steps=config.bootstrap_steps, backgrounds=backgrounds, generator=generator,
                 callback=lambda *_: stamps.append(now(device)),
             )
@@ -282,6 +283,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 LORA_PATH = "multidiff+loras"
 CONTROL_PATH = "multidiff+controls"
 WINDOWS_PATH = "multidiff+windows"
+SHARED_WINDOWS_PATH = "multidiff+windows+canvas-unconditional"  # window_unconditional: canvas
 
 
 def bench_windows(weights: torch.Tensor, model: Model, views) -> dict[int, list]:
@@ -425,7 +427,7 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     paths = (("multidiff", LORA_PATH) if config.loras else ("multidiff", CONTROL_PATH) if config.controls
              else ("reference", "multidiff"))
     if config.windows:
-        paths += (WINDOWS_PATH,)
+        paths += (WINDOWS_PATH, SHARED_WINDOWS_PATH)
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             latents_file = str(Path(tmp) / f"{path}.pt")
@@ -436,12 +438,11 @@ def run_bench(config: BenchConfig, in_process: bool = False) -> dict[str, Any]:
     difference = (latents[paths[1]] - latents[paths[0]]).norm() / latents[paths[0]].norm()
     windowed = {}
     if config.windows:
-        with_windows = results[WINDOWS_PATH]
-        windowed = {"windows": {
-            "step_time_ratio": with_windows["seconds_per_step"] / ours["seconds_per_step"],
-            "step_time_ratio_to_reference": with_windows["seconds_per_step"] / theirs["seconds_per_step"],
-            "cells_ratio": with_windows["cells_per_step"] / ours["cells_per_step"],
-        }}
+        windowed = {key: {
+            "step_time_ratio": results[path]["seconds_per_step"] / ours["seconds_per_step"],
+            "step_time_ratio_to_reference": results[path]["seconds_per_step"] / theirs["seconds_per_step"],
+            "cells_ratio": results[path]["cells_per_step"] / ours["cells_per_step"],
+        } for key, path in (("windows", WINDOWS_PATH), ("windows_canvas_unconditional", SHARED_WINDOWS_PATH))}
     return windowed | {
         "config": asdict(config),
         "device_name": device_name(config.device),

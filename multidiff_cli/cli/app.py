@@ -287,8 +287,8 @@ def bench(
     loras: int = typer.Option(0, "--loras", min=0, max=16, help="Regions with a LoRA: time with them against without."),
     controls: int = typer.Option(0, "--controls", min=0, max=16, help="Regions with a ControlNet (SD, SDXL, FLUX.1): time "
                                  "with them against without, and each ControlNet call."),
-    windows: bool = typer.Option(False, "--windows", help="Also time region windows (region_windows: true) against "
-                                 "full-canvas regions and the authors' loop."),
+    windows: bool = typer.Option(False, "--windows", help="Also time region windows (region_windows: true), with their "
+                                 "own unconditional and with the canvas's, against full-canvas regions and the authors' loop."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps [default: 50 on CUDA, 4 else]."),
     bootstrap_steps: int = typer.Option(0, "--bootstrap-steps", min=0, help="Bootstrap steps (all prompts' passes differ)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler name, as in scenes "

@@ -89,6 +89,10 @@ MIN_CONTEXT_PX = 32  # a window's margin around its region is at least this, wha
 # runs 2 samples where a view runs 1). Measured (README, Region windows): whole steps with windows of 0.47 of a view
 # run 0.93x the full-canvas step; one unbatched sample takes half a view's at 0.46 of its cells
 AUTO_SHARE = 0.5
+# with window_unconditional: canvas a window runs 1 sample where a view runs 1: the same table's line (a sample's
+# time about 0.07 + 0.93 x its share of a view's cells) breaks even near the whole view; 0.9 keeps a margin for
+# the window's call of its own
+AUTO_SHARE_CANVAS_UNCONDITIONAL = 0.9
 Window = tuple[int, int, int, int]  # (top, left, height, width) in latent cells
 
 
@@ -125,7 +129,8 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
     A region's `window` decides (absent: the scene's region_windows): canvas, never; a box, that box; true, its
     cells' bounding box grown by window_context (at least MIN_CONTEXT_PX), at least half the native window,
     sides whole multiples of align_px, within the canvas; auto, that window where it costs at most AUTO_SHARE
-    of the canvas views the region has weight in. A computed window wider or taller than the native window
+    of the canvas views the region has weight in (AUTO_SHARE_CANVAS_UNCONDITIONAL where windows take the
+    canvas's unconditional: one sample a window, not two). A computed window wider or taller than the native window
     is no window: the region runs on the canvas' views (a panorama region already runs only where it is)."""
     cell = scene.cell_px
     align = max(1, align_px // cell)
@@ -148,7 +153,8 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
         window = cells_window(cells, scene.window_context, math.ceil(MIN_CONTEXT_PX / cell), native_cells // 2, align)
         if window[2] > native_cells or window[3] > native_cells:
             continue
-        if choice == "auto" and window[2] * window[3] > AUTO_SHARE * views_cost(cells, views):
+        share = AUTO_SHARE if scene.window_unconditional == "own" else AUTO_SHARE_CANVAS_UNCONDITIONAL
+        if choice == "auto" and window[2] * window[3] > share * views_cost(cells, views):
             continue
         windows[i + 1] = window
     return windows

@@ -216,6 +216,10 @@ class Scene(Strict):
     window_context: float = Field(WINDOW_CONTEXT, ge=0, le=4, allow_inf_nan=False,
                                   exclude_if=lambda value: value == WINDOW_CONTEXT,
                                   description="a window's margin around its region, as a share of the region's side")
+    window_unconditional: Literal["own", "canvas"] = Field(
+        "own", exclude_if=lambda value: value == "own",
+        description="own: a window samples its own unconditional (negative) prediction; canvas: it guides with the "
+                    "canvas's on its cells, one sample a window instead of two (README, Region windows)")
     regions: list[Region] = Field(default_factory=list)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -45,6 +45,7 @@ few_step: auto                 # quantized masks + mask-centering; auto: on for 
 #   - {model: h94/IP-Adapter, weight: models/ip-adapter_sd15.safetensors, image: style.jpg, scale: 1.0}
 # region_windows: false        # true: each region's prompt runs on a window around it; auto: where that saves samples
 # window_context: 0.25         # a window's margin around its region, as a share of the region's side
+# window_unconditional: own    # canvas: windows guide with the canvas's negative sample (faster, less exact)
 
 regions:                       # each prompt owns a box or a mask; none: plain text-to-image
   - prompt: a red velvet sofa
