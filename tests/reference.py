@@ -57,8 +57,9 @@ def reference_multidiffusion(
     windows: region windows: prompt p in it steps on its own views windows[p] (crops of their own size),
         not on `views`, and is averaged in by its weights there like any view.
     unconditional_output(x, t), guided_with(p, x, t, u): windows that take the canvas's unconditional: after
-        bootstrapping, u is unconditional_output on every canvas view's crop, averaged where views overlap,
-        and a window's model output is guided_with(p, its crop, t, u's crop), not model_output.
+        bootstrapping, u is unconditional_output on the crop of every canvas view that some prompt of the canvas
+        has weight in, averaged where those overlap, and a window's model output is guided_with(p, its crop, t,
+        u's crop); model_output where some cell of the window has no such view.
     """
     views = views or [full_view(tuple(noise.shape[-2:]))]
     if generator is not None and len(views) > 1:
@@ -85,10 +86,14 @@ def reference_multidiffusion(
         canvas_u = None
         if unconditional_output is not None and step >= bootstrap_steps:
             u_total, u_count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-            for view in canvas_views:
-                view.add_to(u_total[0], unconditional_output(schedule.model_input(view.crop(x), index), t)[0])
+            ran = {}  # each canvas view a prompt has weight in, with one of its pairs' schedules (in this step's state)
+            for (v, p), schedule_p in own.items():
+                if v < canvas_pairs:
+                    ran.setdefault(views[v], schedule_p)
+            for view, schedule_v in ran.items():
+                view.add_to(u_total[0], unconditional_output(schedule_v.model_input(view.crop(x), index), t)[0])
                 view.add_to(u_count[0], torch.ones_like(view.crop(x)[0, :1]))
-            canvas_u = u_total / u_count
+            canvas_u = torch.where(u_count > 0, u_total / u_count.clamp(min=1), torch.nan)
         total = torch.zeros_like(x)
         count = torch.zeros_like(x[:, :1])
         for (v, p), schedule_p in own.items():
@@ -100,7 +105,7 @@ def reference_multidiffusion(
             if generator is not None:
                 generator.set_state(state)
             network_input = schedule_p.model_input(crop, index)
-            if canvas_u is not None and v >= canvas_pairs:
+            if canvas_u is not None and v >= canvas_pairs and not view.crop(canvas_u).isnan().any():
                 output = guided_with(p, network_input, t, view.crop(canvas_u))
             else:
                 output = model_output(p, network_input, t)

@@ -123,13 +123,20 @@ def guided_stand_in(seen: list | None = None, negatives=(0, 0, 0)):
     return guided_denoiser(run, kinds, prompts)
 
 
-def guided_reference(x):
+def guided_reference(negatives=(0, 0, 0)):
+    """The reference loop's functions for guided_stand_in(negatives=...): a region with a negative of its own
+    guides with its own unconditional on its window, the others with the canvas's."""
     from conftest import _prompt_eps
 
-    return {"model_output": lambda p, crop, t: _prompt_eps(NEGATIVE, crop) + GUIDANCE * (_prompt_eps(p, crop)
-                                                                                       - _prompt_eps(NEGATIVE, crop)),
-            "unconditional_output": lambda crop, t: _prompt_eps(NEGATIVE, crop),
-            "guided_with": lambda p, crop, t, u: u + GUIDANCE * (_prompt_eps(p, crop) - u)}
+    def model_output(p, crop, t):
+        u = _prompt_eps(NEGATIVE + (p if negatives[p] else 0), crop)
+        return u + GUIDANCE * (_prompt_eps(p, crop) - u)
+
+    def guided_with(p, crop, t, u):
+        return model_output(p, crop, t) if negatives[p] else u + GUIDANCE * (_prompt_eps(p, crop) - u)
+
+    return {"model_output": model_output, "unconditional_output": lambda crop, t: _prompt_eps(NEGATIVE, crop),
+            "guided_with": guided_with}
 
 
 @pytest.mark.parametrize("schedule", [ddim, flow], ids=["ddim", "flow"])
@@ -145,12 +152,29 @@ def test_windows_that_take_the_canvas_s_unconditional_equal_the_reference_loop(s
     views = make_views((H, W), 16, 8)
     common = dict(views=views, windows=WINDOWS, bootstrap_steps=bootstrap_steps, backgrounds=backgrounds)
     ours = multidiffusion(noise, schedule(), guided_stand_in(), weights, shared_unconditional=True, **common)
-    functions = guided_reference(noise)
+    functions = guided_reference()
     expected = reference_multidiffusion(functions.pop("model_output"), noise, schedule(), weights, **functions,
                                         **common)
     assert_close_batched(ours, expected, guidance=GUIDANCE, steps=6)
     own = multidiffusion(noise, schedule(), guided_stand_in(), weights, **common)
     assert (own - ours).abs().max() > 1e-3  # the stand-in mixes neighbours: the window's own unconditional differs
+
+
+@pytest.mark.parametrize("schedule", [ddim, flow], ids=["ddim", "flow"])
+def test_on_a_360_canvas_two_windows_of_one_size_one_with_a_negative_of_its_own_equal_the_reference_loop(
+        schedule, assert_close_batched):
+    """Wrapping views, and two windows of the same size in one call: region 1's takes the canvas's unconditional,
+    region 2's (a negative prompt of its own) samples its own; region 2's window runs across the seam."""
+    weights = region_weights([box_cells((16, 16, 80, 96), (H, W)), box_cells((288, 16, 320, 96), (H, W))], (H, W))
+    views = make_views((H, W), 16, 8, wrap=True)
+    windows = {1: [View(0, 0, 16, 16, W, True)], 2: [View(0, 30, 16, 16, W, True)]}
+    noise = torch.randn((1, 4, H, W), generator=torch.Generator().manual_seed(4))
+    ours = multidiffusion(noise, schedule(), guided_stand_in(negatives=(0, 0, 1)), weights, views=views,
+                          windows=windows, shared_unconditional=True)
+    functions = guided_reference(negatives=(0, 0, 1))
+    expected = reference_multidiffusion(functions.pop("model_output"), noise, schedule(), weights, views=views,
+                                        windows=windows, **functions)
+    assert_close_batched(ours, expected, guidance=GUIDANCE, steps=6)
 
 
 def test_a_whole_canvas_window_that_takes_the_canvas_s_unconditional_is_a_region_on_the_canvas():
@@ -195,6 +219,10 @@ def test_a_window_over_cells_no_canvas_view_ran_keeps_its_own_unconditional():
     per_step = 2 * sum(v.height * v.width for v in ran) + 2 * 16 * 16 + 12 * 16
     assert sum(c for _, c in seen) == 2 * per_step
     assert (shared - own).abs().max() > 1e-3  # region 2 shares, so only region 1's window is as with its own
+    functions = guided_reference()
+    expected = reference_multidiffusion(functions.pop("model_output"), noise, ddim(2), weights, views=views,
+                                        windows=windows, **functions)
+    torch.testing.assert_close(shared, expected, rtol=0, atol=1e-5)
 
 
 # --- the window's geometry ---------------------------------------------------------------------------------------
@@ -260,8 +288,10 @@ def test_auto_windows_more_regions_where_a_window_takes_the_canvas_s_uncondition
     view's one, so auto keeps the region on the canvas; one (window_unconditional: canvas) costs less: a window."""
     text = ("prompt: p\nwidth: 512\nheight: 512\nregion_windows: auto\n{keys}regions:\n"
             "  - prompt: a\n    box: [128, 128, 384, 384]\n")
-    for keys, expected in (("", {}), ("window_unconditional: canvas\n", {1: (8, 8, 48, 48)})):
-        scene = load_scene(write_scene(text.format(keys=keys)), default_model="tiny-random")
+    own_negative = "    negative_prompt: blurry\n"  # its negative is a condition of its own: two samples on a window
+    for keys, region, expected in (("", "", {}), ("window_unconditional: canvas\n", "", {1: (8, 8, 48, 48)}),
+                                   ("window_unconditional: canvas\n", own_negative, {})):
+        scene = load_scene(write_scene(text.format(keys=keys) + region), default_model="tiny-random")
         assert region_windows(scene, 64, 64, [(0, 0, 64, 64)]) == expected, keys
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..catalog import BUILT_IN, FAMILIES, SD2_RANDOM
 from ..errors import UsageError
-from ..method.guidance import Prompts, guided_denoiser
+from ..method.guidance import Prompts, guided_denoiser, shares_unconditional
 from ..method.sampler import bootstrap_inputs, denoise_by_size, multidiffusion, step_requests
 from ..method.views import make_views
 from ..method.weights import region_weights
@@ -209,7 +209,7 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
 
     samples_per_call = config.max_batch or model.auto_samples_per_call(largest_view_cells(views))
     windows = bench_windows(weights, model, views) if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else {}
-    shared_unconditional = path == SHARED_WINDOWS_PATH
+    shared_unconditional = path == SHARED_WINDOWS_PATH and shares_unconditional(prompts, windows)
     path = "multidiff" if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else path
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:

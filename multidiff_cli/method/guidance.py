@@ -88,3 +88,10 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
         return torch.stack(guided)
 
     return denoise
+
+
+def shares_unconditional(prompts: Prompts, windowed) -> bool:
+    """Whether any of the `windowed` prompts would guide with the canvas's unconditional (window_unconditional:
+    canvas): its guidance on and its negative condition the global prompt's. Where none would, the sampler's
+    canvas views are not asked for it (multidiffusion's shared_unconditional stays off)."""
+    return any(prompts.guidance[p] > 1 and prompts.negative[p] == prompts.negative[0] for p in windowed)

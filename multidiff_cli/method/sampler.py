@@ -153,18 +153,20 @@ def shared_step(denoise: Denoiser, model_input, t: torch.Tensor, x: torch.Tensor
                 all_views: list[View], canvas_views: int, active: list[list[int]], guides: torch.Tensor | None):
     """One step's predictions where region windows guide with the canvas's unconditional (outside
     bootstrapping, where every view's prompts share the view's crop of x): the canvas' views first, each also
-    asked for UNCONDITIONAL; those averaged over the canvas where views overlap; then the windows, each given
+    asked for UNCONDITIONAL where it overlaps a window; those averaged over the canvas where views overlap; then
+    the windows, each given
     that average's crop where the canvas' views ran on every one of its cells. Returns the predictions, the
     requests and their views (the UNCONDITIONAL ones left out)."""
     views, windows = all_views[:canvas_views], all_views[canvas_views:]
     inputs, requests, request_views, _, guide_inputs = step_requests(x, weights, views, active=active[:canvas_views],
                                                                     guides=guides)
     ran = [view for view, here in zip(views, active[:canvas_views]) if here]  # one input each, in order
-    asked = [(i, UNCONDITIONAL) for i in range(len(ran))]
+    asked = [(i, UNCONDITIONAL) for i, view in enumerate(ran) if any(overlaps(view, window) for window in windows)]
     out = denoise_by_size(denoise, model_input, inputs, t, requests + asked, guide_inputs)
     total = x.new_zeros((1, x.shape[1], *x.shape[-2:]))
     count = x.new_zeros((1, 1, *x.shape[-2:]))
-    for prediction, view in zip(out[len(requests):], ran):
+    for prediction, (i, _) in zip(out[len(requests):], asked):
+        view = ran[i]
         view.add_to(total[0], prediction.to(total.dtype))
         view.add_to(count[0], torch.ones_like(prediction[:1], dtype=count.dtype))
     canvas = total / count.clamp(min=1)
@@ -174,6 +176,13 @@ def shared_step(denoise: Denoiser, model_input, t: torch.Tensor, x: torch.Tensor
     shared = [view.crop(canvas)[0] if bool((view.crop(count) > 0).all()) else None for view in w_ran]
     w_out = denoise_by_size(denoise, model_input, w_inputs, t, w_requests, w_guides, shared) if w_requests else []
     return out[:len(requests)] + w_out, requests + w_requests, request_views + w_views
+
+
+def overlaps(view: View, other: View) -> bool:
+    """Whether two views of one canvas share a cell (columns wrap round a 360° canvas)."""
+    if view.top >= other.top + other.height or other.top >= view.top + view.height:
+        return False
+    return bool(set(view.columns(torch.device("cpu")).tolist()) & set(other.columns(torch.device("cpu")).tolist()))
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import RenderError
-from ..method.guidance import Prompts, guided_denoiser
+from ..method.guidance import Prompts, guided_denoiser, shares_unconditional
 from ..method.sampler import StepCallback, multidiffusion
 from ..method.schedule import NoiseSchedule
 from ..method.views import View, make_views
@@ -247,14 +247,6 @@ def finite_checked(callback: StepCallback | None, model: Model) -> StepCallback:
 
 
 @torch.inference_mode()
-def shares_unconditional(scene: Scene, prompts: Prompts, windows: dict[int, View]) -> bool:
-    """Whether the sampler's windows guide with the canvas's unconditional (window_unconditional: canvas): only
-    where a windowed region would use it (its guidance on, its negative the global prompt's), so that the canvas'
-    views are never asked for a negative sample that nothing reads."""
-    return scene.window_unconditional == "canvas" and any(
-        prompts.guidance[p] > 1 and prompts.negative[p] == prompts.negative[0] for p in windows)
-
-
 def render(
     scene: Scene,
     model: Model,
@@ -321,7 +313,7 @@ def render(
             known_latents=None if changeable is None else image_latents,
             changeable=changeable,
             guides=guides,
-            shared_unconditional=shares_unconditional(scene, prompts, plan.windows),
+            shared_unconditional=scene.window_unconditional == "canvas" and shares_unconditional(prompts, plan.windows),
         )
     except torch.cuda.OutOfMemoryError:
         raise RenderError(

@@ -129,8 +129,8 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
     A region's `window` decides (absent: the scene's region_windows): canvas, never; a box, that box; true, its
     cells' bounding box grown by window_context (at least MIN_CONTEXT_PX), at least half the native window,
     sides whole multiples of align_px, within the canvas; auto, that window where it costs at most AUTO_SHARE
-    of the canvas views the region has weight in (AUTO_SHARE_CANVAS_UNCONDITIONAL where windows take the
-    canvas's unconditional: one sample a window, not two). A computed window wider or taller than the native window
+    of the canvas views the region has weight in (AUTO_SHARE_CANVAS_UNCONDITIONAL where its window takes the
+    canvas's unconditional, `takes_canvas_unconditional`: one sample a window, not two). A computed window wider or taller than the native window
     is no window: the region runs on the canvas' views (a panorama region already runs only where it is)."""
     cell = scene.cell_px
     align = max(1, align_px // cell)
@@ -153,11 +153,20 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
         window = cells_window(cells, scene.window_context, math.ceil(MIN_CONTEXT_PX / cell), native_cells // 2, align)
         if window[2] > native_cells or window[3] > native_cells:
             continue
-        share = AUTO_SHARE if scene.window_unconditional == "own" else AUTO_SHARE_CANVAS_UNCONDITIONAL
+        share = AUTO_SHARE_CANVAS_UNCONDITIONAL if takes_canvas_unconditional(scene, region) else AUTO_SHARE
         if choice == "auto" and window[2] * window[3] > share * views_cost(cells, views):
             continue
         windows[i + 1] = window
     return windows
+
+
+def takes_canvas_unconditional(scene: Scene, region) -> bool:
+    """Whether a region's window would guide with the canvas's unconditional (window_unconditional: canvas): its
+    negative condition is the global prompt's, so no negative prompt, guidance, LoRA, ControlNet or IP-Adapter
+    of its own (each makes its negative a condition of its own: run.render.scene_prompts)."""
+    return (scene.window_unconditional == "canvas" and region.negative_prompt in (None, scene.negative_prompt)
+            and region.guidance_scale in (None, scene.guidance_scale)
+            and not (region.loras or region.control or region.reference))
 
 
 def pin_holds(scene: Scene, box: list[int] | None, cells: np.ndarray) -> bool:
