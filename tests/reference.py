@@ -72,7 +72,6 @@ def reference_multidiffusion(
         schedule.begin_at(first)
         x = schedule.noised(init_latents, noise, first)
     windows = windows or {}
-    canvas_views = views
     pairs = [(view, p) for view in views for p in range(weights.shape[0]) if p not in windows]
     canvas_pairs = len(pairs)
     pairs += [(view, p) for p, own_views in windows.items() for view in own_views]

@@ -208,9 +208,10 @@ def _run_path(config: BenchConfig, path: str, latents_file: str) -> dict[str, An
     generator = torch.Generator().manual_seed(3)
 
     samples_per_call = config.max_batch or model.auto_samples_per_call(largest_view_cells(views))
-    windows = bench_windows(weights, model, views) if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else {}
+    windowed = path in (WINDOWS_PATH, SHARED_WINDOWS_PATH)
+    windows = bench_windows(weights, model, views) if windowed else {}
     shared_unconditional = path == SHARED_WINDOWS_PATH and shares_unconditional(prompts, windows)
-    path = "multidiff" if path in (WINDOWS_PATH, SHARED_WINDOWS_PATH) else path
+    path = "multidiff" if windowed else path
     lora_dir = tempfile.TemporaryDirectory()
     if path == LORA_PATH:
         prompts, conditioning = region_loras(model, prompts, conditioning, config.loras, Path(lora_dir.name))

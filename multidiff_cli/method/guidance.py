@@ -59,11 +59,6 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
         def sample(latent: int, text: int) -> int:
             return samples.setdefault((latent, text), len(samples))
 
-        def given(latent: int, p: int) -> torch.Tensor | None:
-            if unconditional is None or prompts.negative[p] != prompts.negative[0]:
-                return None
-            return unconditional[latent]
-
         cond, uncond = [], []
         for latent, p in requests:
             if p == UNCONDITIONAL:
@@ -71,7 +66,7 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
                 uncond.append(None)
                 continue
             cond.append(sample(latent, prompts.cond[p]))
-            shared = given(latent, p) if prompts.guidance[p] > 1 else None
+            shared = unconditional[latent] if unconditional is not None and reads_canvas(prompts, p) else None
             uncond.append(None if prompts.guidance[p] <= 1 else shared if shared is not None
                           else sample(latent, prompts.negative[p]))
         rows = conditioning[[text for _, text in samples]]
@@ -90,8 +85,13 @@ def guided_denoiser(run: ModelRun, conditioning: Rows, prompts: Prompts) -> Deno
     return denoise
 
 
+def reads_canvas(prompts: Prompts, p: int) -> bool:
+    """Whether prompt p, on a window, would guide with the canvas's unconditional (window_unconditional: canvas):
+    its guidance on and its negative condition the global prompt's."""
+    return prompts.guidance[p] > 1 and prompts.negative[p] == prompts.negative[0]
+
+
 def shares_unconditional(prompts: Prompts, windowed) -> bool:
-    """Whether any of the `windowed` prompts would guide with the canvas's unconditional (window_unconditional:
-    canvas): its guidance on and its negative condition the global prompt's. Where none would, the sampler's
+    """Whether any of the `windowed` prompts reads the canvas's unconditional. Where none would, the sampler's
     canvas views are not asked for it (multidiffusion's shared_unconditional stays off)."""
-    return any(prompts.guidance[p] > 1 and prompts.negative[p] == prompts.negative[0] for p in windowed)
+    return any(reads_canvas(prompts, p) for p in windowed)

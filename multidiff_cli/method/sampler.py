@@ -153,15 +153,17 @@ def shared_step(denoise: Denoiser, model_input, t: torch.Tensor, x: torch.Tensor
                 all_views: list[View], canvas_views: int, active: list[list[int]], guides: torch.Tensor | None):
     """One step's predictions where region windows guide with the canvas's unconditional (outside
     bootstrapping, where every view's prompts share the view's crop of x): the canvas' views first, each also
-    asked for UNCONDITIONAL where it overlaps a window; those averaged over the canvas where views overlap; then
-    the windows, each given
-    that average's crop where the canvas' views ran on every one of its cells. Returns the predictions, the
-    requests and their views (the UNCONDITIONAL ones left out)."""
+    asked for UNCONDITIONAL where it overlaps a window; those averaged over the canvas where views overlap;
+    then the windows, each given that average's crop where the canvas' views ran on every one of its cells.
+    Returns the predictions, the requests and their views (the UNCONDITIONAL ones left out)."""
     views, windows = all_views[:canvas_views], all_views[canvas_views:]
     inputs, requests, request_views, _, guide_inputs = step_requests(x, weights, views, active=active[:canvas_views],
                                                                     guides=guides)
     ran = [view for view, here in zip(views, active[:canvas_views]) if here]  # one input each, in order
-    asked = [(i, UNCONDITIONAL) for i, view in enumerate(ran) if any(overlaps(view, window) for window in windows)]
+    under_windows = x.new_zeros((1, *x.shape[-2:]))
+    for window in windows:
+        window.add_to(under_windows, torch.ones_like(window.crop(under_windows)))
+    asked = [(i, UNCONDITIONAL) for i, view in enumerate(ran) if view.crop(under_windows).any()]
     out = denoise_by_size(denoise, model_input, inputs, t, requests + asked, guide_inputs)
     total = x.new_zeros((1, x.shape[1], *x.shape[-2:]))
     count = x.new_zeros((1, 1, *x.shape[-2:]))
@@ -176,13 +178,6 @@ def shared_step(denoise: Denoiser, model_input, t: torch.Tensor, x: torch.Tensor
     shared = [view.crop(canvas)[0] if bool((view.crop(count) > 0).all()) else None for view in w_ran]
     w_out = denoise_by_size(denoise, model_input, w_inputs, t, w_requests, w_guides, shared) if w_requests else []
     return out[:len(requests)] + w_out, requests + w_requests, request_views + w_views
-
-
-def overlaps(view: View, other: View) -> bool:
-    """Whether two views of one canvas share a cell (columns wrap round a 360° canvas)."""
-    if view.top >= other.top + other.height or other.top >= view.top + view.height:
-        return False
-    return bool(set(view.columns(torch.device("cpu")).tolist()) & set(other.columns(torch.device("cpu")).tolist()))
 
 
 def centering_shifts(region_masks: torch.Tensor) -> list[tuple[int, int]]:

@@ -130,8 +130,9 @@ def region_windows(scene: Scene, native_cells: int, align_px: int, views: list[W
     cells' bounding box grown by window_context (at least MIN_CONTEXT_PX), at least half the native window,
     sides whole multiples of align_px, within the canvas; auto, that window where it costs at most AUTO_SHARE
     of the canvas views the region has weight in (AUTO_SHARE_CANVAS_UNCONDITIONAL where its window takes the
-    canvas's unconditional, `takes_canvas_unconditional`: one sample a window, not two). A computed window wider or taller than the native window
-    is no window: the region runs on the canvas' views (a panorama region already runs only where it is)."""
+    canvas's unconditional, `takes_canvas_unconditional`: one sample a window, not two). A computed window
+    wider or taller than the native window is no window: the region runs on the canvas' views (a panorama
+    region already runs only where it is)."""
     cell = scene.cell_px
     align = max(1, align_px // cell)
     windows: dict[int, Window] = {}
